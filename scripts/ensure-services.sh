@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Make sure the services the test-suite talks to exist: a Mosquitto binary (tests start their own
+# broker on a free port) and a PostgreSQL server on 127.0.0.1:5432 (tests create their own
+# database). On a machine without them, install them with apt-get and start them.
+set -euo pipefail
+
+need_apt=()
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
+        echo "ensure-services: missing ${need_apt[*]}; install them (apt-get install ${need_apt[*]})" >&2
+        exit 1
+    fi
+    echo "ensure-services: installing ${need_apt[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    echo "ensure-services: starting PostgreSQL" >&2
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start
+    for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
+    pg_isready -h 127.0.0.1 -p 5432
+fi

@@ -1,0 +1,283 @@
+"""The ``otakit`` command.
+
+Flags mirror imgtool's where the two overlap (``-k``, ``-v``, ``-H``, ``-S``, ``--pad-header``,
+``--align``, ``--pad``, ``--confirm``, ``-s``, ``-d``...), so firmware engineers keep their habits.
+
+Exit status: 0 success, 1 the answer is "no" (e.g. an invalid image), 2 the command could not run
+as asked (bad argument, unreadable file). Every otakit error is printed as one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from otakit import __version__
+from otakit.errors import OtakitError, UsageError
+from otakit.files import read_input, write_atomic
+from otakit.image.header import ImageVersion
+from otakit.image.info import inspect_image
+from otakit.image.keys import GENERATED_KEY_TYPES, PublicKey, SigningKey
+from otakit.image.sign import SignOptions, sign_image
+from otakit.image.tlv import Dependency
+from otakit.image.verify import verify_image
+
+app = typer.Typer(
+    name="otakit",
+    help="Over-the-air firmware updates for MCUboot devices: images, packages and more.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _int(text: str, option: str) -> int:
+    """Integers as imgtool takes them: decimal or with a 0x/0o/0b prefix."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise UsageError(
+            f"{option} {text!r} is not an integer (decimal, 0x.., 0o.. or 0b..)", value=text
+        ) from None
+
+
+def _security_counter(text: str) -> int | Literal["auto"]:
+    return "auto" if text.lower() == "auto" else _int(text, "--security-counter")
+
+
+_DEPENDENCY_RE = re.compile(r"\(\s*(\d+)\s*,\s*([0-9.+]+)\s*\)")
+
+
+def _dependencies(text: str) -> tuple[Dependency, ...]:
+    """imgtool's syntax: ``"(1, 1.2.3+0)"``, several separated by commas or spaces."""
+    found = _DEPENDENCY_RE.findall(text)
+    leftover = _DEPENDENCY_RE.sub("", text).replace(",", "").strip()
+    if not found or leftover:
+        raise UsageError(
+            f"--dependencies {text!r}: expected '(IMAGE_ID, VERSION)', e.g. '(1, 1.2.3+0)'",
+            value=text,
+        )
+    return tuple(Dependency(int(i), ImageVersion.parse(v)) for i, v in found)
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+@app.command()
+def keygen(
+    key_type: Annotated[
+        str,
+        typer.Option(
+            "-t", "--type", help=f"Key type: {' or '.join(t.value for t in GENERATED_KEY_TYPES)}."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", "-k", "--key", help="Where to write the PEM key.")
+    ],
+    password: Annotated[
+        bool, typer.Option("-p", "--password", help="Encrypt the key; prompts for a password.")
+    ] = False,
+) -> None:
+    """Generate a signing key (PKCS#8 PEM, readable by its owner only)."""
+    secret = None
+    if password:
+        secret = typer.prompt("Password", hide_input=True, confirmation_prompt=True).encode()
+    key = SigningKey.generate(key_type)
+    key.save(output, secret)
+    err.print(f"wrote {key.type} key {output} (key hash {key.public_key.fingerprint})")
+
+
+@app.command()
+def getpub(
+    key: Annotated[Path, typer.Option("-k", "--key", help="Private or public PEM key.")],
+    lang: Annotated[
+        str, typer.Option("-l", "--lang", "-e", "--encoding", help="pem, c or raw (DER).")
+    ] = "pem",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Print the public key: PEM, a C array like ``imgtool getpub -l c``, or raw DER."""
+    public = PublicKey.load(key)
+    encodings = {
+        "pem": public.pem,
+        "c": lambda: public.c_array().encode(),
+        "raw": public.public_bytes,
+    }
+    if lang.removeprefix("lang-") not in encodings:
+        raise UsageError(f"unknown encoding {lang!r}; choose pem, c or raw", value=lang)
+    data = encodings[lang.removeprefix("lang-")]()
+    if output is not None:
+        write_atomic(output, data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+@app.command()
+def sign(
+    infile: Annotated[Path, typer.Argument(help="Payload (raw binary).", show_default=False)],
+    outfile: Annotated[Path, typer.Argument(help="Signed image to write.", show_default=False)],
+    version: Annotated[str, typer.Option("-v", "--version", help="major.minor.revision+build")],
+    key: Annotated[
+        Path | None, typer.Option("-k", "--key", help="Signing key (PEM).", show_default=False)
+    ] = None,
+    unsigned: Annotated[
+        bool, typer.Option("--unsigned", help="Build an image with a hash but no signature.")
+    ] = False,
+    header_size: Annotated[
+        str, typer.Option("-H", "--header-size", help="Header size in bytes.")
+    ] = "32",
+    pad_header: Annotated[
+        bool, typer.Option("--pad-header", help="Prepend the header instead of using zeros.")
+    ] = False,
+    align: Annotated[str, typer.Option("--align", help="Flash write alignment.")] = "1",
+    slot_size: Annotated[
+        str, typer.Option("-S", "--slot-size", help="Slot size (needed with --pad).")
+    ] = "0",
+    pad: Annotated[
+        bool, typer.Option("--pad", help="Fill the slot and write the trailer (a test request).")
+    ] = False,
+    confirm: Annotated[
+        bool, typer.Option("--confirm", help="Like --pad, and mark the image confirmed.")
+    ] = False,
+    security_counter: Annotated[
+        str | None,
+        typer.Option("-s", "--security-counter", help="Integer, or 'auto' (from the version)."),
+    ] = None,
+    dependencies: Annotated[
+        str | None, typer.Option("-d", "--dependencies", help="E.g. '(1, 1.2.3+0)'.")
+    ] = None,
+    overwrite_only: Annotated[
+        bool, typer.Option("--overwrite-only", help="Trailer for overwrite-only bootloaders.")
+    ] = False,
+    max_sectors: Annotated[
+        str, typer.Option("-M", "--max-sectors", help="Sectors in the swap status.")
+    ] = "128",
+    load_addr: Annotated[str, typer.Option("-L", "--load-addr", help="RAM load address.")] = "0",
+    public_key_format: Annotated[
+        str, typer.Option("--public-key-format", help="Put the key 'hash' or the 'full' key.")
+    ] = "hash",
+) -> None:
+    """Sign a payload into an MCUboot image (passes ``imgtool verify``)."""
+    if key is None and not unsigned:
+        raise UsageError("give the signing key with --key (or --unsigned for a hash-only image)")
+    if key is not None and unsigned:
+        raise UsageError("--key and --unsigned exclude each other")
+    if public_key_format not in ("hash", "full"):
+        raise UsageError(
+            f"--public-key-format must be 'hash' or 'full', not {public_key_format!r}",
+            value=public_key_format,
+        )
+    options = SignOptions(
+        version=ImageVersion.parse(version),
+        header_size=_int(header_size, "--header-size"),
+        pad_header=pad_header,
+        align=_int(align, "--align"),
+        slot_size=_int(slot_size, "--slot-size"),
+        pad=pad,
+        confirm=confirm,
+        overwrite_only=overwrite_only,
+        max_sectors=_int(max_sectors, "--max-sectors"),
+        security_counter=None if security_counter is None else _security_counter(security_counter),
+        dependencies=() if dependencies is None else _dependencies(dependencies),
+        load_addr=_int(load_addr, "--load-addr"),
+        public_key_format="full" if public_key_format == "full" else "hash",
+    )
+    signing_key = SigningKey.load(key) if key is not None else None
+    image = sign_image(read_input(infile, what="payload"), signing_key, options)
+    write_atomic(outfile, image)
+    signer = (
+        f"{signing_key.type} key {signing_key.public_key.fingerprint}" if signing_key else "no key"
+    )
+    err.print(f"wrote {outfile}: version {options.version}, {len(image)} bytes, signed by {signer}")
+
+
+@app.command()
+def verify(
+    image: Annotated[Path, typer.Argument(help="Image to check.", show_default=False)],
+    key: Annotated[
+        list[Path] | None,
+        typer.Option("-k", "--key", help="Trusted key (PEM); repeat for several."),
+    ] = None,
+    hash_only: Annotated[
+        bool, typer.Option("--hash-only", help="Check integrity only, no signature.")
+    ] = False,
+    slot_size: Annotated[
+        str | None, typer.Option("-S", "--slot-size", help="Fail if the image is larger.")
+    ] = None,
+) -> None:
+    """Verify an image's hash and signature. Exit 0 valid, 1 invalid, 2 usage error."""
+    if not key and not hash_only:
+        raise UsageError("give a trusted key with --key (or --hash-only to skip the signature)")
+    keys = [PublicKey.load(k) for k in key] if key else None
+    max_size = None if slot_size is None else _int(slot_size, "--slot-size")
+    result = verify_image(image, None if hash_only else keys, max_size=max_size)
+    signer = result.signed_by
+    by = (
+        f", signed by {signer.type} key {signer.fingerprint}"
+        if signer
+        else ", signature not checked"
+    )
+    out.print(
+        f"{image}: valid, version {result.version}, {result.hash_name} {result.digest.hex()}{by}"
+    )
+
+
+@app.command()
+def info(
+    image: Annotated[Path, typer.Argument(help="Image or package.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show an image's header, sizes, TLVs, hash and trailer."""
+    details = inspect_image(image)
+    if as_json:
+        out.print_json(json.dumps(details.to_dict()))
+        return
+    table = Table(title=str(image), show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for name, value in details.rows():
+        table.add_row(name, value)
+    out.print(table)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"otakit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show version."),
+    ] = False,
+) -> None:
+    """Over-the-air firmware updates for MCUboot devices: images, packages and more."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; map otakit errors to one line on stderr and an exit status."""
+    try:
+        app(args=argv, prog_name="otakit")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except OtakitError as exc:
+        err.print(f"otakit: error [{exc.code}]: {exc.message}", markup=False)
+        return exc.exit_status
+    return 0

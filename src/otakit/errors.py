@@ -1,0 +1,200 @@
+"""The one exception hierarchy of otakit.
+
+Every error otakit raises for bad input or a failed check is an :class:`OtakitError`. Each class
+carries a stable ``code`` (what scripts and reports match on; never renamed) and an exit status
+for the CLI. Where the original OTA middleware has a name for the failure (``VERIFY``,
+``BADARG``, ``MALFORMED_JOB_DOC``...), :attr:`OtakitError.agent_error` gives it, so a device can
+report failures with the names existing tools know.
+
+The message is one human sentence; ``value`` is the offending value, when there is one.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+# CLI exit statuses.
+EXIT_FAILED = 1  # the command ran and the answer is "no" (invalid image, failed check)
+EXIT_USAGE = 2  # the command could not run as asked (bad argument, unreadable input)
+
+
+class OtakitError(Exception):
+    """Base of every otakit error."""
+
+    code: ClassVar[str] = "GENERAL"
+    agent_error: ClassVar[str] = "GENERAL"
+    exit_status: ClassVar[int] = EXIT_FAILED
+
+    def __init__(self, message: str, *, value: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.value = value
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+# --- usage -------------------------------------------------------------------------------------
+
+
+class UsageError(OtakitError):
+    """The caller asked for something that cannot be done as asked."""
+
+    code = "BADARG"
+    agent_error = "BADARG"
+    exit_status = EXIT_USAGE
+
+
+class InputFileError(UsageError):
+    """An input file is missing or unreadable, or an output cannot be written."""
+
+    code = "FILE"
+
+
+class VersionFormatError(UsageError):
+    """A version string does not have the expected form."""
+
+    code = "BAD_VERSION"
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+class KeyError_(OtakitError):
+    """A key cannot be loaded or used."""
+
+    code = "KEY"
+    exit_status = EXIT_USAGE
+
+
+class KeyFormatError(KeyError_):
+    """The key file is not a PEM key otakit understands."""
+
+    code = "KEY_FORMAT"
+
+
+class UnsupportedKeyError(KeyError_):
+    """The key type or size is not supported for this operation."""
+
+    code = "KEY_UNSUPPORTED"
+
+
+class KeyPasswordError(KeyError_):
+    """The key is encrypted and the password is missing or wrong."""
+
+    code = "KEY_PASSWORD"
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+class ImageError(OtakitError):
+    """Base of every error about an MCUboot image."""
+
+    code = "IMAGE"
+    agent_error = "VERIFY"
+
+
+class ImageFormatError(ImageError):
+    """The bytes are not a well-formed MCUboot image."""
+
+    code = "IMAGE_FORMAT"
+
+
+class BadMagicError(ImageFormatError):
+    """The image header or a TLV area does not start with its magic number."""
+
+    code = "BAD_MAGIC"
+
+
+class TruncatedImageError(ImageFormatError):
+    """The image ends before the header, payload or TLV area it announces."""
+
+    code = "TRUNCATED"
+
+
+class TlvError(ImageFormatError):
+    """A TLV area is malformed: entries overlap, overflow their area or are duplicated."""
+
+    code = "BAD_TLV"
+
+
+class ImageTooLargeError(ImageFormatError):
+    """The image is larger than the slot or limit it must fit in."""
+
+    code = "IMAGE_TOO_LARGE"
+
+
+class VerificationError(ImageError):
+    """The image is well formed but does not pass verification."""
+
+    code = "VERIFY"
+
+
+class HashMismatchError(VerificationError):
+    """The image's SHA digest does not match its contents (tampered or corrupted)."""
+
+    code = "HASH_MISMATCH"
+
+
+class KeyMismatchError(VerificationError):
+    """The image was signed by a key that is not among the trusted keys."""
+
+    code = "KEY_MISMATCH"
+
+
+class SignatureError(VerificationError):
+    """The signature does not verify with the key it names."""
+
+    code = "BAD_SIGNATURE"
+
+
+class UnsignedImageError(VerificationError):
+    """A signature was required but the image carries none."""
+
+    code = "UNSIGNED"
+
+
+class SigningError(ImageError):
+    """An image cannot be built as asked (payload too large for the slot, bad header area...)."""
+
+    code = "SIGN"
+    agent_error = "GENERAL"
+    exit_status = EXIT_USAGE
+
+
+# --- packages ----------------------------------------------------------------------------------
+
+
+class PackageError(OtakitError):
+    """Base of every error about a multi-image TAR package."""
+
+    code = "PACKAGE"
+    agent_error = "VERIFY"
+
+
+class PackageFormatError(PackageError):
+    """The TAR container itself is malformed (bad header, checksum, truncation)."""
+
+    code = "PACKAGE_FORMAT"
+
+
+class UnsafeMemberError(PackageError):
+    """A member could escape the target folder or is not a regular file (link, device...)."""
+
+    code = "PACKAGE_UNSAFE_MEMBER"
+
+
+class ManifestError(PackageError):
+    """components.json is missing, not first, not valid, or disagrees with the members."""
+
+    code = "PACKAGE_MANIFEST"
+
+
+class PackageLimitError(PackageError):
+    """The package exceeds a limit: too many members, or a member larger than allowed."""
+
+    code = "PACKAGE_LIMIT"

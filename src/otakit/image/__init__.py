@@ -1,0 +1,1 @@
+"""MCUboot images: keys, signing, verification, inspection, and multi-image TAR packages."""

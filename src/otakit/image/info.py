@@ -1,0 +1,129 @@
+"""Inspect an MCUboot image: header, sizes, TLVs, hash and trailer, as data or for display."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from otakit.errors import VerificationError
+from otakit.image.layout import ImageLayout, read_layout
+from otakit.image.source import SourceLike, open_source
+from otakit.image.tlv import HASH_TLVS, SEC_CNT_STRUCT, TlvType
+from otakit.image.trailer import TRAILER_FIXED_SIZE, TrailerState
+from otakit.image.verify import check_hash
+
+# TLV values longer than this are shown truncated in the human view.
+_SHOWN_VALUE_BYTES = 32
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    layout: ImageLayout
+    hash_ok: bool | None  # None: the image has no hash TLV
+    hash_problem: str | None
+    trailer: TrailerState | None  # None when the image is not padded to a slot
+
+    def to_dict(self) -> dict[str, Any]:
+        h = self.layout.header
+        return {
+            "header": {
+                "magic": "0x96f3b83d",
+                "load_addr": h.load_addr,
+                "hdr_size": h.hdr_size,
+                "protect_tlv_size": h.protect_tlv_size,
+                "img_size": h.img_size,
+                "flags": h.flags,
+                "flag_names": h.flag_names,
+                "version": str(h.version),
+            },
+            "sizes": {
+                "image": self.layout.end,
+                "hashed": self.layout.hashed_size,
+                "file": self.layout.source_size,
+            },
+            "security_counter": self.layout.security_counter,
+            "dependencies": [
+                {"image_id": d.image_id, "min_version": str(d.min_version)}
+                for d in self.layout.dependencies
+            ],
+            "tlvs": [
+                {
+                    "type": t.kind,
+                    "name": t.name,
+                    "protected": t.protected,
+                    "offset": t.offset,
+                    "length": len(t.value),
+                    "value": t.value.hex(),
+                }
+                for t in self.layout.all_tlvs()
+            ],
+            "hash_ok": self.hash_ok,
+            "hash_problem": self.hash_problem,
+            "trailer": None
+            if self.trailer is None
+            else {
+                "magic": self.trailer.magic,
+                "image_ok": self.trailer.image_ok,
+                "copy_done": self.trailer.copy_done,
+                "swap_info": self.trailer.swap_info,
+                "request": self.trailer.request,
+            },
+        }
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(field, value) pairs for a human table."""
+        h = self.layout.header
+        rows = [
+            ("version", str(h.version)),
+            ("header size", f"{h.hdr_size} (0x{h.hdr_size:x})"),
+            ("payload size", f"{h.img_size} (0x{h.img_size:x})"),
+            ("protected TLVs", f"{h.protect_tlv_size} bytes"),
+            ("image size", f"{self.layout.end} bytes (file {self.layout.source_size})"),
+            ("load address", f"0x{h.load_addr:08x}"),
+            ("flags", ", ".join(h.flag_names) or "none"),
+        ]
+        if self.hash_ok is not None:
+            rows.append(("hash", "ok" if self.hash_ok else f"MISMATCH: {self.hash_problem}"))
+        for t in self.layout.all_tlvs():
+            if t.kind == TlvType.SEC_CNT and len(t.value) == SEC_CNT_STRUCT.size:
+                shown = str(SEC_CNT_STRUCT.unpack(t.value)[0])
+            else:
+                shown = t.value[:_SHOWN_VALUE_BYTES].hex()
+                if len(t.value) > _SHOWN_VALUE_BYTES:
+                    shown += f"... ({len(t.value)} bytes)"
+            area = "protected " if t.protected else ""
+            rows.append((f"{area}TLV {t.name}", shown))
+        if self.trailer is not None:
+            rows.append(
+                (
+                    "trailer",
+                    f"magic {'set' if self.trailer.magic else 'unset'}, "
+                    f"image_ok {'set' if self.trailer.image_ok else 'unset'}, "
+                    f"request {self.trailer.request}",
+                )
+            )
+        return rows
+
+
+def inspect_image(source: SourceLike) -> ImageInfo:
+    """Parse an image and check its hash (no signature check: see ``verify_image``).
+
+    Raises an :class:`~otakit.errors.ImageFormatError` subclass when the image is malformed; a
+    hash that does not match is reported in the result, not raised.
+    """
+    with open_source(source) as src:
+        layout = read_layout(src)
+        hash_ok: bool | None = None
+        problem: str | None = None
+        if any(t.kind in HASH_TLVS for t in layout.tlvs):
+            try:
+                check_hash(src, layout)
+                hash_ok = True
+            except VerificationError as exc:
+                hash_ok, problem = False, exc.message
+        trailer = None
+        if src.size >= layout.end + TRAILER_FIXED_SIZE:
+            trailer = TrailerState.read(
+                src.read_at(src.size - TRAILER_FIXED_SIZE, TRAILER_FIXED_SIZE)
+            )
+        return ImageInfo(layout, hash_ok, problem, trailer)

@@ -1,0 +1,95 @@
+"""Random-access byte sources an image can be read from without loading it whole.
+
+A device verifies a slot it cannot hold in memory, so every reader in ``otakit.image`` takes a
+:class:`ByteSource`: anything with a ``size`` and ``read_at(offset, length)``. Bytes, open binary
+files and paths are adapted by :func:`open_source`; a flash slot implements the protocol itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from otakit.errors import InputFileError
+
+CHUNK = 64 * 1024
+
+
+@runtime_checkable
+class ByteSource(Protocol):
+    """Random-access, read-only bytes."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; fewer only at the end of the source."""
+        ...
+
+
+class BytesSource:
+    """A :class:`ByteSource` over bytes already in memory."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._data = memoryview(data).cast("B")
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return bytes(self._data[offset : offset + max(length, 0)])
+
+
+class FileSource:
+    """A :class:`ByteSource` over a seekable binary file."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._size = file.seek(0, os.SEEK_END)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        self._file.seek(offset)
+        return self._file.read(max(length, 0))
+
+
+SourceLike = ByteSource | bytes | bytearray | memoryview | BinaryIO | str | os.PathLike[str]
+
+
+@contextlib.contextmanager
+def open_source(source: SourceLike) -> Iterator[ByteSource]:
+    """Adapt ``source`` to a :class:`ByteSource`; paths are opened (and closed) here."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        yield BytesSource(source)
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        try:
+            file = path.open("rb")
+        except OSError as exc:
+            raise InputFileError(
+                f"cannot open {path}: {exc.strerror or exc}", value=str(path)
+            ) from None
+        with file:
+            yield FileSource(file)
+    elif isinstance(source, ByteSource):
+        yield source
+    else:
+        yield FileSource(source)
+
+
+def iter_range(source: ByteSource, start: int, end: int, chunk: int = CHUNK) -> Iterator[bytes]:
+    """Yield the bytes of ``[start, end)`` in chunks of at most ``chunk`` bytes."""
+    pos = start
+    while pos < end:
+        data = source.read_at(pos, min(chunk, end - pos))
+        if not data:
+            return
+        yield data
+        pos += len(data)
