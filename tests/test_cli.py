@@ -216,3 +216,87 @@ def test_version_and_help(otakit: Otakit) -> None:
     assert helped.returncode == 0
     for command in ("keygen", "getpub", "sign", "verify", "info", "package", "unpack"):
         assert command in helped.stdout
+
+
+def test_package_info_unpack(workdir: Path, otakit: Otakit) -> None:
+    key = workdir / "key.pem"
+    (workdir / "spe.bin").write_bytes(os.urandom(3000))
+    for name, version in (("app", "2.1.0+5"), ("spe", "1.0.3")):
+        signed = otakit(
+            "sign",
+            "-k",
+            key,
+            "-v",
+            version,
+            "--pad-header",
+            workdir / f"{name}.bin",
+            workdir / f"{name}.img",
+        )
+        assert signed.returncode == 0, signed.stderr
+    pkg = workdir / "update.tar"
+    built = otakit("package", "-o", pkg, workdir / "app.img", "--spe", workdir / "spe.img")
+    assert built.returncode == 0, built.stderr
+    assert "package version 2.1.0" in built.stderr  # defaults to the application's version
+
+    data = json.loads(otakit("info", "--json", pkg).stdout)["package"]
+    assert data["version"] == "2.1.0"
+    assert [(c["name"], c["file_type"], c["image_index"]) for c in data["components"]] == [
+        ("app.img", "NSPE", 0),
+        ("spe.img", "SPE", 1),
+    ]
+    assert data["components"][0]["image"]["header"]["version"] == "2.1.0+5"
+    assert data["components"][1]["image"]["hash_ok"] is True
+    assert "spe.img (SPE, image 1)" in otakit("info", pkg).stdout
+
+    unpacked = otakit("unpack", pkg, "-C", workdir / "out")
+    assert unpacked.returncode == 0, unpacked.stderr
+    assert (workdir / "out" / "app.img").read_bytes() == (workdir / "app.img").read_bytes()
+    assert (workdir / "out" / "spe.img").read_bytes() == (workdir / "spe.img").read_bytes()
+    assert otakit("verify", "-k", key, workdir / "out" / "app.img").returncode == 0
+
+
+def test_package_refuses_unsigned_payloads_and_bad_versions(workdir: Path, otakit: Otakit) -> None:
+    out = workdir / "update.tar"
+    raw = otakit("package", "-o", out, workdir / "app.bin")
+    assert raw.returncode == 2
+    _one_line_error(raw, "BADARG")
+    assert "sign it first" in raw.stderr
+    assert (
+        otakit(
+            "sign",
+            "-k",
+            workdir / "key.pem",
+            "-v",
+            "1.0.0",
+            "--pad-header",
+            workdir / "app.bin",
+            workdir / "app.img",
+        ).returncode
+        == 0
+    )
+    bad_version = otakit("package", "-o", out, "--version", "one", workdir / "app.img")
+    assert bad_version.returncode == 2
+    _one_line_error(bad_version, "BAD_VERSION")
+    assert not out.exists()
+
+
+def test_unpack_hostile_package_writes_nothing(tmp_path: Path, otakit: Otakit) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        manifest = b'{"numberOfComponents":"2","version":"1.0.0","files":[{"fileName":"components.json","fileType":"component_list"},{"fileName":"app.bin","fileType":"NSPE","fileSize":"4"}]}'
+        info = tarfile.TarInfo("components.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+        evil = tarfile.TarInfo("../app.bin")
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    pkg = tmp_path / "evil.tar"
+    pkg.write_bytes(buf.getvalue())
+    result = otakit("unpack", pkg, "-C", tmp_path / "out")
+    assert result.returncode == 1
+    _one_line_error(result, "PACKAGE_UNSAFE_MEMBER")
+    assert not (tmp_path / "app.bin").exists()
+    assert not (tmp_path / "out").exists()

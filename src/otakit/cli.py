@@ -23,8 +23,9 @@ from otakit import __version__
 from otakit.errors import OtakitError, UsageError
 from otakit.files import read_input, write_atomic
 from otakit.image.header import ImageVersion
-from otakit.image.info import inspect_image
+from otakit.image.info import ImageInfo, inspect, inspect_image
 from otakit.image.keys import GENERATED_KEY_TYPES, PublicKey, SigningKey
+from otakit.image.package import build_package, unpack_package
 from otakit.image.sign import SignOptions, sign_image
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
@@ -242,17 +243,85 @@ def info(
     image: Annotated[Path, typer.Argument(help="Image or package.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show an image's header, sizes, TLVs, hash and trailer."""
-    details = inspect_image(image)
+    """Show an image's header, sizes, TLVs, hash and trailer; or a package and its images."""
+    details = inspect(image)
     if as_json:
         out.print_json(json.dumps(details.to_dict()))
-        return
-    table = Table(title=str(image), show_header=False, title_justify="left")
+    elif isinstance(details, ImageInfo):
+        _print_image(str(image), details)
+    else:
+        out.print(f"[bold]{image}[/bold]: package version {details.manifest.version}")
+        for c in details.components:
+            title = f"{c.component.name} ({c.component.file_type}, image {c.component.image_index})"
+            if c.image is None:
+                out.print(f"{title}: not an MCUboot image: {c.problem}", markup=False)
+            else:
+                _print_image(title, c.image)
+
+
+def _print_image(title: str, details: ImageInfo) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for name, value in details.rows():
         table.add_row(name, value)
     out.print(table)
+
+
+# --- packages ----------------------------------------------------------------------------------
+
+
+@app.command()
+def package(
+    app_image: Annotated[
+        Path, typer.Argument(help="Application image (NSPE, image 0).", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Package to write (.tar).")],
+    version: Annotated[
+        str | None,
+        typer.Option("--version", "-v", help="Package version a.b.c (default: the app's)."),
+    ] = None,
+    spe: Annotated[
+        Path | None, typer.Option("--spe", help="Secure image (SPE, image 1).", show_default=False)
+    ] = None,
+) -> None:
+    """Build a multi-image TAR package (components.json + signed images)."""
+    components = []
+    app_version = None
+    for path, file_type in ((app_image, "NSPE"), (spe, "SPE")):
+        if path is None:
+            continue
+        data = read_input(path, what="image")
+        try:
+            details = inspect_image(data)
+        except OtakitError as exc:
+            raise UsageError(
+                f"{path} is not an MCUboot image ({exc.message}); sign it first with otakit sign",
+                value=str(path),
+            ) from None
+        if details.hash_ok is False:
+            raise UsageError(f"{path} is corrupted: {details.hash_problem}", value=str(path))
+        if file_type == "NSPE":
+            app_version = details.layout.header.version
+        components.append((path.name, file_type, data))
+    assert app_version is not None
+    package_version = version if version is not None else app_version.short
+    write_atomic(output, build_package(components, package_version))
+    names = ", ".join(f"{name} ({kind})" for name, kind, _ in components)
+    err.print(f"wrote {output}: package version {package_version} with {names}")
+
+
+@app.command()
+def unpack(
+    package_file: Annotated[Path, typer.Argument(help="Package (.tar).", show_default=False)],
+    directory: Annotated[
+        Path, typer.Option("-C", "--directory", help="Folder to extract into.")
+    ] = Path("."),
+) -> None:
+    """Check a package and extract its images (nothing is written if any check fails)."""
+    manifest = unpack_package(package_file, directory)
+    for c in manifest.components:
+        out.print(f"{directory / c.name}: {c.file_type} (image {c.image_index}), {c.size} bytes")
 
 
 def _version_callback(value: bool) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from otakit.errors import VerificationError
+from otakit.errors import ImageFormatError, VerificationError
 from otakit.image.layout import ImageLayout, read_layout
-from otakit.image.source import SourceLike, open_source
+from otakit.image.package import MAGIC_OFFSET, Component, PackageManifest, is_package, read_manifest
+from otakit.image.source import SliceSource, SourceLike, open_source
 from otakit.image.tlv import HASH_TLVS, SEC_CNT_STRUCT, TlvType
 from otakit.image.trailer import TRAILER_FIXED_SIZE, TrailerState
 from otakit.image.verify import check_hash
@@ -127,3 +128,52 @@ def inspect_image(source: SourceLike) -> ImageInfo:
                 src.read_at(src.size - TRAILER_FIXED_SIZE, TRAILER_FIXED_SIZE)
             )
         return ImageInfo(layout, hash_ok, problem, trailer)
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    component: Component
+    image: ImageInfo | None
+    problem: str | None  # why the member is not a readable image
+
+
+@dataclass(frozen=True)
+class PackageInfo:
+    manifest: PackageManifest
+    components: tuple[ComponentInfo, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "package": {
+                "version": self.manifest.version,
+                "components": [
+                    {
+                        "name": c.component.name,
+                        "file_type": c.component.file_type,
+                        "image_index": c.component.image_index,
+                        "size": c.component.size,
+                        "offset": c.component.offset,
+                        "image": None if c.image is None else c.image.to_dict(),
+                        "problem": c.problem,
+                    }
+                    for c in self.components
+                ],
+            }
+        }
+
+
+def inspect(source: SourceLike) -> ImageInfo | PackageInfo:
+    """Inspect an image, or a package and each image in it (detected by its ustar magic)."""
+    with open_source(source) as src:
+        if not is_package(src.read_at(0, MAGIC_OFFSET + 8)):
+            return inspect_image(src)
+        manifest = read_manifest(src)
+        components = []
+        for component in manifest.components:
+            assert component.offset is not None  # read_manifest locates every member
+            member = SliceSource(src, component.offset, component.size)
+            try:
+                components.append(ComponentInfo(component, inspect_image(member), None))
+            except ImageFormatError as exc:
+                components.append(ComponentInfo(component, None, exc.message))
+        return PackageInfo(manifest, tuple(components))

@@ -60,6 +60,25 @@ class FileSource:
         return self._file.read(max(length, 0))
 
 
+class SliceSource:
+    """A window ``[offset, offset + size)`` of another :class:`ByteSource` (a package member)."""
+
+    def __init__(self, source: ByteSource, offset: int, size: int) -> None:
+        self._source = source
+        self._offset = offset
+        self._size = max(0, min(size, source.size - offset))
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        length = min(length, self._size - offset)
+        if offset < 0 or length <= 0:
+            return b""
+        return self._source.read_at(self._offset + offset, length)
+
+
 SourceLike = ByteSource | bytes | bytearray | memoryview | BinaryIO | str | os.PathLike[str]
 
 
