@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from otakit.errors import InputFileError
@@ -21,34 +22,52 @@ def read_input(path: str | os.PathLike[str], *, what: str = "file") -> bytes:
         ) from None
 
 
+def write_temp(directory: Path, name: str, chunks: Iterable[bytes], *, mode: int = 0o644) -> Path:
+    """Write ``chunks`` to a synced temporary file in ``directory``; return its path.
+
+    The caller renames it into place (or removes it). If writing fails, or ``chunks`` raises,
+    the temporary file is removed before the exception propagates.
+    """
+    try:
+        fd, name_tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputFileError(
+            f"cannot write in {directory}: {exc.strerror or exc}", value=str(directory)
+        ) from None
+    tmp = Path(name_tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputFileError(
+            f"cannot write {directory / name}: {exc.strerror or exc}", value=str(directory / name)
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a synced temporary file and a rename.
 
     Readers see either the old file or the complete new one, even after a power cut.
     """
     target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
+    directory = target.parent
+    tmp = write_temp(directory, target.name, [data], mode=mode)
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise InputFileError(
-            f"cannot write {target}: {exc.strerror or exc}", value=str(target)
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, target)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise InputFileError(
             f"cannot write {target}: {exc.strerror or exc}", value=str(target)
         ) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     fsync_dir(directory)
 
 

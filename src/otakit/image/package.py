@@ -49,7 +49,6 @@ import os
 import re
 import struct
 import tarfile
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,7 +64,7 @@ from otakit.errors import (
     UsageError,
     VersionFormatError,
 )
-from otakit.files import fsync_dir
+from otakit.files import fsync_dir, write_temp
 from otakit.image.header import ImageVersion
 from otakit.image.source import CHUNK, ByteSource, SourceLike, open_source
 
@@ -771,7 +770,8 @@ def unpack_package(
             found: dict[str, Component] = {}
             staged: list[tuple[Path, Path]] = []
             for component, chunks in reader:
-                tmp = _write_temp(dest, component.name, chunks, written)
+                tmp = write_temp(dest, component.name, chunks)
+                written.append(tmp)
                 staged.append((tmp, dest / component.name))
                 found[component.name] = component
             manifest = _located(reader.manifest, found)
@@ -811,26 +811,3 @@ def _make_dirs(dest: Path) -> list[Path]:
             f"cannot create folder {dest}: {exc.strerror or exc}", value=str(dest)
         ) from None
     return missing
-
-
-def _write_temp(dest: Path, name: str, chunks: Iterator[bytes], written: list[Path]) -> Path:
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{name}.", suffix=".tmp")
-    except OSError as exc:
-        raise InputFileError(
-            f"cannot write in {dest}: {exc.strerror or exc}", value=str(dest)
-        ) from None
-    tmp = Path(tmp_name)
-    written.append(tmp)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            for chunk in chunks:
-                file.write(chunk)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-    except OSError as exc:
-        raise InputFileError(
-            f"cannot write {dest / name}: {exc.strerror or exc}", value=str(dest / name)
-        ) from None
-    return tmp
