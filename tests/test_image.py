@@ -242,7 +242,32 @@ def test_verify_from_path_file_and_stream_agree(
     with path.open("rb") as f:
         from_file = verify_image(f, keys)
     from_buffer = verify_image(io.BytesIO(signed), keys)
-    assert from_bytes.digest == from_path.digest == from_file.digest == from_buffer.digest
+    from_pipe = verify_image(io.BufferedReader(_Pipe(signed)), keys)
+    assert (
+        from_bytes.digest
+        == from_path.digest
+        == from_file.digest
+        == from_buffer.digest
+        == from_pipe.digest
+    )
+
+
+class _Pipe(io.RawIOBase):
+    """A stream that can only be read forward, like a pipe or a download."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+        chunk = self._data.read(min(len(buffer), 1000))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def test_verification_runs_in_bounded_memory(tmp_path: Path, key: SigningKey) -> None:

@@ -63,26 +63,26 @@ class VersionFormatError(UsageError):
 # --- keys --------------------------------------------------------------------------------------
 
 
-class KeyError_(OtakitError):
+class CryptoKeyError(OtakitError):
     """A key cannot be loaded or used."""
 
     code = "KEY"
     exit_status = EXIT_USAGE
 
 
-class KeyFormatError(KeyError_):
+class KeyFormatError(CryptoKeyError):
     """The key file is not a PEM key otakit understands."""
 
     code = "KEY_FORMAT"
 
 
-class UnsupportedKeyError(KeyError_):
+class UnsupportedKeyError(CryptoKeyError):
     """The key type or size is not supported for this operation."""
 
     code = "KEY_UNSUPPORTED"
 
 
-class KeyPasswordError(KeyError_):
+class KeyPasswordError(CryptoKeyError):
     """The key is encrypted and the password is missing or wrong."""
 
     code = "KEY_PASSWORD"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
@@ -16,6 +18,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 from otakit.errors import InputFileError
 
 CHUNK = 64 * 1024
+SPOOL_IN_MEMORY = 1024 * 1024
 
 
 @runtime_checkable
@@ -99,8 +102,24 @@ def open_source(source: SourceLike) -> Iterator[ByteSource]:
             yield FileSource(file)
     elif isinstance(source, ByteSource):
         yield source
-    else:
+    elif _seekable(source):
         yield FileSource(source)
+    else:
+        # A pipe or a download: copy it to a temporary file so it can be read at any offset,
+        # holding at most SPOOL_IN_MEMORY bytes in memory.
+        with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY) as spool:
+            try:
+                shutil.copyfileobj(source, spool, CHUNK)
+            except OSError as exc:
+                raise InputFileError(f"cannot read the image stream: {exc}") from None
+            yield FileSource(spool)  # type: ignore[arg-type]
+
+
+def _seekable(stream: BinaryIO) -> bool:
+    try:
+        return bool(stream.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def iter_range(source: ByteSource, start: int, end: int, chunk: int = CHUNK) -> Iterator[bytes]:
