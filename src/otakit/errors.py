@@ -198,3 +198,42 @@ class PackageLimitError(PackageError):
     """The package exceeds a limit: too many members, or a member larger than allowed."""
 
     code = "PACKAGE_LIMIT"
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+class FlashError(OtakitError):
+    """A flash operation is invalid: out of range, misaligned, or not on a sector boundary."""
+
+    code = "FLASH"
+    agent_error = "WRITE_STORAGE"
+
+
+class FlashMapError(OtakitError):
+    """A flash map is invalid: overlapping or misaligned areas, a missing slot, bad JSON."""
+
+    code = "FLASH_MAP"
+    agent_error = "OPEN_STORAGE"
+    exit_status = EXIT_USAGE
+
+
+class BootError(OtakitError):
+    """The bootloader found no image it can run."""
+
+    code = "NO_BOOTABLE_IMAGE"
+    agent_error = "GENERAL"
+
+
+class DeviceError(OtakitError):
+    """A simulated device folder is missing, incomplete or cannot be used as asked."""
+
+    code = "DEVICE"
+    exit_status = EXIT_USAGE
+
+
+class DowngradeError(VerificationError):
+    """The candidate image is older (version or security counter) than the running one."""
+
+    code = "DOWNGRADE"
+    agent_error = "INVALID_VERSION"

@@ -1,0 +1,1 @@
+"""What runs on a device: flash model, flash map, bootloader (and later the agent)."""

@@ -1,0 +1,304 @@
+"""A NOR flash model with wear counters and power-cut injection.
+
+Behaviour of the modelled part:
+
+- Erased bytes read ``erased_value`` (0xFF). Erase works on whole sectors.
+- A write must start and end on ``write_align`` boundaries. Programming can only clear bits:
+  writing over data that is not erased stores ``old & new``, as real NOR does.
+- Every write and erase is one *operation*. :meth:`Flash.cut_after` arms a power cut: that many
+  operations complete, the next one is interrupted and :class:`PowerCut` is raised; from then on
+  every access raises :class:`PowerCut` until :meth:`Flash.power_on`. An interrupted operation
+  changes nothing, or with ``tear=True`` only a part of it happened: a write stores a prefix
+  of its bytes, an erase erases a prefix of its sector. That is what is left after a real cut.
+
+Backings: :class:`MemoryBacking` (sectors allocated on first write, so a large idle flash costs
+nothing) and :class:`FileBacking` (a file holding the flash contents byte for byte, persistent
+between runs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from otakit.errors import FlashError, InputFileError
+
+ERASED = 0xFF
+
+
+class PowerCut(Exception):
+    """The simulated power went off during (or before) a flash operation."""
+
+
+class Backing(Protocol):
+    """Where the flash contents live."""
+
+    def read(self, offset: int, length: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class MemoryBacking:
+    """Contents in memory; a sector is allocated when it is first written."""
+
+    def __init__(self, size: int, sector_size: int, erased_value: int = ERASED) -> None:
+        self._size = size
+        self._sector = sector_size
+        self._erased = bytes([erased_value]) * sector_size
+        self._sectors: dict[int, bytearray] = {}
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        end = offset + length
+        while offset < end:
+            index, inner = divmod(offset, self._sector)
+            step = min(end - offset, self._sector - inner)
+            sector = self._sectors.get(index)
+            out += (sector if sector is not None else self._erased)[inner : inner + step]
+            offset += step
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            index, inner = divmod(offset + pos, self._sector)
+            step = min(len(data) - pos, self._sector - inner)
+            sector = self._sectors.get(index)
+            if sector is None:
+                if data[pos : pos + step] == self._erased[:step]:
+                    pos += step
+                    continue
+                sector = self._sectors[index] = bytearray(self._erased)
+            sector[inner : inner + step] = data[pos : pos + step]
+            pos += step
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self._sectors) * self._sector
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class FileBacking:
+    """Contents in a file of exactly the flash size; created erased when missing."""
+
+    def __init__(self, path: str | os.PathLike[str], size: int, erased_value: int = ERASED) -> None:
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputFileError(
+                f"cannot open flash file {self.path}: {exc.strerror}", value=str(self.path)
+            ) from None
+        current = os.fstat(self._fd).st_size
+        if current == 0:
+            chunk = bytes([erased_value]) * (1024 * 1024)
+            for start in range(0, size, len(chunk)):
+                os.pwrite(self._fd, chunk[: min(len(chunk), size - start)], start)
+            os.fsync(self._fd)
+        elif current != size:
+            os.close(self._fd)
+            raise FlashError(
+                f"flash file {self.path} is {current} bytes but the flash is {size} bytes",
+                value=current,
+            )
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def write(self, offset: int, data: bytes) -> None:
+        os.pwrite(self._fd, data, offset)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class SectorWear:
+    reads: int = 0
+    writes: int = 0
+    erases: int = 0
+
+
+@dataclass
+class FlashStats:
+    """Operation counters, per sector and in total."""
+
+    sectors: dict[int, SectorWear] = field(default_factory=dict)
+    bytes_written: int = 0
+    bytes_read: int = 0
+
+    def sector(self, index: int) -> SectorWear:
+        return self.sectors.setdefault(index, SectorWear())
+
+    @property
+    def writes(self) -> int:
+        return sum(s.writes for s in self.sectors.values())
+
+    @property
+    def erases(self) -> int:
+        return sum(s.erases for s in self.sectors.values())
+
+    @property
+    def max_erases(self) -> int:
+        """Erases of the most-erased sector: what wears a part out first."""
+        return max((s.erases for s in self.sectors.values()), default=0)
+
+
+class Flash:
+    """A NOR flash of ``size`` bytes made of ``sector_size`` sectors."""
+
+    def __init__(
+        self,
+        size: int,
+        sector_size: int,
+        *,
+        write_align: int = 8,
+        erased_value: int = ERASED,
+        backing: Backing | None = None,
+    ) -> None:
+        if size <= 0 or sector_size <= 0 or size % sector_size:
+            raise FlashError(
+                f"flash size {size} is not a positive multiple of the sector size {sector_size}",
+                value=size,
+            )
+        if write_align <= 0 or sector_size % write_align:
+            raise FlashError(
+                f"write alignment {write_align} must divide the sector size {sector_size}",
+                value=write_align,
+            )
+        self.size = size
+        self.sector_size = sector_size
+        self.write_align = write_align
+        self.erased_value = erased_value
+        self._backing = backing if backing is not None else MemoryBacking(size, sector_size)
+        self.stats = FlashStats()
+        self.operations = 0  # writes and erases done since creation
+        self._cut_at: int | None = None
+        self._tear = False
+        self._rng = random.Random(0)
+        self._dead = False
+
+    @classmethod
+    def open_file(
+        cls, path: str | os.PathLike[str], size: int, sector_size: int, *, write_align: int = 8
+    ) -> Flash:
+        return cls(size, sector_size, write_align=write_align, backing=FileBacking(path, size))
+
+    # --- power ---------------------------------------------------------------------------------
+
+    def cut_after(self, operations: int, *, tear: bool = False, seed: int = 0) -> None:
+        """Let ``operations`` more writes/erases complete, then cut the power in the next one."""
+        self._cut_at = self.operations + operations
+        self._tear = tear
+        self._rng = random.Random(seed)
+
+    def power_on(self) -> None:
+        """Restore power after a cut (the contents stay as the cut left them); disarm cuts."""
+        self._dead = False
+        self._cut_at = None
+
+    @property
+    def powered(self) -> bool:
+        return not self._dead
+
+    def _begin_operation(self) -> bool:
+        """Account one operation; return True when this one is the interrupted one."""
+        if self._dead:
+            raise PowerCut("flash accessed while the power is off")
+        if self._cut_at is not None and self.operations >= self._cut_at:
+            self._dead = True
+            return True
+        self.operations += 1
+        return False
+
+    # --- access --------------------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int, what: str) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise FlashError(
+                f"{what} of {length} bytes at 0x{offset:x} is outside the {self.size}-byte flash",
+                value=offset,
+            )
+
+    def _sectors_of(self, offset: int, length: int) -> range:
+        if length == 0:
+            return range(0)
+        return range(offset // self.sector_size, (offset + length - 1) // self.sector_size + 1)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._dead:
+            raise PowerCut("flash read while the power is off")
+        self._check_range(offset, length, "read")
+        for index in self._sectors_of(offset, length):
+            self.stats.sector(index).reads += 1
+        self.stats.bytes_read += length
+        return self._backing.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Program ``data`` at ``offset`` (aligned); bits only go from 1 to 0."""
+        self._check_range(offset, len(data), "write")
+        if offset % self.write_align or len(data) % self.write_align:
+            raise FlashError(
+                f"write of {len(data)} bytes at 0x{offset:x} is not aligned to "
+                f"{self.write_align} bytes",
+                value=offset,
+            )
+        interrupted = self._begin_operation()
+        if interrupted:
+            if not self._tear or len(data) < 2:
+                raise PowerCut(f"power cut before the write at 0x{offset:x}")
+            data = data[: self._rng.randrange(1, len(data))]
+        old = self._backing.read(offset, len(data))
+        self._backing.write(offset, bytes(a & b for a, b in zip(old, data, strict=True)))
+        for index in self._sectors_of(offset, len(data)):
+            self.stats.sector(index).writes += 1
+        self.stats.bytes_written += len(data)
+        if interrupted:
+            raise PowerCut(f"power cut during the write at 0x{offset:x} ({len(data)} bytes done)")
+
+    def erase(self, offset: int, length: int) -> None:
+        """Erase whole sectors, one operation per sector."""
+        self._check_range(offset, length, "erase")
+        if offset % self.sector_size or length % self.sector_size:
+            raise FlashError(
+                f"erase of {length} bytes at 0x{offset:x} is not on {self.sector_size}-byte "
+                "sector boundaries",
+                value=offset,
+            )
+        for index in self._sectors_of(offset, length):
+            start = index * self.sector_size
+            interrupted = self._begin_operation()
+            size = self.sector_size
+            if interrupted:
+                if not self._tear:
+                    raise PowerCut(f"power cut before the erase of sector {index}")
+                size = (
+                    self._rng.randrange(1, self.sector_size // self.write_align) * self.write_align
+                )
+            self._backing.write(start, bytes([self.erased_value]) * size)
+            self.stats.sector(index).erases += 1
+            if interrupted:
+                raise PowerCut(f"power cut during the erase of sector {index}")
+
+    def is_erased(self, offset: int, length: int) -> bool:
+        return self.read(offset, length) == bytes([self.erased_value]) * length
+
+    def flush(self) -> None:
+        self._backing.flush()
+
+    def close(self) -> None:
+        self._backing.close()

@@ -1,0 +1,1 @@
+"""Virtual devices built from otakit.device parts."""
