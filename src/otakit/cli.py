@@ -29,6 +29,7 @@ from otakit.image.package import build_package, unpack_package
 from otakit.image.sign import SignOptions, sign_image
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
+from otakit.sim.cli import app as sim_app
 
 app = typer.Typer(
     name="otakit",
@@ -322,6 +323,9 @@ def unpack(
     manifest = unpack_package(package_file, directory)
     for c in manifest.components:
         out.print(f"{directory / c.name}: {c.file_type} (image {c.image_index}), {c.size} bytes")
+
+
+app.add_typer(sim_app, name="sim")
 
 
 def _version_callback(value: bool) -> None:

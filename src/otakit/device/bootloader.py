@@ -145,7 +145,10 @@ class ImageStatus:
     def to_dict(self) -> dict[str, Any]:
         return {
             "image": self.image,
-            "running": None if self.primary.version is None else str(self.primary.version),
+            # mid-upgrade the primary slot holds parts of two images: nothing runs until a boot
+            "running": None
+            if self.primary.version is None or self.state == "upgrading"
+            else str(self.primary.version),
             "state": self.state,
             "next_boot": self.pending,
             "primary": _slot_dict(self.primary),

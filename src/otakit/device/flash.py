@@ -167,7 +167,6 @@ class Flash:
         sector_size: int,
         *,
         write_align: int = 8,
-        erased_value: int = ERASED,
         backing: Backing | None = None,
     ) -> None:
         if size <= 0 or sector_size <= 0 or size % sector_size:
@@ -183,7 +182,7 @@ class Flash:
         self.size = size
         self.sector_size = sector_size
         self.write_align = write_align
-        self.erased_value = erased_value
+        self.erased_value = ERASED  # NOR: erased bits are 1, programming clears them
         self._backing = backing if backing is not None else MemoryBacking(size, sector_size)
         self.stats = FlashStats()
         self.operations = 0  # writes and erases done since creation
@@ -215,10 +214,13 @@ class Flash:
     def powered(self) -> bool:
         return not self._dead
 
-    def _begin_operation(self) -> bool:
-        """Account one operation; return True when this one is the interrupted one."""
+    def _check_power(self) -> None:
         if self._dead:
             raise PowerCut("flash accessed while the power is off")
+
+    def _begin_operation(self) -> bool:
+        """Account one operation; return True when this one is the interrupted one."""
+        self._check_power()
         if self._cut_at is not None and self.operations >= self._cut_at:
             self._dead = True
             return True
@@ -240,8 +242,7 @@ class Flash:
         return range(offset // self.sector_size, (offset + length - 1) // self.sector_size + 1)
 
     def read(self, offset: int, length: int) -> bytes:
-        if self._dead:
-            raise PowerCut("flash read while the power is off")
+        self._check_power()
         self._check_range(offset, length, "read")
         for index in self._sectors_of(offset, length):
             self.stats.sector(index).reads += 1
@@ -251,6 +252,9 @@ class Flash:
     def write(self, offset: int, data: bytes) -> None:
         """Program ``data`` at ``offset`` (aligned); bits only go from 1 to 0."""
         self._check_range(offset, len(data), "write")
+        if not data:
+            self._check_power()
+            return
         if offset % self.write_align or len(data) % self.write_align:
             raise FlashError(
                 f"write of {len(data)} bytes at 0x{offset:x} is not aligned to "
@@ -279,16 +283,16 @@ class Flash:
                 "sector boundaries",
                 value=offset,
             )
+        self._check_power()
+        units = self.sector_size // self.write_align
         for index in self._sectors_of(offset, length):
             start = index * self.sector_size
             interrupted = self._begin_operation()
             size = self.sector_size
             if interrupted:
-                if not self._tear:
+                if not self._tear or units < 2:
                     raise PowerCut(f"power cut before the erase of sector {index}")
-                size = (
-                    self._rng.randrange(1, self.sector_size // self.write_align) * self.write_align
-                )
+                size = self._rng.randrange(1, units) * self.write_align
             self._backing.write(start, bytes([self.erased_value]) * size)
             self.stats.sector(index).erases += 1
             if interrupted:

@@ -1,0 +1,168 @@
+"""``otakit sim``: simulated devices you can point at your own images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from otakit.device.bootloader import Strategy
+from otakit.device.flashmap import PRESETS, FlashMap, preset
+from otakit.errors import UsageError
+from otakit.files import read_input
+from otakit.image.keys import PublicKey
+from otakit.sim.device import DEFAULT_LAYOUT, Identity, SimDevice
+
+app = typer.Typer(
+    help="Simulated devices: flash, flash map and an MCUboot-compatible bootloader in a folder.",
+    no_args_is_help=True,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DeviceDir = Annotated[Path, typer.Argument(help="Device folder.", show_default=False)]
+
+
+def _layout(value: str) -> FlashMap:
+    path = Path(value)
+    if value not in PRESETS and (path.suffix == ".json" or path.exists()):
+        return FlashMap.load(path)
+    return preset(value)
+
+
+def _strategy(value: str | None) -> Strategy | None:
+    if value is None:
+        return None
+    try:
+        return Strategy(value)
+    except ValueError:
+        choices = ", ".join(s.value for s in Strategy)
+        raise UsageError(f"unknown strategy {value!r}; choose {choices}", value=value) from None
+
+
+@app.command()
+def create(
+    directory: DeviceDir,
+    image: Annotated[Path, typer.Option("--image", help="Signed image for the primary slot.")],
+    key: Annotated[
+        list[Path],
+        typer.Option("-k", "--key", help="Trusted key (PEM, public or private); repeatable."),
+    ],
+    layout: Annotated[
+        str,
+        typer.Option("--layout", help=f"Preset ({', '.join(PRESETS)}) or a flash map JSON file."),
+    ] = DEFAULT_LAYOUT,
+    strategy: Annotated[
+        str | None,
+        typer.Option("--strategy", help="swap-scratch or overwrite (default: swap if possible)."),
+    ] = None,
+    allow_downgrade: Annotated[
+        bool, typer.Option("--allow-downgrade", help="Let the bootloader accept older images.")
+    ] = False,
+    board: Annotated[str, typer.Option("--board")] = Identity.board,
+    product: Annotated[str, typer.Option("--product")] = Identity.product,
+    serial: Annotated[str, typer.Option("--serial")] = Identity.serial,
+    manufacturer: Annotated[str, typer.Option("--manufacturer")] = Identity.manufacturer,
+) -> None:
+    """Make a device folder with IMAGE in the primary slot (only public keys are kept)."""
+    device = SimDevice.create(
+        directory,
+        read_input(image, what="image"),
+        [PublicKey.load(k) for k in key],
+        layout=_layout(layout),
+        identity=Identity(board, product, serial, manufacturer),
+        strategy=_strategy(strategy),
+        allow_downgrade=allow_downgrade,
+    )
+    err.print(
+        f"created {directory}: layout {device.map.name}, {device.state.strategy} bootloader, "
+        f"{len(device.keys)} trusted key(s)"
+    )
+
+
+@app.command()
+def install(
+    directory: DeviceDir,
+    image: Annotated[Path, typer.Argument(help="Signed image.", show_default=False)],
+    permanent: Annotated[
+        bool, typer.Option("--permanent", help="Request a permanent upgrade (no test run).")
+    ] = False,
+    image_index: Annotated[int, typer.Option("--image-index", help="Image pair.")] = 0,
+) -> None:
+    """Verify IMAGE, write it to the secondary slot and mark it pending."""
+    device = SimDevice(directory)
+    verified = device.install(
+        read_input(image, what="image"), image_index=image_index, permanent=permanent
+    )
+    kind = "permanent" if permanent else "test"
+    err.print(f"installed {verified.version} in the secondary slot; {kind} upgrade at next boot")
+
+
+@app.command()
+def boot(
+    directory: DeviceDir,
+    power_cut_after: Annotated[
+        int | None,
+        typer.Option("--power-cut-after", help="Cut the power after N flash operations."),
+    ] = None,
+    tear: Annotated[
+        bool, typer.Option("--tear", help="The interrupted write or erase is partly done.")
+    ] = False,
+) -> None:
+    """Run the bootloader and print a JSON status. Exit 1 when no image can run."""
+    if power_cut_after is not None and power_cut_after < 0:
+        raise UsageError("--power-cut-after must be 0 or more", value=power_cut_after)
+    report = SimDevice(directory).boot(power_cut_after=power_cut_after, tear=tear)
+    out.print_json(json.dumps(report.to_dict()))
+    if report.result is not None and not report.result.bootable:
+        raise typer.Exit(1)
+
+
+@app.command()
+def confirm(
+    directory: DeviceDir,
+    image_index: Annotated[int, typer.Option("--image-index", help="Image pair.")] = 0,
+) -> None:
+    """Confirm the running image (what the application does once it is happy)."""
+    written = SimDevice(directory).confirm(image_index)
+    err.print("confirmed the running image" if written else "nothing to confirm")
+
+
+@app.command()
+def status(
+    directory: DeviceDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show identity, versions in both slots, pending/testing state and the last failure."""
+    data = SimDevice(directory).status()
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    ident = data["identity"]
+    out.print(
+        f"[bold]{directory}[/bold]: {ident['manufacturer']} {ident['product']} "
+        f"{ident['board']} serial {ident['serial']}; {data['layout']}, "
+        f"{data['bootloader']['strategy']}, {data['boots']} boot(s)"
+    )
+    table = Table("image", "running", "state", "next boot", "secondary", "request")
+    for slot in data["slots"]:
+        table.add_row(
+            str(slot["image"]),
+            slot["running"] or "none",
+            slot["state"],
+            slot["next_boot"],
+            slot["secondary"]["version"] or "empty",
+            slot["secondary"]["request"],
+        )
+    out.print(table)
+    failure = data["last_failure"]
+    if failure:
+        out.print(
+            f"last failure (boot {failure['boot']}, image {failure['image']}): "
+            f"[{failure['error']}] {failure['reason']}",
+            markup=False,
+        )
