@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest services clean
+.PHONY: demo test bench lint typecheck pytest services clean
 
 $(BIN)/python:
 	scripts/make-venv.sh "$(PYTHON)" "$(VENV)"
@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
 
+bench: $(STAMP)
+	$(BIN)/python bench/flash_wear.py
+
 services:
 	scripts/ensure-services.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -33,4 +33,16 @@ if otakit verify --key signing-key.pem tampered.img; then
     echo "demo: the tampered image verified; this is a bug" >&2
     exit 1
 fi
-printf '\nDone: keys, signed images and the package are in %s/\n' "$PWD"
+
+# A simulated PSoC 6 device: install v1.2.0, pull the plug mid-swap, boot again, confirm.
+step otakit sign --key signing-key.pem --version 1.2.0 --header-size 0x400 --pad-header \
+    --align 8 --security-counter auto app.bin app-v1.2.0.img
+step otakit sim create device --image app-v1.1.0.img --key signing-key.pem --serial DEMO-1
+step otakit sim install device app-v1.2.0.img
+step otakit sim boot device --power-cut-after 150 --tear
+step otakit sim status device
+step otakit sim boot device
+step otakit sim confirm device
+step otakit sim status device
+
+printf '\nDone: keys, signed images, the package and a simulated device are in %s/\n' "$PWD"

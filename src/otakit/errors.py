@@ -158,6 +158,13 @@ class UnsignedImageError(VerificationError):
     code = "UNSIGNED"
 
 
+class DowngradeError(VerificationError):
+    """The candidate image is older (version or security counter) than the running one."""
+
+    code = "DOWNGRADE"
+    agent_error = "INVALID_VERSION"
+
+
 class SigningError(ImageError):
     """An image cannot be built as asked (payload too large for the slot, bad header area...)."""
 
@@ -230,10 +237,3 @@ class DeviceError(OtakitError):
 
     code = "DEVICE"
     exit_status = EXIT_USAGE
-
-
-class DowngradeError(VerificationError):
-    """The candidate image is older (version or security counter) than the running one."""
-
-    code = "DOWNGRADE"
-    agent_error = "INVALID_VERSION"

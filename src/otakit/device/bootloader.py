@@ -151,16 +151,16 @@ class ImageStatus:
             else str(self.primary.version),
             "state": self.state,
             "next_boot": self.pending,
-            "primary": _slot_dict(self.primary),
-            "secondary": _slot_dict(self.secondary),
+            "primary": {"version": _version(self.primary.version)},
+            "secondary": {
+                "version": _version(self.secondary.version),
+                "request": self.secondary.request,
+            },
         }
 
 
-def _slot_dict(info: SlotInfo) -> dict[str, Any]:
-    return {
-        "version": None if info.version is None else str(info.version),
-        "request": info.request,
-    }
+def _version(version: ImageVersion | None) -> str | None:
+    return None if version is None else str(version)
 
 
 class Bootloader:

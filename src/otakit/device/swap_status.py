@@ -77,7 +77,12 @@ class SwapStatus:
         return SwapProgress(swap_type, copy_size, done)
 
     def start(self, swap_type: SwapType, copy_size: int) -> None:
-        self.area.erase_all()
+        # Erase, first sector to last, the sectors that are not erased already (an upgrade
+        # fills only the start of a large status area): same order, less wear.
+        sector = self.area.sector_size
+        for offset in range(0, self.area.size, sector):
+            if not self.area.flash.is_erased(self.area.area.offset + offset, sector):
+                self.area.erase(offset, sector)
         erased = bytes([self.area.flash.erased_value])
         info = _INFO.pack(int(swap_type), copy_size)
         self.area.write(self._info_off, info + erased * (self._field - len(info)))
