@@ -95,3 +95,19 @@ def signing_keys() -> dict[str, SigningKey]:
 def other_key() -> PublicKey:
     """A key nobody signed with."""
     return SigningKey.generate("ecdsa-p256").public_key
+
+
+_REPORT: list[str] = []
+
+
+@pytest.fixture
+def report() -> Callable[[str], None]:
+    """Lines a test wants shown in the run's summary (e.g. how many cut points it tried)."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _REPORT:
+        terminalreporter.section("otakit report")
+        for line in _REPORT:
+            terminalreporter.write_line(line)

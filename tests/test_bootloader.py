@@ -283,7 +283,7 @@ CUT_SCENARIOS = {
 
 
 @pytest.mark.parametrize("name", list(CUT_SCENARIOS))
-def test_power_cut_at_every_operation(name: str) -> None:
+def test_power_cut_at_every_operation(name: str, report: Callable[[str], None]) -> None:
     """Cut the power at each flash operation (clean and torn), boot again: the request completes."""
     scenario, running, kept, state = CUT_SCENARIOS[name]
     total = _operations(scenario)
@@ -311,7 +311,9 @@ def test_power_cut_at_every_operation(name: str) -> None:
             pending = "revert" if expect_state == "testing" else "none"
             assert (status.state, status.pending) == (expect_state, pending), (name, cut, tear)
             tried += 1
-    print(f"\n{name}: {total} operations, {tried} cut points tried (clean and torn)")
+    report(
+        f"power cuts, {name}: {total} flash operations, {tried} cut points tried (clean and torn)"
+    )
     assert tried == 2 * total
 
 
