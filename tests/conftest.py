@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from otakit.image.keys import PublicKey, SigningKey
+
+from .server_harness import S3_ENV, Server, postgres_database, s3_bucket, start_server
 
 BIN = Path(sys.executable).parent
 
@@ -111,3 +114,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("otakit report")
         for line in _REPORT:
             terminalreporter.write_line(line)
+
+
+# --- update servers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgres", "s3"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A running update server; every test using it runs on SQLite, PostgreSQL and S3 blobs."""
+    data = tmp_path_factory.mktemp(f"server-{request.param}")
+    with contextlib.ExitStack() as stack:
+        if request.param == "postgres":
+            srv = start_server(data, database_url=stack.enter_context(postgres_database()))
+        elif request.param == "s3":
+            srv = start_server(data, blob_url=stack.enter_context(s3_bucket()), env=S3_ENV)
+        else:
+            srv = start_server(data)
+        stack.callback(srv.stop)
+        yield srv

@@ -22,6 +22,7 @@ from rich.table import Table
 from otakit import __version__
 from otakit.errors import OtakitError, UsageError
 from otakit.files import read_input, write_atomic
+from otakit.host.deploy import deploy
 from otakit.image.header import ImageVersion
 from otakit.image.info import ImageInfo, inspect, inspect_image
 from otakit.image.keys import GENERATED_KEY_TYPES, PublicKey, SigningKey
@@ -29,6 +30,7 @@ from otakit.image.package import build_package, unpack_package
 from otakit.image.sign import SignOptions, sign_image
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
+from otakit.server.cli import serve, token_app
 from otakit.sim.cli import app as sim_app
 
 app = typer.Typer(
@@ -326,6 +328,9 @@ def unpack(
 
 
 app.add_typer(sim_app, name="sim")
+app.add_typer(token_app, name="token")
+app.command()(serve)
+app.command()(deploy)
 
 
 def _version_callback(value: bool) -> None:

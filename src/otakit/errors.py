@@ -207,6 +207,70 @@ class PackageLimitError(PackageError):
     code = "PACKAGE_LIMIT"
 
 
+# --- job documents (protocols.md §1) ------------------------------------------------------------
+
+
+class JobDocumentError(OtakitError):
+    """A job document cannot be used."""
+
+    code = "JOB_DOC"
+    agent_error = "MALFORMED_JOB_DOC"
+
+
+class NotAJobDocError(JobDocumentError):
+    """The bytes are not a JSON object at all."""
+
+    code = "NOT_A_JOB_DOC"
+    agent_error = "NOT_A_JOB_DOC"
+
+
+class MalformedJobDocError(JobDocumentError):
+    """A JSON object, but not a valid job document (missing field, non-string, too long...)."""
+
+    code = "MALFORMED_JOB_DOC"
+    agent_error = "MALFORMED_JOB_DOC"
+
+
+class WrongBoardError(JobDocumentError):
+    """The job is for another board."""
+
+    code = "WRONG_BOARD"
+    agent_error = "WRONG_BOARD"
+
+
+class InvalidVersionError(JobDocumentError):
+    """The job's version is not strictly newer than the running one."""
+
+    code = "INVALID_VERSION"
+    agent_error = "INVALID_VERSION"
+
+
+# --- server ------------------------------------------------------------------------------------
+
+
+class ServerError(OtakitError):
+    """The update server cannot do what was asked (configuration, storage)."""
+
+    code = "SERVER"
+
+
+class BlobStoreError(ServerError):
+    """The blob store (data folder or S3 bucket) cannot be used."""
+
+    code = "BLOB_STORE"
+
+
+class ApiError(OtakitError):
+    """A call to an otakit server failed; ``status`` is the HTTP status."""
+
+    code = "API"
+    agent_error = "CONNECT"
+
+    def __init__(self, message: str, *, status: int = 0, value: object = None) -> None:
+        super().__init__(message, value=value)
+        self.status = status
+
+
 # --- devices -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,1 @@
+"""Operator-side tools: deploy client (and later push, subscriber)."""

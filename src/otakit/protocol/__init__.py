@@ -1,0 +1,1 @@
+"""Wire formats shared by devices and servers: pure functions, no I/O."""

@@ -1,0 +1,1 @@
+"""The update server: device API, management API, deployments, stores."""

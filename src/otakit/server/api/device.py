@@ -1,0 +1,192 @@
+"""Device JSON API, for the otakit agent and for gateways (``/api/v1/device``).
+
+A device authenticates with its own token. On its first check-in a new device may use an
+enrollment token (bound to a product and group) or, if its product allows self-registration,
+no token at all; the response then carries its device token, which it keeps from then on.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, Field, model_validator
+
+from otakit.errors import UsageError
+from otakit.server import deployments
+from otakit.server.context import Caller, Db, HttpError, State
+from otakit.server.models import Device, Product, Token, utcnow
+from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
+from otakit.server.tokens import Role, new_token
+from otakit.server.twin import SECONDS_PER_DAY, Twin, signed_download, twin_of
+
+router = APIRouter(prefix="/api/v1/device", tags=["device"])
+
+
+class CheckIn(BaseModel):
+    serial: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+    board: str | None = Field(default=None, max_length=48)
+    product: str | None = Field(default=None, max_length=64)
+    manufacturer: str | None = Field(default=None, max_length=64)
+    manufacturer_id: str | None = Field(default=None, max_length=16)
+    version: str | None = Field(default=None, max_length=32)
+
+
+class Job(BaseModel):
+    deployment_id: int
+    artifact_id: str
+    kind: str
+    name: str
+    version: str
+    size: int
+    sha256: str
+    board: str | None
+    url: str  # absolute, signed, expiring
+    url_expires: datetime
+
+
+class CheckInResult(BaseModel):
+    job: Job | None
+    device_token: str | None = None  # only on the check-in that registered the device
+
+
+class StatusReport(BaseModel):
+    """A status report: either flat fields, or the ``extFwInfo`` object of the reference design."""
+
+    status: str | None = Field(default=None, max_length=16)
+    error: str | None = Field(default=None, max_length=64)
+    version: str | None = Field(default=None, max_length=32)
+    deployment_id: int | None = None
+    extFwInfo: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _flatten(self) -> StatusReport:
+        info = self.extFwInfo or {}
+        self.status = self.status or _str(info.get("Status"))
+        self.error = self.error or _str(info.get("Error"))
+        self.version = self.version or _str(info.get("Version"))
+        if not self.status:
+            raise ValueError("a status report needs 'status' (or extFwInfo.Status)")
+        return self
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)[:64]
+
+
+def _device_of(token: Token | None) -> str:
+    if token is None:
+        raise HttpError(401, "UNAUTHORIZED", "this call needs a device token")
+    if token.role != Role.DEVICE or not token.device_serial:
+        raise HttpError(403, "FORBIDDEN", "this call needs a device token")
+    return token.device_serial
+
+
+async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, str | None]:
+    """The calling device, registering it (and minting its token) when allowed."""
+    if token is not None and token.role == Role.DEVICE:
+        if token.device_serial != body.serial:
+            raise HttpError(403, "FORBIDDEN", "a device token can only check in for its device")
+        device = await db.get(Device, body.serial)
+        if device is None:
+            raise HttpError(404, "NOT_FOUND", f"device {body.serial!r} is not registered")
+        return device, None
+    if token is not None and token.role == Role.ENROLL:
+        product, group = token.product, token.group
+    elif token is None:
+        product_row = await db.get(Product, body.product) if body.product else None
+        if product_row is None or not product_row.self_register:
+            raise HttpError(401, "UNAUTHORIZED", "this call needs a device or enrollment token")
+        product, group = product_row.name, None
+    else:
+        raise HttpError(403, "FORBIDDEN", "admin tokens cannot check in as a device")
+    if await db.get(Device, body.serial) is not None:
+        raise HttpError(
+            409, "REGISTERED", f"device {body.serial!r} is already registered; use its token"
+        )
+    tags = {PRODUCT_TAG: product} if product else {}
+    if group:
+        tags[GROUP_TAG] = group
+    device = Device(serial=body.serial, product=product, tags=tags)
+    db.add(device)
+    minted = new_token()
+    db.add(
+        Token(
+            id=minted.id,
+            secret_hash=minted.secret_hash,
+            role=Role.DEVICE,
+            product=product,
+            group=group,
+            device_serial=body.serial,
+            label="enrolled",
+        )
+    )
+    return device, minted.token
+
+
+@router.post(
+    "/checkin",
+    response_model=CheckInResult,
+    responses={204: {"description": "Nothing to do"}},
+)
+async def checkin(
+    body: CheckIn, request: Request, db: Db, st: State, token: Caller
+) -> CheckInResult | Response:
+    """Report identity and version; get the job to do, or 204 when there is none."""
+    device, device_token = await _enroll(db, body, token)
+    for field in ("board", "manufacturer", "manufacturer_id", "version"):
+        value = getattr(body, field)
+        if value is not None:
+            setattr(device, field, value)
+    device.last_seen = utcnow()
+    await deployments.mark_applied_if_running(db, device)
+    offer = deployments.select_offer(device, await deployments.active(db))
+    job = None
+    if offer is not None:
+        lifetime = timedelta(seconds=int(st.settings.url_days * SECONDS_PER_DAY))
+        job = Job(
+            deployment_id=offer.deployment.id,
+            artifact_id=offer.artifact.id,
+            kind=offer.artifact.kind,
+            name=offer.artifact.name,
+            version=offer.artifact.version,
+            size=offer.artifact.size,
+            sha256=offer.artifact.id,
+            board=offer.artifact.board,
+            url=str(request.base_url).rstrip("/") + signed_download(st, offer.artifact),
+            url_expires=utcnow() + lifetime,
+        )
+    await db.commit()
+    if job is None and device_token is None:
+        return Response(status_code=204)
+    return CheckInResult(job=job, device_token=device_token)
+
+
+@router.post("/status", status_code=204)
+async def report_status(body: StatusReport, db: Db, token: Caller) -> Response:
+    """Report progress with the states and error strings of the reference design (§7)."""
+    serial = _device_of(token)
+    assert body.status is not None
+    try:
+        await deployments.record_status(
+            db,
+            serial=serial,
+            deployment_id=body.deployment_id,
+            status=body.status,
+            error=body.error,
+            version=body.version,
+        )
+    except UsageError as exc:
+        raise HttpError(400, exc.code, exc.message) from None
+    await db.commit()
+    return Response(status_code=204)
+
+
+@router.get("/twin", response_model=Twin)
+async def own_twin(request: Request, db: Db, st: State, token: Caller) -> Twin:
+    """This device's desired and reported state."""
+    device = await db.get(Device, _device_of(token))
+    if device is None:
+        raise HttpError(404, "NOT_FOUND", "device not registered")
+    return await twin_of(db, st, device, str(request.base_url))

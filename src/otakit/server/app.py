@@ -1,0 +1,154 @@
+"""The update server application (FastAPI) and its one-time initialisation.
+
+:func:`initialise` runs once before any worker starts: it creates the data folder, brings the
+schema to the latest Alembic revision, creates the URL signing key (kept in the database, so all
+workers and hosts share it) and, on the very first start, an admin token that is returned to be
+printed once. :func:`create_app` builds the ASGI app a worker serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from otakit import __version__
+from otakit.errors import OtakitError, UsageError
+from otakit.server.api import device, management, original
+from otakit.server.blobs import open_blob_store
+from otakit.server.context import HttpError, ServerSettings, ServerState
+from otakit.server.database import create_engine, migrate, sessionmaker
+from otakit.server.models import Setting, Token
+from otakit.server.tokens import Role, new_token
+from otakit.server.urls import new_signing_key
+
+SIGNING_KEY = "url_signing_key"
+
+
+@dataclass(frozen=True)
+class Initialised:
+    admin_token: str | None  # set only on the first start
+
+
+async def _signing_key(db: AsyncSession) -> str:
+    row = await db.get(Setting, SIGNING_KEY)
+    if row is not None:
+        return row.value
+    db.add(Setting(key=SIGNING_KEY, value=new_signing_key()))
+    try:
+        await db.commit()
+    except IntegrityError:  # another process created it first
+        await db.rollback()
+    row = await db.get(Setting, SIGNING_KEY)
+    assert row is not None
+    return row.value
+
+
+async def create_token(
+    db: AsyncSession,
+    role: Role,
+    *,
+    product: str | None = None,
+    group: str | None = None,
+    device_serial: str | None = None,
+    label: str | None = None,
+) -> str:
+    minted = new_token()
+    db.add(
+        Token(
+            id=minted.id,
+            secret_hash=minted.secret_hash,
+            role=role,
+            product=product,
+            group=group,
+            device_serial=device_serial,
+            label=label,
+        )
+    )
+    await db.commit()
+    return minted.token
+
+
+def initialise(settings: ServerSettings) -> Initialised:
+    """Prepare data folder and database; call from synchronous code before serving."""
+    import asyncio
+
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the data folder {settings.data_dir}: {exc.strerror}"
+        ) from None
+    migrate(settings.database_url)
+
+    async def _setup() -> Initialised:
+        engine = create_engine(settings.database_url)
+        try:
+            async with sessionmaker(engine)() as db:
+                await _signing_key(db)
+                admins = await db.scalar(
+                    select(func.count()).select_from(Token).where(Token.role == Role.ADMIN)
+                )
+                if admins:
+                    return Initialised(None)
+                return Initialised(await create_token(db, Role.ADMIN, label="first admin"))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(_setup())
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url, pool_pre_ping=True)
+        sessions = sessionmaker(engine)
+        async with sessions() as db:
+            key = await _signing_key(db)
+        blobs = open_blob_store(settings.blob_url, settings.data_dir)
+        app.state.otakit = ServerState(settings, sessions, blobs, key)
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="otakit update server",
+        version=__version__,
+        lifespan=lifespan,
+        description=(
+            "Device API (original middleware job documents and ranged downloads; JSON check-in "
+            "and status for agents and gateways) and management API (admin token)."
+        ),
+    )
+    app.include_router(original.router)
+    app.include_router(device.router)
+    app.include_router(management.router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.exception_handler(HttpError)
+    async def _http_error(_request: Request, exc: HttpError) -> JSONResponse:
+        return JSONResponse(
+            {"error": exc.http_code, "message": exc.message}, status_code=exc.status
+        )
+
+    @app.exception_handler(OtakitError)
+    async def _otakit_error(_request: Request, exc: OtakitError) -> JSONResponse:
+        status = 400 if exc.exit_status == 2 else 422
+        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=status)
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for uvicorn workers: settings come from the environment (see ServerSettings)."""
+    return create_app(ServerSettings.from_env())

@@ -1,0 +1,152 @@
+"""The update server's metadata: SQLAlchemy 2 models (the schema is created by Alembic).
+
+Everything that matters lives here or in the blob store, never in a server process, so several
+workers or hosts on one PostgreSQL behave as one server.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Setting(Base):
+    """Server-wide values shared by every process (e.g. the URL signing key)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Token(Base):
+    """An API credential. Only a hash of the secret part is stored."""
+
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))  # admin, enroll, device
+    product: Mapped[str | None] = mapped_column(String(64))
+    group: Mapped[str | None] = mapped_column(String(64))
+    device_serial: Mapped[str | None] = mapped_column(String(64), index=True)
+    label: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Product(Base):
+    """Per-product policy."""
+
+    __tablename__ = "products"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    board: Mapped[str | None] = mapped_column(String(48))
+    allow_raw: Mapped[bool] = mapped_column(Boolean, default=False)  # unsigned files (gateways)
+    anonymous: Mapped[bool] = mapped_column(Boolean, default=False)  # original devices, no token
+    self_register: Mapped[bool] = mapped_column(Boolean, default=False)  # unknown serials join
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class TrustedKey(Base):
+    """A public key that artifacts are checked against."""
+
+    __tablename__ = "trusted_keys"
+    fingerprint: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key_type: Mapped[str] = mapped_column(String(16))
+    pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    product: Mapped[str | None] = mapped_column(String(64), index=True)
+    board: Mapped[str | None] = mapped_column(String(48))
+    manufacturer: Mapped[str | None] = mapped_column(String(64))
+    manufacturer_id: Mapped[str | None] = mapped_column(String(16))
+    tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    version: Mapped[str | None] = mapped_column(String(32))
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(64))
+    status_version: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Artifact(Base):
+    """An uploaded file, addressed by its SHA-256."""
+
+    __tablename__ = "artifacts"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex
+    name: Mapped[str] = mapped_column(String(128))
+    container: Mapped[str] = mapped_column(String(64), default="ota")
+    kind: Mapped[str] = mapped_column(String(16))  # image, package, raw
+    version: Mapped[str] = mapped_column(String(32))
+    size: Mapped[int] = mapped_column(BigInteger)
+    board: Mapped[str | None] = mapped_column(String(48))
+    product: Mapped[str | None] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(16))  # valid, unsigned, raw
+    signed_by: Mapped[str | None] = mapped_column(String(16))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    artifact_id: Mapped[str] = mapped_column(ForeignKey("artifacts.id"), index=True)
+    condition: Mapped[str] = mapped_column(
+        Text
+    )  # e.g. tags.productType='X' AND tags.deviceGroup='Y'
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    downgrade: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DeploymentDevice(Base):
+    """Where one device stands in one deployment."""
+
+    __tablename__ = "deployment_devices"
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class StatusReport(Base):
+    """Every status a device reported (history)."""
+
+    __tablename__ = "status_reports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_serial: Mapped[str | None] = mapped_column(String(64))
+    deployment_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(64))
+    version: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_status_reports_device_time", "device_serial", "created_at"),)

@@ -1,0 +1,54 @@
+"""Which devices a deployment targets: tag conditions as in the cloud reference design.
+
+A condition is one or more ``tags.NAME='VALUE'`` terms joined by ``AND`` (case-insensitive
+keyword), e.g. ``tags.productType='X' AND tags.deviceGroup='Y'``, the form protocols.md §7
+uses; ``product`` + ``group`` are shorthand for exactly that. A device's ``productType`` and
+``deviceGroup`` tags come from its product and group; any other tags are set by the operator.
+"""
+
+from __future__ import annotations
+
+import re
+
+from otakit.errors import UsageError
+
+PRODUCT_TAG = "productType"
+GROUP_TAG = "deviceGroup"
+
+_TERM = re.compile(r"\s*tags\.([A-Za-z_][A-Za-z0-9_]*)\s*=\s*'((?:[^'\\]|\\.)*)'\s*")
+_AND = re.compile(r"\s+AND\s+", re.IGNORECASE)
+
+
+def product_group_condition(product: str, group: str | None) -> str:
+    terms = [f"tags.{PRODUCT_TAG}='{_quote(product)}'"]
+    if group:
+        terms.append(f"tags.{GROUP_TAG}='{_quote(group)}'")
+    return " AND ".join(terms)
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def parse_condition(text: str) -> dict[str, str]:
+    """The required tag values; raise UsageError on anything else."""
+    if not text or not text.strip():
+        raise UsageError("the target condition is empty")
+    required: dict[str, str] = {}
+    for term in _AND.split(text.strip()):
+        match = _TERM.fullmatch(term)
+        if match is None:
+            raise UsageError(
+                f"cannot read target term {term.strip()!r}: expected tags.NAME='VALUE' "
+                "terms joined by AND",
+                value=text,
+            )
+        name, value = match.group(1), re.sub(r"\\(.)", r"\1", match.group(2))
+        if required.get(name, value) != value:
+            raise UsageError(f"tag {name} is required to have two values", value=text)
+        required[name] = value
+    return required
+
+
+def matches(required: dict[str, str], tags: dict[str, str]) -> bool:
+    return all(tags.get(name) == value for name, value in required.items())
