@@ -112,7 +112,11 @@ def start_server(
     threading.Thread(target=_lines, args=(proc.stderr, errs), daemon=True).start()
     log: list[str] = []
     ready = 0
-    while ready < workers:
+    listening = False
+    # "Uvicorn running on" comes once the socket listens (with one worker, after the app's
+    # startup; with several, from the parent before the workers start); each worker then
+    # reports "Application startup complete".
+    while ready < workers or not listening:
         try:
             line = errs.get(timeout=60)
         except queue.Empty:
@@ -123,6 +127,8 @@ def start_server(
         log.append(line)
         if "Application startup complete" in line:
             ready += 1
+        if "Uvicorn running on" in line:
+            listening = True
     admin = ""
     while not out.empty():
         line = out.get()

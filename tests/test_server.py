@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import ssl
 import subprocess
 import uuid
 from dataclasses import dataclass
@@ -402,3 +403,120 @@ def test_deploy_command(fleet: Fleet, tmp_path: Path) -> None:
     assert wrong.returncode != 0
     assert "not 1.9.0" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_self_registration_when_the_product_allows_it(fleet: Fleet) -> None:
+    anonymous = fleet.server.client()
+    serial = f"self-{uuid.uuid4().hex[:8]}"
+    identity = {"serial": serial, "product": fleet.product, "version": "1.0.0"}
+    assert anonymous.post("/api/v1/device/checkin", json=identity).status_code == 401
+    fleet.admin.put(
+        f"/api/v1/products/{fleet.product}", json={"board": "BOARD_A", "self_register": True}
+    )
+    registered = anonymous.post("/api/v1/device/checkin", json=identity)
+    assert registered.status_code == 200, registered.text
+    token = registered.json()["device_token"]
+    assert fleet.server.client(token).get("/api/v1/device/twin").json()["serial"] == serial
+    assert (
+        fleet.admin.get(f"/api/v1/devices/{serial}").json()["tags"]["productType"] == fleet.product
+    )
+
+
+# --- scale-out and TLS (own servers) -----------------------------------------------------------
+
+
+def test_two_workers_on_postgres_behave_as_one(tmp_path: Path) -> None:
+    """Enrollment, tokens and counts agree whichever worker answers (no process-local state)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .server_harness import postgres_database, start_server
+
+    with postgres_database() as url:
+        server = start_server(tmp_path / "data", database_url=url, workers=2)
+        try:
+            fleet = Fleet(server, server.admin_client(), "scale", "all")
+            fleet.admin.post("/api/v1/keys", content=KEY.public_key.pem())
+            fleet.admin.put("/api/v1/products/scale", json={"board": "BOARD_A"})
+            deployment = fleet.deploy(fleet.upload(image("3.0.0")))
+            enroll = server.token("enroll", "--product", "scale", "--group", "all")
+
+            def lifecycle(n: int) -> int:
+                with server.client(enroll) as enrolling:
+                    first = enrolling.post(
+                        "/api/v1/device/checkin", json={"serial": f"w{n}", "version": "1.0.0"}
+                    )
+                    assert first.status_code == 200, first.text
+                # a new connection per call, so calls spread over both workers
+                for state in ("downloading", "applying"):
+                    with server.client(first.json()["device_token"]) as device:
+                        sent = device.post(
+                            "/api/v1/device/status",
+                            json={"status": state, "deployment_id": deployment["id"]},
+                        )
+                        assert sent.status_code == 204, sent.text
+                return first.json()["job"]["deployment_id"]
+
+            with ThreadPoolExecutor(8) as pool:
+                assert set(pool.map(lifecycle, range(40))) == {deployment["id"]}
+            counts = fleet.admin.get(f"/api/v1/deployments/{deployment['id']}").json()["counts"]
+            assert counts["Applying"] == 40
+            pids = {
+                line.split("[")[1].split("]")[0]
+                for line in server.log
+                if "Started server process" in line
+            }
+            assert len(pids) == 2
+        finally:
+            server.stop()
+
+
+def test_tls(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from .server_harness import start_server
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = start_server(
+        tmp_path / "data",
+        extra=("--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")),
+    )
+    try:
+        https = server.url.replace("http://", "https://")
+        trusted = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+        with httpx.Client(verify=trusted) as client:
+            assert client.get(f"{https}/healthz").json()["status"] == "ok"
+        with pytest.raises(httpx.HTTPError), httpx.Client() as plain:
+            plain.get(f"{https}/healthz")  # not trusted without the certificate
+    finally:
+        server.stop()

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -140,6 +141,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse(
             {"error": exc.http_code, "message": exc.message}, status_code=exc.status
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid input')}" if where else "invalid input"
+        return JSONResponse({"error": "BADARG", "message": message}, status_code=422)
 
     @app.exception_handler(OtakitError)
     async def _otakit_error(_request: Request, exc: OtakitError) -> JSONResponse:

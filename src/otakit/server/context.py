@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from otakit.errors import OtakitError
@@ -44,6 +45,31 @@ class ServerSettings:
         data: dict[str, Any] = json.loads(os.environ[SETTINGS_ENV])
         data["data_dir"] = Path(data["data_dir"])
         return cls(**data)
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable code and one human sentence."""
+
+    error: str
+    message: str
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI declarations of the error responses a router can give."""
+    return {
+        status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses
+    }
+
+
+_DESCRIPTIONS = {
+    400: "Bad request",
+    401: "Missing or unknown token",
+    403: "Not allowed for this token",
+    404: "Not found",
+    409: "Conflict with the current state",
+    413: "Too large",
+    422: "Invalid input",
+}
 
 
 class HttpError(OtakitError):

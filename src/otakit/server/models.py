@@ -20,11 +20,30 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that always comes back timezone-aware (SQLite stores it without a zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -50,8 +69,8 @@ class Token(Base):
     group: Mapped[str | None] = mapped_column(String(64))
     device_serial: Mapped[str | None] = mapped_column(String(64), index=True)
     label: Mapped[str | None] = mapped_column(String(128))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class Product(Base):
@@ -63,7 +82,7 @@ class Product(Base):
     allow_raw: Mapped[bool] = mapped_column(Boolean, default=False)  # unsigned files (gateways)
     anonymous: Mapped[bool] = mapped_column(Boolean, default=False)  # original devices, no token
     self_register: Mapped[bool] = mapped_column(Boolean, default=False)  # unknown serials join
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class TrustedKey(Base):
@@ -73,7 +92,7 @@ class TrustedKey(Base):
     fingerprint: Mapped[str] = mapped_column(String(16), primary_key=True)
     key_type: Mapped[str] = mapped_column(String(16))
     pem: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Device(Base):
@@ -85,11 +104,11 @@ class Device(Base):
     manufacturer_id: Mapped[str | None] = mapped_column(String(16))
     tags: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     version: Mapped[str | None] = mapped_column(String(32))
-    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime())
     status: Mapped[str | None] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(String(64))
     status_version: Mapped[str | None] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Artifact(Base):
@@ -107,7 +126,7 @@ class Artifact(Base):
     signature: Mapped[str] = mapped_column(String(16))  # valid, unsigned, raw
     signed_by: Mapped[str | None] = mapped_column(String(16))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Deployment(Base):
@@ -119,9 +138,9 @@ class Deployment(Base):
     )  # e.g. tags.productType='X' AND tags.deviceGroup='Y'
     priority: Mapped[int] = mapped_column(Integer, default=0)
     downgrade: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    cancelled_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
 
 class DeploymentDevice(Base):
@@ -134,7 +153,7 @@ class DeploymentDevice(Base):
     device_serial: Mapped[str] = mapped_column(String(64), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(String(64))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class StatusReport(Base):
@@ -147,6 +166,6 @@ class StatusReport(Base):
     status: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[str | None] = mapped_column(String(32))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_status_reports_device_time", "device_serial", "created_at"),)

@@ -8,20 +8,23 @@ no token at all; the response then carries its device token, which it keeps from
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
-from otakit.errors import UsageError
 from otakit.server import deployments
-from otakit.server.context import Caller, Db, HttpError, State
+from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Device, Product, Token, utcnow
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 from otakit.server.tokens import Role, new_token
 from otakit.server.twin import SECONDS_PER_DAY, Twin, signed_download, twin_of
 
-router = APIRouter(prefix="/api/v1/device", tags=["device"])
+router = APIRouter(
+    prefix="/api/v1/device",
+    tags=["device"],
+    responses=error_responses(400, 401, 403, 404, 409, 422),
+)
 
 
 class CheckIn(BaseModel):
@@ -51,24 +54,28 @@ class CheckInResult(BaseModel):
     device_token: str | None = None  # only on the check-in that registered the device
 
 
-class StatusReport(BaseModel):
-    """A status report: either flat fields, or the ``extFwInfo`` object of the reference design."""
+ReportState = Literal["downloading", "interrupted", "applying", "applied", "error", "invalid"]
 
-    status: str | None = Field(default=None, max_length=16)
+
+class StatusReport(BaseModel):
+    """A status report with flat fields."""
+
+    status: ReportState
     error: str | None = Field(default=None, max_length=64)
     version: str | None = Field(default=None, max_length=32)
     deployment_id: int | None = None
-    extFwInfo: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _flatten(self) -> StatusReport:
-        info = self.extFwInfo or {}
-        self.status = self.status or _str(info.get("Status"))
-        self.error = self.error or _str(info.get("Error"))
-        self.version = self.version or _str(info.get("Version"))
-        if not self.status:
-            raise ValueError("a status report needs 'status' (or extFwInfo.Status)")
-        return self
+
+class ExtFwInfo(BaseModel):
+    Status: ReportState  # the reference design's names
+    Error: str | None = Field(default=None, max_length=64)
+    Version: int | str | None = None
+
+
+class GatewayReport(BaseModel):
+    """A status report in the reported-state shape of the reference design (protocols.md §7)."""
+
+    extFwInfo: ExtFwInfo
 
 
 def _str(value: Any) -> str | None:
@@ -164,21 +171,25 @@ async def checkin(
 
 
 @router.post("/status", status_code=204)
-async def report_status(body: StatusReport, db: Db, token: Caller) -> Response:
+async def report_status(body: StatusReport | GatewayReport, db: Db, token: Caller) -> Response:
     """Report progress with the states and error strings of the reference design (§7)."""
     serial = _device_of(token)
-    assert body.status is not None
-    try:
-        await deployments.record_status(
-            db,
-            serial=serial,
-            deployment_id=body.deployment_id,
-            status=body.status,
-            error=body.error,
-            version=body.version,
-        )
-    except UsageError as exc:
-        raise HttpError(400, exc.code, exc.message) from None
+    if isinstance(body, GatewayReport):
+        info = body.extFwInfo
+        status, error = info.Status, info.Error
+        version = None if info.Version is None else str(info.Version)
+        deployment_id = None
+    else:
+        status, error, version = body.status, body.error, body.version
+        deployment_id = body.deployment_id
+    await deployments.record_status(
+        db,
+        serial=serial,
+        deployment_id=deployment_id,
+        status=status,
+        error=error,
+        version=version,
+    )
     await db.commit()
     return Response(status_code=204)
 

@@ -7,10 +7,11 @@ import hashlib
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from sqlalchemy import delete, select
 
@@ -18,7 +19,7 @@ from otakit.errors import OtakitError
 from otakit.image.keys import PublicKey
 from otakit.server import deployments
 from otakit.server.artifacts import inspect_upload
-from otakit.server.context import Admin, Db, HttpError, State
+from otakit.server.context import Admin, Db, HttpError, State, error_responses
 from otakit.server.models import (
     Artifact,
     Deployment,
@@ -36,9 +37,14 @@ from otakit.server.targeting import (
 )
 from otakit.server.twin import Twin, twin_of
 
-router = APIRouter(prefix="/api/v1", tags=["management"])
+router = APIRouter(
+    prefix="/api/v1",
+    tags=["management"],
+    responses=error_responses(400, 401, 403, 404, 409, 413, 422),
+)
 
-NAME = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
+Name = Annotated[str, PathParam(pattern=NAME_PATTERN)]
 BINARY_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -82,9 +88,8 @@ def _product(p: Product) -> ProductOut:
 
 
 @router.put("/products/{name}", response_model=ProductOut)
-async def put_product(name: str, settings: ProductSettings, db: Db, _admin: Admin) -> ProductOut:
+async def put_product(name: Name, settings: ProductSettings, db: Db, _admin: Admin) -> ProductOut:
     """Create or update a product's policy."""
-    _check_name(name)
     product = await db.get(Product, name) or Product(name=name)
     for key, value in settings.model_dump().items():
         setattr(product, key, value)
@@ -105,11 +110,6 @@ async def get_product(name: str, db: Db, _admin: Admin) -> ProductOut:
     if product is None:
         raise not_found(f"product {name!r}")
     return _product(product)
-
-
-def _check_name(name: str) -> None:
-    if not (1 <= len(name) <= 64) or not all(c.isalnum() or c in "._:-" for c in name):
-        raise HttpError(400, "BADARG", f"invalid name {name!r}: letters, digits and ._:- only")
 
 
 # --- trusted keys ------------------------------------------------------------------------------
@@ -379,9 +379,8 @@ async def get_device(serial: str, db: Db, _admin: Admin) -> DeviceOut:
 
 
 @router.put("/devices/{serial}", response_model=DeviceOut)
-async def put_device(serial: str, body: DeviceIn, db: Db, _admin: Admin) -> DeviceOut:
+async def put_device(serial: Name, body: DeviceIn, db: Db, _admin: Admin) -> DeviceOut:
     """Register a device or update its identity and tags."""
-    _check_name(serial)
     device = await db.get(Device, serial) or Device(serial=serial, tags={})
     tags = dict(body.tags)
     if body.product:
@@ -447,8 +446,6 @@ class DeploymentOut(BaseModel):
 
 async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
     artifact = await db.get(Artifact, d.artifact_id)
-    now = utcnow()
-    expires = d.expires_at if d.expires_at.tzinfo else d.expires_at.replace(tzinfo=now.tzinfo)
     return DeploymentOut(
         id=d.id,
         artifact_id=d.artifact_id,
@@ -459,7 +456,7 @@ async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
         created_at=d.created_at,
         expires_at=d.expires_at,
         cancelled_at=d.cancelled_at,
-        active=d.cancelled_at is None and expires > now,
+        active=d.cancelled_at is None and d.expires_at > utcnow(),
         counts=await deployments.counts(db, d.id),
     )
 

@@ -34,14 +34,16 @@ from otakit.protocol.jobdoc import (
     JobDocument,
 )
 from otakit.server import deployments
-from otakit.server.context import Caller, Db, HttpError, State
+from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Artifact, Device, Product, Token, utcnow
 from otakit.server.targeting import PRODUCT_TAG, matches, parse_condition
 from otakit.server.tokens import Role
 from otakit.server.twin import download_path
 from otakit.server.urls import check_signature
 
-router = APIRouter(tags=["original devices"])
+router = APIRouter(
+    tags=["original devices"], responses=error_responses(400, 401, 403, 404, 409, 422)
+)
 
 JSON_DOC = {
     "application/json": {"schema": {"type": "object", "additionalProperties": {"type": "string"}}}
@@ -64,7 +66,12 @@ RESULT_BODY: dict[str, Any] = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "properties": {"Message": {"type": "string"}, "File": {"type": "string"}},
+                    "required": ["Message"],
+                    "properties": {
+                        "Message": {"type": "string", "enum": ["Success", "Failure"]},
+                        "File": {"type": "string"},
+                        "Reason": {"type": "string"},
+                    },
                 }
             }
         },
