@@ -8,6 +8,7 @@ need_apt=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 
+installed_postgres=false
 if [ ${#need_apt[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null || [ "$(id -u)" != 0 ]; then
         echo "ensure-services: missing ${need_apt[*]}; install them (apt-get install ${need_apt[*]})" >&2
@@ -16,12 +17,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     echo "ensure-services: installing ${need_apt[*]}" >&2
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+    case " ${need_apt[*]} " in *" postgresql "*) installed_postgres=true ;; esac
+fi
+
+version=$(ls /etc/postgresql | sort -V | tail -n 1)
+if $installed_postgres; then
+    # A test machine's fresh PostgreSQL: let the postgres role in over loopback without a
+    # password, as the tests (and this project's CI machines) expect.
+    hba=/etc/postgresql/$version/main/pg_hba.conf
+    sed -i '1i host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust' "$hba"
 fi
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
     echo "ensure-services: starting PostgreSQL" >&2
-    version=$(ls /etc/postgresql | sort -V | tail -n 1)
     pg_ctlcluster --skip-systemctl-redirect "$version" main start
     for _ in $(seq 1 50); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 0.2; done
     pg_isready -h 127.0.0.1 -p 5432
+elif $installed_postgres; then
+    pg_ctlcluster --skip-systemctl-redirect "$version" main reload
 fi

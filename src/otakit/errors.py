@@ -260,6 +260,12 @@ class BlobStoreError(ServerError):
     code = "BLOB_STORE"
 
 
+class BlobNotFoundError(BlobStoreError):
+    """No blob is stored under the key."""
+
+    code = "BLOB_NOT_FOUND"
+
+
 class ApiError(OtakitError):
     """A call to an otakit server failed; ``status`` is the HTTP status."""
 

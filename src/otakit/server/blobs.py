@@ -41,7 +41,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from otakit.errors import BlobStoreError, InputFileError
+from otakit.errors import BlobNotFoundError, BlobStoreError, InputFileError
 from otakit.files import fsync_dir, write_temp
 
 if TYPE_CHECKING:
@@ -68,12 +68,6 @@ _KEY = re.compile(r"[0-9a-f]{64}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
 _USERINFO = re.compile(r"//[^/?#@]*@")  # user:password@ after any "//", here or in endpoint=
-
-
-class BlobNotFoundError(BlobStoreError):
-    """No blob is stored under the key."""
-
-    code = "BLOB_NOT_FOUND"
 
 
 def check_key(key: str) -> str:
