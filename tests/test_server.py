@@ -521,3 +521,34 @@ def test_tls(tmp_path: Path) -> None:
             plain.get(f"{https}/healthz")  # not trusted without the certificate
     finally:
         server.stop()
+
+
+def test_direct_downloads_from_s3(tmp_path: Path) -> None:
+    """With --direct-downloads, devices get pre-signed URLs straight to the bucket."""
+    from .server_harness import S3_ENV, s3_bucket, start_server
+
+    with s3_bucket() as blob_url:
+        server = start_server(
+            tmp_path / "data", blob_url=blob_url, env=S3_ENV, extra=("--direct-downloads",)
+        )
+        try:
+            fleet = Fleet(server, server.admin_client(), "direct", "all")
+            fleet.admin.post("/api/v1/keys", content=KEY.public_key.pem())
+            fleet.admin.put("/api/v1/products/direct", json={"board": "BOARD_A"})
+            data = image("4.0.0")
+            fleet.deploy(fleet.upload(data))
+            serial, token = fleet.device()
+            job = (
+                server.client(token)
+                .post("/api/v1/device/checkin", json={"serial": serial, "version": "1.0.0"})
+                .json()["job"]
+            )
+            endpoint = blob_url.split("endpoint=")[1].split("&")[0]
+            assert job["url"].startswith(endpoint)  # the bucket, not the otakit server
+            assert httpx.get(job["url"], timeout=30).content == data
+            assert (
+                httpx.get(job["url"], headers={"range": "bytes=10-19"}, timeout=30).content
+                == data[10:20]
+            )
+        finally:
+            server.stop()

@@ -52,6 +52,12 @@ def serve(
     url_days: Annotated[
         float, typer.Option("--url-days", help="Lifetime of signed download URLs, in days.")
     ] = 1.0,
+    direct_downloads: Annotated[
+        bool,
+        typer.Option(
+            "--direct-downloads", help="With S3 blobs, devices download straight from the bucket."
+        ),
+    ] = False,
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Log every request (URLs carry signatures).")
     ] = False,
@@ -67,6 +73,8 @@ def serve(
         raise UsageError("--workers must be at least 1", value=workers)
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
+    if direct_downloads and not (blob_url or "").startswith("s3://"):
+        raise UsageError("--direct-downloads needs an S3 blob store (--blob-url s3://...)")
     if url_days <= 0:
         raise UsageError("--url-days must be positive", value=url_days)
     data = data.resolve()
@@ -75,6 +83,7 @@ def serve(
         database_url=database_url(database, data),
         blob_url=blob_url,
         url_days=url_days,
+        direct_downloads=direct_downloads,
     )
     first = initialise(settings)
     if first.admin_token:

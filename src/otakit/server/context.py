@@ -34,6 +34,7 @@ class ServerSettings:
     blob_url: str | None = None
     max_upload: int = 512 * 1024 * 1024
     url_days: float = DEFAULT_URL_DAYS  # lifetime of signed download URLs in job documents
+    direct_downloads: bool = False  # hand out S3 pre-signed URLs instead of the server's own
 
     def to_env(self) -> str:
         data = asdict(self)

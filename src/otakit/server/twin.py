@@ -31,10 +31,21 @@ def download_path(artifact: Artifact) -> str:
     return f"/dl/{artifact.id}/{artifact.name}"
 
 
-def signed_download(st: ServerState, artifact: Artifact) -> str:
-    """The path and query of an expiring signed URL for ``artifact``."""
+# S3 pre-signed URLs (SigV4) live at most a week.
+MAX_PRESIGNED_SECONDS = 7 * SECONDS_PER_DAY
+
+
+def download_url(st: ServerState, artifact: Artifact, base_url: str) -> str:
+    """An expiring URL for ``artifact``: the server's own signed URL, or, with
+    ``direct_downloads`` and an S3 blob store, a pre-signed URL straight to the bucket."""
     lifetime = int(st.settings.url_days * SECONDS_PER_DAY)
-    return sign_path(st.signing_key, download_path(artifact), lifetime)
+    if st.settings.direct_downloads:
+        direct = st.blobs.presigned_url(
+            artifact.id, min(lifetime, MAX_PRESIGNED_SECONDS), filename=artifact.name
+        )
+        if direct is not None:
+            return direct
+    return base_url.rstrip("/") + sign_path(st.signing_key, download_path(artifact), lifetime)
 
 
 def _version_value(text: str) -> int | str:
@@ -51,11 +62,11 @@ async def twin_of(db: AsyncSession, st: ServerState, device: Device, base_url: s
     offer = deployments.select_offer(device, await deployments.active(db))
     desired: dict[str, Any] = {}
     if offer is not None:
-        path, _, sas = signed_download(st, offer.artifact).partition("?")
+        url, _, sas = download_url(st, offer.artifact, base_url).partition("?")
         desired["extFwInfo"] = {
             "version": _version_value(offer.artifact.version),
             "size": offer.artifact.size,
-            "url": base_url.rstrip("/") + path,
+            "url": url,
             "sas": sas,
             "sha256": offer.artifact.id.upper(),
         }

@@ -18,7 +18,7 @@ from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Device, Product, Token, utcnow
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 from otakit.server.tokens import Role, new_token
-from otakit.server.twin import SECONDS_PER_DAY, Twin, signed_download, twin_of
+from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
 
 router = APIRouter(
     prefix="/api/v1/device",
@@ -161,7 +161,7 @@ async def checkin(
             size=offer.artifact.size,
             sha256=offer.artifact.id,
             board=offer.artifact.board,
-            url=str(request.base_url).rstrip("/") + signed_download(st, offer.artifact),
+            url=download_url(st, offer.artifact, str(request.base_url)),
             url_expires=utcnow() + lifetime,
         )
     await db.commit()
