@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint typecheck pytest services clean
+.PHONY: demo test bench bench-server lint typecheck pytest services clean
 
 $(BIN)/python:
 	scripts/make-venv.sh "$(PYTHON)" "$(VENV)"
@@ -20,6 +20,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/flash_wear.py
+
+# Update server vs nginx on loopback (installs wrk and nginx with apt-get if missing; ~4 min).
+bench-server: $(STAMP) services
+	$(BIN)/python bench/server_bench.py
 
 services:
 	scripts/ensure-services.sh

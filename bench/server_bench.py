@@ -134,6 +134,12 @@ def machine(wrk: str, nginx: str) -> dict[str, Any]:
         pass
     import uvicorn
 
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(BENCH), *args], capture_output=True, text=True, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -143,6 +149,9 @@ def machine(wrk: str, nginx: str) -> dict[str, Any]:
         "uvicorn": uvicorn.__version__,
         "nginx": _version_of([nginx, "-v"]).removeprefix("nginx version: "),
         "wrk": _version_of([wrk, "-v"]).split(" Copyright")[0],
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "src_changed": bool(git("status", "--porcelain", "--", "src")),
+        "otakit_from": str(Path(otakit.__file__).parent),
     }
 
 
@@ -209,6 +218,7 @@ class Running:
 
 @contextmanager
 def otakit_server(data: Path, database_url: str | None, workers: int) -> Iterator[Running]:
+    first_start = not data.exists()
     port = free_port()
     argv = [str(BIN / "otakit"), "serve", "--data", str(data), "--port", str(port)]
     argv += ["--workers", str(workers)]
@@ -224,8 +234,10 @@ def otakit_server(data: Path, database_url: str | None, workers: int) -> Iterato
         threading.Thread(target=_drain, args=(proc.stdout, out), daemon=True).start()
         threading.Thread(target=_drain, args=(proc.stderr, errs), daemon=True).start()
         server = Running(f"http://127.0.0.1:{port}", proc)
-        ready, deadline = 0, time.monotonic() + 60
-        while ready < workers:
+        # "Uvicorn running on" comes once the socket listens (with one worker, after the app's
+        # start-up; with several, from the parent first); each worker reports its start-up.
+        ready, listening, deadline = 0, False, time.monotonic() + 60
+        while ready < workers or not listening:
             try:
                 line = errs.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
@@ -237,9 +249,16 @@ def otakit_server(data: Path, database_url: str | None, workers: int) -> Iterato
             server.log.append(line)
             if "Application startup complete" in line:
                 ready += 1
-        while not out.empty():
-            line = out.get()
-            if line and line.startswith("otk_"):
+            if "Uvicorn running on" in line:
+                listening = True
+        while first_start and not server.admin:  # printed on the first start only
+            try:
+                line = out.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise BenchError("otakit serve printed no admin token on its first start") from None
+            if line is None:
+                raise BenchError("otakit serve printed no admin token on its first start")
+            if line.startswith("otk_"):
                 server.admin = line.strip()
         yield server
     finally:
@@ -603,7 +622,7 @@ class Bench:
         rate = (
             f"{cell.req_per_s:,.0f} req/s"
             if range_bytes is None
-            else f"{(cell.payload_bytes_per_s or 0) / 2**20:,.0f} MiB/s"
+            else f"{_mib(cell.payload_bytes_per_s or 0)} MiB/s"
         )
         bad = sum(errors.values())
         print(
@@ -617,6 +636,11 @@ class Bench:
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _mib(bytes_per_s: float) -> str:
+    mib = bytes_per_s / 2**20
+    return f"{mib:,.1f}" if mib < 100 else f"{mib:,.0f}"
 
 
 def _size(n: int) -> str:
@@ -666,7 +690,11 @@ def tables(cells: list[Cell]) -> str:
         "server CPU µs/req | req/s vs nginx | p99 vs nginx |"
     )
     lines.append("|" + "---|" * 10)
-    for c in (c for c in cells if c.workload == "checkin"):
+
+    def order(c: Cell) -> tuple[int, int, bool, str]:
+        return (c.range_bytes or 0, c.workers, c.server != "nginx", c.database)
+
+    for c in sorted((c for c in cells if c.workload == "checkin"), key=order):
         cpu = c.server_cpu_s / max(c.requests, 1) * 1e6
         vs = c.vs_nginx
         lines.append(
@@ -680,13 +708,13 @@ def tables(cells: list[Cell]) -> str:
         "server CPU s/GiB | MiB/s vs nginx |"
     )
     lines.append("|" + "---|" * 11)
-    for c in (c for c in cells if c.workload == "range"):
+    for c in sorted((c for c in cells if c.workload == "range"), key=order):
         assert c.range_bytes is not None
         assert c.payload_bytes_per_s is not None
         gib = c.requests * c.range_bytes / 2**30
         lines.append(
             f"| {c.server} | {c.database} | {c.workers} | {_size(c.range_bytes)} | "
-            f"{c.req_per_s:,.0f} | {c.payload_bytes_per_s / 2**20:,.0f} | {c.p50_ms:.2f} | "
+            f"{c.req_per_s:,.0f} | {_mib(c.payload_bytes_per_s)} | {c.p50_ms:.2f} | "
             f"{c.p99_ms:.2f} | {sum(c.errors.values())} | {c.server_cpu_s / max(gib, 1e-9):.2f} | "
             f"{c.vs_nginx.get('bytes_per_s', 1.0):.3f}x |"
         )

@@ -97,3 +97,30 @@ def test_offer_selection() -> None:
     assert chosen is not None
     assert chosen.artifact.version == "1.3.0"
     assert select_offer(device, offers[:3]) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("bytes=0-4095", (0, 4095)),
+        ("bytes=4096-8191", (4096, 8191)),
+        ("bytes=9000-99999", (9000, 9999)),  # clamped to the end
+        ("bytes=9990-", (9990, 9999)),
+        ("bytes=-10", (9990, 9999)),
+        ("bytes=-20000", (0, 9999)),
+        ("bytes=9-3", None),  # invalid spec: ignored
+        ("items=0-5", None),
+        ("bytes=a-b", None),
+        ("bytes=10000-", "416"),
+        ("bytes=-0", "416"),
+    ],
+)
+def test_range_header(header: str | None, expected: object) -> None:
+    from otakit.server.downloads import _single_range, _Unsatisfiable
+
+    if expected == "416":
+        with pytest.raises(_Unsatisfiable):
+            _single_range(header, 10000)
+    else:
+        assert _single_range(header, 10000) == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,6 +26,7 @@ from otakit.server.api import device, management, original
 from otakit.server.blobs import open_blob_store
 from otakit.server.context import HttpError, ServerSettings, ServerState
 from otakit.server.database import create_engine, migrate, sessionmaker
+from otakit.server.downloads import SignedDownloads, signed_openapi
 from otakit.server.models import Setting, Token
 from otakit.server.tokens import Role, new_token
 from otakit.server.urls import new_signing_key
@@ -157,6 +159,29 @@ def create_app(settings: ServerSettings) -> FastAPI:
     return app
 
 
-def app_from_env() -> FastAPI:
+def _with_signed_downloads(app: FastAPI) -> None:
+    """Document the signed download path, which SignedDownloads serves before the framework."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            schema["paths"]["/dl/{artifact_id}/{name}"] = signed_openapi(
+                {"$ref": "#/components/schemas/ErrorBody"}
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def serving_app(settings: ServerSettings) -> SignedDownloads:
+    """The ASGI app a worker runs: signed downloads first, then the FastAPI app."""
+    app = create_app(settings)
+    _with_signed_downloads(app)
+    return SignedDownloads(app, lambda: app.state.otakit)
+
+
+def app_from_env() -> SignedDownloads:
     """Factory for uvicorn workers: settings come from the environment (see ServerSettings)."""
-    return create_app(ServerSettings.from_env())
+    return serving_app(ServerSettings.from_env())

@@ -80,7 +80,7 @@ async def active(session: AsyncSession, now: datetime | None = None) -> list[Off
         .where(Deployment.cancelled_at.is_(None), Deployment.expires_at > now)
         .order_by(Deployment.priority.desc(), Deployment.id.desc())
     )
-    return [Offer(d, a) for d, a in rows.tuples()]
+    return [Offer(d, a) for d, a in rows]
 
 
 def wanted(offer: Offer, version: str | None) -> bool:
@@ -186,7 +186,7 @@ async def mark_applied_if_running(session: AsyncSession, device: Device) -> None
         )
     )
     running = version_of(device.version)
-    for row, artifact in rows.tuples():
+    for row, artifact in rows:
         if running is not None and version_of(artifact.version) == running:
             row.status, row.error, row.updated_at = "applied", None, utcnow()
 
@@ -198,6 +198,6 @@ async def counts(session: AsyncSession, deployment_id: int) -> dict[str, int]:
         .where(DeploymentDevice.deployment_id == deployment_id)
         .group_by(DeploymentDevice.status)
     )
-    for state, count in rows.tuples():
+    for state, count in rows:
         result[COUNTED.get(state, "Error")] += count
     return result

@@ -20,6 +20,8 @@ from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 from otakit.server.tokens import Role, new_token
 from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
 
+LAST_SEEN_RESOLUTION = timedelta(seconds=60)
+
 router = APIRouter(
     prefix="/api/v1/device",
     tags=["device"],
@@ -142,12 +144,16 @@ async def checkin(
 ) -> CheckInResult | Response:
     """Report identity and version; get the job to do, or 204 when there is none."""
     device, device_token = await _enroll(db, body, token)
+    version_changed = body.version is not None and body.version != device.version
     for field in ("board", "manufacturer", "manufacturer_id", "version"):
         value = getattr(body, field)
-        if value is not None:
+        if value is not None and getattr(device, field) != value:
             setattr(device, field, value)
-    device.last_seen = utcnow()
-    await deployments.mark_applied_if_running(db, device)
+    now = utcnow()
+    if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
+        device.last_seen = now  # at most one write a minute for a device that only polls
+    if version_changed or device.status in ("downloading", "interrupted", "applying"):
+        await deployments.mark_applied_if_running(db, device)
     offer = deployments.select_offer(device, await deployments.active(db))
     job = None
     if offer is not None:

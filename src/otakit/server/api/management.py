@@ -17,7 +17,7 @@ from sqlalchemy import delete, select
 
 from otakit.errors import OtakitError
 from otakit.image.keys import PublicKey
-from otakit.server import deployments
+from otakit.server import deployments, downloads
 from otakit.server.artifacts import inspect_upload
 from otakit.server.context import Admin, Db, HttpError, State, error_responses
 from otakit.server.models import (
@@ -311,6 +311,7 @@ async def delete_artifact(artifact_id: str, db: Db, st: State, _admin: Admin) ->
     await db.delete(artifact)
     await db.commit()
     await st.blobs.delete(artifact_id)
+    downloads.forget(artifact_id)
     return Response(status_code=204)
 
 

@@ -11,7 +11,8 @@ signed download URLs of the JSON API.
 - ``POST`` to any file path: the result, ``{"Message": "Success"|"Failure", "File": ...}``, with
   or without a body (the original sends none).
 - ``GET|HEAD /dl/{id}/{name}?expires=..&sig=..``: expiring signed URLs (403 when expired or
-  forged); anyone holding a valid URL may download.
+  forged); anyone holding a valid URL may download. Served by ``downloads.SignedDownloads``
+  in front of the web framework.
 
 A device with nothing newer gets a "No Update Available" document of the same shape.
 """
@@ -23,7 +24,6 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import FileResponse
 from sqlalchemy import select
 
 from otakit.errors import OtakitError
@@ -33,13 +33,12 @@ from otakit.protocol.jobdoc import (
     UPDATE_AVAILABLE,
     JobDocument,
 )
-from otakit.server import deployments
+from otakit.server import deployments, downloads
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Artifact, Device, Product, Token, utcnow
 from otakit.server.targeting import PRODUCT_TAG, matches, parse_condition
 from otakit.server.tokens import Role
 from otakit.server.twin import download_path
-from otakit.server.urls import check_signature
 
 router = APIRouter(
     tags=["original devices"], responses=error_responses(400, 401, 403, 404, 409, 422)
@@ -181,13 +180,8 @@ async def device_job(serial: str, db: Db, token: Caller) -> Response:
 # --- files -------------------------------------------------------------------------------------
 
 
-async def _serve(st: State, artifact: Artifact) -> FileResponse:
-    path = await st.blobs.local_path(artifact.id)
-    return FileResponse(
-        path,
-        media_type="application/octet-stream",
-        headers={"etag": f'"{artifact.id}"', "cache-control": "private, max-age=3600"},
-    )
+async def _serve(request: Request, st: State, artifact: Artifact) -> Response:
+    return await downloads.send(request, await downloads.blob(st.blobs, artifact.id))
 
 
 async def _artifact(db: Db, artifact_id: str, name: str) -> Artifact:
@@ -210,38 +204,21 @@ async def _anonymous_offer(db: Db) -> deployments.Offer:
 
 
 @router.api_route(
-    "/dl/{artifact_id}/{name}",
-    methods=["GET", "HEAD"],
-    responses=FILE_RESPONSES,
-    response_class=Response,
-)
-async def signed_file(artifact_id: str, name: str, request: Request, db: Db, st: State) -> Response:
-    """A file behind an expiring signed URL (403 when expired or forged)."""
-    problem = check_signature(
-        st.signing_key,
-        request.url.path,
-        request.query_params.get("expires"),
-        request.query_params.get("sig"),
-    )
-    if problem is not None:
-        raise HttpError(403, "FORBIDDEN", problem)
-    return await _serve(st, await _artifact(db, artifact_id, name))
-
-
-@router.api_route(
     "/files/{artifact_id}/{name}",
     methods=["GET", "HEAD"],
     responses=FILE_RESPONSES,
     response_class=Response,
 )
-async def anonymous_file(artifact_id: str, name: str, db: Db, st: State, token: Caller) -> Response:
+async def anonymous_file(
+    artifact_id: str, name: str, request: Request, db: Db, st: State, token: Caller
+) -> Response:
     """A file deployed to anonymous devices (the plain job document points here)."""
     artifact = await _artifact(db, artifact_id, name)
     if token is None or token.role != Role.ADMIN:
         offer = await _anonymous_offer(db)
         if offer.artifact.id != artifact.id:
             raise HttpError(403, "FORBIDDEN", "this file is not deployed to anonymous devices")
-    return await _serve(st, artifact)
+    return await _serve(request, st, artifact)
 
 
 @router.api_route(
@@ -251,7 +228,7 @@ async def anonymous_file(artifact_id: str, name: str, db: Db, st: State, token: 
     response_class=Response,
 )
 async def device_file(
-    serial: str, artifact_id: str, name: str, db: Db, st: State, token: Caller
+    serial: str, artifact_id: str, name: str, request: Request, db: Db, st: State, token: Caller
 ) -> Response:
     """A file deployed to this device."""
     device = await _device_for(db, token, serial)
@@ -260,15 +237,15 @@ async def device_file(
     tags = deployments.device_tags(device)
     if not any(matches(parse_condition(o.deployment.condition), tags) for o in offers):
         raise HttpError(403, "FORBIDDEN", "this file is not deployed to this device")
-    return await _serve(st, artifact)
+    return await _serve(request, st, artifact)
 
 
 @router.api_route(
     "/ota-update.bin", methods=["GET", "HEAD"], responses=FILE_RESPONSES, response_class=Response
 )
-async def direct_file(db: Db, st: State) -> Response:
+async def direct_file(request: Request, db: Db, st: State) -> Response:
     """The direct flow's file: what is deployed to anonymous devices."""
-    return await _serve(st, (await _anonymous_offer(db)).artifact)
+    return await _serve(request, st, (await _anonymous_offer(db)).artifact)
 
 
 # --- results -----------------------------------------------------------------------------------
