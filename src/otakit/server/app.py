@@ -28,7 +28,7 @@ from otakit.server.context import HttpError, ServerSettings, ServerState
 from otakit.server.database import create_engine, migrate, sessionmaker
 from otakit.server.downloads import SignedDownloads, signed_openapi
 from otakit.server.models import Setting, Token
-from otakit.server.tokens import Role, new_token
+from otakit.server.tokens import Role, add_token
 from otakit.server.urls import new_signing_key
 
 SIGNING_KEY = "url_signing_key"
@@ -53,31 +53,6 @@ async def _signing_key(db: AsyncSession) -> str:
     return row.value
 
 
-async def create_token(
-    db: AsyncSession,
-    role: Role,
-    *,
-    product: str | None = None,
-    group: str | None = None,
-    device_serial: str | None = None,
-    label: str | None = None,
-) -> str:
-    minted = new_token()
-    db.add(
-        Token(
-            id=minted.id,
-            secret_hash=minted.secret_hash,
-            role=role,
-            product=product,
-            group=group,
-            device_serial=device_serial,
-            label=label,
-        )
-    )
-    await db.commit()
-    return minted.token
-
-
 def initialise(settings: ServerSettings) -> Initialised:
     """Prepare data folder and database; call from synchronous code before serving."""
     import asyncio
@@ -100,7 +75,9 @@ def initialise(settings: ServerSettings) -> Initialised:
                 )
                 if admins:
                     return Initialised(None)
-                return Initialised(await create_token(db, Role.ADMIN, label="first admin"))
+                token = add_token(db, Role.ADMIN, label="first admin")
+                await db.commit()
+                return Initialised(token)
         finally:
             await engine.dispose()
 

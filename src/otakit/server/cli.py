@@ -148,16 +148,18 @@ def token_create(
     if kind is Role.DEVICE and not device:
         raise UsageError("a device token needs --device SERIAL")
     url = _url(data, database)
-    from otakit.server.app import create_token
     from otakit.server.database import create_engine, sessionmaker
+    from otakit.server.tokens import add_token
 
     async def _create() -> str:
         engine = create_engine(url)
         try:
             async with sessionmaker(engine)() as db:
-                return await create_token(
+                token = add_token(
                     db, kind, product=product, group=group, device_serial=device, label=label
                 )
+                await db.commit()
+                return token
         finally:
             await engine.dispose()
 

@@ -13,6 +13,10 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
 
 PREFIX = "otk"
 
@@ -50,3 +54,30 @@ def split_token(token: str) -> tuple[str, str] | None:
 
 def secret_matches(secret: str, secret_hash: str) -> bool:
     return hmac.compare_digest(hash_secret(secret), secret_hash)
+
+
+def add_token(
+    db: AsyncSession,
+    role: Role,
+    *,
+    product: str | None = None,
+    group: str | None = None,
+    device_serial: str | None = None,
+    label: str | None = None,
+) -> str:
+    """Add a new token to the session (the caller commits) and return it, shown this once."""
+    from otakit.server.models import Token
+
+    minted = new_token()
+    db.add(
+        Token(
+            id=minted.id,
+            secret_hash=minted.secret_hash,
+            role=role,
+            product=product,
+            group=group,
+            device_serial=device_serial,
+            label=label,
+        )
+    )
+    return minted.token

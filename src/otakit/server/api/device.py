@@ -17,7 +17,7 @@ from otakit.server import deployments
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Device, Product, Token, utcnow
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
-from otakit.server.tokens import Role, new_token
+from otakit.server.tokens import Role, add_token
 from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
@@ -119,19 +119,10 @@ async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, s
         tags[GROUP_TAG] = group
     device = Device(serial=body.serial, product=product, tags=tags)
     db.add(device)
-    minted = new_token()
-    db.add(
-        Token(
-            id=minted.id,
-            secret_hash=minted.secret_hash,
-            role=Role.DEVICE,
-            product=product,
-            group=group,
-            device_serial=body.serial,
-            label="enrolled",
-        )
+    token_text = add_token(
+        db, Role.DEVICE, product=product, group=group, device_serial=body.serial, label="enrolled"
     )
-    return device, minted.token
+    return device, token_text
 
 
 @router.post(
