@@ -1,0 +1,1 @@
+"""Transports the agent downloads with; interchangeable behind transports.base.Transport."""
