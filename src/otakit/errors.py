@@ -245,6 +245,43 @@ class InvalidVersionError(JobDocumentError):
     agent_error = "INVALID_VERSION"
 
 
+# --- agent (names of the original middleware, protocols.md §8) --------------------------------
+
+
+class AgentError(OtakitError):
+    """An update attempt failed on the way."""
+
+    code = "AGENT"
+
+
+class JobFetchError(AgentError):
+    """The job document could not be fetched."""
+
+    code = "GET_JOB"
+    agent_error = "GET_JOB"
+
+
+class TransferError(AgentError):
+    """The image could not be downloaded (after the configured tries)."""
+
+    code = "GET_DATA"
+    agent_error = "GET_DATA"
+
+
+class TransportUnsupportedError(AgentError):
+    """The job asks for a transport this agent does not have."""
+
+    code = "TRANSPORT_UNSUPPORTED"
+    agent_error = "TRANSPORT_UNSUPPORTED"
+
+
+class StoppedByAppError(AgentError):
+    """The application's callback answered STOP."""
+
+    code = "APP_RETURNED_STOP"
+    agent_error = "APP_RETURNED_STOP"
+
+
 # --- server ------------------------------------------------------------------------------------
 
 

@@ -27,6 +27,10 @@ from otakit.protocol.version import FirmwareVersion
 class Storage(Protocol):
     """A download target."""
 
+    def progress(self) -> JournalRecord | None:
+        """The download in progress and how many of its bytes are durable, if any."""
+        ...
+
     def open(self, download: Download) -> int:
         """Prepare for ``download``; return how many of its bytes are already stored.
 
@@ -74,6 +78,9 @@ class SlotStorage:
         self.image = image
         self.allow_downgrade = allow_downgrade
         self._download: Download | None = None
+
+    def progress(self) -> JournalRecord | None:
+        return self.journal.load()
 
     @property
     def _slot_size(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -165,4 +165,95 @@ def status(
             f"last failure (boot {failure['boot']}, image {failure['image']}): "
             f"[{failure['error']}] {failure['reason']}",
             markup=False,
+        )
+
+
+@app.command("run")
+def run_agent(
+    directory: DeviceDir,
+    server: Annotated[str, typer.Option("--server", help="Update server URL.")],
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="Device token, or an enrollment token on first contact."),
+    ] = None,
+    flow: Annotated[str, typer.Option("--flow", help="job or direct.")] = "job",
+    once: Annotated[bool, typer.Option("--once", help="One check, then exit.")] = False,
+    no_confirm: Annotated[
+        bool, typer.Option("--no-confirm", help="Do not confirm the new image (it reverts).")
+    ] = False,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Bytes per range.")] = 4096,
+    interval: Annotated[
+        float, typer.Option("--interval", help="Seconds between checks without --once.")
+    ] = 60,
+) -> None:
+    """Run the OTA agent on a simulated device: check, download, reboot, confirm."""
+    import threading
+
+    from otakit.device.agent import Flow, Outcome
+
+    try:
+        chosen = Flow(flow)
+    except ValueError:
+        raise UsageError(f"--flow must be job or direct, not {flow!r}", value=flow) from None
+    if not 512 <= chunk_size <= 16 * 1024 * 1024:
+        raise UsageError("--chunk-size must be between 512 B and 16 MiB", value=chunk_size)
+    stop = threading.Event()
+    while True:
+        report = _attempt_with_progress(
+            directory, server, token, chosen, not no_confirm, chunk_size
+        )
+        result = report.result
+        if result.outcome is Outcome.UPDATED:
+            action = (report.boot or {}).get("images", [{}])[0].get("action")
+            state = "confirmed" if report.confirmed else "not confirmed: reverts at next boot"
+            err.print(
+                f"updated to {result.version}; rebooted ({action}); running {report.running}, {state}"
+            )
+        elif result.outcome is Outcome.NO_UPDATE:
+            err.print(f"no update; running {report.running}")
+        else:
+            err.print(f"otakit: error [{result.error}]: {result.message}", markup=False)
+        if once:
+            if result.outcome is Outcome.FAILED:
+                raise typer.Exit(1)
+            return
+        token = None  # the device keeps its own token after the first contact
+        if stop.wait(interval):
+            return
+
+
+def _attempt_with_progress(
+    directory: Path, server: str, token: str | None, flow: Any, confirm: bool, chunk_size: int
+) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from otakit.device.events import Event, Reason, State
+    from otakit.sim.agent import run
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("checking", total=None)
+
+        def on_event(event: Event) -> None:
+            if event.state is State.STORAGE_WRITE and event.total:
+                progress.update(
+                    task, description="downloading", total=event.total, completed=event.bytes_done
+                )
+            elif event.reason is Reason.FAILURE:
+                progress.update(task, description=f"failed at {event.state}")
+
+        return run(
+            directory,
+            server,
+            token=token,
+            flow=flow,
+            confirm=confirm,
+            chunk_size=chunk_size,
+            callback=on_event,
         )

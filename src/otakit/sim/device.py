@@ -171,7 +171,7 @@ class SimDevice:
         if image_index not in self.map.images:
             raise DeviceError(f"this device has no image {image_index}", value=image_index)
         verified = _verify_for_slot(image, self.keys, self.map, image_index)
-        with self._bootloader() as boot:
+        with self.bootloader() as boot:
             slot = boot.secondary(image_index)
             slot.erase_all()
             slot.write(0, _aligned(image, self.map))
@@ -180,7 +180,7 @@ class SimDevice:
 
     def boot(self, *, power_cut_after: int | None = None, tear: bool = False) -> BootReport:
         """Run the bootloader; with a cut, stop after that many flash operations."""
-        with self._bootloader() as boot:
+        with self.bootloader() as boot:
             if power_cut_after is not None:
                 boot.flash.cut_after(power_cut_after, tear=tear, seed=power_cut_after)
             try:
@@ -206,11 +206,11 @@ class SimDevice:
         return BootReport(result, power_cut_after if result is None else None, status)
 
     def confirm(self, image_index: int = 0) -> bool:
-        with self._bootloader() as boot:
+        with self.bootloader() as boot:
             return boot.confirm(image_index)
 
     def status(self) -> dict[str, Any]:
-        with self._bootloader() as boot:
+        with self.bootloader() as boot:
             slots = [s.to_dict() for s in boot.status()]
         last = self.state.last_boot or {}
         return {
@@ -225,7 +225,8 @@ class SimDevice:
     # --- internals -----------------------------------------------------------------------------
 
     @contextmanager
-    def _bootloader(self) -> Iterator[Bootloader]:
+    def bootloader(self) -> Iterator[Bootloader]:
+        """The bootloader on this device's flash, open for the duration of the block."""
         with _open_flash(self.dir, self.map) as flash:
             yield Bootloader(flash, self.map, _config(self.state, self.keys))
 

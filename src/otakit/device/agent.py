@@ -1,0 +1,254 @@
+"""The OTA agent: checks for an update, downloads it resumably, verifies it, marks it pending,
+reports the result and reboots the device, walking the states of the original middleware
+(protocols.md §8) and telling the application about each one.
+
+One update attempt (:func:`update_once`), job flow::
+
+    START_UPDATE → JOB_CONNECT → JOB_DOWNLOAD → JOB_DISCONNECT → JOB_PARSE → [JOB_REDIRECT]
+    → STORAGE_OPEN → DATA_CONNECT → DATA_DOWNLOAD / STORAGE_WRITE (percentage) → DATA_DISCONNECT
+    → STORAGE_CLOSE → VERIFY → RESULT_CONNECT → RESULT_SEND → RESULT_DISCONNECT → OTA_COMPLETE
+
+The direct flow starts at STORAGE_OPEN with the known file. Any failure is reported as a
+FAILURE event with the original's error name, sent to the server as a Failure result with the
+reason (the original never reports failures), and leaves storage clean except for what can be
+resumed: a transfer that failed halfway keeps its durable bytes and journal, so the next attempt
+continues from there. :class:`Agent` runs attempts on a background thread with the configured
+timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from otakit.device.events import Answer, Callback, Event, Reason, State
+from otakit.device.storage import Storage
+from otakit.device.transports.base import Job, Transport
+from otakit.errors import (
+    AgentError,
+    OtakitError,
+    StoppedByAppError,
+    TransferError,
+)
+
+log = logging.getLogger("otakit.agent")
+
+
+class Flow(StrEnum):
+    JOB = "job"
+    DIRECT = "direct"
+
+
+class Outcome(StrEnum):
+    UPDATED = "updated"  # downloaded, verified, pending: reboot into it
+    NO_UPDATE = "no-update"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    version: str | None = None
+    error: str | None = None  # the original's error name
+    message: str | None = None
+    job: Job | None = None
+
+
+class _Attempt:
+    """One update attempt and its events."""
+
+    def __init__(self, callback: Callback | None) -> None:
+        self.callback = callback
+
+    def emit(self, event: Event) -> Answer:
+        log.debug("%s %s %s", event.state, event.reason, event.message or "")
+        answer = self.callback(event) if self.callback is not None else None
+        return answer or Answer.CONTINUE
+
+    def state(self, state: State, **extra: object) -> Answer:
+        answer = self.emit(Event(state, Reason.STATE_CHANGE, **extra))  # type: ignore[arg-type]
+        if answer is Answer.STOP:
+            raise StoppedByAppError(f"the application stopped the update at {state}")
+        if answer is Answer.APP_FAILED:
+            raise AgentError(f"the application failed the step {state}")
+        return answer
+
+
+def update_once(
+    transport: Transport,
+    storage: Storage,
+    *,
+    flow: Flow = Flow.JOB,
+    validate_after_reboot: bool = True,
+    send_result: bool = True,
+    callback: Callback | None = None,
+) -> Result:
+    """One update attempt. Never raises for a failed update: the Result says what happened."""
+    attempt = _Attempt(callback)
+    job: Job | None = None
+    state = State.START_UPDATE
+    try:
+        attempt.state(State.START_UPDATE)
+        if flow is Flow.JOB:
+            for state in (State.JOB_CONNECT, State.JOB_DOWNLOAD):
+                attempt.state(state)
+            job = transport.fetch_job()
+            for state in (State.JOB_DISCONNECT, State.JOB_PARSE):
+                attempt.state(state)
+            if job is None:
+                attempt.emit(Event(State.AGENT_WAITING, Reason.SUCCESS, message="no update"))
+                return Result(Outcome.NO_UPDATE)
+        else:
+            job = transport.direct_job()
+        state = State.STORAGE_OPEN
+        attempt.state(state)
+        for state in (State.DATA_CONNECT, State.DATA_DOWNLOAD):
+            attempt.state(state)
+
+        def progress(done: int, total: int) -> None:
+            attempt.state(
+                State.STORAGE_WRITE,
+                percentage=done * 100 // total if total else 100,
+                bytes_done=done,
+                total=total,
+            )
+
+        state = State.DATA_DOWNLOAD
+        transport.download(job, storage, progress)
+        for state in (State.DATA_DISCONNECT, State.STORAGE_CLOSE):
+            attempt.state(state)
+        state = State.VERIFY
+        if attempt.state(State.VERIFY) is not Answer.APP_SUCCESS:
+            version = storage.verify()
+        else:
+            version = job.version
+        storage.set_pending(permanent=not validate_after_reboot)
+    except OtakitError as exc:
+        return _failed(attempt, transport, storage, job, state, exc, send_result)
+    result = Result(Outcome.UPDATED, version=version, job=job)
+    if send_result:
+        _report(attempt, transport, job, success=True, error=None, message=None)
+    attempt.emit(Event(State.OTA_COMPLETE, Reason.SUCCESS, message=f"version {version} pending"))
+    return result
+
+
+def _failed(
+    attempt: _Attempt,
+    transport: Transport,
+    storage: Storage,
+    job: Job | None,
+    state: State,
+    exc: OtakitError,
+    send_result: bool,
+) -> Result:
+    error = exc.agent_error
+    if isinstance(exc, TransferError | StoppedByAppError):
+        pass  # keep what is durable: the next attempt resumes it
+    else:
+        try:
+            storage.abort()  # a bad image or job: leave the slot clean
+        except OtakitError:
+            log.exception("cleaning storage after a failure")
+    attempt.emit(Event(state, Reason.FAILURE, error=error, message=exc.message))
+    if job is not None and send_result:
+        _report(attempt, transport, job, success=False, error=error, message=exc.message)
+    return Result(Outcome.FAILED, error=error, message=exc.message, job=job)
+
+
+def _report(
+    attempt: _Attempt,
+    transport: Transport,
+    job: Job,
+    *,
+    success: bool,
+    error: str | None,
+    message: str | None,
+) -> None:
+    for state in (State.RESULT_CONNECT, State.RESULT_SEND):
+        attempt.emit(Event(state, Reason.STATE_CHANGE))
+    transport.send_result(job, success=success, error=error, message=message)
+    attempt.emit(Event(State.RESULT_DISCONNECT, Reason.STATE_CHANGE))
+
+
+class Agent:
+    """Runs update attempts on a background thread: first after ``initial_check`` seconds,
+    then every ``next_check`` seconds, or ``retry_interval`` after a failure; ``check_now()``
+    wakes it at once. After an update it calls ``reboot`` when ``reboot_upon_completion``."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        storage: Storage,
+        *,
+        flow: Flow = Flow.JOB,
+        initial_check: float = 60,
+        next_check: float = 86400,
+        retry_interval: float = 5,
+        validate_after_reboot: bool = True,
+        reboot_upon_completion: bool = True,
+        send_result: bool = True,
+        callback: Callback | None = None,
+        reboot: Callable[[], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.storage = storage
+        self.flow = flow
+        self.initial_check = initial_check
+        self.next_check = next_check
+        self.retry_interval = retry_interval
+        self.validate_after_reboot = validate_after_reboot
+        self.reboot_upon_completion = reboot_upon_completion
+        self.send_result = send_result
+        self.callback = callback
+        self.reboot = reboot
+        self.last: Result | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> Result:
+        result = update_once(
+            self.transport,
+            self.storage,
+            flow=self.flow,
+            validate_after_reboot=self.validate_after_reboot,
+            send_result=self.send_result,
+            callback=self.callback,
+        )
+        self.last = result
+        if result.outcome is Outcome.UPDATED and self.reboot_upon_completion and self.reboot:
+            self.reboot()
+        return result
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise AgentError("the agent is already started", value="ALREADY_STARTED")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="otakit-agent", daemon=True)
+        self._thread.start()
+
+    def check_now(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float | None = 30) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self.transport.close()
+
+    def _loop(self) -> None:
+        wait = self.initial_check
+        while not self._stopping.is_set():
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            result = self.run_once()
+            if result.outcome is Outcome.UPDATED and self.reboot_upon_completion:
+                break  # the device reboots into the new image
+            wait = self.retry_interval if result.outcome is Outcome.FAILED else self.next_check

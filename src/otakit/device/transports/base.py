@@ -1,0 +1,50 @@
+"""The interface every transport implements, so the agent never branches on which it has."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from otakit.device.storage import Storage
+from otakit.protocol.jobdoc import JobDocument
+
+Progress = Callable[[int, int], None]  # (bytes stored, total)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to download: from a job document (job flow) or a known file (direct flow)."""
+
+    url: str  # absolute URL of the image
+    file: str  # the file path, where the result is posted
+    version: str = ""  # "" in the direct flow (the image says its version)
+    board: str = ""
+    sha256: str | None = None
+    document: JobDocument | None = None
+
+
+class Transport(Protocol):
+    def fetch_job(self) -> Job | None:
+        """The job to do (job flow), or None when the server has nothing newer.
+
+        Raises an OtakitError named as the original (GET_JOB, NOT_A_JOB_DOC, MALFORMED_JOB_DOC,
+        WRONG_BOARD, INVALID_VERSION, TRANSPORT_UNSUPPORTED...).
+        """
+        ...
+
+    def direct_job(self) -> Job:
+        """The job of the direct flow: the known file."""
+        ...
+
+    def download(self, job: Job, storage: Storage, progress: Progress) -> int:
+        """Download ``job`` into ``storage``, resuming what is durable; return the size."""
+        ...
+
+    def send_result(
+        self, job: Job, *, success: bool, error: str | None, message: str | None
+    ) -> None:
+        """Report the outcome (a server that does not answer counts as success, as §2 says)."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,218 @@
+"""HTTP(S) transport: the job document, ranged downloads and the result, as the original device
+does them (protocols.md §1-2), made resumable.
+
+- Job: ``GET job_path`` (``/ota_update.json``) with ``User-Agent: ota-http-client``, parsed
+  strictly and checked (board exact, version strictly newer). An empty Server/Port means the
+  server the job came from; another server is followed (JOB_REDIRECT); an MQTT job is refused
+  with TRANSPORT_UNSUPPORTED until an MQTT transport is given.
+- Data: ``Range: bytes=a-b`` requests of ``chunk_size`` bytes; the total comes from the first
+  ``Content-Range``. Each range is tried ``download_tries`` times, on a fresh connection after a
+  failure. After every range the bytes are committed to storage, so an interrupted download
+  continues from the last durable byte, with ``If-Range`` and the ETag: a changed image on the
+  server (200 instead of 206) restarts cleanly from zero.
+- Result: ``POST`` to the file path with ``{"Message": "Success"|"Failure", "File": ..., "Error":
+  ..., "Reason": ...}``; a server that does not answer counts as success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from otakit.device.journal import Download
+from otakit.device.storage import Storage
+from otakit.device.transports.base import Job, Progress
+from otakit.errors import (
+    JobFetchError,
+    OtakitError,
+    TransferError,
+    TransportUnsupportedError,
+)
+from otakit.protocol.jobdoc import UPDATE_AVAILABLE, check_job, parse_job_document
+
+USER_AGENT = "ota-http-client"
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    server: str  # base URL, e.g. https://ota.example:8443
+    token: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    job_path: str = "/ota_update.json"
+    file_path: str = "/ota-update.bin"
+    chunk_size: int = 4096
+    timeout: float = 3.0  # per request: connect, send, receive
+    connect_retries: int = 3
+    download_tries: int = 3
+
+
+class HttpTransport:
+    def __init__(self, settings: HttpSettings, *, board: str, version: str) -> None:
+        self.settings = settings
+        self.board = board
+        self.version = version
+        self._client = self._new_client()
+
+    def _new_client(self) -> httpx.Client:
+        s = self.settings
+        verify: ssl.SSLContext | bool = True
+        if s.ca_file:
+            verify = ssl.create_default_context(cafile=s.ca_file)
+            if s.client_cert:
+                verify.load_cert_chain(s.client_cert, s.client_key)
+        headers = {"user-agent": USER_AGENT}
+        if s.token:
+            headers["authorization"] = f"Bearer {s.token}"
+        return httpx.Client(
+            headers=headers, timeout=s.timeout, verify=verify, follow_redirects=False
+        )
+
+    def _reconnect(self) -> None:
+        self._client.close()
+        self._client = self._new_client()
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- job -----------------------------------------------------------------------------------
+
+    def _get(self, url: str, what: str, error: type[OtakitError]) -> httpx.Response:
+        last: Exception | None = None
+        for _ in range(max(1, self.settings.connect_retries)):
+            try:
+                response = self._client.get(url)
+            except httpx.HTTPError as exc:
+                last = exc
+                self._reconnect()
+                continue
+            if not 200 <= response.status_code < 300:
+                raise error(f"{what}: the server answered {response.status_code}", value=url)
+            return response
+        raise error(f"{what}: cannot reach {url}: {last}", value=url)
+
+    def fetch_job(self) -> Job | None:
+        url = urljoin(self.settings.server, self.settings.job_path)
+        response = self._get(url, "fetching the job", JobFetchError)
+        doc = parse_job_document(response.content)
+        if doc.message != UPDATE_AVAILABLE:
+            return None
+        check_job(doc, board=self.board, current_version=self.version)
+        if doc.connection == "MQTT":
+            raise TransportUnsupportedError(
+                "the job is for the MQTT transport, which this agent was not given",
+                value=doc.connection,
+            )
+        base = self.settings.server
+        if doc.server:
+            scheme = "https" if doc.connection == "HTTPS" else "http"
+            port = f":{doc.port}" if doc.port else ""
+            base = f"{scheme}://{doc.server}{port}"
+        return Job(
+            url=urljoin(base, doc.file),
+            file=doc.file,
+            version=doc.version,
+            board=doc.board,
+            document=doc,
+        )
+
+    def direct_job(self) -> Job:
+        path = self.settings.file_path
+        return Job(url=urljoin(self.settings.server, path), file=path, board=self.board)
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def _range(self, url: str, first: int, last: int, etag: str | None) -> httpx.Response:
+        headers = {"range": f"bytes={first}-{last}"}
+        if etag:
+            headers["if-range"] = etag
+        failure = ""
+        for _ in range(max(1, self.settings.download_tries)):
+            try:
+                response = self._client.get(url, headers=headers)
+            except httpx.HTTPError as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                self._reconnect()
+                continue
+            if response.status_code in (200, 206):
+                return response
+            failure = f"the server answered {response.status_code}"
+            if response.status_code in (401, 403, 404, 410, 416):
+                break  # asking again will not help
+        raise TransferError(f"downloading bytes {first}-{last} failed: {failure}", value=url)
+
+    def download(self, job: Job, storage: Storage, progress: Progress) -> int:
+        chunk = self.settings.chunk_size
+        record = storage.progress()
+        resume = record if record is not None and record.download.source == job.url else None
+        offset = resume.durable if resume is not None else 0
+        etag = resume.download.etag if resume is not None else None
+        total: int | None = None
+        while total is None or offset < total:
+            last = offset + chunk - 1 if total is None else min(offset + chunk, total) - 1
+            response = self._range(job.url, offset, last, etag if total is None else None)
+            if total is None:
+                if response.status_code == 200:
+                    # no range support, or the image changed (If-Range): start from zero
+                    if offset != 0 or etag is not None:
+                        offset, etag = 0, None
+                        continue
+                    raise TransferError(
+                        "the server does not answer ranged requests (no 206/Content-Range)",
+                        value=job.url,
+                    )
+                total = _total(response)
+                download = Download(
+                    source=job.url,
+                    size=total,
+                    version=job.version,
+                    etag=response.headers.get("etag"),
+                    sha256=job.sha256,
+                )
+                stored = storage.open(download)
+                if stored != offset:
+                    offset = stored  # a different image than the journal's: start over
+                    continue
+            elif response.status_code != 206:
+                raise TransferError(
+                    f"the server answered {response.status_code} to a range request",
+                    value=job.url,
+                )
+            data = response.content
+            if not data:
+                raise TransferError(f"empty answer for bytes {offset}-{last}", value=job.url)
+            storage.write(offset, data)
+            offset += len(data)
+            storage.commit(offset)
+            progress(offset, total)
+        return total
+
+    # --- result --------------------------------------------------------------------------------
+
+    def send_result(
+        self, job: Job, *, success: bool, error: str | None, message: str | None
+    ) -> None:
+        body: dict[str, str] = {"Message": "Success" if success else "Failure", "File": job.file}
+        if not success:
+            body["Error"] = error or "GENERAL"
+            if message:
+                body["Reason"] = message[:200]
+        # §2: a server that does not answer the POST counts as success
+        with contextlib.suppress(httpx.HTTPError):
+            self._client.post(job.url, json=body)
+
+
+def _total(response: httpx.Response) -> int:
+    content_range = response.headers.get("content-range", "")
+    try:
+        return int(content_range.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        raise TransferError(
+            f"the answer has no usable Content-Range ({content_range!r})",
+            value=str(urlsplit(str(response.url)).path),
+        ) from None

@@ -1,0 +1,142 @@
+"""``otakit sim run``: the OTA agent on a simulated device folder.
+
+The simulated device keeps, next to its flash, the agent's resume journal
+(``agent-journal.json``) and its device token (``agent-token``, readable by its owner only).
+On first contact the token given may be an enrollment token: the agent checks in with the
+JSON API, receives its own device token and keeps it. Then it runs the update (job or direct
+flow), reboots the device (the simulated bootloader swaps), confirms the new image unless told
+not to, and checks in again so the server learns the version that runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from otakit.device.agent import Flow, Outcome, Result, update_once
+from otakit.device.events import Answer, Event, Reason, State
+from otakit.device.journal import Journal
+from otakit.device.storage import SlotStorage
+from otakit.device.transports.http import HttpSettings, HttpTransport
+from otakit.errors import ApiError, DeviceError
+from otakit.files import write_atomic
+from otakit.sim.device import SimDevice
+
+TOKEN_FILE = "agent-token"
+JOURNAL_FILE = "agent-journal.json"
+
+
+@dataclass(frozen=True)
+class RunReport:
+    result: Result
+    boot: dict[str, Any] | None  # the boot after the update
+    confirmed: bool
+    running: str | None
+
+
+def _identity(device: SimDevice, version: str) -> dict[str, str]:
+    ident = device.state.identity
+    return {
+        "serial": ident.serial,
+        "board": ident.board,
+        "product": ident.product,
+        "manufacturer": ident.manufacturer,
+        "version": version,
+    }
+
+
+def check_in(server: str, token: str | None, identity: dict[str, str]) -> dict[str, Any] | None:
+    """POST /api/v1/device/checkin; the JSON answer, or None for 204."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.post(
+            f"{server.rstrip('/')}/api/v1/device/checkin",
+            json=identity,
+            headers=headers,
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise ApiError(f"cannot reach {server}: {exc}") from None
+    if response.status_code == 204:
+        return None
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("message", response.text)
+        except ValueError:
+            message = response.text
+        raise ApiError(
+            f"check-in refused: {response.status_code} {message}", status=response.status_code
+        )
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def device_token(device: SimDevice, server: str, token: str | None, version: str) -> str | None:
+    """The device's own token: kept from an earlier enrollment, or obtained now."""
+    stored = device.dir / TOKEN_FILE
+    if stored.exists():
+        return stored.read_text().strip()
+    if token is None:
+        return None
+    try:
+        answer = check_in(server, token, _identity(device, version))
+    except ApiError as exc:
+        if exc.status in (403, 409):
+            return token  # already a device token, or already enrolled with this one
+        raise
+    minted = (answer or {}).get("device_token")
+    if minted:
+        write_atomic(stored, minted.encode() + b"\n", mode=0o600)
+        return str(minted)
+    return token
+
+
+def run(
+    directory: str | os.PathLike[str],
+    server: str,
+    *,
+    token: str | None = None,
+    flow: Flow = Flow.JOB,
+    confirm: bool = True,
+    chunk_size: int = 4096,
+    callback: Callable[[Event], Answer | None] | None = None,
+) -> RunReport:
+    device = SimDevice(directory)
+    status = device.status()["slots"][0]
+    version = status["running"]
+    if version is None:
+        raise DeviceError(f"{device.dir} has no running image; boot it first (`otakit sim boot`)")
+    version = version.split("+")[0]
+    own_token = device_token(device, server, token, version)
+    settings = HttpSettings(server=server, token=own_token, chunk_size=chunk_size)
+    transport = HttpTransport(settings, board=device.state.identity.board, version=version)
+    try:
+        with device.bootloader() as boot:
+            storage = SlotStorage(
+                boot,
+                Journal(Path(device.dir) / JOURNAL_FILE),
+                device.keys,
+                current_version=version,
+                allow_downgrade=device.state.allow_downgrade,
+            )
+            result = update_once(transport, storage, flow=flow, callback=callback)
+    finally:
+        transport.close()
+    if result.outcome is not Outcome.UPDATED:
+        return RunReport(result, None, False, version)
+    booted = device.boot()
+    confirmed = confirm and device.confirm()
+    running = device.status()["slots"][0]["running"]
+    if own_token is not None and running:
+        # tell the server what runs now (counts as Applied)
+        with contextlib.suppress(ApiError):
+            check_in(server, own_token, _identity(device, running.split("+")[0]))
+    if callback is not None:
+        callback(Event(State.AGENT_WAITING, Reason.SUCCESS, message=f"running {running}"))
+    return RunReport(result, booted.to_dict(), confirmed, running)
