@@ -32,7 +32,9 @@ from otakit.errors import (
     OtakitError,
     StoppedByAppError,
     TransferError,
+    TransportUnsupportedError,
 )
+from otakit.protocol.jobdoc import check_job
 
 log = logging.getLogger("otakit.agent")
 
@@ -55,6 +57,18 @@ class Result:
     error: str | None = None  # the original's error name
     message: str | None = None
     job: Job | None = None
+
+
+# States in which a failure has not touched storage yet.
+_BEFORE_STORAGE = frozenset(
+    {
+        State.START_UPDATE,
+        State.JOB_CONNECT,
+        State.JOB_DOWNLOAD,
+        State.JOB_DISCONNECT,
+        State.JOB_PARSE,
+    }
+)
 
 
 class _Attempt:
@@ -81,6 +95,8 @@ def update_once(
     transport: Transport,
     storage: Storage,
     *,
+    board: str,
+    version: str,
     flow: Flow = Flow.JOB,
     validate_after_reboot: bool = True,
     send_result: bool = True,
@@ -101,6 +117,13 @@ def update_once(
             if job is None:
                 attempt.emit(Event(State.AGENT_WAITING, Reason.SUCCESS, message="no update"))
                 return Result(Outcome.NO_UPDATE)
+            if job.document is not None:
+                check_job(job.document, board=board, current_version=version)
+                if job.document.connection == "MQTT":
+                    raise TransportUnsupportedError(
+                        "the job is for the MQTT transport, which this agent was not given",
+                        value=job.document.connection,
+                    )
         else:
             job = transport.direct_job()
         state = State.STORAGE_OPEN
@@ -145,8 +168,8 @@ def _failed(
     send_result: bool,
 ) -> Result:
     error = exc.agent_error
-    if isinstance(exc, TransferError | StoppedByAppError):
-        pass  # keep what is durable: the next attempt resumes it
+    if isinstance(exc, TransferError | StoppedByAppError) or state in _BEFORE_STORAGE:
+        pass  # storage untouched, or durable bytes the next attempt resumes
     else:
         try:
             storage.abort()  # a bad image or job: leave the slot clean
@@ -183,6 +206,8 @@ class Agent:
         transport: Transport,
         storage: Storage,
         *,
+        board: str,
+        version: str,
         flow: Flow = Flow.JOB,
         initial_check: float = 60,
         next_check: float = 86400,
@@ -195,6 +220,8 @@ class Agent:
     ) -> None:
         self.transport = transport
         self.storage = storage
+        self.board = board
+        self.version = version
         self.flow = flow
         self.initial_check = initial_check
         self.next_check = next_check
@@ -213,6 +240,8 @@ class Agent:
         result = update_once(
             self.transport,
             self.storage,
+            board=self.board,
+            version=self.version,
             flow=self.flow,
             validate_after_reboot=self.validate_after_reboot,
             send_result=self.send_result,

@@ -21,6 +21,7 @@ import httpx
 
 from otakit.device.agent import Flow, Outcome, Result, update_once
 from otakit.device.events import Answer, Event, Reason, State
+from otakit.device.flash import PowerCut
 from otakit.device.journal import Journal
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.http import HttpSettings, HttpTransport
@@ -105,8 +106,11 @@ def run(
     flow: Flow = Flow.JOB,
     confirm: bool = True,
     chunk_size: int = 4096,
+    power_cut_after: int | None = None,
     callback: Callable[[Event], Answer | None] | None = None,
 ) -> RunReport:
+    """One agent run. With ``power_cut_after``, the flash loses power after that many
+    operations during the update (torn), as a real device would; the next run resumes."""
     device = SimDevice(directory)
     status = device.status()["slots"][0]
     version = status["running"]
@@ -114,8 +118,10 @@ def run(
         raise DeviceError(f"{device.dir} has no running image; boot it first (`otakit sim boot`)")
     version = version.split("+")[0]
     own_token = device_token(device, server, token, version)
+    _report_revert(device, server, own_token, version)
     settings = HttpSettings(server=server, token=own_token, chunk_size=chunk_size)
-    transport = HttpTransport(settings, board=device.state.identity.board, version=version)
+    board = device.state.identity.board
+    transport = HttpTransport(settings, board=board)
     try:
         with device.bootloader() as boot:
             storage = SlotStorage(
@@ -125,7 +131,18 @@ def run(
                 current_version=version,
                 allow_downgrade=device.state.allow_downgrade,
             )
-            result = update_once(transport, storage, flow=flow, callback=callback)
+            if power_cut_after is not None:
+                boot.flash.cut_after(power_cut_after, tear=True, seed=power_cut_after)
+            try:
+                result = update_once(
+                    transport, storage, board=board, version=version, flow=flow, callback=callback
+                )
+            except PowerCut:
+                boot.flash.power_on()
+                message = f"power cut after {power_cut_after} flash operations"
+                return RunReport(
+                    Result(Outcome.FAILED, error="POWER_CUT", message=message), None, False, version
+                )
     finally:
         transport.close()
     if result.outcome is not Outcome.UPDATED:
@@ -140,3 +157,26 @@ def run(
     if callback is not None:
         callback(Event(State.AGENT_WAITING, Reason.SUCCESS, message=f"running {running}"))
     return RunReport(result, booted.to_dict(), confirmed, running)
+
+
+REVERT_FILE = "agent-reported-revert"
+
+
+def _report_revert(device: SimDevice, server: str, token: str | None, version: str) -> None:
+    """Tell the server once when the last boot swapped back an unconfirmed image."""
+    last = device.state.last_boot or {}
+    images = last.get("images") or [{}]
+    if images[0].get("action") != "revert" or token is None:
+        return
+    marker = device.dir / REVERT_FILE
+    if marker.exists() and marker.read_text().strip() == str(device.state.boots):
+        return
+    body = {"status": "error", "error": "reverted: not confirmed after reboot", "version": version}
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(
+            f"{server.rstrip('/')}/api/v1/device/status",
+            json=body,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+    write_atomic(marker, str(device.state.boots).encode())

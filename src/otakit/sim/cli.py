@@ -185,6 +185,10 @@ def run_agent(
     interval: Annotated[
         float, typer.Option("--interval", help="Seconds between checks without --once.")
     ] = 60,
+    power_cut_after: Annotated[
+        int | None,
+        typer.Option("--power-cut-after", help="Cut the power after N flash operations."),
+    ] = None,
 ) -> None:
     """Run the OTA agent on a simulated device: check, download, reboot, confirm."""
     import threading
@@ -200,8 +204,9 @@ def run_agent(
     stop = threading.Event()
     while True:
         report = _attempt_with_progress(
-            directory, server, token, chosen, not no_confirm, chunk_size
+            directory, server, token, chosen, not no_confirm, chunk_size, power_cut_after
         )
+        power_cut_after = None  # one cut per command
         result = report.result
         if result.outcome is Outcome.UPDATED:
             action = (report.boot or {}).get("images", [{}])[0].get("action")
@@ -223,7 +228,13 @@ def run_agent(
 
 
 def _attempt_with_progress(
-    directory: Path, server: str, token: str | None, flow: Any, confirm: bool, chunk_size: int
+    directory: Path,
+    server: str,
+    token: str | None,
+    flow: Any,
+    confirm: bool,
+    chunk_size: int,
+    power_cut_after: int | None,
 ) -> Any:
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
@@ -255,5 +266,6 @@ def _attempt_with_progress(
             flow=flow,
             confirm=confirm,
             chunk_size=chunk_size,
+            power_cut_after=power_cut_after,
             callback=on_event,
         )

@@ -2,9 +2,8 @@
 does them (protocols.md §1-2), made resumable.
 
 - Job: ``GET job_path`` (``/ota_update.json``) with ``User-Agent: ota-http-client``, parsed
-  strictly and checked (board exact, version strictly newer). An empty Server/Port means the
-  server the job came from; another server is followed (JOB_REDIRECT); an MQTT job is refused
-  with TRANSPORT_UNSUPPORTED until an MQTT transport is given.
+  strictly (the agent then checks board and version). An empty Server/Port means the server the
+  job came from; another server is followed.
 - Data: ``Range: bytes=a-b`` requests of ``chunk_size`` bytes; the total comes from the first
   ``Content-Range``. Each range is tried ``download_tries`` times, on a fresh connection after a
   failure. After every range the bytes are committed to storage, so an interrupted download
@@ -26,13 +25,8 @@ import httpx
 from otakit.device.journal import Download
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Progress
-from otakit.errors import (
-    JobFetchError,
-    OtakitError,
-    TransferError,
-    TransportUnsupportedError,
-)
-from otakit.protocol.jobdoc import UPDATE_AVAILABLE, check_job, parse_job_document
+from otakit.errors import JobFetchError, OtakitError, TransferError
+from otakit.protocol.jobdoc import UPDATE_AVAILABLE, parse_job_document
 
 USER_AGENT = "ota-http-client"
 
@@ -53,10 +47,9 @@ class HttpSettings:
 
 
 class HttpTransport:
-    def __init__(self, settings: HttpSettings, *, board: str, version: str) -> None:
+    def __init__(self, settings: HttpSettings, *, board: str) -> None:
         self.settings = settings
         self.board = board
-        self.version = version
         self._client = self._new_client()
 
     def _new_client(self) -> httpx.Client:
@@ -102,12 +95,6 @@ class HttpTransport:
         doc = parse_job_document(response.content)
         if doc.message != UPDATE_AVAILABLE:
             return None
-        check_job(doc, board=self.board, current_version=self.version)
-        if doc.connection == "MQTT":
-            raise TransportUnsupportedError(
-                "the job is for the MQTT transport, which this agent was not given",
-                value=doc.connection,
-            )
         base = self.settings.server
         if doc.server:
             scheme = "https" if doc.connection == "HTTPS" else "http"
