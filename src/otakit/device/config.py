@@ -1,0 +1,696 @@
+"""The agent's configuration: one TOML file, checked whole when it is read.
+
+The file has one table per concern, and each table is one frozen dataclass here::
+
+    [agent]                                   -> AgentConfig (server, credentials, flow, paths)
+    server = "https://ota.example:8443"
+    token = "otk_..."                         # or token_file = "/etc/otakit/token"
+    ca_file = "/etc/otakit/ca.pem"
+    client_cert = "/etc/otakit/device.pem"    # client_key too if the key is in its own file
+    flow = "job"                              # or "direct"
+    job_path = "/ota_update.json"
+    file_path = "/ota-update.bin"
+
+    [identity]                                -> Identity (what the device says it is)
+    manufacturer = "ACME"
+    manufacturer_id = "0001"
+    product = "sensor"
+    serial = "S-1"
+    board = "CY8CPROTO_062_4343W"
+    version = "1.0.0"
+
+    [timing]                                  -> Timing (the original's knobs, protocols.md §8)
+    initial_check = 60
+    next_check = 86400
+    ...
+
+    [behaviour]                               -> Behaviour (the original's agent parameters)
+    reboot_upon_completion = true
+    validate_after_reboot = true
+    do_not_send_result = false
+
+    [logging]                                 -> LogConfig
+    level = "info"
+    [logging.facilities]
+    http = "debug"
+
+:class:`AgentConfig` is the whole file: ``config.timing.retry_interval``,
+``config.behaviour.reboot_upon_completion``. Only ``agent.server`` and ``identity.serial``,
+``identity.board`` and ``identity.version`` are required; every other key has the default of
+the original middleware (§8). The one exception is ``timing.initial_check``: §8's devices wait
+10 s, its library defaults 60 s; otakit takes the library's 60 s.
+
+Every check runs when a dataclass is built, so a config made in code is held to the same rules
+as one read from a file. Every problem is a :class:`ConfigError` whose one-line message names
+the key (``timing.retry_interval``) and the allowed values; an unknown key is an error, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from otakit.errors import UsageError, VersionFormatError
+from otakit.files import read_input
+from otakit.protocol.jobdoc import FIELD_LIMITS
+from otakit.protocol.version import FirmwareVersion
+
+SECONDS_PER_YEAR = 365 * 24 * 60 * 60
+MIN_INTERVAL_S = 5  # CY_OTA_INTERVAL_SECS_MIN
+MAX_INTERVAL_S = SECONDS_PER_YEAR  # CY_OTA_INTERVAL_SECS_MAX
+MAX_TIMEOUT_S = SECONDS_PER_YEAR
+MAX_RETRIES = 100
+MIN_CHUNK_SIZE = 512
+MAX_CHUNK_SIZE = 16 * 1024 * 1024  # Linux-class devices download in MiBs
+MAX_PATH_BYTES = FIELD_LIMITS["File"]  # job_path and file_path end up in a job's File field
+
+FLOWS = ("job", "direct")
+LOG_LEVELS: Mapping[str, int] = MappingProxyType(
+    {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+)
+"""Level names the file accepts, with their :mod:`logging` numbers."""
+LOG_FACILITIES = ("agent", "http", "mqtt", "ble", "smp", "storage")
+"""Parts of the agent whose level ``[logging.facilities]`` can set on their own."""
+
+
+class ConfigError(UsageError):
+    """The agent configuration is invalid; ``key`` is the dotted key at fault, when one is."""
+
+    code = "CONFIG"
+
+    def __init__(self, message: str, *, key: str | None = None, value: object = None) -> None:
+        super().__init__(message, value=value)
+        self.key = key
+
+
+# --- value checks ------------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, cut short so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(value), f"a {type(value).__name__}"
+    )
+
+
+def _check_int(key: str, value: object, low: int, high: int, unit: str = "") -> None:
+    if type(value) is not int:
+        raise ConfigError(
+            f"{key} must be an integer, not {_type_name(value)} ({_show(value)})",
+            key=key,
+            value=value,
+        )
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{key} is {_show(value)} but must be from {low} to {high}{unit}", key=key, value=value
+        )
+
+
+def _check_seconds(key: str, value: object, low: float, high: float, *, above: bool) -> None:
+    """``value`` in seconds: an int or finite float in ``[low, high]`` (``(low, high]`` if above)."""
+    if type(value) not in (int, float):
+        raise ConfigError(
+            f"{key} must be a number of seconds, not {_type_name(value)} ({_show(value)})",
+            key=key,
+            value=value,
+        )
+    assert isinstance(value, int | float)
+    ok = (
+        (type(value) is int or math.isfinite(value))
+        and (low < value if above else low <= value)
+        and value <= high
+    )
+    if not ok:
+        allowed = f"greater than {low} and at most {high}" if above else f"from {low} to {high}"
+        raise ConfigError(
+            f"{key} is {_show(value)} s but must be {allowed} s (1 year)", key=key, value=value
+        )
+
+
+def _check_bool(key: str, value: object) -> None:
+    if type(value) is not bool:
+        raise ConfigError(
+            f"{key} must be true or false, not {_type_name(value)} ({_show(value)})",
+            key=key,
+            value=value,
+        )
+
+
+def _check_text(key: str, value: object, *, limit: int | None = None, empty: bool = False) -> str:
+    """A one-line printable string, non-empty unless ``empty``, at most ``limit`` UTF-8 bytes."""
+    if type(value) is not str:
+        raise ConfigError(
+            f"{key} must be a string, not {_type_name(value)} ({_show(value)})",
+            key=key,
+            value=value,
+        )
+    if not value and not empty:
+        raise ConfigError(f"{key} must not be empty", key=key, value=value)
+    if not value.isprintable():
+        raise ConfigError(
+            f"{key} {_show(value)} holds a control or unprintable character", key=key, value=value
+        )
+    if limit is not None and len(value.encode("utf-8")) > limit:
+        raise ConfigError(
+            f"{key} is {len(value.encode('utf-8'))} bytes long but must be at most {limit}",
+            key=key,
+            value=value,
+        )
+    return value
+
+
+def _check_path(key: str, value: object) -> None:
+    """A local file path (``Path``); the file itself is only read when used."""
+    if not isinstance(value, Path):
+        raise ConfigError(f"{key} must be a path, not {_show(value)}", key=key, value=value)
+    _check_text(key, str(value))
+
+
+def _check_url_path(key: str, value: object) -> None:
+    """A path on the server: starts with ``/``, no spaces, query or fragment."""
+    text = _check_text(key, value, limit=MAX_PATH_BYTES)
+    if not text.startswith("/") or any(c in text for c in " ?#"):
+        raise ConfigError(
+            f"{key} {text!r} must be a path on the server starting with / "
+            "(no spaces, query or fragment)",
+            key=key,
+            value=text,
+        )
+
+
+def _check_server(key: str, value: object) -> None:
+    text = _check_text(key, value)
+    problem = None
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "the scheme must be http or https"
+        elif not parts.hostname:
+            problem = "it has no host"
+        elif parts.username is not None or parts.password is not None:
+            problem = "credentials belong in agent.token, not in the URL"
+        elif parts.query or parts.fragment or " " in text:
+            problem = "it must not hold a query, a fragment or spaces"
+        elif port == 0:
+            problem = "port 0 is not a port"
+    if problem is not None:
+        raise ConfigError(
+            f"{key} {text!r} is not a server URL like https://ota.example:8443: {problem}",
+            key=key,
+            value=text,
+        )
+
+
+# --- the tables --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """``[timing]``: when the agent checks and how long it waits (protocols.md §8).
+
+    Seconds are ints or floats; the original's macro is named with each field.
+
+    Raises:
+        ConfigError: a value of the wrong type or outside its range: intervals from 5 s to
+            1 year, timeouts greater than 0 and at most 1 year, retries from 0 to 100 (download
+            tries from 1, a download needs one try), chunk size from 512 B to 16 MiB.
+    """
+
+    initial_check: float = 60  # CY_OTA_INITIAL_CHECK_SECS (§8's devices use 10)
+    next_check: float = 86400  # CY_OTA_NEXT_CHECK_INTERVAL_SECS
+    retry_interval: float = 5  # CY_OTA_RETRY_INTERVAL_SECS
+    check_timeout: float = 600  # CY_OTA_CHECK_TIME_SECS
+    job_timeout: float = 30  # CY_OTA_JOB_CHECK_TIME_SECS
+    data_timeout: float = 1200  # CY_OTA_DATA_CHECK_TIME_SECS
+    retries: int = 3  # CY_OTA_RETRIES: whole update attempts
+    connect_retries: int = 3  # CY_OTA_CONNECT_RETRIES
+    download_tries: int = 3  # CY_OTA_MAX_DOWNLOAD_TRIES: tries of one range
+    chunk_size: int = 4096  # CY_OTA_CHUNK_SIZE: bytes per ranged GET
+    http_timeout_ms: int = 3000  # CY_OTA_HTTP_TIMEOUT_SEND / _RECEIVE
+
+    INTERVALS: ClassVar[tuple[str, ...]] = ("initial_check", "next_check", "retry_interval")
+    TIMEOUTS: ClassVar[tuple[str, ...]] = ("check_timeout", "job_timeout", "data_timeout")
+
+    def __post_init__(self) -> None:
+        for name in self.INTERVALS:
+            _check_seconds(
+                f"timing.{name}", getattr(self, name), MIN_INTERVAL_S, MAX_INTERVAL_S, above=False
+            )
+        for name in self.TIMEOUTS:
+            _check_seconds(f"timing.{name}", getattr(self, name), 0, MAX_TIMEOUT_S, above=True)
+        _check_int("timing.retries", self.retries, 0, MAX_RETRIES)
+        _check_int("timing.connect_retries", self.connect_retries, 0, MAX_RETRIES)
+        _check_int("timing.download_tries", self.download_tries, 1, MAX_RETRIES)
+        _check_int(
+            "timing.chunk_size",
+            self.chunk_size,
+            MIN_CHUNK_SIZE,
+            MAX_CHUNK_SIZE,
+            " bytes (512 B to 16 MiB)",
+        )
+        _check_int("timing.http_timeout_ms", self.http_timeout_ms, 1, MAX_TIMEOUT_S * 1000, " ms")
+
+    @property
+    def http_timeout(self) -> float:
+        """The HTTP send/receive timeout in seconds, as httpx takes it."""
+        return self.http_timeout_ms / 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """``[identity]``: what the device reports, with the job document's field limits (§1).
+
+    ``version`` is the running firmware version, in any :meth:`FirmwareVersion.parse` form.
+
+    Raises:
+        ConfigError: a value that is not a one-line string, too long for its job document
+            field, an empty ``serial``, ``board`` or ``version``, or a malformed ``version``.
+    """
+
+    serial: str
+    board: str
+    version: str
+    manufacturer: str = ""
+    manufacturer_id: str = ""
+    product: str = ""
+
+    # field -> job document key, whose byte limit applies; in the order to_toml writes them.
+    JOB_KEYS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {
+            "manufacturer": "Manufacturer",
+            "manufacturer_id": "ManufacturerId",
+            "product": "Product",
+            "serial": "SerialNumber",
+            "board": "Board",
+            "version": "Version",
+        }
+    )
+    REQUIRED: ClassVar[tuple[str, ...]] = ("serial", "board", "version")
+
+    def __post_init__(self) -> None:
+        for name, job_key in self.JOB_KEYS.items():
+            _check_text(
+                f"identity.{name}",
+                getattr(self, name),
+                limit=FIELD_LIMITS[job_key],
+                empty=name not in self.REQUIRED,
+            )
+        try:
+            FirmwareVersion.parse(self.version)
+        except VersionFormatError as exc:
+            raise ConfigError(
+                f"identity.version: {exc.message}", key="identity.version", value=self.version
+            ) from None
+
+    @property
+    def firmware_version(self) -> FirmwareVersion:
+        """``version`` as a comparable version."""
+        return FirmwareVersion.parse(self.version)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """``[behaviour]``: the original's agent parameters (``cy_ota_agent_params_t``).
+
+    The defaults are the original's zero-initialised parameters: all off.
+
+    Raises:
+        ConfigError: a value that is not a boolean.
+    """
+
+    reboot_upon_completion: bool = False  # reboot into the new image once it is verified
+    validate_after_reboot: bool = False  # mark the image TEST (revertible), not PERM
+    do_not_send_result: bool = False  # skip the result POST/publish
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_bool(f"behaviour.{f.name}", getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``[logging]``: a level for the whole agent and, optionally, one per facility.
+
+    Levels are :data:`LOG_LEVELS` names; facilities are :data:`LOG_FACILITIES`.
+
+    Raises:
+        ConfigError: an unknown level or facility.
+    """
+
+    level: str = "info"
+    facilities: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        _check_level("logging.level", self.level)
+        if not isinstance(self.facilities, Mapping):
+            raise ConfigError(
+                f"logging.facilities must be a table, not {_show(self.facilities)}",
+                key="logging.facilities",
+                value=self.facilities,
+            )
+        for name, level in self.facilities.items():
+            _check_known(name, LOG_FACILITIES, "logging.facilities.")
+            _check_level(f"logging.facilities.{name}", level)
+        # A read-only copy: the dataclass is frozen, its mapping must be too.
+        object.__setattr__(self, "facilities", MappingProxyType(dict(self.facilities)))
+
+    def level_for(self, facility: str) -> int:
+        """The :mod:`logging` level number of ``facility`` (its own level, else the global one)."""
+        return LOG_LEVELS[self.facilities.get(facility, self.level)]
+
+
+def _check_level(key: str, value: object) -> None:
+    if type(value) is not str or value not in LOG_LEVELS:
+        raise ConfigError(
+            f"{key} is {_show(value)} but must be one of {', '.join(LOG_LEVELS)}",
+            key=key,
+            value=value,
+        )
+
+
+def _check_known(key: object, allowed: tuple[str, ...], prefix: str) -> str:
+    """Return ``key`` if it is one of ``allowed``; else a ConfigError naming it (and a close match)."""
+    if type(key) is not str:
+        raise ConfigError(f"key {_show(key)} in {prefix[:-1] or 'the file'} is not a string")
+    if key not in allowed:
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"expected one of {', '.join(allowed)}"
+        shown = key if key.isprintable() and len(key) <= 60 else _show(key)
+        raise ConfigError(f"unknown key {prefix}{shown}; {hint}", key=prefix + key, value=key)
+    return key
+
+
+# --- the whole file ----------------------------------------------------------------------------
+
+_AGENT_PATHS = ("token_file", "ca_file", "client_cert", "client_key")
+_AGENT_KEYS = (
+    "server",
+    "token",
+    *_AGENT_PATHS,
+    "flow",
+    "job_path",
+    "file_path",
+)
+_SECTIONS = ("agent", "identity", "timing", "behaviour", "logging")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """The agent's whole configuration: ``[agent]`` as fields, the other tables as dataclasses.
+
+    ``server`` is the base URL (``http`` or ``https``, optional port and path prefix); the job
+    is at ``server + job_path`` (job flow), the image at ``server + file_path`` (direct flow).
+    ``token`` or ``token_file`` (not both) authenticates to an otakit server; ``ca_file``
+    replaces the system CAs and ``client_cert``/``client_key`` present a client certificate
+    (HTTPS only).
+
+    Raises:
+        ConfigError: a field is invalid (see each table's class), both ``token`` and
+            ``token_file`` are given, ``client_key`` is given without ``client_cert``, or TLS
+            files are given for an ``http://`` server.
+    """
+
+    server: str
+    identity: Identity
+    token: str | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    flow: str = "job"
+    job_path: str = "/ota_update.json"
+    file_path: str = "/ota-update.bin"
+    timing: Timing = field(default_factory=Timing)
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    logging: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        _check_server("agent.server", self.server)
+        if self.token is not None:
+            _check_text("agent.token", self.token)
+        for name in _AGENT_PATHS:
+            if getattr(self, name) is not None:
+                _check_path(f"agent.{name}", getattr(self, name))
+        if type(self.flow) is not str or self.flow not in FLOWS:
+            raise ConfigError(
+                f"agent.flow is {_show(self.flow)} but must be one of {', '.join(FLOWS)}",
+                key="agent.flow",
+                value=self.flow,
+            )
+        _check_url_path("agent.job_path", self.job_path)
+        _check_url_path("agent.file_path", self.file_path)
+        for name, kind in (
+            ("identity", Identity),
+            ("timing", Timing),
+            ("behaviour", Behaviour),
+            ("logging", LogConfig),
+        ):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(
+                    f"{name} must be of type {kind.__name__}, not {_show(getattr(self, name))}",
+                    key=name,
+                )
+        if self.token is not None and self.token_file is not None:
+            raise ConfigError(
+                "agent.token and agent.token_file are both given; keep one", key="agent.token"
+            )
+        if self.client_key is not None and self.client_cert is None:
+            raise ConfigError(
+                "agent.client_key is given without agent.client_cert", key="agent.client_key"
+            )
+        if self.server.startswith("http:"):
+            for name in ("ca_file", "client_cert"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"agent.{name} is only used with an https:// server, "
+                        f"and agent.server is {self.server!r}",
+                        key=f"agent.{name}",
+                    )
+
+    # --- reading and writing ---
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] | None = None
+    ) -> AgentConfig:
+        """Build a config from the parsed TOML tables (the :meth:`to_dict` form).
+
+        Relative file paths (``token_file``, ``ca_file``, ``client_cert``, ``client_key``) are
+        resolved against ``base_dir`` when it is given.
+
+        Raises:
+            ConfigError: an unknown or missing required key, or any invalid value.
+        """
+        tables = _table(data, "")
+        agent = _table(tables.get("agent", {}), "agent.")
+        identity = _table(tables.get("identity", {}), "identity.")
+        logging = _table(tables.get("logging", {}), "logging.")
+        for name in tables:
+            _check_known(name, _SECTIONS, "")
+        for name in agent:
+            _check_known(name, _AGENT_KEYS, "agent.")
+        if "server" not in agent:
+            raise ConfigError("missing required key agent.server", key="agent.server")
+        for name in identity:
+            _check_known(name, tuple(Identity.JOB_KEYS), "identity.")
+        for name in Identity.REQUIRED:
+            if name not in identity:
+                raise ConfigError(f"missing required key identity.{name}", key=f"identity.{name}")
+        timing = _known_table(tables, "timing", Timing)
+        behaviour = _known_table(tables, "behaviour", Behaviour)
+        for name in logging:
+            _check_known(name, ("level", "facilities"), "logging.")
+        if "facilities" in logging:
+            _table(logging["facilities"], "logging.facilities.")
+
+        paths: dict[str, Path] = {}
+        for name in _AGENT_PATHS:
+            if name in agent:
+                value = agent[name]
+                if type(value) is not str or not value:
+                    _check_text(f"agent.{name}", value)  # raises: wrong type or empty
+                path = Path(value)
+                paths[name] = Path(base_dir, path) if base_dir is not None else path
+        return cls(
+            **{**agent, **paths},
+            identity=Identity(**identity),
+            timing=Timing(**timing),
+            behaviour=Behaviour(**behaviour),
+            logging=LogConfig(**logging),
+        )
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> AgentConfig:
+        """Read a TOML config file; relative file paths in it count from the file's folder.
+
+        Raises:
+            InputFileError: the file is missing or unreadable.
+            ConfigError: the file is not UTF-8 TOML or the config in it is invalid; the
+                message starts with the file's path.
+        """
+        raw = read_input(path, what="agent config")
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file", value=str(path)) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}", value=str(path)) from None
+        try:
+            return cls.from_dict(data, base_dir=Path(path).absolute().parent)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc.message}", key=exc.key, value=exc.value) from None
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The TOML tables of this config; :meth:`from_dict` of it gives an equal config.
+
+        Keys that are not set (``token``...) and empty ``logging.facilities`` are left out.
+        """
+        agent: dict[str, Any] = {"server": self.server}
+        if self.token is not None:
+            agent["token"] = self.token
+        for name in _AGENT_PATHS:
+            if getattr(self, name) is not None:
+                agent[name] = str(getattr(self, name))
+        agent |= {"flow": self.flow, "job_path": self.job_path, "file_path": self.file_path}
+        identity = {name: getattr(self.identity, name) for name in Identity.JOB_KEYS}
+        logging: dict[str, Any] = {"level": self.logging.level}
+        if self.logging.facilities:
+            logging["facilities"] = dict(self.logging.facilities)
+        return {
+            "agent": agent,
+            "identity": identity,
+            "timing": {f.name: getattr(self.timing, f.name) for f in fields(self.timing)},
+            "behaviour": {f.name: getattr(self.behaviour, f.name) for f in fields(self.behaviour)},
+            "logging": logging,
+        }
+
+    def to_toml(self) -> str:
+        """This config as a TOML file that :meth:`from_toml` reads back equal.
+
+        Relative paths are written as they are, so they count from the folder the file is
+        written to.
+        """
+        lines: list[str] = []
+        for section, table in self.to_dict().items():
+            _emit_table(lines, section, table)
+        return "\n".join(lines) + "\n"
+
+    # --- derived values ---
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` (``/...``) on the configured server."""
+        return self.server.rstrip("/") + path
+
+    @property
+    def job_url(self) -> str:
+        return self.url(self.job_path)
+
+    @property
+    def file_url(self) -> str:
+        return self.url(self.file_path)
+
+    def load_token(self) -> str | None:
+        """The bearer token: ``token``, else ``token_file``'s stripped contents, else None.
+
+        Raises:
+            InputFileError: the token file is missing or unreadable.
+            ConfigError: the token file is empty or not a one-line UTF-8 token.
+        """
+        if self.token_file is None:
+            return self.token
+        raw = read_input(self.token_file, what="token file")
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"token file {self.token_file} is not UTF-8 text", key="agent.token_file"
+            ) from None
+        try:
+            return _check_text(f"token file {self.token_file}", text)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, key="agent.token_file") from None
+
+
+def _table(value: object, prefix: str) -> Mapping[str, Any]:
+    """``value`` as a table of string keys; ConfigError if it is not one."""
+    if not isinstance(value, Mapping):
+        where = f"[{prefix[:-1]}]" if prefix else "the configuration"
+        raise ConfigError(
+            f"{where} must be a table, not {_type_name(value)} ({_show(value)})",
+            key=prefix[:-1] or None,
+            value=value,
+        )
+    for key in value:
+        if type(key) is not str:
+            raise ConfigError(
+                f"key {_show(key)} in {prefix[:-1] or 'the file'} is not a string", value=key
+            )
+    return value
+
+
+def _known_table(tables: Mapping[str, Any], name: str, kind: type[Any]) -> Mapping[str, Any]:
+    """Table ``name`` (empty if absent) checked to hold only the fields of dataclass ``kind``."""
+    table = _table(tables.get(name, {}), f"{name}.")
+    allowed = tuple(f.name for f in fields(kind))
+    for key in table:
+        _check_known(key, allowed, f"{name}.")
+    return table
+
+
+# --- TOML output -------------------------------------------------------------------------------
+
+
+def _emit_table(lines: list[str], name: str, table: Mapping[str, Any]) -> None:
+    if lines:
+        lines.append("")
+    lines.append(f"[{name}]")
+    nested = []
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            nested.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in nested:
+        _emit_table(lines, f"{name}.{key}", value)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # finite (checked); repr is valid TOML and reads back exact
+    if isinstance(value, str):
+        return _toml_string(value)
+    raise TypeError(f"no TOML form for {value!r}")  # pragma: no cover - to_dict gives none
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif (char < " " and char != "\t") or char == "\x7f":
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
