@@ -162,3 +162,35 @@ def test_power_cut_during_download_resumes(setup: Setup) -> None:
     assert first.bytes_done > 4096  # resumed, not from zero
     assert done.running == "1.5.0+0"
     assert httpx.get(f"{setup.server.url}/healthz").status_code == 200
+
+
+def test_update_completes_through_a_faulty_network(setup: Setup) -> None:
+    """Drops, truncations, resets and stalls between agent and server: attempts resume from the
+    journal until the update is done, and the image that runs is byte-exact."""
+    from .faultproxy import Fault, FaultProxy
+
+    data = image("1.6.0", 200_000)
+    setup.deploy(data)
+    device = setup.device()
+    target = ("127.0.0.1", int(setup.server.url.rsplit(":", 1)[1]))
+    faults = {Fault.DROP: 0.08, Fault.TRUNCATE: 0.08, Fault.RESET: 0.05, Fault.STALL: 0.02}
+    with FaultProxy(
+        target, seed=7, probabilities=faults, fault_bytes=3000, stall_seconds=0.3
+    ) as proxy:
+        # the agent needs few connections (one keep-alive connection carries a whole download),
+        # so also force drops mid-download on the next ones: each cuts the transfer at 60 KB
+        proxy.force(Fault.DROP, count=4, at=60_000)
+        token: str | None = setup.enroll
+        outcomes = []
+        for _attempt in range(40):
+            report = run(device.dir, proxy.url, token=token)
+            token = None  # the device keeps its own token after enrolling
+            outcomes.append(report.result.outcome)
+            if report.result.outcome is Outcome.UPDATED:
+                break
+        assert outcomes[-1] is Outcome.UPDATED, outcomes
+        injected = sum(proxy.stats.faults.values())
+    assert injected >= 3, "too few faults fired: the test would prove little"
+    assert report.running == "1.6.0+0"
+    with device.bootloader() as boot:
+        assert boot.primary().read_at(0, len(data)) == data
