@@ -324,6 +324,19 @@ class FlashError(OtakitError):
     agent_error = "WRITE_STORAGE"
 
 
+class FileOperationError(OtakitError):
+    """A gateway's file system (littlefs) refused an operation: full, corrupted, I/O."""
+
+    code = "FILE_OPERATION"
+    agent_error = "WRITE_STORAGE"
+
+
+class McuProgramError(OtakitError):
+    """Programming the external MCU failed, or it does not run the new version afterwards."""
+
+    code = "MCU_PROGRAM"
+
+
 class FlashMapError(OtakitError):
     """A flash map is invalid: overlapping or misaligned areas, a missing slot, bad JSON."""
 

@@ -28,7 +28,6 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -38,12 +37,15 @@ from otakit.device.flash import Flash
 from otakit.device.journal import Download, JournalRecord
 from otakit.errors import (
     DowngradeError,
+    FileOperationError,
     HashMismatchError,
     ImageTooLargeError,
+    McuProgramError,
     OtakitError,
     UsageError,
 )
 from otakit.image.header import ImageVersion
+from otakit.protocol.fwinfo import ERRORS, STATES, FwError, FwStatus
 from otakit.protocol.version import FirmwareVersion
 from otakit.sim.device import SimDevice
 
@@ -51,63 +53,18 @@ if TYPE_CHECKING:
     from littlefs.lfs import LFSConfig
 
 
-# --- errors ------------------------------------------------------------------------------------
-
-
-class FileOperationError(OtakitError):
-    """littlefs refused an operation on the gateway's file system (full, corrupted, I/O)."""
-
-    code = "FILE_OPERATION"
-    agent_error = "WRITE_STORAGE"
-
-
-class McuProgramError(OtakitError):
-    """Programming the external MCU failed, or it does not run the new version afterwards."""
-
-    code = "MCU_PROGRAM"
-
-
-# --- reported state (§7: extFwInfo.Status / extFwInfo.Error) ------------------------------------
-
-
-class GatewayState(StrEnum):
-    """``extFwInfo.Status``."""
-
-    DOWNLOADING = "downloading"
-    INTERRUPTED = "interrupted"
-    APPLYING = "applying"
-    APPLIED = "applied"
-    ERROR = "error"
-    INVALID = "invalid"
-
-
-class GatewayError(StrEnum):
-    """``extFwInfo.Error``."""
-
-    SHA256_VERIFY_FAIL = "SHA256 verify fail"
-    HTTP_RESPONSE = "Http Response > 400"
-    NETWORK_TIMEOUT = "Network Timeout"
-    MCU_DOWNLOAD_FAIL = "MCU Download fail"
-    FILE_OPERATION_FAIL = "File operation fail"
-    NONE = "None"
-
-
-STATES: tuple[str, ...] = tuple(s.value for s in GatewayState)
-ERRORS: tuple[str, ...] = tuple(e.value for e in GatewayError)
-
-
 @dataclass(frozen=True)
 class GatewayStatus:
     """What the gateway reports about the external firmware."""
 
-    status: GatewayState
-    error: GatewayError = GatewayError.NONE
+    status: FwStatus
+    error: FwError = FwError.NONE
     version: str | None = None  # the version running on the MCU, when ``applied``
 
     def to_dict(self) -> dict[str, str]:
         """The ``extFwInfo`` reported properties: Status, Error, and Version when applied."""
         data = {"Status": self.status.value, "Error": self.error.value}
-        if self.status is GatewayState.APPLIED and self.version is not None:
+        if self.status is FwStatus.APPLIED and self.version is not None:
             data["Version"] = self.version
         return data
 
@@ -479,9 +436,9 @@ class GatewayStorage:
         self._verified = False
         record = self._load()
         if record is not None and self._newer(record.download.version):
-            self._status = GatewayStatus(GatewayState.INTERRUPTED)
+            self._status = GatewayStatus(FwStatus.INTERRUPTED)
         else:
-            self._status = GatewayStatus(GatewayState.APPLIED, version=current_version)
+            self._status = GatewayStatus(FwStatus.APPLIED, version=current_version)
 
     # --- reported state ------------------------------------------------------------------------
 
@@ -489,21 +446,21 @@ class GatewayStorage:
         """The §7 reported state; ``status().to_dict()`` gives Status, Error (and Version)."""
         return self._status
 
-    def mark(self, status: str, error: str = GatewayError.NONE) -> None:
+    def mark(self, status: str, error: str = FwError.NONE) -> None:
         """Set the reported state for what only the caller knows (``interrupted`` with
         "Network Timeout", ``error`` with "Http Response > 400"...). Raises UsageError."""
         try:
-            state, failure = GatewayState(status), GatewayError(error)
+            state, failure = FwStatus(status), FwError(error)
         except ValueError:
             raise UsageError(
                 f"unknown gateway status {status!r} / error {error!r}; expected one of "
                 f"{', '.join(STATES)} / {', '.join(ERRORS)}",
                 value=(status, error),
             ) from None
-        version = self.current_version if state is GatewayState.APPLIED else None
+        version = self.current_version if state is FwStatus.APPLIED else None
         self._status = GatewayStatus(state, failure, version)
 
-    def _fail(self, state: GatewayState, error: GatewayError = GatewayError.NONE) -> None:
+    def _fail(self, state: FwStatus, error: FwError = FwError.NONE) -> None:
         self._status = GatewayStatus(state, error)
 
     # --- Storage -------------------------------------------------------------------------------
@@ -532,14 +489,14 @@ class GatewayStorage:
             stored = self.store.size(self.file)
             room = self._room(stored or 0)
             if download.size > room:
-                self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+                self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
                 raise ImageTooLargeError(
                     f"the image is {download.size} bytes, larger than the {room} bytes free in "
                     "the gateway's file system",
                     value=download.size,
                 )
             self._download, self._verified = download, False
-            self._status = GatewayStatus(GatewayState.DOWNLOADING)
+            self._status = GatewayStatus(FwStatus.DOWNLOADING)
             if record is not None and record.same(download):
                 if record.stage == COMPLETED and stored == download.size:
                     return download.size  # verify only
@@ -551,7 +508,7 @@ class GatewayStorage:
             self.store.write_file(self.file, b"")
             return 0
         except FileOperationError:
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
     def write(self, offset: int, data: bytes) -> None:
@@ -576,7 +533,7 @@ class GatewayStorage:
                 )
             self._append.write(data)
         except FileOperationError:
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
     def commit(self, end: int) -> None:
@@ -587,7 +544,7 @@ class GatewayStorage:
         try:
             self._append.sync()
         except FileOperationError:
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
     def verify(self) -> str:
@@ -609,7 +566,7 @@ class GatewayStorage:
             if size != download.size or actual != download.sha256.upper():
                 self._delete()
                 self._download = None
-                self._fail(GatewayState.ERROR, GatewayError.SHA256_VERIFY_FAIL)
+                self._fail(FwStatus.ERROR, FwError.SHA256_VERIFY_FAIL)
                 raise HashMismatchError(
                     f"the downloaded file ({size} of {download.size} bytes) has SHA-256 "
                     f"{actual}, not {download.sha256.upper()}; deleted",
@@ -617,7 +574,7 @@ class GatewayStorage:
                 )
             self.store.write_file(self.progress_file, _Progress(COMPLETED, download).to_json())
         except FileOperationError:
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
         self._verified = True
         return download.version
@@ -632,38 +589,38 @@ class GatewayStorage:
         download = self._opened()
         if not self._verified:
             self.verify()
-        self._status = GatewayStatus(GatewayState.APPLYING)
+        self._status = GatewayStatus(FwStatus.APPLYING)
         try:
             data = self.store.read(self.file)
         except FileOperationError:
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
         try:
             self.programmer.program(data, download.version)
         except OtakitError:
-            self._fail(GatewayState.ERROR, GatewayError.MCU_DOWNLOAD_FAIL)
+            self._fail(FwStatus.ERROR, FwError.MCU_DOWNLOAD_FAIL)
             raise
         self.current = FirmwareVersion.parse(download.version)
         self.current_version = download.version
-        self._status = GatewayStatus(GatewayState.APPLIED, version=download.version)
+        self._status = GatewayStatus(FwStatus.APPLIED, version=download.version)
         self._download, self._verified = None, False
         try:
             self._delete()
         except FileOperationError:
             # The MCU is updated; the stale file goes with the next download.
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
     def abort(self) -> None:
         """Remove the file and the progress record."""
         self._download, self._verified = None, False
-        if self._status.status is GatewayState.DOWNLOADING:
-            self._status = GatewayStatus(GatewayState.INTERRUPTED)
+        if self._status.status is FwStatus.DOWNLOADING:
+            self._status = GatewayStatus(FwStatus.INTERRUPTED)
         try:
             self._close_append()
             self._delete()
         except FileOperationError:
-            self._fail(GatewayState.ERROR, GatewayError.FILE_OPERATION_FAIL)
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
     # --- internals -----------------------------------------------------------------------------
@@ -685,7 +642,7 @@ class GatewayStorage:
                     value=download.version,
                 )
         except OtakitError:
-            self._fail(GatewayState.INVALID)
+            self._fail(FwStatus.INVALID)
             raise
 
     def _newer(self, version: str) -> bool:

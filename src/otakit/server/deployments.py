@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.errors import OtakitError, UsageError
+from otakit.protocol.fwinfo import STATES
 from otakit.protocol.version import FirmwareVersion
 from otakit.server.models import (
     Artifact,
@@ -30,7 +31,6 @@ from otakit.server.models import (
 )
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG, matches, parse_condition
 
-STATES = ("downloading", "interrupted", "applying", "applied", "error", "invalid")
 COUNTED = {
     "downloading": "Downloading",
     "interrupted": "Interrupted",
@@ -39,14 +39,6 @@ COUNTED = {
     "error": "Error",
     "invalid": "Error",
 }
-ERRORS = (
-    "None",
-    "SHA256 verify fail",
-    "Http Response > 400",
-    "Network Timeout",
-    "MCU Download fail",
-    "File operation fail",
-)
 
 
 @dataclass(frozen=True)

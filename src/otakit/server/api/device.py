@@ -8,11 +8,12 @@ no token at all; the response then carries its device token, which it keeps from
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
 
+from otakit.protocol.fwinfo import FwStatus
 from otakit.server import deployments
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Device, Product, Token, utcnow
@@ -56,20 +57,17 @@ class CheckInResult(BaseModel):
     device_token: str | None = None  # only on the check-in that registered the device
 
 
-ReportState = Literal["downloading", "interrupted", "applying", "applied", "error", "invalid"]
-
-
 class StatusReport(BaseModel):
     """A status report with flat fields."""
 
-    status: ReportState
+    status: FwStatus
     error: str | None = Field(default=None, max_length=64)
     version: str | None = Field(default=None, max_length=32)
     deployment_id: int | None = None
 
 
 class ExtFwInfo(BaseModel):
-    Status: ReportState  # the reference design's names
+    Status: FwStatus  # the reference design's names
     Error: str | None = Field(default=None, max_length=64)
     Version: int | str | None = None
 

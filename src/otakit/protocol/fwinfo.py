@@ -1,0 +1,35 @@
+"""``extFwInfo``: the reported state of the gateway model (protocols.md §7).
+
+``extFwInfo.Status`` and ``extFwInfo.Error`` take exactly these strings; the server counts
+devices by them and gateways and agents report them.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class FwStatus(StrEnum):
+    """``extFwInfo.Status``."""
+
+    DOWNLOADING = "downloading"
+    INTERRUPTED = "interrupted"
+    APPLYING = "applying"
+    APPLIED = "applied"
+    ERROR = "error"
+    INVALID = "invalid"
+
+
+class FwError(StrEnum):
+    """``extFwInfo.Error``."""
+
+    SHA256_VERIFY_FAIL = "SHA256 verify fail"
+    HTTP_RESPONSE = "Http Response > 400"
+    NETWORK_TIMEOUT = "Network Timeout"
+    MCU_DOWNLOAD_FAIL = "MCU Download fail"
+    FILE_OPERATION_FAIL = "File operation fail"
+    NONE = "None"
+
+
+STATES: tuple[str, ...] = tuple(s.value for s in FwStatus)
+ERRORS: tuple[str, ...] = tuple(e.value for e in FwError)
