@@ -34,6 +34,11 @@ A fault whose ``at`` lies beyond the end of the response never fires: serve resp
 than ``fault_bytes`` when every fault must show. :attr:`FaultProxy.stats` counts only faults
 that fired.
 
+Recording: the bytes each connection forwarded to the server are kept. :meth:`requests` parses
+them into HTTP requests and :meth:`ranges` lists the ``Range: bytes=a-b`` they asked for::
+
+    proxy.ranges("/ota-update.bin")  # [(0, 4095), (4096, 8191), ...], in the order sent
+
 Determinism: connection *i* (in accept order) draws from ``random.Random(seed)`` exactly twice,
 forced or not, so its fault and ``at`` depend only on the seed and *i*. :attr:`choices` lists the
 fault chosen for each connection.
@@ -47,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import random
+import re
 import selectors
 import socket
 import struct
@@ -61,6 +67,7 @@ from typing import Any
 
 _RECV_SIZE = 65536
 _MAX_BUFFER = 256 * 1024  # per direction; stop reading a side whose data cannot be sent on
+_RANGE_RE = re.compile(rb"\s*bytes\s*=\s*(\d+)\s*-\s*(\d+)\s*", re.IGNORECASE)
 
 
 class Fault(StrEnum):
@@ -86,12 +93,61 @@ class ProxyStats:
     bytes_down: int  # server -> client, forwarded
 
 
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request as the proxy forwarded it to the server."""
+
+    connection: int  # accept order
+    method: str
+    target: str  # as on the request line, e.g. ``/ota-update.bin``
+    headers: Mapping[str, str]  # names in lower case; a repeated header keeps its last value
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def range(self) -> tuple[int, int] | None:
+        """``(a, b)`` of a ``Range: bytes=a-b`` header; None without one (or another form)."""
+        match = _RANGE_RE.fullmatch(self.headers.get("range", "").encode())
+        return (int(match[1]), int(match[2])) if match else None
+
+
+def parse_requests(connection: int, data: bytes) -> list[Request]:
+    """The complete requests in ``data``, the bytes a client sent on one connection.
+
+    Bodies are skipped by ``Content-Length``; parsing stops at an incomplete request or a
+    chunked body (the agent sends neither in the middle of a connection).
+    """
+    requests: list[Request] = []
+    pos = 0
+    while (end := data.find(b"\r\n\r\n", pos)) >= 0:
+        line, *fields = data[pos:end].decode("latin-1").split("\r\n")
+        method, target, _ = [*line.split(" ", 2), "", ""][:3]
+        headers: dict[str, str] = {}
+        for item in fields:
+            name, _, value = item.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            break
+        try:
+            length = int(headers.get("content-length", "0"))
+        except ValueError:
+            break
+        if end + 4 + length > len(data):
+            break
+        requests.append(Request(connection, method, target, MappingProxyType(headers)))
+        pos = end + 4 + length
+    return requests
+
+
 @dataclass(eq=False)
 class _Conn:
     index: int
     fault: Fault
     at: int
     client: socket.socket
+    sent: bytearray  # every byte forwarded to the server, kept after the connection closes
     upstream: socket.socket | None = None
     connecting: bool = True
     up_buf: bytearray = field(default_factory=bytearray)
@@ -153,6 +209,7 @@ class FaultProxy:
         self._bytes_up = 0
         self._bytes_down = 0
         self._choices: list[Fault] = []
+        self._sent: list[bytearray] = []  # per connection, in accept order
 
         self._conns: list[_Conn] = []
         self._sockets: set[socket.socket] = set()  # every socket opened and not yet closed
@@ -246,6 +303,22 @@ class FaultProxy:
         """The fault chosen for each connection so far, in accept order (fired or not)."""
         with self._lock:
             return list(self._choices)
+
+    def requests(self) -> list[Request]:
+        """Every complete request forwarded to the server so far: by connection (accept
+        order), then in the order sent."""
+        with self._lock:
+            sent = [bytes(data) for data in self._sent]
+        return [request for i, data in enumerate(sent) for request in parse_requests(i, data)]
+
+    def ranges(self, path: str | None = None) -> list[tuple[int, int]]:
+        """The ``(a, b)`` of every ``Range: bytes=a-b`` request forwarded, in order; only
+        those for ``path`` when given."""
+        return [
+            request.range
+            for request in self.requests()
+            if request.range is not None and (path is None or request.path == path)
+        ]
 
     @property
     def alive(self) -> bool:
@@ -342,7 +415,8 @@ class FaultProxy:
                 fault, forced_at = self._forced.popleft()
                 at = at if forced_at is None else forced_at
             self._choices.append(fault)
-            conn = _Conn(index=index, fault=fault, at=at, client=client)
+            conn = _Conn(index=index, fault=fault, at=at, client=client, sent=bytearray())
+            self._sent.append(conn.sent)
             if fault in (Fault.DROP, Fault.STALL):
                 conn.limit = at
             self._conns.append(conn)
@@ -412,6 +486,7 @@ class FaultProxy:
         except OSError:
             self._close_conn(conn)
             return
+        conn.sent += conn.up_buf[:sent]
         del conn.up_buf[:sent]
         self._bytes_up += sent
 

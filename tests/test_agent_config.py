@@ -530,3 +530,56 @@ def test_any_valid_config_round_trips_through_toml(config: AgentConfig) -> None:
     text = config.to_toml()
     assert AgentConfig.from_dict(tomllib.loads(text)) == config
     assert AgentConfig.from_dict(config.to_dict()) == config
+
+
+# --- [storage] ---------------------------------------------------------------------------------
+
+GATEWAY = {"kind": "gateway", "path": "flash.bin", "program": ["pyocd", "flash", "{file}"]}
+
+
+def test_storage_round_trips_and_resolves_paths(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    data = {**MINIMAL, "storage": {**GATEWAY, "fs_size": 65536, "sector_size": 4096}}
+    path.write_text(AgentConfig.from_dict(data).to_toml())
+    config = AgentConfig.from_toml(path)
+    assert config.storage is not None
+    assert config.storage.path == tmp_path / "flash.bin"
+    assert config.storage.program == ("pyocd", "flash", "{file}")
+    assert AgentConfig.from_dict(config.to_dict()) == config
+    sim = AgentConfig.from_dict({**MINIMAL, "storage": {"path": "dev"}}, base_dir=tmp_path)
+    assert sim.storage is not None
+    assert (sim.storage.kind, sim.storage.path, sim.storage.confirm) == (
+        "sim-device",
+        tmp_path / "dev",
+        True,
+    )
+    assert AgentConfig.from_dict(MINIMAL).storage is None
+
+
+@pytest.mark.parametrize(
+    ("storage", "message"),
+    [
+        ({"kind": "gateway"}, "missing required key storage.path"),
+        ({**GATEWAY, "kind": "disk"}, "storage.kind is 'disk' but must be one of sim-device"),
+        ({"kind": "gateway", "path": "f"}, "a gateway needs exactly one of storage.program"),
+        ({**GATEWAY, "mcu": "mcu"}, "a gateway needs exactly one of storage.program"),
+        (
+            {"path": "d", "program": ["x"]},
+            'storage.mcu and storage.program are for kind = "gateway"',
+        ),
+        ({**GATEWAY, "program": "pyocd flash"}, "storage.program must be a list"),
+        ({**GATEWAY, "program": ["pyocd", ""]}, "storage.program must be a list"),
+        ({**GATEWAY, "fs_size": 4096}, "storage.fs_size is 4096 but must be from 65536"),
+        ({**GATEWAY, "fs_size": 65536 + 100}, "is not a multiple of storage.sector_size"),
+        ({**GATEWAY, "confirm": "yes"}, "storage.confirm must be true or false"),
+        ({**GATEWAY, "size": 1}, "unknown key storage.size"),
+    ],
+)
+def test_bad_storage_is_named(storage: dict[str, Any], message: str) -> None:
+    error = config_error({**MINIMAL, "storage": storage})
+    assert message in error.message
+
+
+def test_gateway_takes_the_job_flow_only() -> None:
+    data = {**MINIMAL, "agent": {**MINIMAL["agent"], "flow": "direct"}, "storage": GATEWAY}
+    assert 'agent.flow must be "job"' in config_error(data).message

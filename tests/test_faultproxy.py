@@ -148,6 +148,43 @@ def test_counts_bytes_each_way(origin: Origin) -> None:
     assert (stats.connections, stats.open_connections) == (1, 0)
 
 
+def test_records_the_requests_and_their_ranges(origin: Origin) -> None:
+    with FaultProxy(origin.address) as proxy:
+        with httpx.Client(base_url=proxy.url) as client:  # keep-alive: one connection
+            client.get("/blob", headers={"Range": "bytes=10-19"})
+            client.get("/blob", headers={"RANGE": "bytes=4096-8191"})
+            client.get("/blob")
+        with one_shot_client(proxy) as client:
+            client.post("/blob", content=b"Range: bytes=1-2\r\n\r\n")  # a body, not a header
+            client.get("/other?x=1", headers={"range": "Bytes = 7-8"})
+            client.get("/blob", headers={"range": "bytes=100-"})  # open-ended: not listed
+        assert proxy.wait_idle()
+        requests = proxy.requests()
+        assert proxy.ranges() == [(10, 19), (4096, 8191), (7, 8)]
+        assert proxy.ranges("/blob") == [(10, 19), (4096, 8191)]
+    assert [(r.connection, r.method, r.target) for r in requests] == [
+        (0, "GET", "/blob"),
+        (0, "GET", "/blob"),
+        (0, "GET", "/blob"),
+        (1, "POST", "/blob"),
+        (2, "GET", "/other?x=1"),
+        (3, "GET", "/blob"),
+    ]
+    assert requests[3].headers["content-length"] == "20"
+    assert requests[4].path == "/other"
+
+
+def test_records_nothing_a_reset_discarded(origin: Origin) -> None:
+    with FaultProxy(origin.address) as proxy:
+        proxy.force(Fault.RESET)
+        with one_shot_client(proxy) as client:
+            with pytest.raises(httpx.ReadError):
+                client.get("/blob", headers={"Range": "bytes=0-9"})
+            client.get("/blob", headers={"Range": "bytes=10-19"})
+        assert proxy.wait_idle()
+        assert proxy.ranges() == [(10, 19)]
+
+
 # --- each fault as a client sees it ------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from otakit import __version__
+from otakit.device.cli import app as agent_app
 from otakit.errors import OtakitError, UsageError
 from otakit.files import read_input, write_atomic
 from otakit.host.deploy import deploy
@@ -327,6 +328,7 @@ def unpack(
         out.print(f"{directory / c.name}: {c.file_type} (image {c.image_index}), {c.size} bytes")
 
 
+app.add_typer(agent_app, name="agent")
 app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")
 app.command()(serve)

@@ -262,10 +262,15 @@ class JobFetchError(AgentError):
 
 
 class TransferError(AgentError):
-    """The image could not be downloaded (after the configured tries)."""
+    """The image could not be downloaded (after the configured tries); ``status`` is the
+    server's last HTTP answer, None when it did not answer (timeout, connection lost)."""
 
     code = "GET_DATA"
     agent_error = "GET_DATA"
+
+    def __init__(self, message: str, *, status: int | None = None, value: object = None) -> None:
+        super().__init__(message, value=value)
+        self.status = status
 
 
 class TransportUnsupportedError(AgentError):

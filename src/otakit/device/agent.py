@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from otakit.device.config import AgentConfig, Timing
 from otakit.device.events import Answer, Callback, Event, Reason, State
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Transport
@@ -196,10 +197,36 @@ def _report(
     attempt.emit(Event(State.RESULT_DISCONNECT, Reason.STATE_CHANGE))
 
 
+def poll(
+    attempt: Callable[[], Result],
+    *,
+    timing: Timing,
+    stop: threading.Event,
+    wake: threading.Event | None = None,
+    until: Callable[[Result], bool] = lambda result: False,
+) -> Result | None:
+    """Run ``attempt`` first after ``timing.initial_check`` seconds, then every
+    ``timing.next_check`` seconds, or ``timing.retry_interval`` after a failure, until ``stop``
+    is set or ``until(result)``; setting ``wake`` runs the next attempt at once. Returns the
+    last result."""
+    wake = wake if wake is not None else threading.Event()
+    wait, last = timing.initial_check, None
+    while not stop.is_set():
+        wake.wait(wait)
+        wake.clear()
+        if stop.is_set():
+            break
+        last = attempt()
+        if until(last):
+            break
+        wait = timing.retry_interval if last.outcome is Outcome.FAILED else timing.next_check
+    return last
+
+
 class Agent:
-    """Runs update attempts on a background thread: first after ``initial_check`` seconds,
-    then every ``next_check`` seconds, or ``retry_interval`` after a failure; ``check_now()``
-    wakes it at once. After an update it calls ``reboot`` when ``reboot_upon_completion``."""
+    """Runs update attempts on a background thread with the configured timing (:func:`poll`);
+    ``check_now()`` wakes it at once. After an update it calls ``reboot`` when
+    ``reboot_upon_completion``, and stops: the device restarts into the new image."""
 
     def __init__(
         self,
@@ -209,9 +236,7 @@ class Agent:
         board: str,
         version: str,
         flow: Flow = Flow.JOB,
-        initial_check: float = 60,
-        next_check: float = 86400,
-        retry_interval: float = 5,
+        timing: Timing | None = None,
         validate_after_reboot: bool = True,
         reboot_upon_completion: bool = True,
         send_result: bool = True,
@@ -223,9 +248,7 @@ class Agent:
         self.board = board
         self.version = version
         self.flow = flow
-        self.initial_check = initial_check
-        self.next_check = next_check
-        self.retry_interval = retry_interval
+        self.timing = timing if timing is not None else Timing()
         self.validate_after_reboot = validate_after_reboot
         self.reboot_upon_completion = reboot_upon_completion
         self.send_result = send_result
@@ -235,6 +258,31 @@ class Agent:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        config: AgentConfig,
+        transport: Transport,
+        storage: Storage,
+        *,
+        callback: Callback | None = None,
+        reboot: Callable[[], None] | None = None,
+    ) -> Agent:
+        """An agent with the identity, flow, timing and behaviour of ``config``."""
+        return cls(
+            transport,
+            storage,
+            board=config.identity.board,
+            version=config.identity.version,
+            flow=Flow(config.flow),
+            timing=config.timing,
+            validate_after_reboot=config.behaviour.validate_after_reboot,
+            reboot_upon_completion=config.behaviour.reboot_upon_completion,
+            send_result=not config.behaviour.do_not_send_result,
+            callback=callback,
+            reboot=reboot,
+        )
 
     def run_once(self) -> Result:
         result = update_once(
@@ -263,6 +311,7 @@ class Agent:
         self._wake.set()
 
     def stop(self, timeout: float | None = 30) -> None:
+        """End the background thread (after the attempt under way, if any)."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -270,14 +319,15 @@ class Agent:
             self._thread = None
         self.transport.close()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _loop(self) -> None:
-        wait = self.initial_check
-        while not self._stopping.is_set():
-            self._wake.wait(wait)
-            self._wake.clear()
-            if self._stopping.is_set():
-                break
-            result = self.run_once()
-            if result.outcome is Outcome.UPDATED and self.reboot_upon_completion:
-                break  # the device reboots into the new image
-            wait = self.retry_interval if result.outcome is Outcome.FAILED else self.next_check
+        poll(
+            self.run_once,
+            timing=self.timing,
+            stop=self._stopping,
+            wake=self._wake,
+            until=lambda r: r.outcome is Outcome.UPDATED and self.reboot_upon_completion,
+        )

@@ -34,6 +34,10 @@ The file has one table per concern, and each table is one frozen dataclass here:
     [logging.facilities]
     http = "debug"
 
+    [storage]                                 -> StorageConfig (where the image goes)
+    kind = "sim-device"                       # or "gateway"
+    path = "device"                           # device folder, or the gateway's flash file
+
 :class:`AgentConfig` is the whole file: ``config.timing.retry_interval``,
 ``config.behaviour.reboot_upon_completion``. Only ``agent.server`` and ``identity.serial``,
 ``identity.board`` and ``identity.version`` are required; every other key has the default of
@@ -398,6 +402,80 @@ def _check_known(key: object, allowed: tuple[str, ...], prefix: str) -> str:
     return key
 
 
+STORAGE_KINDS = ("sim-device", "gateway")
+MIN_FS_SECTORS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageConfig:
+    """``[storage]``: where the agent writes the image (``otakit agent run`` needs it).
+
+    - ``kind = "sim-device"``: ``path`` is a simulated device folder (``otakit sim create``):
+      the image goes to its secondary slot; after a reboot the agent confirms the new image
+      when ``confirm`` is true, as a healthy application would.
+    - ``kind = "gateway"`` (protocols.md §7): ``path`` is the gateway's external flash, a file
+      of ``fs_size`` bytes holding a littlefs file system (created on first use); the MCU is
+      programmed by ``program`` (a command, ``{file}`` and ``{version}`` replaced) or, for a
+      simulated MCU, into the device folder ``mcu``. Exactly one of them.
+
+    Raises:
+        ConfigError: an unknown kind, a missing or misplaced key, or a bad size.
+    """
+
+    path: Path
+    kind: str = "sim-device"
+    confirm: bool = True
+    fs_size: int = 4 * 1024 * 1024
+    sector_size: int = 4096
+    mcu: Path | None = None
+    program: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if type(self.kind) is not str or self.kind not in STORAGE_KINDS:
+            raise ConfigError(
+                f"storage.kind is {_show(self.kind)} but must be one of {', '.join(STORAGE_KINDS)}",
+                key="storage.kind",
+                value=self.kind,
+            )
+        _check_path("storage.path", self.path)
+        _check_bool("storage.confirm", self.confirm)
+        _check_int("storage.sector_size", self.sector_size, 128, 1024 * 1024, " bytes")
+        _check_int(
+            "storage.fs_size",
+            self.fs_size,
+            MIN_FS_SECTORS * self.sector_size,
+            1 << 40,
+            f" bytes ({MIN_FS_SECTORS} sectors or more)",
+        )
+        if self.fs_size % self.sector_size:
+            raise ConfigError(
+                f"storage.fs_size {self.fs_size} is not a multiple of storage.sector_size "
+                f"{self.sector_size}",
+                key="storage.fs_size",
+                value=self.fs_size,
+            )
+        if not isinstance(self.program, tuple) or not all(
+            type(arg) is str and arg for arg in self.program
+        ):
+            raise ConfigError(
+                f"storage.program must be a list of non-empty strings, not {_show(self.program)}",
+                key="storage.program",
+                value=self.program,
+            )
+        if self.mcu is not None:
+            _check_path("storage.mcu", self.mcu)
+        if self.kind == "gateway" and (self.mcu is None) == (not self.program):
+            raise ConfigError(
+                "a gateway needs exactly one of storage.program (a command) and storage.mcu "
+                "(a simulated MCU folder)",
+                key="storage.program",
+            )
+        if self.kind != "gateway" and (self.mcu is not None or self.program):
+            raise ConfigError(
+                'storage.mcu and storage.program are for kind = "gateway"', key="storage.kind"
+            )
+
+
 # --- the whole file ----------------------------------------------------------------------------
 
 _AGENT_PATHS = ("token_file", "ca_file", "client_cert", "client_key")
@@ -409,7 +487,7 @@ _AGENT_KEYS = (
     "job_path",
     "file_path",
 )
-_SECTIONS = ("agent", "identity", "timing", "behaviour", "logging")
+_SECTIONS = ("agent", "identity", "timing", "behaviour", "logging", "storage")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -441,6 +519,7 @@ class AgentConfig:
     timing: Timing = field(default_factory=Timing)
     behaviour: Behaviour = field(default_factory=Behaviour)
     logging: LogConfig = field(default_factory=LogConfig)
+    storage: StorageConfig | None = None
 
     def __post_init__(self) -> None:
         _check_server("agent.server", self.server)
@@ -468,6 +547,13 @@ class AgentConfig:
                     f"{name} must be of type {kind.__name__}, not {_show(getattr(self, name))}",
                     key=name,
                 )
+        if self.storage is not None and not isinstance(self.storage, StorageConfig):
+            raise ConfigError(f"storage must be a StorageConfig, not {_show(self.storage)}")
+        if self.storage is not None and self.storage.kind == "gateway" and self.flow != "job":
+            raise ConfigError(
+                'a gateway takes its jobs from check-ins: agent.flow must be "job"',
+                key="agent.flow",
+            )
         if self.token is not None and self.token_file is not None:
             raise ConfigError(
                 "agent.token and agent.token_file are both given; keep one", key="agent.token"
@@ -521,20 +607,22 @@ class AgentConfig:
         if "facilities" in logging:
             _table(logging["facilities"], "logging.facilities.")
 
-        paths: dict[str, Path] = {}
-        for name in _AGENT_PATHS:
-            if name in agent:
-                value = agent[name]
-                if type(value) is not str or not value:
-                    _check_text(f"agent.{name}", value)  # raises: wrong type or empty
-                path = Path(value)
-                paths[name] = Path(base_dir, path) if base_dir is not None else path
+        storage = None
+        if "storage" in tables:
+            table = dict(_known_table(tables, "storage", StorageConfig))
+            if "path" not in table:
+                raise ConfigError("missing required key storage.path", key="storage.path")
+            table |= _paths(table, ("path", "mcu"), "storage", base_dir)
+            if isinstance(table.get("program"), list):
+                table["program"] = tuple(table["program"])
+            storage = StorageConfig(**table)
         return cls(
-            **{**agent, **paths},
+            **{**agent, **_paths(agent, _AGENT_PATHS, "agent", base_dir)},
             identity=Identity(**identity),
             timing=Timing(**timing),
             behaviour=Behaviour(**behaviour),
             logging=LogConfig(**logging),
+            storage=storage,
         )
 
     @classmethod
@@ -574,13 +662,25 @@ class AgentConfig:
         logging: dict[str, Any] = {"level": self.logging.level}
         if self.logging.facilities:
             logging["facilities"] = dict(self.logging.facilities)
-        return {
+        tables: dict[str, dict[str, Any]] = {
             "agent": agent,
             "identity": identity,
             "timing": {f.name: getattr(self.timing, f.name) for f in fields(self.timing)},
             "behaviour": {f.name: getattr(self.behaviour, f.name) for f in fields(self.behaviour)},
             "logging": logging,
         }
+        if self.storage is not None:
+            storage = {f.name: getattr(self.storage, f.name) for f in fields(self.storage)}
+            tables["storage"] = {
+                key: str(value)
+                if isinstance(value, Path)
+                else list(value)
+                if isinstance(value, tuple)
+                else value
+                for key, value in storage.items()
+                if value is not None and value != ()
+            }
+        return tables
 
     def to_toml(self) -> str:
         """This config as a TOML file that :meth:`from_toml` reads back equal.
@@ -627,6 +727,24 @@ class AgentConfig:
             return _check_text(f"token file {self.token_file}", text)
         except ConfigError as exc:
             raise ConfigError(exc.message, key="agent.token_file") from None
+
+
+def _paths(
+    table: Mapping[str, Any],
+    names: tuple[str, ...],
+    section: str,
+    base_dir: str | os.PathLike[str] | None,
+) -> dict[str, Path]:
+    """The file paths among ``names`` in ``table``, relative ones resolved against ``base_dir``."""
+    paths: dict[str, Path] = {}
+    for name in names:
+        if name in table:
+            value = table[name]
+            if type(value) is not str or not value:
+                _check_text(f"{section}.{name}", value)  # raises: wrong type or empty
+            path = Path(value)
+            paths[name] = Path(base_dir, path) if base_dir is not None else path
+    return paths
 
 
 def _table(value: object, prefix: str) -> Mapping[str, Any]:
@@ -681,6 +799,8 @@ def _toml_value(value: object) -> str:
         return repr(value)  # finite (checked); repr is valid TOML and reads back exact
     if isinstance(value, str):
         return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"no TOML form for {value!r}")  # pragma: no cover - to_dict gives none
 
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-from collections.abc import Iterator
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,28 +48,14 @@ from otakit.errors import (
     UsageError,
 )
 from otakit.image.header import ImageVersion
-from otakit.protocol.fwinfo import ERRORS, STATES, FwError, FwStatus
+from otakit.protocol.fwinfo import ERRORS, STATES, FwError, FwStatus, GatewayStatus
 from otakit.protocol.version import FirmwareVersion
 from otakit.sim.device import SimDevice
 
 if TYPE_CHECKING:
     from littlefs.lfs import LFSConfig
 
-
-@dataclass(frozen=True)
-class GatewayStatus:
-    """What the gateway reports about the external firmware."""
-
-    status: FwStatus
-    error: FwError = FwError.NONE
-    version: str | None = None  # the version running on the MCU, when ``applied``
-
-    def to_dict(self) -> dict[str, str]:
-        """The ``extFwInfo`` reported properties: Status, Error, and Version when applied."""
-        data = {"Status": self.status.value, "Error": self.error.value}
-        if self.status is FwStatus.APPLIED and self.version is not None:
-            data["Version"] = self.version
-        return data
+log = logging.getLogger("otakit.storage")
 
 
 # --- littlefs on the flash model ---------------------------------------------------------------
@@ -331,6 +320,41 @@ class ExternalProgrammer(Protocol):
     def program(self, data: bytes, version: str) -> None: ...
 
 
+class CommandProgrammer:
+    """Programs the MCU with an external tool (pyOCD, OpenOCD, a vendor flasher...).
+
+    ``command`` is an argument list, run without a shell, in which ``{file}`` becomes the path
+    of a temporary file holding the image and ``{version}`` its version, e.g.
+    ``["pyocd", "flash", "-t", "nrf52840", "{file}"]``. Exit status 0 means programmed.
+    """
+
+    def __init__(self, command: Sequence[str], *, timeout: float = 600) -> None:
+        if not command or not all(isinstance(arg, str) and arg for arg in command):
+            raise UsageError(f"the programmer command must be a list of words, not {command!r}")
+        self.command = tuple(command)
+        self.timeout = timeout
+
+    def program(self, data: bytes, version: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="otakit-mcu-") as tmp:
+            path = Path(tmp, "firmware.bin")
+            path.write_bytes(data)
+            args = [
+                arg.replace("{file}", str(path)).replace("{version}", version)
+                for arg in self.command
+            ]
+            try:
+                done = subprocess.run(args, capture_output=True, text=True, timeout=self.timeout)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise McuProgramError(f"programmer {args[0]!r} did not run: {exc}") from None
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise McuProgramError(
+                f"programmer {args[0]!r} exited with status {done.returncode}"
+                + (f": {lines[-1][:200]}" if lines else ""),
+                value=done.returncode,
+            )
+
+
 class SimMcuProgrammer:
     """Programs a simulated MCUboot device (:class:`~otakit.sim.device.SimDevice` folder).
 
@@ -413,8 +437,12 @@ class GatewayStorage:
     """The §7 download target: a file in littlefs, then the external MCU.
 
     ``current_version`` is the version the MCU runs; only strictly newer versions are accepted,
-    and a successful :meth:`set_pending` makes the programmed version current.
+    and a successful :meth:`set_pending` makes the programmed version current. That version is
+    kept in ``/installed.json``, so after a restart the gateway knows what the MCU runs even when
+    the programmer cannot read it back; it wins over ``current_version`` when newer.
     """
+
+    INSTALLED = "/installed.json"
 
     def __init__(
         self,
@@ -426,6 +454,11 @@ class GatewayStorage:
         progress_name: str = "progress.json",
     ) -> None:
         self.store = store
+        installed = self._installed()
+        if installed is not None and FirmwareVersion.parse(installed) > FirmwareVersion.parse(
+            current_version
+        ):
+            current_version = installed
         self.current = FirmwareVersion.parse(current_version)
         self.current_version = current_version
         self.programmer = programmer
@@ -501,6 +534,7 @@ class GatewayStorage:
                 if record.stage == COMPLETED and stored == download.size:
                     return download.size  # verify only
                 if record.stage == DOWNLOADING and (stored or 0) <= download.size:
+                    log.info("resuming %s at byte %d of %d", self.file, stored or 0, download.size)
                     return stored or 0
             # Another image: the old file goes first, so a record never describes foreign bytes.
             self.store.remove(self.file)
@@ -595,6 +629,7 @@ class GatewayStorage:
         except FileOperationError:
             self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
+        log.info("programming the MCU with %s (%d bytes)", download.version, len(data))
         try:
             self.programmer.program(data, download.version)
         except OtakitError:
@@ -605,6 +640,9 @@ class GatewayStorage:
         self._status = GatewayStatus(FwStatus.APPLIED, version=download.version)
         self._download, self._verified = None, False
         try:
+            self.store.write_file(
+                self.INSTALLED, json.dumps({"Version": download.version}).encode()
+            )
             self._delete()
         except FileOperationError:
             # The MCU is updated; the stale file goes with the next download.
@@ -658,6 +696,17 @@ class GatewayStorage:
         if self._download is None:
             raise UsageError("no download is open: call open() first")
         return self._download
+
+    def _installed(self) -> str | None:
+        """The version recorded by the last programming, if it is readable and well formed."""
+        if self.store.size(self.INSTALLED) is None:
+            return None
+        try:
+            version = json.loads(self.store.read(self.INSTALLED))["Version"]
+            FirmwareVersion.parse(version)
+        except (ValueError, KeyError, TypeError, OtakitError):
+            return None
+        return str(version)
 
     def _load(self) -> _Progress | None:
         if self.store.size(self.progress_file) is None:

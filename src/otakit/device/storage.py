@@ -13,6 +13,7 @@ pending (or aborted, which leaves the target clean). Two targets exist:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -22,6 +23,8 @@ from otakit.errors import DowngradeError, ImageTooLargeError
 from otakit.image.keys import PublicKey
 from otakit.image.verify import VerifiedImage, verify_image
 from otakit.protocol.version import FirmwareVersion
+
+log = logging.getLogger("otakit.storage")
 
 
 class Storage(Protocol):
@@ -97,7 +100,11 @@ class SlotStorage:
         self._download = download
         record = self.journal.load()
         if record is not None and record.download.same_image(download):
+            log.info(
+                "resuming image %d at byte %d of %d", self.image, record.durable, download.size
+            )
             return record.durable
+        log.info("erasing the secondary slot of image %d", self.image)
         self.boot.secondary(self.image).erase_all()
         self.journal.save(JournalRecord(download, 0))
         return 0
@@ -136,11 +143,13 @@ class SlotStorage:
         return verified
 
     def set_pending(self, *, permanent: bool) -> None:
+        log.info("image %d pending (%s)", self.image, "permanent" if permanent else "test")
         self.boot.set_pending(self.image, permanent=permanent)
         self.boot.flash.flush()
         self.journal.clear()
 
     def abort(self) -> None:
+        log.info("erasing the secondary slot of image %d (aborted)", self.image)
         self.boot.secondary(self.image).erase_all()
         self.boot.flash.flush()
         self.journal.clear()

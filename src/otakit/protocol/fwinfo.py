@@ -6,6 +6,7 @@ devices by them and gateways and agents report them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -33,3 +34,19 @@ class FwError(StrEnum):
 
 STATES: tuple[str, ...] = tuple(s.value for s in FwStatus)
 ERRORS: tuple[str, ...] = tuple(e.value for e in FwError)
+
+
+@dataclass(frozen=True)
+class GatewayStatus:
+    """What the gateway reports about the external firmware."""
+
+    status: FwStatus
+    error: FwError = FwError.NONE
+    version: str | None = None  # the version running on the MCU, when ``applied``
+
+    def to_dict(self) -> dict[str, str]:
+        """The ``extFwInfo`` reported properties: Status, Error, and Version when applied."""
+        data = {"Status": self.status.value, "Error": self.error.value}
+        if self.status is FwStatus.APPLIED and self.version is not None:
+            data["Version"] = self.version
+        return data

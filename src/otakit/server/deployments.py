@@ -181,6 +181,7 @@ async def mark_applied_if_running(session: AsyncSession, device: Device) -> None
     for row, artifact in rows:
         if running is not None and version_of(artifact.version) == running:
             row.status, row.error, row.updated_at = "applied", None, utcnow()
+            device.status, device.error = "applied", None
 
 
 async def counts(session: AsyncSession, deployment_id: int) -> dict[str, int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +52,17 @@ def _identity(device: SimDevice, version: str) -> dict[str, str]:
     }
 
 
-def check_in(server: str, token: str | None, identity: dict[str, str]) -> dict[str, Any] | None:
+def check_in(settings: HttpSettings, identity: dict[str, str]) -> dict[str, Any] | None:
     """POST /api/v1/device/checkin; the JSON answer, or None for 204."""
-    headers = {"authorization": f"Bearer {token}"} if token else {}
+    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+    server = settings.server
     try:
         response = httpx.post(
             f"{server.rstrip('/')}/api/v1/device/checkin",
             json=identity,
             headers=headers,
-            timeout=30,
+            timeout=settings.timeout,
+            verify=settings.verify(),
         )
     except httpx.HTTPError as exc:
         raise ApiError(f"cannot reach {server}: {exc}") from None
@@ -78,48 +80,57 @@ def check_in(server: str, token: str | None, identity: dict[str, str]) -> dict[s
     return answer
 
 
-def device_token(device: SimDevice, server: str, token: str | None, version: str) -> str | None:
-    """The device's own token: kept from an earlier enrollment, or obtained now."""
+def device_token(device: SimDevice, settings: HttpSettings, version: str) -> str | None:
+    """The device's own token: kept from an earlier enrollment, or obtained now with the
+    enrollment token ``settings.token``."""
     stored = device.dir / TOKEN_FILE
     if stored.exists():
         return stored.read_text().strip()
-    if token is None:
+    if settings.token is None:
         return None
     try:
-        answer = check_in(server, token, _identity(device, version))
+        answer = check_in(settings, _identity(device, version))
     except ApiError as exc:
         if exc.status in (403, 409):
-            return token  # already a device token, or already enrolled with this one
+            return settings.token  # already a device token, or already enrolled with this one
         raise
     minted = (answer or {}).get("device_token")
     if minted:
         write_atomic(stored, minted.encode() + b"\n", mode=0o600)
         return str(minted)
-    return token
+    return settings.token
 
 
 def run(
     directory: str | os.PathLike[str],
-    server: str,
+    server: str | HttpSettings,
     *,
     token: str | None = None,
     flow: Flow = Flow.JOB,
     confirm: bool = True,
+    reboot: bool = True,
+    validate_after_reboot: bool = True,
+    send_result: bool = True,
     chunk_size: int = 4096,
     power_cut_after: int | None = None,
     callback: Callable[[Event], Answer | None] | None = None,
 ) -> RunReport:
-    """One agent run. With ``power_cut_after``, the flash loses power after that many
-    operations during the update (torn), as a real device would; the next run resumes."""
+    """One agent run. ``server`` is the server's URL (with ``token`` and ``chunk_size``) or the
+    whole HTTP settings. Without ``reboot`` the verified update is left pending for the next
+    boot. With ``power_cut_after``, the flash loses power after that many operations during
+    the update (torn), as a real device would; the next run resumes."""
+    if isinstance(server, HttpSettings):
+        settings = server
+    else:
+        settings = HttpSettings(server=server, token=token, chunk_size=chunk_size)
     device = SimDevice(directory)
     status = device.status()["slots"][0]
     version = status["running"]
     if version is None:
         raise DeviceError(f"{device.dir} has no running image; boot it first (`otakit sim boot`)")
     version = version.split("+")[0]
-    own_token = device_token(device, server, token, version)
-    _report_revert(device, server, own_token, version)
-    settings = HttpSettings(server=server, token=own_token, chunk_size=chunk_size)
+    settings = replace(settings, token=device_token(device, settings, version))
+    _report_revert(device, settings, version)
     board = device.state.identity.board
     transport = HttpTransport(settings, board=board)
     try:
@@ -135,7 +146,14 @@ def run(
                 boot.flash.cut_after(power_cut_after, tear=True, seed=power_cut_after)
             try:
                 result = update_once(
-                    transport, storage, board=board, version=version, flow=flow, callback=callback
+                    transport,
+                    storage,
+                    board=board,
+                    version=version,
+                    flow=flow,
+                    validate_after_reboot=validate_after_reboot,
+                    send_result=send_result,
+                    callback=callback,
                 )
             except PowerCut:
                 boot.flash.power_on()
@@ -145,15 +163,15 @@ def run(
                 )
     finally:
         transport.close()
-    if result.outcome is not Outcome.UPDATED:
+    if result.outcome is not Outcome.UPDATED or not reboot:
         return RunReport(result, None, False, version)
     booted = device.boot()
     confirmed = confirm and device.confirm()
     running = device.status()["slots"][0]["running"]
-    if own_token is not None and running:
+    if settings.token is not None and running:
         # tell the server what runs now (counts as Applied)
         with contextlib.suppress(ApiError):
-            check_in(server, own_token, _identity(device, running.split("+")[0]))
+            check_in(settings, _identity(device, running.split("+")[0]))
     if callback is not None:
         callback(Event(State.AGENT_WAITING, Reason.SUCCESS, message=f"running {running}"))
     return RunReport(result, booted.to_dict(), confirmed, running)
@@ -162,11 +180,11 @@ def run(
 REVERT_FILE = "agent-reported-revert"
 
 
-def _report_revert(device: SimDevice, server: str, token: str | None, version: str) -> None:
+def _report_revert(device: SimDevice, settings: HttpSettings, version: str) -> None:
     """Tell the server once when the last boot swapped back an unconfirmed image."""
     last = device.state.last_boot or {}
     images = last.get("images") or [{}]
-    if images[0].get("action") != "revert" or token is None:
+    if images[0].get("action") != "revert" or settings.token is None:
         return
     marker = device.dir / REVERT_FILE
     if marker.exists() and marker.read_text().strip() == str(device.state.boots):
@@ -174,9 +192,10 @@ def _report_revert(device: SimDevice, server: str, token: str | None, version: s
     body = {"status": "error", "error": "reverted: not confirmed after reboot", "version": version}
     with contextlib.suppress(httpx.HTTPError):
         httpx.post(
-            f"{server.rstrip('/')}/api/v1/device/status",
+            f"{settings.server.rstrip('/')}/api/v1/device/status",
             json=body,
-            headers={"authorization": f"Bearer {token}"},
-            timeout=30,
+            headers={"authorization": f"Bearer {settings.token}"},
+            timeout=settings.timeout,
+            verify=settings.verify(),
         )
     write_atomic(marker, str(device.state.boots).encode())

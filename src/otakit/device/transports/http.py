@@ -16,6 +16,7 @@ does them (protocols.md §1-2), made resumable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -25,8 +26,10 @@ import httpx
 from otakit.device.journal import Download
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Progress
-from otakit.errors import JobFetchError, OtakitError, TransferError
+from otakit.errors import JobFetchError, OtakitError, TransferError, UsageError
 from otakit.protocol.jobdoc import UPDATE_AVAILABLE, parse_job_document
+
+log = logging.getLogger("otakit.http")
 
 USER_AGENT = "ota-http-client"
 
@@ -45,6 +48,22 @@ class HttpSettings:
     connect_retries: int = 3
     download_tries: int = 3
 
+    def verify(self) -> ssl.SSLContext | bool:
+        """What httpx's ``verify`` takes: the configured CA and client certificate, or the
+        system CAs."""
+        if not self.ca_file and not self.client_cert:
+            return True
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file)
+            if self.client_cert:
+                context.load_cert_chain(self.client_cert, self.client_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(
+                f"cannot load the TLS files (CA {self.ca_file}, certificate {self.client_cert}): "
+                f"{exc}"
+            ) from None
+        return context
+
 
 class HttpTransport:
     def __init__(self, settings: HttpSettings, *, board: str) -> None:
@@ -54,16 +73,11 @@ class HttpTransport:
 
     def _new_client(self) -> httpx.Client:
         s = self.settings
-        verify: ssl.SSLContext | bool = True
-        if s.ca_file:
-            verify = ssl.create_default_context(cafile=s.ca_file)
-            if s.client_cert:
-                verify.load_cert_chain(s.client_cert, s.client_key)
         headers = {"user-agent": USER_AGENT}
         if s.token:
             headers["authorization"] = f"Bearer {s.token}"
         return httpx.Client(
-            headers=headers, timeout=s.timeout, verify=verify, follow_redirects=False
+            headers=headers, timeout=s.timeout, verify=s.verify(), follow_redirects=False
         )
 
     def _reconnect(self) -> None:
@@ -118,20 +132,24 @@ class HttpTransport:
         headers = {"range": f"bytes={first}-{last}"}
         if etag:
             headers["if-range"] = etag
-        failure = ""
+        failure, status = "", None
         for _ in range(max(1, self.settings.download_tries)):
             try:
                 response = self._client.get(url, headers=headers)
             except httpx.HTTPError as exc:
                 failure = f"{type(exc).__name__}: {exc}"
+                log.warning("bytes %d-%d: %s; trying again", first, last, failure)
                 self._reconnect()
                 continue
             if response.status_code in (200, 206):
                 return response
-            failure = f"the server answered {response.status_code}"
-            if response.status_code in (401, 403, 404, 410, 416):
+            status = response.status_code
+            failure = f"the server answered {status}"
+            if status in (401, 403, 404, 410, 416):
                 break  # asking again will not help
-        raise TransferError(f"downloading bytes {first}-{last} failed: {failure}", value=url)
+        raise TransferError(
+            f"downloading bytes {first}-{last} failed: {failure}", status=status, value=_path(url)
+        )
 
     def download(self, job: Job, storage: Storage, progress: Progress) -> int:
         chunk = self.settings.chunk_size
@@ -139,6 +157,7 @@ class HttpTransport:
         resume = record if record is not None and record.download.source == job.url else None
         offset = resume.durable if resume is not None else 0
         etag = resume.download.etag if resume is not None else None
+        log.info("downloading %s from byte %d", _path(job.url), offset)
         total: int | None = None
         while total is None or offset < total:
             last = offset + chunk - 1 if total is None else min(offset + chunk, total) - 1
@@ -151,7 +170,7 @@ class HttpTransport:
                         continue
                     raise TransferError(
                         "the server does not answer ranged requests (no 206/Content-Range)",
-                        value=job.url,
+                        value=_path(job.url),
                     )
                 total = _total(response)
                 download = Download(
@@ -168,15 +187,17 @@ class HttpTransport:
             elif response.status_code != 206:
                 raise TransferError(
                     f"the server answered {response.status_code} to a range request",
-                    value=job.url,
+                    status=response.status_code,
+                    value=_path(job.url),
                 )
             data = response.content
             if not data:
-                raise TransferError(f"empty answer for bytes {offset}-{last}", value=job.url)
+                raise TransferError(f"empty answer for bytes {offset}-{last}", value=_path(job.url))
             storage.write(offset, data)
             offset += len(data)
             storage.commit(offset)
             progress(offset, total)
+        log.info("downloaded %s: %d bytes", _path(job.url), total)
         return total
 
     # --- result --------------------------------------------------------------------------------
@@ -194,6 +215,11 @@ class HttpTransport:
             self._client.post(job.url, json=body)
 
 
+def _path(url: str) -> str:
+    """``url`` without its query: signed URLs carry a credential that must not be logged."""
+    return urlsplit(url).path
+
+
 def _total(response: httpx.Response) -> int:
     content_range = response.headers.get("content-range", "")
     try:
@@ -201,5 +227,5 @@ def _total(response: httpx.Response) -> int:
     except (IndexError, ValueError):
         raise TransferError(
             f"the answer has no usable Content-Range ({content_range!r})",
-            value=str(urlsplit(str(response.url)).path),
+            value=_path(str(response.url)),
         ) from None

@@ -177,6 +177,11 @@ async def report_status(body: StatusReport | GatewayReport, db: Db, token: Calle
     else:
         status, error, version = body.status, body.error, body.version
         deployment_id = body.deployment_id
+    if deployment_id is None:
+        # the report is about the update on offer (worked out before an applied version is kept)
+        device = await db.get(Device, serial)
+        offer = deployments.select_offer(device, await deployments.active(db)) if device else None
+        deployment_id = offer.deployment.id if offer is not None else None
     await deployments.record_status(
         db,
         serial=serial,

@@ -1,0 +1,227 @@
+"""``otakit agent run``: the agent of a Linux device or gateway, built from its TOML config.
+
+The ``[storage]`` table says what is updated:
+
+- ``sim-device``: a simulated MCUboot device folder. Each attempt is one run of the simulated
+  device's agent (:func:`otakit.sim.agent.run`): job document or direct flow over HTTP(S),
+  resumable download into the secondary slot, verify, pending, then, with
+  ``reboot_upon_completion``, the simulated bootloader swaps and the agent confirms.
+- ``gateway`` (protocols.md §7): the image is downloaded into littlefs on the gateway's flash
+  file, checked against its SHA-256 and programmed into the attached MCU; jobs come from the
+  device JSON API (:class:`CheckinTransport`), reports are §7's ``extFwInfo``.
+
+Attempts follow the ``[timing]`` table (:func:`otakit.device.agent.poll`). Logging goes to
+stderr, one level per facility (``[logging]``); URLs are logged without their query (signed
+URLs carry a credential) and tokens never.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from dataclasses import replace
+from typing import TextIO
+
+from otakit.device.agent import Flow, Outcome, Result, poll, update_once
+from otakit.device.config import (
+    LOG_FACILITIES,
+    AgentConfig,
+    ConfigError,
+    LogConfig,
+    StorageConfig,
+)
+from otakit.device.events import Answer, Callback, Event, Reason, State
+from otakit.device.flash import Flash
+from otakit.device.gateway import (
+    CommandProgrammer,
+    ExternalProgrammer,
+    GatewayStorage,
+    LittleFsStore,
+    SimMcuProgrammer,
+)
+from otakit.device.transports.checkin import CheckinTransport
+from otakit.device.transports.http import HttpSettings
+from otakit.errors import FileOperationError
+
+log = logging.getLogger("otakit.agent")
+
+TOKEN_FILE = "/device-token"  # in the gateway's littlefs, next to the firmware file
+
+
+def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
+    """Send otakit's logs to ``stream`` (stderr) with the level of each facility."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger("otakit")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.propagate = False
+    root.setLevel(config.level_for(""))
+    for facility in LOG_FACILITIES:
+        logging.getLogger(f"otakit.{facility}").setLevel(config.level_for(facility))
+    # httpx logs one INFO line per request (its URL included): only when http is at debug
+    library = logging.getLogger("httpx")
+    library.setLevel(
+        logging.DEBUG if config.level_for("http") <= logging.DEBUG else logging.WARNING
+    )
+    library.addHandler(handler)
+    library.propagate = False
+
+
+def http_settings(config: AgentConfig) -> HttpSettings:
+    """The HTTP transport's settings from ``[agent]`` and ``[timing]``."""
+    timing = config.timing
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    return HttpSettings(
+        server=config.server,
+        token=config.load_token(),
+        ca_file=text(config.ca_file),
+        client_cert=text(config.client_cert),
+        client_key=text(config.client_key),
+        job_path=config.job_path,
+        file_path=config.file_path,
+        chunk_size=timing.chunk_size,
+        timeout=timing.http_timeout,
+        connect_retries=timing.connect_retries,
+        download_tries=timing.download_tries,
+    )
+
+
+def log_event(event: Event) -> Answer | None:
+    """The default callback: every state to the ``agent`` facility, progress by tenths."""
+    if event.reason is Reason.FAILURE:
+        log.error("%s failed: [%s] %s", event.state, event.error, event.message)
+    elif event.state is State.STORAGE_WRITE:
+        if event.percentage is not None and event.bytes_done is not None:
+            previous = (event.bytes_done - 1) * 100 // event.total if event.total else -1
+            if event.percentage // 10 != max(previous, 0) // 10 or event.percentage == 100:
+                log.info("downloaded %d%% (%s bytes)", event.percentage, event.bytes_done)
+    elif event.reason is Reason.SUCCESS:
+        log.info("%s: %s", event.state, event.message or "")
+    else:
+        log.debug("%s", event.state)
+    return None
+
+
+class AgentService:
+    """The configured agent: :meth:`attempt` runs one update attempt, :meth:`run` polls."""
+
+    def __init__(self, config: AgentConfig, *, callback: Callback | None = None) -> None:
+        if config.storage is None:
+            raise ConfigError(
+                "the configuration has no [storage] table: say what to update "
+                '(kind = "sim-device" or "gateway", path = ...)',
+                key="storage",
+            )
+        self.config = config
+        self.storage_config: StorageConfig = config.storage
+        self.callback = callback if callback is not None else log_event
+        self.settings = http_settings(config)
+        self._gateway: tuple[GatewayStorage, CheckinTransport] | None = None
+
+    # --- attempts ------------------------------------------------------------------------------
+
+    def attempt(self) -> Result:
+        """One update attempt on the configured storage."""
+        if self.storage_config.kind == "gateway":
+            return self._gateway_attempt()
+        return self._device_attempt()
+
+    def run(self, stop: threading.Event, *, once: bool = False) -> Result | None:
+        """Poll with ``[timing]`` until ``stop`` is set; with ``once``, one attempt now."""
+        try:
+            if once:
+                return self.attempt()
+            return poll(self.attempt, timing=self.config.timing, stop=stop)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._gateway is not None:
+            storage, transport = self._gateway
+            transport.close()
+            storage.store.unmount()
+            storage.store.flash.close()
+            self._gateway = None
+
+    # --- a simulated MCUboot device ------------------------------------------------------------
+
+    def _device_attempt(self) -> Result:
+        from otakit.sim.agent import run
+
+        behaviour = self.config.behaviour
+        report = run(
+            self.storage_config.path,
+            self.settings,
+            flow=Flow(self.config.flow),
+            confirm=self.storage_config.confirm,
+            reboot=behaviour.reboot_upon_completion,
+            validate_after_reboot=behaviour.validate_after_reboot,
+            send_result=not behaviour.do_not_send_result,
+            callback=self.callback,
+        )
+        if report.result.outcome is Outcome.UPDATED and report.boot is not None:
+            state = "confirmed" if report.confirmed else "not confirmed: reverts at next boot"
+            log.info("rebooted; running %s, %s", report.running, state)
+        return report.result
+
+    # --- a gateway and its MCU -----------------------------------------------------------------
+
+    def _gateway_attempt(self) -> Result:
+        storage, transport = self._open_gateway()
+        behaviour = self.config.behaviour
+        return update_once(
+            transport,
+            storage,
+            board=self.config.identity.board,
+            version=storage.current_version,
+            flow=Flow.JOB,
+            validate_after_reboot=behaviour.validate_after_reboot,
+            send_result=not behaviour.do_not_send_result,
+            callback=self.callback,
+        )
+
+    def _open_gateway(self) -> tuple[GatewayStorage, CheckinTransport]:
+        if self._gateway is not None:
+            return self._gateway
+        cfg = self.storage_config
+        flash = Flash.open_file(cfg.path, cfg.fs_size, cfg.sector_size)
+        store = LittleFsStore(flash)
+        programmer: ExternalProgrammer
+        version = self.config.identity.version
+        if cfg.mcu is not None:
+            sim_mcu = SimMcuProgrammer(cfg.mcu)
+            programmer = sim_mcu
+            running = sim_mcu.running()
+            version = str(running) if running is not None else version
+        else:
+            programmer = CommandProgrammer(cfg.program)
+        storage = GatewayStorage(store, current_version=version, programmer=programmer)
+        stored = store.read(TOKEN_FILE).decode().strip() if store.size(TOKEN_FILE) else None
+        settings = replace(self.settings, token=stored) if stored else self.settings
+
+        def keep_token(token: str) -> None:
+            try:
+                store.write_file(TOKEN_FILE, token.encode())
+            except FileOperationError as exc:
+                log.error("cannot keep the device token: %s", exc.message)
+
+        identity = self.config.identity
+        transport = CheckinTransport(
+            settings,
+            identity={
+                name: getattr(identity, name)
+                for name in ("serial", "board", "product", "manufacturer", "manufacturer_id")
+                if getattr(identity, name)
+            },
+            version=lambda: storage.current_version,
+            reported=storage.status,
+            on_token=keep_token,
+        )
+        self._gateway = (storage, transport)
+        return self._gateway

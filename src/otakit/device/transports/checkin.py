@@ -1,0 +1,135 @@
+"""HTTP(S) transport over otakit's device JSON API, for gateways (protocols.md §7).
+
+The job comes from ``POST /api/v1/device/checkin``: the device says who it is and which version
+it runs, and the answer names the image with its size, SHA-256 and an expiring signed URL (the
+§7 desired state; the job document of §1 carries no hash, and the gateway model needs one).
+The image is downloaded with the same resumable ranged GETs as :class:`HttpTransport`; the
+result goes to ``POST /api/v1/device/status`` in the reported-state shape of §7
+(``{"extFwInfo": {"Status": ..., "Error": ..., "Version": ...}}``).
+
+On first contact the token may be an enrollment token: the answer then carries the device's own
+token, which is handed to ``on_token`` to be kept, and used from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import httpx
+
+from otakit.device.storage import Storage
+from otakit.device.transports.base import Job, Progress
+from otakit.device.transports.http import HttpSettings, HttpTransport
+from otakit.errors import JobFetchError, TransferError
+from otakit.protocol.fwinfo import FwError, FwStatus, GatewayStatus
+
+log = logging.getLogger("otakit.http")
+
+CHECKIN_PATH = "/api/v1/device/checkin"
+STATUS_PATH = "/api/v1/device/status"
+
+
+class CheckinTransport(HttpTransport):
+    """``identity`` holds serial, board, product... (the check-in body without ``version``);
+    ``version`` gives the running version at each check; ``reported`` the storage's §7 state."""
+
+    def __init__(
+        self,
+        settings: HttpSettings,
+        *,
+        identity: Mapping[str, str],
+        version: Callable[[], str],
+        reported: Callable[[], GatewayStatus],
+        on_token: Callable[[str], None] | None = None,
+    ) -> None:
+        super().__init__(settings, board=identity.get("board", ""))
+        self.identity = dict(identity)
+        self.version = version
+        self.reported = reported
+        self.on_token = on_token
+        self._transfer_failure = FwError.NETWORK_TIMEOUT
+
+    def _url(self, path: str) -> str:
+        return self.settings.server.rstrip("/") + path
+
+    def _post(self, path: str, body: object, error: type[JobFetchError]) -> httpx.Response:
+        failure = ""
+        for _ in range(max(1, self.settings.connect_retries)):
+            try:
+                return self._client.post(self._url(path), json=body)
+            except httpx.HTTPError as exc:
+                failure = f"{type(exc).__name__}: {exc}"
+                self._reconnect()
+        raise error(f"cannot reach {self.settings.server}: {failure}", value=path)
+
+    def fetch_job(self) -> Job | None:
+        body = {**self.identity, "version": self.version()}
+        response = self._post(CHECKIN_PATH, body, JobFetchError)
+        if response.status_code == 204:
+            return None
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if response.status_code != 200 or not isinstance(answer, dict):
+            message = answer.get("message") if isinstance(answer, dict) else None
+            raise JobFetchError(
+                f"check-in refused: {response.status_code} {message or response.text[:200]}",
+                value=response.status_code,
+            )
+        minted = answer.get("device_token")
+        if isinstance(minted, str) and minted:
+            self._use_token(minted)
+        job = answer.get("job")
+        if job is None:
+            return None
+        try:
+            return Job(
+                url=str(job["url"]),
+                file=str(job["name"]),
+                version=str(job["version"]),
+                board=str(job.get("board") or ""),
+                sha256=str(job["sha256"]).upper(),
+            )
+        except (KeyError, TypeError):
+            raise JobFetchError(
+                f"the check-in answer holds a malformed job: {job!r:.200}"
+            ) from None
+
+    def _use_token(self, token: str) -> None:
+        self.settings = HttpSettings(**{**self.settings.__dict__, "token": token})
+        self._reconnect()
+        if self.on_token is not None:
+            self.on_token(token)
+        log.info("enrolled: the server issued this device's own token")
+
+    def direct_job(self) -> Job:
+        raise JobFetchError("the check-in API has no direct flow; use flow = job")
+
+    def download(self, job: Job, storage: Storage, progress: Progress) -> int:
+        self._report(GatewayStatus(FwStatus.DOWNLOADING))
+        try:
+            return super().download(job, storage, progress)
+        except TransferError as exc:
+            answered = exc.status is not None and exc.status >= 400
+            self._transfer_failure = FwError.HTTP_RESPONSE if answered else FwError.NETWORK_TIMEOUT
+            raise
+
+    def send_result(
+        self, job: Job, *, success: bool, error: str | None, message: str | None
+    ) -> None:
+        status = self.reported()
+        if not success and error == TransferError.agent_error:
+            status = GatewayStatus(FwStatus.INTERRUPTED, self._transfer_failure)
+        elif not success and status.status not in (FwStatus.ERROR, FwStatus.INVALID):
+            status = GatewayStatus(FwStatus.ERROR)  # a failure the storage did not see
+        self._report(status)
+
+    def _report(self, status: GatewayStatus) -> None:
+        info = status.to_dict()
+        log.info("reporting %s", info)
+        try:
+            self._client.post(self._url(STATUS_PATH), json={"extFwInfo": info})
+        except httpx.HTTPError as exc:  # a report lost is sent again with the next one
+            log.warning("status report not delivered: %s", exc)

@@ -1,0 +1,306 @@
+"""``otakit agent run --config``, the Agent thread and the gateway path (protocols.md §7), end to
+end against a real otakit server on loopback."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from otakit.device.agent import Agent, Outcome
+from otakit.device.config import AgentConfig
+from otakit.device.events import Event, Reason, State
+from otakit.device.flash import PowerCut
+from otakit.device.journal import Journal
+from otakit.device.service import AgentService
+from otakit.device.storage import SlotStorage
+from otakit.device.transports.http import HttpSettings, HttpTransport
+from otakit.image.header import ImageVersion
+from otakit.image.keys import SigningKey
+from otakit.image.sign import SignOptions, sign_image
+from otakit.sim.agent import device_token
+from otakit.sim.device import Identity, SimDevice
+
+from .server_harness import Server, start_server
+
+KEY = SigningKey.generate("ecdsa-p256")
+BOARD = "GW_BOARD"
+OTAKIT = Path(sys.executable).parent / "otakit"
+
+
+def image(version: str, size: int = 30_000) -> bytes:
+    payload = random.Random(version).randbytes(size)
+    return sign_image(payload, KEY, SignOptions(ImageVersion.parse(version), pad_header=True))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("agent-run-server"))
+    admin = srv.admin_client()
+    assert admin.post("/api/v1/keys", content=KEY.public_key.pem()).status_code == 201
+    yield srv
+    srv.stop()
+
+
+class Fleet:
+    """A product with its own enrollment token, deployments and devices."""
+
+    def __init__(self, server: Server, tmp: Path) -> None:
+        self.server = server
+        self.admin = server.admin_client()
+        self.tmp = tmp
+        self.product = f"p-{uuid.uuid4().hex[:8]}"
+        self.admin.put(f"/api/v1/products/{self.product}", json={"board": BOARD})
+        self.enroll = server.token("enroll", "--product", self.product, "--group", "g")
+
+    def deploy(self, data: bytes) -> dict:
+        artifact = self.admin.post(
+            "/api/v1/artifacts", params={"name": "mcu.img"}, content=data
+        ).json()
+        body = {"artifact_id": artifact["id"], "product": self.product, "group": "g"}
+        response = self.admin.post("/api/v1/deployments", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def device(self, version: str = "1.0.0") -> SimDevice:
+        serial = f"S-{uuid.uuid4().hex[:8]}"
+        device = SimDevice.create(
+            self.tmp / serial,
+            image(version),
+            [KEY.public_key],
+            layout="psoc6-2m-swap",
+            identity=Identity(board=BOARD, product=self.product, serial=serial),
+        )
+        device.boot()
+        return device
+
+    def config(self, name: str, storage: str, **sections: str) -> Path:
+        serial = f"GW-{uuid.uuid4().hex[:8]}"
+        text = f"""
+[agent]
+server = "{self.server.url}"
+token = "{self.enroll}"
+
+[identity]
+serial = "{serial}"
+board = "{BOARD}"
+product = "{self.product}"
+version = "1.0.0"
+
+[behaviour]
+reboot_upon_completion = true
+validate_after_reboot = true
+
+[storage]
+{storage}
+"""
+        for section, body in sections.items():
+            text += f"\n[{section}]\n{body}\n"
+        path = self.tmp / f"{name}.toml"
+        path.write_text(text)
+        return path
+
+    def device_status(self, serial: str) -> dict:
+        return self.admin.get(f"/api/v1/devices/{serial}").json()
+
+
+@pytest.fixture
+def fleet(server: Server, tmp_path: Path) -> Fleet:
+    return Fleet(server, tmp_path)
+
+
+def agent_run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(OTAKIT), "agent", "run", "--config", str(config), "--once"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# --- the gateway path ----------------------------------------------------------------------------
+
+
+def test_gateway_power_cut_resume_sha256_program_mcu_report_applied(fleet: Fleet) -> None:
+    """§7 end to end: check-in job with SHA-256 and signed URL, download into littlefs, power
+    cut, resume, SHA-256 check, the simulated MCU programmed, applied reported."""
+    data = image("2.0.0", 120_000)
+    deployment = fleet.deploy(data)
+    mcu = fleet.device("1.0.0")
+    config = AgentConfig.from_toml(
+        fleet.config(
+            "gw",
+            f'kind = "gateway"\npath = "gw-flash.bin"\nfs_size = 1048576\nmcu = "{mcu.dir}"',
+        )
+    )
+    serial = config.identity.serial
+
+    service = AgentService(config)
+    storage, _ = service._open_gateway()
+    flash = storage.store.flash
+    flash.cut_after(40, tear=True, seed=3)  # littlefs writes ~one block per 4 KiB range
+    with pytest.raises(PowerCut):
+        service.attempt()
+    flash.power_on()
+    flash.close()  # the gateway lost power: everything it had in memory is gone
+    assert fleet.device_status(serial)["status"] == "downloading"
+
+    events: list[Event] = []
+    again = AgentService(config, callback=events.append)
+    try:
+        result = again.attempt()
+        assert result.outcome is Outcome.UPDATED, result
+        writes = [e for e in events if e.state is State.STORAGE_WRITE]
+        assert writes[0].bytes_done is not None
+        assert writes[0].bytes_done > 4096
+        assert writes[-1].percentage == 100
+        assert again.attempt().outcome is Outcome.NO_UPDATE  # the MCU now runs 2.0.0
+    finally:
+        again.close()
+
+    assert SimDevice(mcu.dir).status()["slots"][0]["running"] == "2.0.0+0"
+    with SimDevice(mcu.dir).bootloader() as boot:
+        assert boot.primary().read_at(0, len(data)) == data
+    status = fleet.device_status(serial)
+    assert (status["status"], status["version"]) == ("applied", "2.0.0")
+    counts = fleet.admin.get(f"/api/v1/deployments/{deployment['id']}").json()["counts"]
+    assert counts["Applied"] == 1
+    twin = fleet.admin.get(f"/api/v1/devices/{serial}/twin").json()
+    assert twin["reported"]["extFwInfo"] == {"Status": "applied", "Error": "None", "Version": 2}
+
+
+def test_gateway_cli_with_a_programmer_command(fleet: Fleet) -> None:
+    """`otakit agent run --once` on a gateway whose MCU is programmed by an external command;
+    the installed version survives restarts, so the next run has nothing to do."""
+    data = image("3.0.0", 50_000)
+    fleet.deploy(data)
+    out = fleet.tmp / "programmed.bin"
+    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])"
+    config = fleet.config(
+        "gw-cmd",
+        f'kind = "gateway"\npath = "flash.bin"\nfs_size = 524288\n'
+        f'program = ["{sys.executable}", "-c", "{copy}", "{{file}}", "{out}"]',
+        logging='level = "warning"\nfacilities = { http = "info" }',
+    )
+    first = agent_run(config)
+    assert first.returncode == 0, first.stderr
+    assert "updated to 3.0.0" in first.stderr
+    assert out.read_bytes() == data
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+    # per-facility levels: http at info is shown, storage (at the global warning) is not
+    assert "otakit.http: downloading /dl/" in first.stderr
+    assert "otakit.storage" not in first.stderr
+    # no secret in the log: neither token nor URL signature
+    assert fleet.enroll not in first.stderr
+    assert "sig=" not in first.stderr
+    assert "?" not in first.stderr.split("downloading")[1][:80]
+
+    second = agent_run(config)
+    assert second.returncode == 0, second.stderr
+    assert "no update" in second.stderr
+
+
+def test_gateway_programmer_failure_is_reported(fleet: Fleet) -> None:
+    fleet.deploy(image("4.0.0", 20_000))
+    config = fleet.config(
+        "gw-fail",
+        f'kind = "gateway"\npath = "flash.bin"\nfs_size = 262144\n'
+        f'program = ["{sys.executable}", "-c", "import sys; sys.exit(\'probe not found\')"]',
+    )
+    done = agent_run(config)
+    assert done.returncode == 1
+    assert "probe not found" in done.stderr
+    serial = AgentConfig.from_toml(config).identity.serial
+    status = fleet.device_status(serial)
+    assert (status["status"], status["error"]) == ("error", "MCU Download fail")
+
+
+# --- a simulated device through `otakit agent run` -------------------------------------------------
+
+
+def test_agent_run_updates_reboots_and_confirms_a_sim_device(fleet: Fleet) -> None:
+    fleet.deploy(image("1.1.0"))
+    device = fleet.device()
+    config = fleet.config(
+        "dev",
+        f'kind = "sim-device"\npath = "{device.dir}"',
+        timing="chunk_size = 8192",
+    )
+    text = config.read_text().replace(
+        'serial = "GW-', f'serial = "{device.state.identity.serial}"\n# was "GW-'
+    )
+    config.write_text(text)
+    done = agent_run(config)
+    assert done.returncode == 0, done.stderr
+    assert "updated to 1.1.0" in done.stderr
+    assert "running 1.1.0+0, confirmed" in done.stderr
+    status = SimDevice(device.dir).status()["slots"][0]
+    assert status["running"] == "1.1.0+0"
+    assert fleet.device_status(device.state.identity.serial)["status"] == "applied"
+
+
+def test_agent_run_refuses_a_config_without_storage(tmp_path: Path) -> None:
+    config = tmp_path / "a.toml"
+    config.write_text(
+        '[agent]\nserver = "http://127.0.0.1:9"\n'
+        '[identity]\nserial = "S"\nboard = "B"\nversion = "1.0.0"\n'
+    )
+    done = agent_run(config)
+    assert done.returncode == 2
+    assert done.stderr.startswith("otakit: error [CONFIG]: the configuration has no [storage]")
+    assert "Traceback" not in done.stderr
+
+
+# --- the Agent thread --------------------------------------------------------------------------
+
+
+def test_agent_thread_check_now_reboot_and_stop(fleet: Fleet) -> None:
+    fleet.deploy(image("1.2.0"))
+    device = fleet.device()
+    token = device_token(device, HttpSettings(server=fleet.server.url, token=fleet.enroll), "1.0.0")
+    assert token is not None
+    assert token != fleet.enroll
+    config = AgentConfig.from_dict(
+        {
+            "agent": {"server": fleet.server.url, "token": token},
+            "identity": {"serial": "x", "board": BOARD, "version": "1.0.0"},
+            "timing": {"initial_check": 3600, "next_check": 3600},
+            "behaviour": {"reboot_upon_completion": True, "validate_after_reboot": True},
+        }
+    )
+    finished = threading.Event()
+    states: list[State] = []
+    reboots: list[bool] = []
+
+    def callback(event: Event) -> None:
+        states.append(event.state)
+        if event.state is State.OTA_COMPLETE or event.reason is Reason.FAILURE:
+            finished.set()
+
+    with device.bootloader() as boot:
+        storage = SlotStorage(
+            boot, Journal(device.dir / "j.json"), device.keys, current_version="1.0.0"
+        )
+        transport = HttpTransport(HttpSettings(server=fleet.server.url, token=token), board=BOARD)
+        agent = Agent.from_config(
+            config, transport, storage, callback=callback, reboot=lambda: reboots.append(True)
+        )
+        agent.start()
+        assert agent.running
+        assert not finished.is_set()
+        assert states == []
+        agent.check_now()
+        assert finished.wait(60), states
+        agent.stop()
+        assert not agent.running
+    assert agent.last is not None
+    assert agent.last.outcome is Outcome.UPDATED, agent.last
+    assert reboots == [True]
+    assert SimDevice(device.dir).boot().to_dict()["images"][0]["action"] == "upgrade-test"
