@@ -245,6 +245,13 @@ class InvalidVersionError(JobDocumentError):
     agent_error = "INVALID_VERSION"
 
 
+class ChunkHeaderError(OtakitError):
+    """An MQTT image chunk whose header is malformed or inconsistent (protocols.md §3)."""
+
+    code = "NOT_A_HEADER"
+    agent_error = "NOT_A_HEADER"
+
+
 # --- agent (names of the original middleware, protocols.md §8) --------------------------------
 
 

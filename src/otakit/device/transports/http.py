@@ -110,10 +110,13 @@ class HttpTransport:
         if doc.message != UPDATE_AVAILABLE:
             return None
         base = self.settings.server
-        if doc.server:
+        if doc.server or doc.port:  # each empty one means the one the job came from
+            current = urlsplit(base)
+            host = doc.server or current.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            port = doc.port or (str(current.port) if current.port else "")
             scheme = "https" if doc.connection == "HTTPS" else "http"
-            port = f":{doc.port}" if doc.port else ""
-            base = f"{scheme}://{doc.server}{port}"
+            base = f"{scheme}://{host}" + (f":{port}" if port else "")
         return Job(
             url=urljoin(base, doc.file),
             file=doc.file,
@@ -156,12 +159,22 @@ class HttpTransport:
         record = storage.progress()
         resume = record if record is not None and record.download.source == job.url else None
         offset = resume.durable if resume is not None else 0
+        if resume is not None and offset >= resume.download.size:
+            # all bytes stored, but the attempt ended before the image was pending: fetch the
+            # last range again, which also checks (If-Range) that the image did not change
+            offset = max(0, resume.download.size - chunk)
         etag = resume.download.etag if resume is not None else None
         log.info("downloading %s from byte %d", _path(job.url), offset)
         total: int | None = None
         while total is None or offset < total:
             last = offset + chunk - 1 if total is None else min(offset + chunk, total) - 1
-            response = self._range(job.url, offset, last, etag if total is None else None)
+            try:
+                response = self._range(job.url, offset, last, etag if total is None else None)
+            except TransferError as exc:
+                if total is None and offset > 0 and exc.status == 416:
+                    offset, etag = 0, None  # the journal's offset is past this image's end
+                    continue
+                raise
             if total is None:
                 if response.status_code == 200:
                     # no range support, or the image changed (If-Range): start from zero
