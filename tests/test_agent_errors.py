@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -286,7 +287,8 @@ def run_agent(
         events.append(event)
         return answer(event) if answer is not None else None
 
-    transport = HttpTransport(HttpSettings(server=server, **settings), board=BOARD)
+    clock = settings.pop("clock", time.monotonic)
+    transport = HttpTransport(HttpSettings(server=server, **settings), board=BOARD, clock=clock)
     try:
         with device.bootloader() as boot:
             storage = SlotStorage(
@@ -616,6 +618,36 @@ def test_server_without_range_support(stub: Stub, device: SimDevice) -> None:
     assert_failed(run, "GET_DATA")
     assert_reported(stub, "GET_DATA")
     assert_clean(device)
+
+
+def test_download_longer_than_data_timeout_stops_and_resumes(stub: Stub, device: SimDevice) -> None:
+    """data_timeout bounds the whole download; the bytes stored so far are kept for the next
+    attempt. The clock advances 100 s per look, so the third range is past the 250 s limit."""
+    stub.job, stub.files[FILE] = job(), image("1.1.0")
+    ticks = iter(range(0, 100_000, 100))
+    run = run_agent(
+        device,
+        stub.url,
+        keeps_journal=True,
+        job_timeout=1e9,
+        data_timeout=250,
+        clock=lambda: next(ticks),
+    )
+    assert_failed(run, "GET_DATA")
+    assert "did not finish within 250 s" in (run.result.message or "")
+    assert [r for p, r in stub.gets if p == FILE] == ["bytes=0-4095", "bytes=4096-8191"]
+    again = run_agent(device, stub.url)
+    assert again.result.outcome is Outcome.UPDATED, again.result
+    assert [r for p, r in stub.gets if p == FILE][2] == "bytes=8192-12287"  # resumed
+
+
+def test_job_timeout_bounds_the_job_fetch(stub: Stub, device: SimDevice) -> None:
+    stub.job = job()
+    ticks = iter(range(0, 100_000, 100))
+    run = run_agent(device, stub.url, job_timeout=30, clock=lambda: next(ticks))
+    assert_failed(run, "GET_JOB")
+    assert "no answer within 30 s" in (run.result.message or "")
+    assert stub.gets == []
 
 
 # --- a job that sends the device to another server ---------------------------------------------

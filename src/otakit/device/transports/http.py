@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -45,6 +47,8 @@ class HttpSettings:
     file_path: str = "/ota-update.bin"
     chunk_size: int = 4096
     timeout: float = 3.0  # per request: connect, send, receive
+    job_timeout: float = 30.0  # the whole job fetch, retries included
+    data_timeout: float = 1200.0  # the whole download, retries included
     connect_retries: int = 3
     download_tries: int = 3
 
@@ -66,9 +70,12 @@ class HttpSettings:
 
 
 class HttpTransport:
-    def __init__(self, settings: HttpSettings, *, board: str) -> None:
+    def __init__(
+        self, settings: HttpSettings, *, board: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
         self.board = board
+        self.clock = clock  # for the job and data timeouts
         self._client = self._new_client()
 
     def _new_client(self) -> httpx.Client:
@@ -89,9 +96,12 @@ class HttpTransport:
 
     # --- job -----------------------------------------------------------------------------------
 
-    def _get(self, url: str, what: str, error: type[OtakitError]) -> httpx.Response:
+    def _get(self, url: str, what: str, error: type[OtakitError], limit: float) -> httpx.Response:
+        deadline = self.clock() + limit
         last: Exception | None = None
         for _ in range(max(1, self.settings.connect_retries)):
+            if self.clock() >= deadline:
+                break
             try:
                 response = self._client.get(url)
             except httpx.HTTPError as exc:
@@ -101,11 +111,13 @@ class HttpTransport:
             if not 200 <= response.status_code < 300:
                 raise error(f"{what}: the server answered {response.status_code}", value=url)
             return response
-        raise error(f"{what}: cannot reach {url}: {last}", value=url)
+        raise error(
+            f"{what}: cannot reach {url}: {last or f'no answer within {limit:g} s'}", value=url
+        )
 
     def fetch_job(self) -> Job | None:
         url = urljoin(self.settings.server, self.settings.job_path)
-        response = self._get(url, "fetching the job", JobFetchError)
+        response = self._get(url, "fetching the job", JobFetchError, self.settings.job_timeout)
         doc = parse_job_document(response.content)
         if doc.message != UPDATE_AVAILABLE:
             return None
@@ -165,8 +177,15 @@ class HttpTransport:
             offset = max(0, resume.download.size - chunk)
         etag = resume.download.etag if resume is not None else None
         log.info("downloading %s from byte %d", _path(job.url), offset)
+        deadline = self.clock() + self.settings.data_timeout
         total: int | None = None
         while total is None or offset < total:
+            if self.clock() > deadline:
+                raise TransferError(
+                    f"the download did not finish within {self.settings.data_timeout:g} s "
+                    f"(stopped at byte {offset}; the next attempt resumes there)",
+                    value=_path(job.url),
+                )
             last = offset + chunk - 1 if total is None else min(offset + chunk, total) - 1
             try:
                 response = self._range(job.url, offset, last, etag if total is None else None)
