@@ -4,12 +4,10 @@ end against a real otakit server on loopback."""
 from __future__ import annotations
 
 import hashlib
-import random
 import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,64 +20,19 @@ from otakit.device.journal import Journal
 from otakit.device.service import AgentService
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.http import HttpSettings, HttpTransport
-from otakit.image.header import ImageVersion
-from otakit.image.keys import SigningKey
-from otakit.image.sign import SignOptions, sign_image
 from otakit.sim.agent import device_token
-from otakit.sim.device import Identity, SimDevice
+from otakit.sim.device import SimDevice
 
-from .server_harness import Server, start_server
+from .server_harness import Server
 
-KEY = SigningKey.generate("ecdsa-p256")
-BOARD = "GW_BOARD"
+# The fixtures and helpers of the agent's end-to-end tests: importing them runs none of its tests.
+from .test_agent import BOARD, Setup, image, server  # noqa: F401 - the module-scoped server
+
 OTAKIT = Path(sys.executable).parent / "otakit"
 
 
-def image(version: str, size: int = 30_000) -> bytes:
-    payload = random.Random(version).randbytes(size)
-    return sign_image(payload, KEY, SignOptions(ImageVersion.parse(version), pad_header=True))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("agent-run-server"))
-    admin = srv.admin_client()
-    assert admin.post("/api/v1/keys", content=KEY.public_key.pem()).status_code == 201
-    yield srv
-    srv.stop()
-
-
-class Fleet:
-    """A product with its own enrollment token, deployments and devices."""
-
-    def __init__(self, server: Server, tmp: Path) -> None:
-        self.server = server
-        self.admin = server.admin_client()
-        self.tmp = tmp
-        self.product = f"p-{uuid.uuid4().hex[:8]}"
-        self.admin.put(f"/api/v1/products/{self.product}", json={"board": BOARD})
-        self.enroll = server.token("enroll", "--product", self.product, "--group", "g")
-
-    def deploy(self, data: bytes) -> dict:
-        artifact = self.admin.post(
-            "/api/v1/artifacts", params={"name": "mcu.img"}, content=data
-        ).json()
-        body = {"artifact_id": artifact["id"], "product": self.product, "group": "g"}
-        response = self.admin.post("/api/v1/deployments", json=body)
-        assert response.status_code == 201, response.text
-        return response.json()
-
-    def device(self, version: str = "1.0.0") -> SimDevice:
-        serial = f"S-{uuid.uuid4().hex[:8]}"
-        device = SimDevice.create(
-            self.tmp / serial,
-            image(version),
-            [KEY.public_key],
-            layout="psoc6-2m-swap",
-            identity=Identity(board=BOARD, product=self.product, serial=serial),
-        )
-        device.boot()
-        return device
+class Fleet(Setup):
+    """A product with its own enrollment token, deployments, devices and agent configs."""
 
     def config(self, name: str, storage: str, **sections: str) -> Path:
         serial = f"GW-{uuid.uuid4().hex[:8]}"
@@ -112,7 +65,7 @@ validate_after_reboot = true
 
 
 @pytest.fixture
-def fleet(server: Server, tmp_path: Path) -> Fleet:
+def fleet(server: Server, tmp_path: Path) -> Fleet:  # noqa: F811 - test_agent.server
     return Fleet(server, tmp_path)
 
 
