@@ -21,6 +21,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,6 +105,7 @@ def make_tls(folder: Path) -> TlsFiles:
     """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a client
     certificate from another CA."""
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)
     ca_key, other_key = _key(), _key()
     ca = _cert("otakit test CA", ca_key, None, ca=True)
     other = _cert("stranger CA", other_key, None, ca=True)
@@ -174,9 +176,7 @@ class Broker:
             lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        listening: set[int] = set()
-        wanted = {self.port, self.tls_port, self.mtls_port}
-        while not wanted <= listening:
+        while True:  # "running" comes once every listener accepts connections
             try:
                 line = lines.get(timeout=20)
             except queue.Empty:
@@ -184,9 +184,8 @@ class Broker:
             if line is None:
                 self.stop()
                 raise RuntimeError("mosquitto did not start:\n" + "".join(self.log))
-            if "Opening ipv4 listen socket on port" in line:
-                listening.add(int(line.rsplit("port", 1)[1].strip(" .\n")))
-        return self
+            if " running" in line and "mosquitto version" in line:
+                return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -211,6 +210,12 @@ def start_broker(folder: Path) -> Broker:
             pytest.fail(message)
         pytest.skip(message)
     folder.mkdir(parents=True, exist_ok=True)
+    # Mosquitto started as root runs as its own user: it must be able to read the certificates,
+    # so the folders on the way (pytest's private temporary folders included) must be traversable.
+    for part in (folder, *folder.parents):
+        if part == Path(tempfile.gettempdir()) or part == Path("/"):
+            break
+        part.chmod(part.stat().st_mode | 0o755)
     broker = Broker(
         folder=folder,
         port=free_port(),

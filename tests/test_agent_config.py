@@ -20,6 +20,7 @@ from otakit.device.config import (
     ConfigError,
     Identity,
     LogConfig,
+    MqttConfig,
     Timing,
 )
 from otakit.errors import EXIT_USAGE, InputFileError, OtakitError, UsageError
@@ -325,7 +326,7 @@ def test_tls_files_need_https(name: str) -> None:
     ("data", "message"),
     [
         ({**MINIMAL, "timings": {}}, "unknown key timings; did you mean timing?"),
-        ({**MINIMAL, "mqtt": {}}, "unknown key mqtt; expected one of agent, identity, timing"),
+        ({**MINIMAL, "ble": {}}, "unknown key ble; expected one of agent, identity, timing"),
         (with_value("agent", "sever", "x"), "unknown key agent.sever; did you mean server?"),
         (with_value("identity", "serial_number", "x"), "unknown key identity.serial_number"),
         (
@@ -583,3 +584,172 @@ def test_bad_storage_is_named(storage: dict[str, Any], message: str) -> None:
 def test_gateway_takes_the_job_flow_only() -> None:
     data = {**MINIMAL, "agent": {**MINIMAL["agent"], "flow": "direct"}, "storage": GATEWAY}
     assert 'agent.flow must be "job"' in config_error(data).message
+
+
+# --- [mqtt] and agent.transport ------------------------------------------------------------------
+
+MQTT_TOML = """\
+[agent]
+transport = "mqtt"
+flow = "job"
+job_path = "/ota_update.json"
+file_path = "/ota-update.bin"
+
+[identity]
+manufacturer = ""
+manufacturer_id = ""
+product = ""
+serial = "S-1"
+board = "CY8CPROTO_062_4343W"
+version = "1.0.0"
+
+[timing]
+initial_check = 60
+next_check = 86400
+retry_interval = 5
+check_timeout = 600
+job_timeout = 30
+data_timeout = 1200
+retries = 3
+connect_retries = 3
+download_tries = 3
+chunk_size = 4096
+http_timeout_ms = 3000
+
+[behaviour]
+reboot_upon_completion = false
+validate_after_reboot = false
+do_not_send_result = false
+
+[logging]
+level = "info"
+
+[mqtt]
+broker = "broker.example"
+port = 8884
+tls = false
+ca_file = "ca.pem"
+client_cert = "device.pem"
+client_key = "device.key"
+company = "ACME"
+app_prefix = false
+keepalive = 30
+chunk_timeout = 2.5
+request_tries = 5
+result_timeout = 1
+"""
+
+
+def test_mqtt_defaults_are_the_originals() -> None:
+    mqtt = MqttConfig(broker="broker.example")
+    assert dataclasses.asdict(mqtt) == {
+        "broker": "broker.example",
+        "port": 1883,
+        "tls": False,
+        "ca_file": None,
+        "client_cert": None,
+        "client_key": None,
+        "company": "OTAUpdate",
+        "app_prefix": True,
+        "keepalive": 60,
+        "chunk_timeout": 10,
+        "request_tries": 3,
+        "result_timeout": 5,
+    }
+    assert not mqtt.secure
+    assert MqttConfig(broker="b", tls=True).secure
+    assert MqttConfig(broker="b", ca_file=Path("ca.pem")).secure
+    assert AgentConfig.from_dict(MINIMAL).transport == "http"
+
+
+def test_mqtt_file_round_trips_without_a_server(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(MQTT_TOML)
+    config = AgentConfig.from_toml(path)
+    assert (config.server, config.transport) == (None, "mqtt")
+    assert config.mqtt is not None
+    assert config.mqtt.ca_file == tmp_path / "ca.pem"
+    assert config.mqtt.client_key == tmp_path / "device.key"
+    assert (config.mqtt.port, config.mqtt.company, config.mqtt.app_prefix) == (8884, "ACME", False)
+    assert config.mqtt.chunk_timeout == 2.5
+    assert AgentConfig.from_dict(config.to_dict()) == config
+    relative = AgentConfig.from_dict(tomllib.loads(MQTT_TOML))
+    assert relative.to_toml() == MQTT_TOML
+    with pytest.raises(ConfigError, match=r"agent\.server is not set"):
+        config.url("/x")
+
+
+def test_http_agents_keep_their_files() -> None:
+    """agent.transport is written only when it is not the default."""
+    config = AgentConfig.from_dict({**MINIMAL, "mqtt": {"broker": "b"}})
+    assert "transport" not in config.to_dict()["agent"]
+    assert config.to_dict()["mqtt"]["broker"] == "b"
+    assert AgentConfig.from_dict(config.to_dict()) == config
+
+
+def with_mqtt(key: str, value: object) -> dict[str, Any]:
+    """MINIMAL with an ``[mqtt]`` table for broker ``b`` and ``key = value``."""
+    return {**MINIMAL, "mqtt": {"broker": "b", key: value}}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({**MINIMAL, "mqtt": {"port": 1883}}, "missing required key mqtt.broker"),
+        (with_mqtt("broker", "mqtt://b"), "mqtt.broker 'mqtt://b' must be a host name"),
+        (with_mqtt("broker", ""), "mqtt.broker must not be empty"),
+        (with_mqtt("port", 0), "mqtt.port is 0 but must be from 1 to 65535"),
+        (with_mqtt("port", "1883"), "mqtt.port must be an integer"),
+        (with_mqtt("company", "a/b"), "mqtt.company 'a/b' must be one topic level"),
+        (with_mqtt("company", "#"), "must be one topic level"),
+        (with_mqtt("client_key", "k.pem"), "mqtt.client_key is given without"),
+        (with_mqtt("chunk_timeout", 0), "mqtt.chunk_timeout is 0 s but must be"),
+        (with_mqtt("result_timeout", math.inf), "mqtt.result_timeout is inf s"),
+        (with_mqtt("request_tries", -1), "mqtt.request_tries is -1 but must be"),
+        (with_mqtt("keepalive", 0), "mqtt.keepalive is 0 but must be from 1"),
+        (with_mqtt("app_prefix", "yes"), "mqtt.app_prefix must be true or false"),
+        (with_mqtt("tls", 1), "mqtt.tls must be true or false"),
+        (with_mqtt("host", "b"), "unknown key mqtt.host"),
+        (with_value("agent", "transport", "ftp"), "agent.transport is 'ftp' but must be one of"),
+        (
+            {"agent": {"transport": "mqtt"}, "identity": MINIMAL["identity"]},
+            'agent.transport is "mqtt" but there is no [mqtt] table',
+        ),
+        (
+            {"agent": {"transport": "http"}, "identity": MINIMAL["identity"]},
+            "missing required key agent.server",
+        ),
+        (
+            {
+                **with_value("agent", "transport", "mqtt"),
+                "mqtt": {"broker": "b"},
+                "storage": {"kind": "gateway", "path": "f", "program": ["x"]},
+            },
+            'agent.transport must be "http"',
+        ),
+    ],
+)
+def test_bad_mqtt_is_named(data: dict[str, Any], message: str) -> None:
+    assert message in str(config_error(data))
+
+
+def test_mqtt_settings_take_the_timing_table() -> None:
+    from otakit.device.service import mqtt_settings
+
+    data = tomllib.loads(MQTT_TOML)
+    data["timing"] |= {"job_timeout": 7, "data_timeout": 99}
+    settings = mqtt_settings(AgentConfig.from_dict(data, base_dir="/etc/otakit"))
+    assert settings is not None
+    assert (settings.host, settings.port, settings.company, settings.app_prefix) == (
+        "broker.example",
+        8884,
+        "ACME",
+        False,
+    )
+    assert (settings.job_timeout, settings.data_timeout, settings.chunk_timeout) == (7, 99, 2.5)
+    assert (settings.ca_file, settings.client_key) == (
+        "/etc/otakit/ca.pem",
+        "/etc/otakit/device.key",
+    )
+    assert settings.secure
+    assert mqtt_settings(AgentConfig.from_dict(MINIMAL)) is None

@@ -257,3 +257,34 @@ def test_agent_thread_check_now_reboot_and_stop(fleet: Fleet) -> None:
     assert agent.last.outcome is Outcome.UPDATED, agent.last
     assert reboots == [True]
     assert SimDevice(device.dir).boot().to_dict()["images"][0]["action"] == "upgrade-test"
+
+
+def test_poll_follows_the_timing_knobs() -> None:
+    """initial_check first; after a failure `retries` retries retry_interval apart, then
+    next_check; a success resets the count."""
+    from otakit.device.agent import Result, poll
+    from otakit.device.config import Timing
+
+    class Waits(threading.Event):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[float] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.seen.append(float(timeout or 0))
+            return False
+
+    outcomes = [Outcome.FAILED] * 4 + [Outcome.NO_UPDATE, Outcome.FAILED, Outcome.NO_UPDATE]
+    stop, waits = threading.Event(), Waits()
+
+    def attempt() -> Result:
+        outcome = outcomes.pop(0)
+        if not outcomes:
+            stop.set()
+        return Result(outcome)
+
+    timing = Timing(initial_check=10, next_check=1000, retry_interval=7, retries=2)
+    last = poll(attempt, timing=timing, stop=stop, wake=waits)
+    assert last is not None
+    assert last.outcome is Outcome.NO_UPDATE
+    assert waits.seen == [10, 7, 7, 1000, 7, 1000, 7]

@@ -8,11 +8,15 @@ One update attempt (:func:`update_once`), job flow::
     → STORAGE_OPEN → DATA_CONNECT → DATA_DOWNLOAD / STORAGE_WRITE (percentage) → DATA_DISCONNECT
     → STORAGE_CLOSE → VERIFY → RESULT_CONNECT → RESULT_SEND → RESULT_DISCONNECT → OTA_COMPLETE
 
-The direct flow starts at STORAGE_OPEN with the known file. Any failure is reported as a
-FAILURE event with the original's error name, sent to the server as a Failure result with the
-reason (the original never reports failures), and leaves storage clean except for what can be
-resumed: a transfer that failed halfway keeps its durable bytes and journal, so the next attempt
-continues from there. :class:`Agent` runs attempts on a background thread with the configured
+The direct flow starts at STORAGE_OPEN with the known file. A job whose ``Connection`` names
+another transport than the one that fetched it (an MQTT job from an HTTP server, an HTTP job
+from an MQTT publisher) is handed over (JOB_REDIRECT) to the agent's transport for it, from
+``transports={"HTTP": ..., "MQTT": ...}``; without one it fails with TRANSPORT_UNSUPPORTED.
+
+Any failure is reported as a FAILURE event with the original's error name, sent to the server
+as a Failure result with the reason (the original never reports failures), and leaves storage
+clean except for what can be resumed: a transfer that failed halfway keeps its durable bytes and
+journal, so the next attempt continues from there. :class:`Agent` runs attempts on a background thread with the configured
 timing.
 """
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -68,6 +72,7 @@ _BEFORE_STORAGE = frozenset(
         State.JOB_DOWNLOAD,
         State.JOB_DISCONNECT,
         State.JOB_PARSE,
+        State.JOB_REDIRECT,
     }
 )
 
@@ -102,8 +107,15 @@ def update_once(
     validate_after_reboot: bool = True,
     send_result: bool = True,
     callback: Callback | None = None,
+    transports: Mapping[str, Transport] | None = None,
 ) -> Result:
-    """One update attempt. Never raises for a failed update: the Result says what happened."""
+    """One update attempt. Never raises for a failed update: the Result says what happened.
+
+    ``transport`` asks for the job (or gives the direct flow's). ``transports`` names the
+    transport that downloads a job, by the job document's Connection: ``"HTTP"`` (also for
+    HTTPS) and ``"MQTT"``; include ``transport`` itself. The default, ``{"HTTP": transport}``,
+    is an HTTP-only agent. The result is reported through the transport that downloaded.
+    """
     attempt = _Attempt(callback)
     job: Job | None = None
     state = State.START_UPDATE
@@ -120,11 +132,11 @@ def update_once(
                 return Result(Outcome.NO_UPDATE)
             if job.document is not None:
                 check_job(job.document, board=board, current_version=version)
-                if job.document.connection == "MQTT":
-                    raise TransportUnsupportedError(
-                        "the job is for the MQTT transport, which this agent was not given",
-                        value=job.document.connection,
-                    )
+                chosen = transport_for(job, transports or {"HTTP": transport})
+                if chosen is not transport:
+                    state = State.JOB_REDIRECT
+                    attempt.state(state, message=f"{job.document.connection} job")
+                    transport = chosen
         else:
             job = transport.direct_job()
         state = State.STORAGE_OPEN
@@ -157,6 +169,22 @@ def update_once(
         _report(attempt, transport, job, success=True, error=None, message=None)
     attempt.emit(Event(State.OTA_COMPLETE, Reason.SUCCESS, message=f"version {version} pending"))
     return result
+
+
+def transport_for(job: Job, transports: Mapping[str, Transport]) -> Transport:
+    """The transport for the job document's Connection (``"HTTP"`` serves HTTPS too).
+
+    Raises TransportUnsupportedError when the agent has none for it.
+    """
+    connection = job.document.connection if job.document is not None else "HTTP"
+    kind = "MQTT" if connection == "MQTT" else "HTTP"
+    chosen = transports.get(kind)
+    if chosen is None:
+        raise TransportUnsupportedError(
+            f"the job is for the {kind} transport, which this agent was not given",
+            value=connection,
+        )
+    return chosen
 
 
 def _failed(
@@ -206,11 +234,12 @@ def poll(
     until: Callable[[Result], bool] = lambda result: False,
 ) -> Result | None:
     """Run ``attempt`` first after ``timing.initial_check`` seconds, then every
-    ``timing.next_check`` seconds, or ``timing.retry_interval`` after a failure, until ``stop``
+    ``timing.next_check`` seconds; after a failure, up to ``timing.retries`` more attempts
+    ``timing.retry_interval`` apart before falling back to ``next_check``. Runs until ``stop``
     is set or ``until(result)``; setting ``wake`` runs the next attempt at once. Returns the
     last result."""
     wake = wake if wake is not None else threading.Event()
-    wait, last = timing.initial_check, None
+    wait, last, failures = timing.initial_check, None, 0
     while not stop.is_set():
         wake.wait(wait)
         wake.clear()
@@ -219,7 +248,11 @@ def poll(
         last = attempt()
         if until(last):
             break
-        wait = timing.retry_interval if last.outcome is Outcome.FAILED else timing.next_check
+        failures = failures + 1 if last.outcome is Outcome.FAILED else 0
+        if 0 < failures <= timing.retries:
+            wait = timing.retry_interval
+        else:
+            wait, failures = timing.next_check, 0
     return last
 
 
@@ -242,8 +275,10 @@ class Agent:
         send_result: bool = True,
         callback: Callback | None = None,
         reboot: Callable[[], None] | None = None,
+        transports: Mapping[str, Transport] | None = None,
     ) -> None:
         self.transport = transport
+        self.transports = transports
         self.storage = storage
         self.board = board
         self.version = version
@@ -268,8 +303,10 @@ class Agent:
         *,
         callback: Callback | None = None,
         reboot: Callable[[], None] | None = None,
+        transports: Mapping[str, Transport] | None = None,
     ) -> Agent:
-        """An agent with the identity, flow, timing and behaviour of ``config``."""
+        """An agent with the identity, flow, timing and behaviour of ``config``;
+        ``transports`` as :func:`update_once` takes them."""
         return cls(
             transport,
             storage,
@@ -282,6 +319,7 @@ class Agent:
             send_result=not config.behaviour.do_not_send_result,
             callback=callback,
             reboot=reboot,
+            transports=transports,
         )
 
     def run_once(self) -> Result:
@@ -294,6 +332,7 @@ class Agent:
             validate_after_reboot=self.validate_after_reboot,
             send_result=self.send_result,
             callback=self.callback,
+            transports=self.transports,
         )
         self.last = result
         if result.outcome is Outcome.UPDATED and self.reboot_upon_completion and self.reboot:
@@ -317,7 +356,11 @@ class Agent:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        self.transport.close()
+        closed: list[Transport] = []
+        for transport in (self.transport, *(self.transports or {}).values()):
+            if not any(transport is done for done in closed):
+                transport.close()
+                closed.append(transport)
 
     @property
     def running(self) -> bool:

@@ -3,7 +3,8 @@
 The file has one table per concern, and each table is one frozen dataclass here::
 
     [agent]                                   -> AgentConfig (server, credentials, flow, paths)
-    server = "https://ota.example:8443"
+    server = "https://ota.example:8443"       # not needed with transport = "mqtt"
+    transport = "http"                        # or "mqtt": which transport asks for the job
     token = "otk_..."                         # or token_file = "/etc/otakit/token"
     ca_file = "/etc/otakit/ca.pem"
     client_cert = "/etc/otakit/device.pem"    # client_key too if the key is in its own file
@@ -38,9 +39,17 @@ The file has one table per concern, and each table is one frozen dataclass here:
     kind = "sim-device"                       # or "gateway"
     path = "device"                           # device folder, or the gateway's flash file
 
+    [mqtt]                                    -> MqttConfig (the MQTT transport's broker)
+    broker = "broker.example"
+    port = 8884
+    ca_file = "/etc/otakit/mqtt-ca.pem"       # client_cert, client_key; or tls = true
+    company = "OTAUpdate"
+    app_prefix = true                         # topics name the board APP_<board>
+
 :class:`AgentConfig` is the whole file: ``config.timing.retry_interval``,
-``config.behaviour.reboot_upon_completion``. Only ``agent.server`` and ``identity.serial``,
-``identity.board`` and ``identity.version`` are required; every other key has the default of
+``config.behaviour.reboot_upon_completion``. Only ``agent.server`` (or, with
+``agent.transport = "mqtt"``, ``mqtt.broker``) and ``identity.serial``, ``identity.board`` and
+``identity.version`` are required; every other key has the default of
 the original middleware (§8). The one exception is ``timing.initial_check``: §8's devices wait
 10 s, its library defaults 60 s; otakit takes the library's 60 s.
 
@@ -476,6 +485,76 @@ class StorageConfig:
             )
 
 
+MAX_TOPIC_BYTES = 256  # the original device's topic buffer (protocols.md §1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttConfig:
+    """``[mqtt]``: the broker of the MQTT transport and its patience (protocols.md §3).
+
+    TLS is used when ``tls`` is true or ``ca_file``/``client_cert`` is given (ports 8883 and
+    8884 by convention); ``ca_file`` replaces the system CAs. ``company`` is the first topic
+    level; ``app_prefix`` names the board ``APP_<board>`` on topics, as the original devices
+    do. ``chunk_timeout`` is how long to wait for a new chunk before asking again for what is
+    missing, ``request_tries`` how many times in a row, ``result_timeout`` how long to wait for
+    "Result Received". The job and data timeouts are ``[timing]``'s.
+
+    Raises:
+        ConfigError: a value of the wrong type or out of range, a broker that is not a host
+            name, a company that is not one topic level, ``client_key`` without ``client_cert``.
+    """
+
+    broker: str
+    port: int = 1883
+    tls: bool = False
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    company: str = "OTAUpdate"
+    app_prefix: bool = True
+    keepalive: int = 60
+    chunk_timeout: float = 10
+    request_tries: int = 3
+    result_timeout: float = 5
+
+    PATHS: ClassVar[tuple[str, ...]] = ("ca_file", "client_cert", "client_key")
+
+    def __post_init__(self) -> None:
+        broker = _check_text("mqtt.broker", self.broker, limit=FIELD_LIMITS["Broker"])
+        if any(c.isspace() or c in "/[]@" for c in broker):
+            raise ConfigError(
+                f"mqtt.broker {broker!r} must be a host name or address, not a URL",
+                key="mqtt.broker",
+                value=broker,
+            )
+        _check_int("mqtt.port", self.port, 1, 65535)
+        _check_bool("mqtt.tls", self.tls)
+        for name in self.PATHS:
+            if getattr(self, name) is not None:
+                _check_path(f"mqtt.{name}", getattr(self, name))
+        if self.client_key is not None and self.client_cert is None:
+            raise ConfigError(
+                "mqtt.client_key is given without mqtt.client_cert", key="mqtt.client_key"
+            )
+        company = _check_text("mqtt.company", self.company, limit=MAX_TOPIC_BYTES // 2)
+        if any(c in "/+#" for c in company):
+            raise ConfigError(
+                f"mqtt.company {company!r} must be one topic level (no /, + or #)",
+                key="mqtt.company",
+                value=company,
+            )
+        _check_bool("mqtt.app_prefix", self.app_prefix)
+        _check_int("mqtt.keepalive", self.keepalive, 1, 65535, " s")
+        for name in ("chunk_timeout", "result_timeout"):
+            _check_seconds(f"mqtt.{name}", getattr(self, name), 0, MAX_TIMEOUT_S, above=True)
+        _check_int("mqtt.request_tries", self.request_tries, 0, MAX_RETRIES)
+
+    @property
+    def secure(self) -> bool:
+        """Whether the connection uses TLS."""
+        return self.tls or self.ca_file is not None or self.client_cert is not None
+
+
 # --- the whole file ----------------------------------------------------------------------------
 
 _AGENT_PATHS = ("token_file", "ca_file", "client_cert", "client_key")
@@ -486,8 +565,10 @@ _AGENT_KEYS = (
     "flow",
     "job_path",
     "file_path",
+    "transport",
 )
-_SECTIONS = ("agent", "identity", "timing", "behaviour", "logging", "storage")
+_SECTIONS = ("agent", "identity", "timing", "behaviour", "logging", "storage", "mqtt")
+TRANSPORTS = ("http", "mqtt")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -498,16 +579,20 @@ class AgentConfig:
     is at ``server + job_path`` (job flow), the image at ``server + file_path`` (direct flow).
     ``token`` or ``token_file`` (not both) authenticates to an otakit server; ``ca_file``
     replaces the system CAs and ``client_cert``/``client_key`` present a client certificate
-    (HTTPS only).
+    (HTTPS only). ``transport`` says which transport asks for the job: ``"http"`` (the server)
+    or ``"mqtt"`` (the ``[mqtt]`` broker; ``server`` is then optional). Jobs for the other
+    transport are followed when it is configured (HTTP(S) jobs always are).
 
     Raises:
         ConfigError: a field is invalid (see each table's class), both ``token`` and
-            ``token_file`` are given, ``client_key`` is given without ``client_cert``, or TLS
-            files are given for an ``http://`` server.
+            ``token_file`` are given, ``client_key`` is given without ``client_cert``, TLS
+            files are given for an ``http://`` server, ``server`` is missing for the HTTP
+            transport or ``[mqtt]`` for the MQTT one.
     """
 
-    server: str
     identity: Identity
+    server: str | None = None
+    transport: str = "http"
     token: str | None = None
     token_file: Path | None = None
     ca_file: Path | None = None
@@ -520,9 +605,27 @@ class AgentConfig:
     behaviour: Behaviour = field(default_factory=Behaviour)
     logging: LogConfig = field(default_factory=LogConfig)
     storage: StorageConfig | None = None
+    mqtt: MqttConfig | None = None
 
     def __post_init__(self) -> None:
-        _check_server("agent.server", self.server)
+        if type(self.transport) is not str or self.transport not in TRANSPORTS:
+            raise ConfigError(
+                f"agent.transport is {_show(self.transport)} but must be one of "
+                f"{', '.join(TRANSPORTS)}",
+                key="agent.transport",
+                value=self.transport,
+            )
+        if self.mqtt is not None and not isinstance(self.mqtt, MqttConfig):
+            raise ConfigError(f"mqtt must be an MqttConfig, not {_show(self.mqtt)}", key="mqtt")
+        if self.transport == "mqtt" and self.mqtt is None:
+            raise ConfigError(
+                'agent.transport is "mqtt" but there is no [mqtt] table (mqtt.broker ...)',
+                key="agent.transport",
+            )
+        if self.server is not None:
+            _check_server("agent.server", self.server)
+        elif self.transport == "http":
+            raise ConfigError("missing required key agent.server", key="agent.server")
         if self.token is not None:
             _check_text("agent.token", self.token)
         for name in _AGENT_PATHS:
@@ -554,6 +657,11 @@ class AgentConfig:
                 'a gateway takes its jobs from check-ins: agent.flow must be "job"',
                 key="agent.flow",
             )
+        if self.storage is not None and self.storage.kind == "gateway" and self.transport != "http":
+            raise ConfigError(
+                'a gateway takes its jobs from check-ins: agent.transport must be "http"',
+                key="agent.transport",
+            )
         if self.token is not None and self.token_file is not None:
             raise ConfigError(
                 "agent.token and agent.token_file are both given; keep one", key="agent.token"
@@ -562,7 +670,7 @@ class AgentConfig:
             raise ConfigError(
                 "agent.client_key is given without agent.client_cert", key="agent.client_key"
             )
-        if self.server.startswith("http:"):
+        if self.server is not None and self.server.startswith("http:"):
             for name in ("ca_file", "client_cert"):
                 if getattr(self, name) is not None:
                     raise ConfigError(
@@ -593,7 +701,7 @@ class AgentConfig:
             _check_known(name, _SECTIONS, "")
         for name in agent:
             _check_known(name, _AGENT_KEYS, "agent.")
-        if "server" not in agent:
+        if "server" not in agent and agent.get("transport", "http") == "http":
             raise ConfigError("missing required key agent.server", key="agent.server")
         for name in identity:
             _check_known(name, tuple(Identity.JOB_KEYS), "identity.")
@@ -616,6 +724,13 @@ class AgentConfig:
             if isinstance(table.get("program"), list):
                 table["program"] = tuple(table["program"])
             storage = StorageConfig(**table)
+        mqtt = None
+        if "mqtt" in tables:
+            table = dict(_known_table(tables, "mqtt", MqttConfig))
+            if "broker" not in table:
+                raise ConfigError("missing required key mqtt.broker", key="mqtt.broker")
+            table |= _paths(table, MqttConfig.PATHS, "mqtt", base_dir)
+            mqtt = MqttConfig(**table)
         return cls(
             **{**agent, **_paths(agent, _AGENT_PATHS, "agent", base_dir)},
             identity=Identity(**identity),
@@ -623,6 +738,7 @@ class AgentConfig:
             behaviour=Behaviour(**behaviour),
             logging=LogConfig(**logging),
             storage=storage,
+            mqtt=mqtt,
         )
 
     @classmethod
@@ -649,9 +765,12 @@ class AgentConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The TOML tables of this config; :meth:`from_dict` of it gives an equal config.
 
-        Keys that are not set (``token``...) and empty ``logging.facilities`` are left out.
+        Keys that are not set (``token``...), empty ``logging.facilities`` and the default
+        ``agent.transport`` are left out.
         """
-        agent: dict[str, Any] = {"server": self.server}
+        agent: dict[str, Any] = {} if self.server is None else {"server": self.server}
+        if self.transport != "http":
+            agent["transport"] = self.transport
         if self.token is not None:
             agent["token"] = self.token
         for name in _AGENT_PATHS:
@@ -680,6 +799,13 @@ class AgentConfig:
                 for key, value in storage.items()
                 if value is not None and value != ()
             }
+        if self.mqtt is not None:
+            mqtt = {f.name: getattr(self.mqtt, f.name) for f in fields(self.mqtt)}
+            tables["mqtt"] = {
+                key: str(value) if isinstance(value, Path) else value
+                for key, value in mqtt.items()
+                if value is not None
+            }
         return tables
 
     def to_toml(self) -> str:
@@ -696,7 +822,13 @@ class AgentConfig:
     # --- derived values ---
 
     def url(self, path: str) -> str:
-        """The URL of ``path`` (``/...``) on the configured server."""
+        """The URL of ``path`` (``/...``) on the configured server.
+
+        Raises:
+            ConfigError: no ``agent.server`` is configured (an MQTT-only agent).
+        """
+        if self.server is None:
+            raise ConfigError("agent.server is not set", key="agent.server")
         return self.server.rstrip("/") + path
 
     @property

@@ -3,7 +3,9 @@
 The ``[storage]`` table says what is updated:
 
 - ``sim-device``: a simulated MCUboot device folder. Each attempt is one run of the simulated
-  device's agent (:func:`otakit.sim.agent.run`): job document or direct flow over HTTP(S),
+  device's agent (:func:`otakit.sim.agent.run`): job document or direct flow over HTTP(S) or,
+  with ``[mqtt]`` and ``agent.transport = "mqtt"``, over MQTT (an MQTT job from the HTTP server
+  is followed when ``[mqtt]`` is there, an HTTP(S) job from the MQTT publisher always),
   resumable download into the secondary slot, verify, pending, then, with
   ``reboot_upon_completion``, the simulated bootloader swaps and the agent confirms.
 - ``gateway`` (protocols.md §7): the image is downloaded into littlefs on the gateway's flash
@@ -42,6 +44,7 @@ from otakit.device.gateway import (
 )
 from otakit.device.transports.checkin import CheckinTransport
 from otakit.device.transports.http import HttpSettings
+from otakit.device.transports.mqtt import MqttSettings
 from otakit.errors import FileOperationError
 
 log = logging.getLogger("otakit.agent")
@@ -78,7 +81,7 @@ def http_settings(config: AgentConfig) -> HttpSettings:
         return None if value is None else str(value)
 
     return HttpSettings(
-        server=config.server,
+        server=config.server or "",  # MQTT-only: HTTP(S) jobs name their server
         token=config.load_token(),
         ca_file=text(config.ca_file),
         client_cert=text(config.client_cert),
@@ -87,8 +90,38 @@ def http_settings(config: AgentConfig) -> HttpSettings:
         file_path=config.file_path,
         chunk_size=timing.chunk_size,
         timeout=timing.http_timeout,
+        job_timeout=timing.job_timeout,
+        data_timeout=timing.data_timeout,
         connect_retries=timing.connect_retries,
         download_tries=timing.download_tries,
+    )
+
+
+def mqtt_settings(config: AgentConfig) -> MqttSettings | None:
+    """The MQTT transport's settings from ``[mqtt]`` and ``[timing]``; None without ``[mqtt]``."""
+    mqtt = config.mqtt
+    if mqtt is None:
+        return None
+    timing = config.timing
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    return MqttSettings(
+        host=mqtt.broker,
+        port=mqtt.port,
+        tls=mqtt.tls,
+        ca_file=text(mqtt.ca_file),
+        client_cert=text(mqtt.client_cert),
+        client_key=text(mqtt.client_key),
+        company=mqtt.company,
+        app_prefix=mqtt.app_prefix,
+        keepalive=mqtt.keepalive,
+        job_timeout=timing.job_timeout,
+        chunk_timeout=mqtt.chunk_timeout,
+        request_tries=mqtt.request_tries,
+        result_timeout=mqtt.result_timeout,
+        data_timeout=timing.data_timeout,
     )
 
 
@@ -122,6 +155,7 @@ class AgentService:
         self.storage_config: StorageConfig = config.storage
         self.callback = callback if callback is not None else log_event
         self.settings = http_settings(config)
+        self.mqtt = mqtt_settings(config)
         self._gateway: tuple[GatewayStorage, CheckinTransport] | None = None
 
     # --- attempts ------------------------------------------------------------------------------
@@ -158,6 +192,8 @@ class AgentService:
         report = run(
             self.storage_config.path,
             self.settings,
+            mqtt=self.mqtt,
+            fetch_with=self.config.transport,
             flow=Flow(self.config.flow),
             confirm=self.storage_config.confirm,
             reboot=behaviour.reboot_upon_completion,

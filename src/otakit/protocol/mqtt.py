@@ -220,7 +220,14 @@ def payload_count(total_size: int, chunk_size: int = CHUNK_SIZE) -> int:
 def chunk(
     image: bytes | memoryview, version: FirmwareVersion, index: int, chunk_size: int = CHUNK_SIZE
 ) -> bytes:
-    """Chunk ``index`` of ``image`` (header and data), as the publisher sends it."""
+    """Chunk ``index`` of ``image`` (header and data), as the publisher sends it.
+
+    Raises IndexError for an index outside ``0 .. payload_count - 1`` (never StopIteration,
+    which would silently end a caller's loop or generator).
+    """
+    count = payload_count(len(image), chunk_size)
+    if not 0 <= index < count or not image:
+        raise IndexError(f"chunk index {index} is out of range for {count} chunk(s)")
     return next(range_chunks(image, version, index * chunk_size, chunk_size, chunk_size))
 
 

@@ -6,6 +6,12 @@ On first contact the token given may be an enrollment token: the agent checks in
 JSON API, receives its own device token and keeps it. Then it runs the update (job or direct
 flow), reboots the device (the simulated bootloader swaps), confirms the new image unless told
 not to, and checks in again so the server learns the version that runs.
+
+With an MQTT broker (``mqtt``) the job or the direct flow's image comes over MQTT instead
+(protocols.md §3): the device announces itself with its identity and running version. An
+HTTP(S) job from the publisher is downloaded over HTTP; an MQTT job from the HTTP server over
+MQTT when a broker is given. The server URL is then optional: without it there is no
+enrollment, check-in or revert report (those are the JSON API's).
 """
 
 from __future__ import annotations
@@ -24,8 +30,10 @@ from otakit.device.events import Answer, Event, Reason, State
 from otakit.device.flash import PowerCut
 from otakit.device.journal import Journal
 from otakit.device.storage import SlotStorage
+from otakit.device.transports.base import Transport
 from otakit.device.transports.http import HttpSettings, HttpTransport
-from otakit.errors import ApiError, DeviceError
+from otakit.device.transports.mqtt import MqttSettings, MqttTransport
+from otakit.errors import ApiError, DeviceError, UsageError
 from otakit.files import write_atomic
 from otakit.sim.device import SimDevice
 
@@ -103,8 +111,10 @@ def device_token(device: SimDevice, settings: HttpSettings, version: str) -> str
 
 def run(
     directory: str | os.PathLike[str],
-    server: str | HttpSettings,
+    server: str | HttpSettings | None,
     *,
+    mqtt: MqttSettings | None = None,
+    fetch_with: str | None = None,
     token: str | None = None,
     flow: Flow = Flow.JOB,
     confirm: bool = True,
@@ -116,24 +126,44 @@ def run(
     callback: Callable[[Event], Answer | None] | None = None,
 ) -> RunReport:
     """One agent run. ``server`` is the server's URL (with ``token`` and ``chunk_size``) or the
-    whole HTTP settings. Without ``reboot`` the verified update is left pending for the next
-    boot. With ``power_cut_after``, the flash loses power after that many operations during
-    the update (torn), as a real device would; the next run resumes."""
+    whole HTTP settings; ``mqtt`` the broker of the MQTT transport. ``fetch_with`` (``"http"`` or
+    ``"mqtt"``) says which asks for the job, by default MQTT when a broker is given. Without
+    ``reboot`` the verified update is left pending for the next boot. With ``power_cut_after``,
+    the flash loses power after that many operations during the update (torn), as a real device
+    would; the next run resumes."""
     if isinstance(server, HttpSettings):
         settings = server
+    elif server or mqtt is not None:  # MQTT only: HTTP(S) jobs name their server
+        settings = HttpSettings(server=server or "", token=token, chunk_size=chunk_size)
     else:
-        settings = HttpSettings(server=server, token=token, chunk_size=chunk_size)
+        raise UsageError("give the update server's URL or an MQTT broker")
+    fetch_with = fetch_with or ("mqtt" if mqtt is not None else "http")
+    if fetch_with not in ("http", "mqtt") or (fetch_with == "mqtt" and mqtt is None):
+        raise UsageError(f"cannot ask for jobs with {fetch_with!r}", value=fetch_with)
+    if fetch_with == "http" and not settings.server:
+        raise UsageError("asking the server for jobs needs its URL")
     device = SimDevice(directory)
     status = device.status()["slots"][0]
     version = status["running"]
     if version is None:
         raise DeviceError(f"{device.dir} has no running image; boot it first (`otakit sim boot`)")
     version = version.split("+")[0]
-    settings = replace(settings, token=device_token(device, settings, version))
-    _report_revert(device, settings, version)
+    if settings.server:
+        settings = replace(settings, token=device_token(device, settings, version))
+        _report_revert(device, settings, version)
     board = device.state.identity.board
-    transport = HttpTransport(settings, board=board)
+    transports: dict[str, Transport] = {"HTTP": HttpTransport(settings, board=board)}
     try:
+        if mqtt is not None:
+            ident = device.state.identity
+            transports["MQTT"] = MqttTransport(
+                mqtt,
+                board=board,
+                version=version,
+                serial=ident.serial,
+                manufacturer=ident.manufacturer,
+                product=ident.product,
+            )
         with device.bootloader() as boot:
             storage = SlotStorage(
                 boot,
@@ -146,7 +176,7 @@ def run(
                 boot.flash.cut_after(power_cut_after, tear=True, seed=power_cut_after)
             try:
                 result = update_once(
-                    transport,
+                    transports[fetch_with.upper()],
                     storage,
                     board=board,
                     version=version,
@@ -154,6 +184,7 @@ def run(
                     validate_after_reboot=validate_after_reboot,
                     send_result=send_result,
                     callback=callback,
+                    transports=transports,
                 )
             except PowerCut:
                 boot.flash.power_on()
@@ -162,7 +193,8 @@ def run(
                     Result(Outcome.FAILED, error="POWER_CUT", message=message), None, False, version
                 )
     finally:
-        transport.close()
+        for transport in transports.values():
+            transport.close()
     if result.outcome is not Outcome.UPDATED or not reboot:
         return RunReport(result, None, False, version)
     booted = device.boot()

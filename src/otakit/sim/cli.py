@@ -16,6 +16,7 @@ from otakit.errors import UsageError
 from otakit.files import read_input
 from otakit.image.keys import PublicKey
 from otakit.sim.device import DEFAULT_LAYOUT, Identity, SimDevice
+from otakit.sim.smp_cli import serve_smp
 
 app = typer.Typer(
     help="Simulated devices: flash, flash map and an MCUboot-compatible bootloader in a folder.",
@@ -168,10 +169,56 @@ def status(
         )
 
 
+def _broker(value: str) -> tuple[str, int | None]:
+    """``HOST[:PORT]`` (``[v6]:PORT`` for an IPv6 address); UsageError otherwise."""
+    host, port = value, None
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            host = ""
+        port_text = rest[1:] if rest else None
+    elif value.count(":") == 1:
+        host, port_text = value.split(":")
+    else:
+        port_text = None
+    if port_text is not None:
+        port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else 0
+    if not host or port == 0 or any(c.isspace() or c in "/@" for c in host):
+        raise UsageError(f"--mqtt must be HOST or HOST:PORT, not {value!r}", value=value)
+    return host, port
+
+
 @app.command("run")
 def run_agent(
     directory: DeviceDir,
-    server: Annotated[str, typer.Option("--server", help="Update server URL.")],
+    server: Annotated[
+        str | None, typer.Option("--server", help="Update server URL (optional with --mqtt).")
+    ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            help="MQTT broker HOST:PORT: ask the publisher for the job (or the direct flow's image).",
+        ),
+    ] = None,
+    cafile: Annotated[
+        Path | None, typer.Option("--cafile", help="MQTT: CA to trust (turns TLS on).")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="MQTT: client certificate (turns TLS on).")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="MQTT: the client certificate's key.")
+    ] = None,
+    company: Annotated[str, typer.Option("--company", help="MQTT: first topic level.")] = (
+        "OTAUpdate"
+    ),
+    app_prefix: Annotated[
+        bool,
+        typer.Option(
+            "--app-prefix/--no-app-prefix", help="MQTT: topics name the board APP_<board>."
+        ),
+    ] = True,
     token: Annotated[
         str | None,
         typer.Option("--token", help="Device token, or an enrollment token on first contact."),
@@ -190,10 +237,14 @@ def run_agent(
         typer.Option("--power-cut-after", help="Cut the power after N flash operations."),
     ] = None,
 ) -> None:
-    """Run the OTA agent on a simulated device: check, download, reboot, confirm."""
+    """Run the OTA agent on a simulated device: check, download, reboot, confirm.
+
+    With --mqtt the device asks an MQTT publisher; --server is then optional.
+    """
     import threading
 
     from otakit.device.agent import Flow, Outcome
+    from otakit.device.transports.mqtt import MqttSettings
 
     try:
         chosen = Flow(flow)
@@ -201,10 +252,29 @@ def run_agent(
         raise UsageError(f"--flow must be job or direct, not {flow!r}", value=flow) from None
     if not 512 <= chunk_size <= 16 * 1024 * 1024:
         raise UsageError("--chunk-size must be between 512 B and 16 MiB", value=chunk_size)
+    if server is None and mqtt is None:
+        raise UsageError("give --server URL or --mqtt HOST:PORT")
+    if mqtt is None and (cafile or cert or key):
+        raise UsageError("--cafile, --cert and --key are for --mqtt")
+    if key is not None and cert is None:
+        raise UsageError("--key is given without --cert")
+    broker = None
+    if mqtt is not None:
+        host, port = _broker(mqtt)
+        secure = cafile is not None or cert is not None
+        broker = MqttSettings(
+            host=host,
+            port=port or (8883 if secure else 1883),
+            ca_file=str(cafile) if cafile else None,
+            client_cert=str(cert) if cert else None,
+            client_key=str(key) if key else None,
+            company=company,
+            app_prefix=app_prefix,
+        )
     stop = threading.Event()
     while True:
         report = _attempt_with_progress(
-            directory, server, token, chosen, not no_confirm, chunk_size, power_cut_after
+            directory, server, broker, token, chosen, not no_confirm, chunk_size, power_cut_after
         )
         power_cut_after = None  # one cut per command
         result = report.result
@@ -229,7 +299,8 @@ def run_agent(
 
 def _attempt_with_progress(
     directory: Path,
-    server: str,
+    server: str | None,
+    mqtt: Any,
     token: str | None,
     flow: Any,
     confirm: bool,
@@ -262,6 +333,7 @@ def _attempt_with_progress(
         return run(
             directory,
             server,
+            mqtt=mqtt,
             token=token,
             flow=flow,
             confirm=confirm,
@@ -269,3 +341,6 @@ def _attempt_with_progress(
             power_cut_after=power_cut_after,
             callback=on_event,
         )
+
+
+app.command("serve-smp")(serve_smp)
