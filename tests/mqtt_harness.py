@@ -145,7 +145,7 @@ class Broker:
         t = self.tls
         tls = f"cafile {t.ca}\ncertfile {t.server_cert}\nkeyfile {t.server_key}\n"
         text = (
-            "per_listener_settings false\nallow_anonymous true\npersistence false\n"
+            "per_listener_settings false\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
             "log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n"
             "log_type information\nmax_queued_messages 100000\nmax_inflight_messages 0\n"
             f"listener {self.port} 127.0.0.1\n"

@@ -24,6 +24,8 @@ from otakit.device.cli import app as agent_app
 from otakit.errors import OtakitError, UsageError
 from otakit.files import read_input, write_atomic
 from otakit.host.deploy import deploy
+from otakit.host.push import push
+from otakit.host.subscriber import subscriber
 from otakit.image.header import ImageVersion
 from otakit.image.info import ImageInfo, inspect, inspect_image
 from otakit.image.keys import GENERATED_KEY_TYPES, PublicKey, SigningKey
@@ -333,6 +335,8 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")
 app.command()(serve)
 app.command()(deploy)
+app.command()(push)
+app.command()(subscriber)
 
 
 def _version_callback(value: bool) -> None:
