@@ -25,6 +25,11 @@ bench: $(STAMP)
 bench-server: $(STAMP) services
 	$(BIN)/python bench/server_bench.py
 
+# MQTT publisher vs a stop-and-wait sender, on a Mosquitto the script starts (~1 min).
+.PHONY: bench-mqtt
+bench-mqtt: $(STAMP)
+	$(BIN)/python bench/mqtt_bench.py
+
 services:
 	scripts/ensure-services.sh
 

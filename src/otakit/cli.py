@@ -33,7 +33,7 @@ from otakit.image.package import build_package, unpack_package
 from otakit.image.sign import SignOptions, sign_image
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
-from otakit.server.cli import serve, token_app
+from otakit.server.cli import publisher, serve, token_app
 from otakit.sim.cli import app as sim_app
 
 app = typer.Typer(
@@ -334,6 +334,7 @@ app.add_typer(agent_app, name="agent")
 app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")
 app.command()(serve)
+app.command()(publisher)
 app.command()(deploy)
 app.command()(push)
 app.command()(subscriber)

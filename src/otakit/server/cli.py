@@ -1,9 +1,10 @@
-"""``otakit serve`` and ``otakit token ...``."""
+"""``otakit serve``, ``otakit publisher`` and ``otakit token ...``."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -15,7 +16,9 @@ from otakit.errors import UsageError
 from otakit.server.tokens import Role
 
 if TYPE_CHECKING:
+    from otakit.server.context import ServerSettings
     from otakit.server.models import Token
+    from otakit.server.publisher import ImageSource, PublisherConfig
 
 # The server stack (FastAPI, SQLAlchemy, Alembic, uvicorn) is imported inside the commands, so
 # that every other `otakit` command starts fast.
@@ -24,6 +27,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DEFAULT_DATA = Path("otakit-data")
+DEFAULT_KIT = "CY8CPROTO_062_4343W"  # the original publisher's default board (for --help)
 DataOption = Annotated[
     Path, typer.Option("--data", help="Data folder (SQLite database and blobs by default).")
 ]
@@ -221,3 +225,241 @@ def token_revoke(
     if not asyncio.run(_revoke()):
         raise UsageError(f"no token {wanted!r}", value=wanted)
     err.print(f"revoked {wanted}")
+
+
+# --- the MQTT publisher ------------------------------------------------------------------------
+
+# The original publisher's -b names (protocols.md §3): host, TLS port and, with `tls`, the CA,
+# client certificate and key files it looks for in the current folder. "amazon" is an AWS IoT
+# endpoint of one account, so it needs --host; "local" is a broker on this machine.
+_BROKERS: dict[str, tuple[str | None, int, tuple[str, str, str] | None]] = {
+    "mosquitto": ("test.mosquitto.org", 8884, ("mosquitto.org.crt", "mosquitto_client.crt", "mosquitto_client.key")),
+    "eclipse": ("mqtt.eclipseprojects.io", 8883, ("eclipse_ca.crt", "eclipse_client.crt", "eclipse_client.pem")),
+    "amazon": (None, 8883, ("amazon_ca.crt", "amazon_client.crt", "amazon_private_key.pem")),
+    "local": ("127.0.0.1", 8883, None),
+}  # fmt: skip
+_BROKER_ALIASES = {
+    "m": "mosquitto",
+    "e": "eclipse",
+    "a": "amazon",
+    "l": "local",
+    "localhost": "local",
+}
+
+
+def _number(text: str, option: str, low: int, high: int) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a whole number", value=text) from None
+    if not low <= value <= high:
+        raise UsageError(f"{option} {value} is not from {low} to {high}", value=value)
+    return value
+
+
+def publisher(
+    tls: Annotated[
+        str | None,
+        typer.Argument(
+            help="'tls': connect with TLS (port 8883, 8884 with --cert).", show_default=False
+        ),
+    ] = None,
+    debug: Annotated[bool, typer.Option("-l", "--log", help="Debug logging.")] = False,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "-b",
+            "--broker",
+            help="The original's broker names: m|mosquitto, e|eclipse, a|amazon (with --host), "
+            "or l|local (default: a broker on this machine).",
+        ),
+    ] = None,
+    kit: Annotated[
+        str | None,
+        typer.Option(
+            "-k",
+            "--kit",
+            help=f"Board to serve (BOARD or APP_BOARD). Default: {DEFAULT_KIT} with -f, every board with --data.",
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "-f",
+            "--file",
+            help="Image to serve (default: ota-update.bin, unless --data).",
+            show_default=False,
+        ),
+    ] = None,
+    company: Annotated[
+        str,
+        typer.Option("-c", "--company", help="First topic level: COMPANY/BOARD/publish_notify."),
+    ] = "OTAUpdate",
+    host: Annotated[str | None, typer.Option("--host", help="Broker host (overrides -b).")] = None,
+    port: Annotated[
+        str | None,
+        typer.Option("--port", help="Broker port (default 1883; TLS 8883, 8884 with --cert)."),
+    ] = None,
+    cafile: Annotated[
+        Path | None, typer.Option("--cafile", help="CA certificates (PEM); implies TLS.")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="Client certificate (PEM); implies TLS.")
+    ] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="Client private key (PEM).")] = None,
+    version: Annotated[
+        str | None,
+        typer.Option("--version", help="Version of the -f file (default: its MCUboot header's)."),
+    ] = None,
+    window: Annotated[
+        str, typer.Option("--window", help="Chunks per transfer sent and not yet acknowledged.")
+    ] = "16",
+    chunk_size: Annotated[
+        str, typer.Option("--chunk-size", help="Image bytes per chunk.")
+    ] = "4096",
+    app_prefix: Annotated[
+        bool | None,
+        typer.Option(
+            "--app-prefix/--no-app-prefix",
+            help="Only APP_BOARD / only BOARD topics, and that spelling in jobs (default: both, "
+            "answering as each device spells its board).",
+            show_default=False,
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Serve deployments: the server's data folder.")
+    ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            "--database-url",
+            help="Serve deployments: postgresql://... (as `otakit serve`).",
+        ),
+    ] = None,
+    blob_url: Annotated[
+        str | None,
+        typer.Option("--blob-url", help="The server's blob store, if not files in --data."),
+    ] = None,
+    shared: Annotated[
+        str | None,
+        typer.Option(
+            "--shared",
+            help="Shared subscription group: publishers of one group split the requests.",
+        ),
+    ] = None,
+) -> None:
+    """Serve MQTT devices (protocols.md §3): job documents, images, chunks, results.
+
+    Images come from one file (-f, like the original publisher.py) or from the update server's deployments (--data / --database, with the same targeting as its HTTP device API).
+    """
+    from otakit.protocol.version import FirmwareVersion
+    from otakit.server.publisher import MAX_IN_FLIGHT, Broker, PublisherConfig
+
+    if tls is not None and tls.lower() != "tls":
+        raise UsageError(f"unexpected argument {tls!r}; the only one is 'tls'", value=tls)
+    deployments = data is not None or database is not None
+    if deployments and (file is not None or version is not None):
+        raise UsageError("serve either a file (-f, --version) or deployments (--data/--database)")
+    if blob_url is not None and not deployments:
+        raise UsageError("--blob-url goes with --data or --database")
+
+    use_tls = tls is not None or cafile is not None or cert is not None
+    named = None
+    if broker is not None:
+        name = _BROKER_ALIASES.get(broker.lower(), broker.lower())
+        if name not in _BROKERS:
+            raise UsageError(
+                f"unknown broker {broker!r}; choose mosquitto, eclipse, amazon or local "
+                "(or give --host)",
+                value=broker,
+            )
+        named = _BROKERS[name]
+        if named[0] is None and host is None:
+            raise UsageError(
+                "-b amazon needs your AWS IoT endpoint: --host NAME-ats.iot.REGION.amazonaws.com"
+            )
+    broker_host = host or (named[0] if named and named[0] else "127.0.0.1")
+    if use_tls and named is not None and named[2] is not None and cafile is None and cert is None:
+        ca_name, cert_name, key_name = named[2]  # the original's file names, in this folder
+        cafile, cert, key = Path(ca_name), Path(cert_name), Path(key_name)
+    if port is not None:
+        broker_port = _number(port, "--port", 1, 65535)
+    elif not use_tls:
+        broker_port = 1883
+    elif named is not None and named[0] != "127.0.0.1":
+        broker_port = named[1]
+    else:
+        broker_port = 8884 if cert is not None else 8883
+
+    settings = Broker(broker_host, broker_port, use_tls, cafile, cert, key)
+    config = PublisherConfig(
+        broker=settings,
+        company=company,
+        boards=(kit,) if kit else (() if deployments else (DEFAULT_KIT,)),
+        app_prefix=app_prefix,
+        window=_number(window, "--window", 1, MAX_IN_FLIGHT),
+        chunk_size=_number(chunk_size, "--chunk-size", 1, 0xFFFF),
+        shared_group=shared,
+    )
+    settings.tls_context()  # unreadable or unusable TLS files: an error now, not at connect
+
+    if deployments:
+        from otakit.server.context import ServerSettings
+
+        folder = (data or DEFAULT_DATA).resolve()
+        # the server's own database (checked and migrated as for `otakit token`)
+        server = ServerSettings(
+            data_dir=folder, database_url=_url(folder, database), blob_url=blob_url
+        )
+        _publisher_logging(debug)
+        _run_publisher(config, lambda: _deployment_source(server))
+    else:
+        from otakit.server.publisher import FileSource
+
+        image = file if file is not None else Path("ota-update.bin")
+        fixed = FirmwareVersion.parse(version) if version is not None else None
+        board = kit or DEFAULT_KIT
+        source = FileSource(image, board=board, version=fixed, chunk_size=config.chunk_size)
+        _publisher_logging(debug)
+        _run_publisher(config, lambda: source)
+
+
+def _publisher_logging(debug: bool) -> None:
+    """otakit's lines on stderr (INFO; -l: DEBUG, with the MQTT client's packet trace)."""
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    for name in ("otakit", "mqtt") if debug else ("otakit",):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _deployment_source(settings: ServerSettings) -> ImageSource:
+    from otakit.server.publisher import DeploymentSource
+
+    return DeploymentSource.open(settings)
+
+
+def _run_publisher(config: PublisherConfig, make_source: Callable[[], ImageSource]) -> None:
+    """Run until SIGINT/SIGTERM."""
+    import signal
+
+    from otakit.server.publisher import Publisher
+
+    async def _main() -> None:
+        source = make_source()
+        try:
+            service = Publisher(config, source)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, service.stop)
+            await service.run()
+        finally:
+            await source.close()
+
+    asyncio.run(_main())

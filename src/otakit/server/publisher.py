@@ -1,0 +1,1044 @@
+"""The MQTT publisher: serves devices that run the original middleware's MQTT flows (protocols.md §3).
+
+A device talks to the publisher through the broker, never directly::
+
+    device -> COMPANY/BOARD/publish_notify       every request below, JSON, all values strings
+    publisher -> the request's UniqueTopicName   job document, image chunks, "Result Received"
+    publisher -> COMPANY/BOARD/OTAImage          the image, for "Send Direct Update"
+
+    request              answer
+    Update Availability  "Update Available" job (Connection MQTT, Broker/Port "" = this broker,
+                         File, Version a.b.c, Board, UniqueTopicName) or "No Update Available"
+    Request Update       every chunk of the image, on the unique topic
+    Send Direct Update   every chunk of the image, on the direct topic
+    Request Data Chunk   the chunks covering Offset/Size (Size "-1": to the end of the file)
+    Success / Failure    "Result Received"; with deployments, the device's status is recorded
+
+BOARD is accepted with and without the ``APP_`` prefix the original tools use; answers go to
+the topics the device named or uses, and the job's ``Board`` is spelled as the device spells its
+board (``--app-prefix``/``--no-app-prefix`` pin one form). A message that is not a valid JSON
+request is logged as one warning line and ignored.
+
+Images come from an :class:`ImageSource`: :class:`FileSource` (one file, like the original
+``publisher.py``) or :class:`DeploymentSource` (the update server's database and blob store,
+with the same targeting as its HTTP device API). The publisher keeps no state a second
+publisher would need: every request carries the device's identity and is decided afresh, so
+several publishers can share the fleet through an MQTT shared subscription
+(``$share/GROUP/COMPANY/+/publish_notify``), each request reaching exactly one of them.
+
+Sending: one asyncio task per request over one MQTT connection (QoS 1, retain false,
+keepalive 60 s). A transfer keeps at most ``window`` chunks published but not yet
+acknowledged (PUBACK) by the broker, in order; all transfers together keep at most
+:data:`MAX_IN_FLIGHT`. A lost broker connection abandons the transfers in progress (devices
+re-request what they miss) and the publisher reconnects with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import socket
+import ssl
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import aiomqtt
+
+from otakit.errors import ChunkHeaderError, InputFileError, OtakitError, UsageError
+from otakit.files import read_input
+from otakit.image.header import HEADER_SIZE as IMAGE_HEADER_SIZE
+from otakit.image.header import ImageHeader
+from otakit.protocol import mqtt
+from otakit.protocol.jobdoc import (
+    JobDocument,
+    no_update,
+    parse_job_document,
+    result_received,
+    update_available,
+)
+from otakit.protocol.version import FirmwareVersion, job_version
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+    from otakit.server.blobs import BlobStore
+    from otakit.server.context import ServerSettings
+    from otakit.server.deployments import Offer
+    from otakit.server.models import Device
+
+log = logging.getLogger("otakit.publisher")
+T = TypeVar("T")
+
+WINDOW = 16  # chunks of one transfer published and not yet PUBACKed
+MAX_IN_FLIGHT = 8192  # the same, all transfers together (MQTT packet ids are 16-bit)
+REQUEST_TIMEOUT_S = 30.0  # longest wait for a PUBACK or SUBACK before a transfer is abandoned
+CONNECT_TIMEOUT_S = 10.0  # longest wait for the broker's CONNACK
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+STOP_GRACE_S = 10.0  # on stop, how long transfers under way may take to finish
+IMAGE_CACHE_BYTES = 256 * 1024 * 1024  # images kept in memory, by content hash
+DEFAULT_KIT = "CY8CPROTO_062_4343W"  # the original publisher's default board
+MAX_PAYLOADS = 0xFFFF  # the chunk header counts payloads in a u16
+
+SUCCESS_STATUS = "applying"  # what the HTTP result endpoint records for "Success"
+FAILURE_STATUS = "error"
+FAILURE_ERROR = "MCU Download fail"
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def _check_topic_level(what: str, value: str) -> str:
+    """A topic level the publisher builds topics from: no separators, wildcards or NUL."""
+    bad = next((c for c in ("/", "+", "#", "\x00") if c in value), None)
+    if not value or bad is not None or value.startswith("$"):
+        reason = f"contains {bad!r}" if bad else "is empty" if not value else "starts with '$'"
+        raise UsageError(f"{what} {value!r} {reason}; it must be one MQTT topic level", value=value)
+    return value
+
+
+@dataclass(frozen=True)
+class Broker:
+    """Where the publisher connects. ``tls`` with no ``cafile`` trusts the system's CAs;
+    ``certfile`` (and ``keyfile``, unless the key is in the same PEM) adds a client certificate."""
+
+    host: str = "127.0.0.1"
+    port: int = mqtt.PORT
+    tls: bool = False
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    keepalive: int = mqtt.KEEPALIVE_S
+    connect_timeout: float = CONNECT_TIMEOUT_S  # a broker that refuses TLS fails only by this
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise UsageError("the broker host is empty")
+        if not 1 <= self.port <= 65535:
+            raise UsageError(f"broker port {self.port} is not from 1 to 65535", value=self.port)
+        if self.keyfile is not None and self.certfile is None:
+            raise UsageError("a client key (--key) needs its certificate (--cert)")
+        if not self.tls and (self.cafile or self.certfile):
+            raise UsageError("a CA file or client certificate needs TLS")
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS settings, checked now: a missing or unusable file is a one-line error.
+
+        Raises :class:`~otakit.errors.InputFileError` for a file that cannot be read and
+        :class:`~otakit.errors.UsageError` for one that holds no usable certificate or key.
+        """
+        if not self.tls:
+            return None
+        context = ssl.create_default_context()
+        if self.cafile is not None:
+            _load(self.cafile, "CA file", lambda: context.load_verify_locations(self.cafile))
+        if self.certfile is not None:
+            certfile = self.certfile
+            _load(
+                certfile,
+                "client certificate",
+                lambda: context.load_cert_chain(certfile, self.keyfile),
+            )
+        return context
+
+
+def _load(path: Path, what: str, load: Callable[[], object]) -> None:
+    try:
+        load()
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        raise UsageError(f"{what} {path} cannot be used: {reason}", value=str(path)) from None
+    except OSError as exc:
+        raise InputFileError(
+            f"cannot read {what} {path}: {exc.strerror or exc}", value=str(path)
+        ) from None
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """What the publisher listens to and how it sends.
+
+    ``boards`` limits the publisher to those boards (``()``: every board of ``company``);
+    ``app_prefix`` None accepts ``BOARD`` and ``APP_BOARD`` and answers as the device spells
+    its board, True/False accept and answer only the ``APP_``/plain form. ``shared_group``
+    subscribes through ``$share/GROUP/...`` so that publishers of one group split the requests.
+    """
+
+    broker: Broker = field(default_factory=Broker)
+    company: str = mqtt.COMPANY
+    boards: tuple[str, ...] = ()
+    app_prefix: bool | None = None
+    window: int = WINDOW
+    chunk_size: int = mqtt.CHUNK_SIZE
+    shared_group: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_topic_level("company topic", self.company)
+        boards = tuple(dict.fromkeys(_plain(_check_topic_level("board", b)) for b in self.boards))
+        object.__setattr__(self, "boards", boards)
+        if self.shared_group is not None:
+            _check_topic_level("shared subscription group", self.shared_group)
+        if not 1 <= self.window <= MAX_IN_FLIGHT:
+            raise UsageError(
+                f"window {self.window} is not from 1 to {MAX_IN_FLIGHT} chunks", value=self.window
+            )
+        if not 1 <= self.chunk_size <= mqtt.MAX_CHUNK_SIZE:
+            raise UsageError(
+                f"chunk size {self.chunk_size} is not from 1 to {mqtt.MAX_CHUNK_SIZE} bytes "
+                "(the chunk header holds it in 16 bits)",
+                value=self.chunk_size,
+            )
+
+    def forms(self, board: str) -> list[str]:
+        """How ``board`` may appear in topics."""
+        plain, prefixed = _plain(board), mqtt.APP_PREFIX + _plain(board)
+        return (
+            [plain, prefixed]
+            if self.app_prefix is None
+            else [prefixed if self.app_prefix else plain]
+        )
+
+    def filters(self) -> list[str]:
+        """The topic filters the publisher subscribes to."""
+        if self.boards:
+            found = [
+                mqtt.Topics(form, self.company).notify
+                for board in self.boards
+                for form in self.forms(board)
+            ]
+        else:
+            found = [mqtt.notify_filter(self.company)]
+        if self.shared_group:
+            return [f"$share/{self.shared_group}/{f}" for f in found]
+        return found
+
+
+def _plain(board: str) -> str:
+    """The board name without the ``APP_`` prefix."""
+    if board.startswith(mqtt.APP_PREFIX) and len(board) > len(mqtt.APP_PREFIX):
+        return board[len(mqtt.APP_PREFIX) :]
+    return board
+
+
+def boards_match(image_board: str | None, device_board: str) -> bool:
+    """Whether an image for ``image_board`` (None: any) fits a device; ``APP_X`` is ``X``."""
+    return not image_board or not device_board or _plain(image_board) == _plain(device_board)
+
+
+# --- requests and releases ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    """One device message from ``COMPANY/BOARD/publish_notify``."""
+
+    topic: str
+    doc: JobDocument
+
+    @property
+    def message(self) -> str:
+        return self.doc.message
+
+    @property
+    def topic_board(self) -> str:
+        """The BOARD level of the topic, as the device wrote it."""
+        return self.topic.split("/")[1]
+
+    @property
+    def board(self) -> str:
+        """The device's board as it spells it: ``BoardName`` (or ``Board``), else the topic's."""
+        return self.doc.get("BoardName") or self.doc.board or self.topic_board
+
+    @property
+    def serial(self) -> str:
+        return self.doc.serial_number
+
+    @property
+    def product(self) -> str:
+        return self.doc.get("ProductID") or self.doc.product
+
+    @property
+    def version(self) -> str:
+        """The version the device reports ("" when it does not)."""
+        return self.doc.version
+
+    @property
+    def file(self) -> str:
+        return self.doc.get("Filename") or self.doc.file
+
+    @property
+    def who(self) -> str:
+        """The device, for log lines."""
+        return f"{self.serial or 'a device'} ({self.topic_board})"
+
+
+@dataclass(frozen=True)
+class Release:
+    """An image a device may get: what the job document says about it and where it is."""
+
+    key: str  # what ImageSource.image loads (a blob key or a path)
+    file: str  # the job document's File
+    version: FirmwareVersion
+    board: str | None = None  # None: any board
+    deployment_id: int | None = None
+
+    @property
+    def job_version(self) -> FirmwareVersion:
+        """The version a job document can carry (a.b.c, no build number)."""
+        return FirmwareVersion(self.version.major, self.version.minor, self.version.revision)
+
+
+class ImageSource(Protocol):
+    """Where images come from and where results go."""
+
+    description: str
+    """For the "listening" line, e.g. ``file app.bin 1.2.0``."""
+
+    async def offer(self, request: Request, *, explicit: bool) -> Release | None:
+        """The image for this device, or None. ``explicit`` (the device asks for the image
+        itself) skips the version check, which belongs to "Update Availability"."""
+        ...
+
+    async def image(self, release: Release) -> bytes:
+        """The bytes of a release; an :class:`OtakitError` when they cannot be had."""
+        ...
+
+    async def result(self, request: Request, status: str, error: str | None) -> None:
+        """Keep a device's result (``applying`` or ``error``)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _newer(release: Release, version: str) -> bool:
+    """Whether the device at ``version`` ("" = unknown) would take ``release`` (§1: strictly
+    newer, compared as the job document states it)."""
+    if not version:
+        return True
+    try:
+        current = job_version(version)
+    except OtakitError:
+        return True
+    return release.job_version > current
+
+
+def check_chunkable(size: int, chunk_size: int, what: str) -> None:
+    """Raise :class:`ChunkHeaderError` if a ``size``-byte image cannot be sent in chunks."""
+    if size <= 0:
+        raise ChunkHeaderError(f"{what} is empty", value=size)
+    if size > 0xFFFFFFFF:
+        raise ChunkHeaderError(f"{what} is larger than the 4 GiB a chunk header counts", value=size)
+    count = mqtt.payload_count(size, chunk_size)
+    if count > MAX_PAYLOADS:
+        raise ChunkHeaderError(
+            f"{what} needs {count} chunks of {chunk_size} bytes, more than the {MAX_PAYLOADS} "
+            "a chunk header counts; use a larger chunk size",
+            value=count,
+        )
+
+
+class FileSource:
+    """One image file for one board, like the original publisher (which also never decides;
+    this one answers "No Update Available" to a device that already runs that version or
+    newer, or is another board).
+
+    The version is read from the MCUboot image header unless ``version`` is given. Raises
+    :class:`~otakit.errors.InputFileError` for an unreadable file and
+    :class:`~otakit.errors.UsageError` for a file without a version.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        board: str = DEFAULT_KIT,
+        version: FirmwareVersion | None = None,
+        chunk_size: int = mqtt.CHUNK_SIZE,
+    ) -> None:
+        self.data = read_input(path, what="image")
+        if version is None:
+            try:
+                header = ImageHeader.unpack(self.data[:IMAGE_HEADER_SIZE])
+            except OtakitError as exc:
+                raise UsageError(
+                    f"{path} has no MCUboot image header to read its version from "
+                    f"({exc.code}); give the version with --version",
+                    value=str(path),
+                ) from None
+            version = FirmwareVersion.from_image(header.version)
+        if max(version.major, version.minor, version.revision) > 0xFFFF:
+            raise UsageError(
+                f"version {version} does not fit the chunk header (16 bits a part)",
+                value=str(version),
+            )
+        check_chunkable(len(self.data), chunk_size, f"image {path}")
+        self.release = Release(str(path), path.name, version, _plain(board))
+        self.description = f"file {path} version {version} for board {_plain(board)}"
+
+    async def offer(self, request: Request, *, explicit: bool) -> Release | None:
+        if not boards_match(self.release.board, request.board):
+            return None
+        if not explicit and not _newer(self.release, request.version):
+            return None
+        return self.release
+
+    async def image(self, release: Release) -> bytes:
+        return self.data
+
+    async def result(self, request: Request, status: str, error: str | None) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class _ImageCache:
+    """Images by content key, loaded once however many devices ask at the same time."""
+
+    def __init__(self, budget: int = IMAGE_CACHE_BYTES) -> None:
+        self._budget = budget
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[bytes]] = {}
+
+    async def get(self, key: str, load: Callable[[], Awaitable[bytes]]) -> bytes:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            data = await load()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as exc:
+            future.set_exception(exc)
+            future.exception()  # marked retrieved: the waiters re-raise it
+            raise
+        finally:
+            del self._loading[key]
+        future.set_result(data)
+        self._items[key] = data
+        while sum(len(v) for v in self._items.values()) > self._budget and len(self._items) > 1:
+            self._items.popitem(last=False)
+        return data
+
+
+class DeploymentSource:
+    """The update server's deployments: same database and blob store as ``otakit serve``.
+
+    Targeting is the HTTP device API's (:mod:`otakit.server.deployments`): a registered device
+    (its ``SerialNumber``) gets the best active deployment that matches its tags, board and
+    version; a device the server does not know gets what is deployed to the products that
+    allow anonymous devices (its ``ProductID``, if it names one). A registered device's
+    reported ``Version`` is kept, so a device that comes back running the deployed version
+    counts as applied. Results are recorded like the HTTP result endpoint records them.
+    The job's ``File`` is ``/files/<sha256>/<name>``; a request naming it gets that artifact
+    while it is still deployed to the device.
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], blobs: BlobStore
+    ) -> None:
+        self._engine = engine
+        self._sessions = sessions
+        self._blobs = blobs
+        self._cache = _ImageCache()
+        self.description = f"deployments ({blobs.name} blobs)"
+
+    @classmethod
+    def open(cls, settings: ServerSettings) -> DeploymentSource:
+        """Open the database and blob store ``settings`` name (nothing is contacted yet)."""
+        from otakit.server.blobs import open_blob_store
+        from otakit.server.database import create_engine, redacted, sessionmaker
+
+        engine = create_engine(settings.database_url, pool_pre_ping=True)
+        source = cls(
+            engine, sessionmaker(engine), open_blob_store(settings.blob_url, settings.data_dir)
+        )
+        source.description = (
+            f"deployments in {redacted(settings.database_url)}, "
+            f"blobs {settings.blob_url or settings.data_dir / 'blobs'}"
+        )
+        return source
+
+    async def _decide(self, db: AsyncSession, request: Request, *, explicit: bool) -> Offer | None:
+        from otakit.server import deployments
+        from otakit.server.api.original import _anonymous_products
+        from otakit.server.models import Device
+
+        offers = [
+            o for o in await deployments.active(db) if boards_match(o.artifact.board, request.board)
+        ]
+        pinned = _artifact_of(request.file) if explicit else None
+        if pinned is not None:
+            offers = [o for o in offers if o.artifact.id == pinned]
+        device = await db.get(Device, request.serial) if request.serial else None
+        if device is not None:
+            if not explicit:
+                await _check_in(db, device, request)
+            version = None if explicit else (request.version or device.version)
+            # the board was matched above, with or without APP_; the rest is select_offer's
+            probe = Device(
+                serial=device.serial,
+                product=device.product,
+                tags=dict(device.tags or {}),
+                version=version,
+                board=None,
+            )
+            return deployments.select_offer(probe, offers)
+        products = await _anonymous_products(db)
+        if request.product:
+            products &= {request.product}
+        version = None if explicit else (request.version or None)
+        return deployments.select_for_products(
+            products, [o for o in offers if deployments.wanted(o, version)]
+        )
+
+    async def offer(self, request: Request, *, explicit: bool) -> Release | None:
+        from otakit.server import deployments
+        from otakit.server.api.original import _product_board
+
+        async with self._sessions() as db:
+            offer = await self._decide(db, request, explicit=explicit)
+            board = None
+            if offer is not None:
+                board = offer.artifact.board or await _product_board(db, offer)
+            await db.commit()
+        if offer is None or not boards_match(board, request.board):
+            return None
+        version = deployments.version_of(offer.artifact.version)
+        assert version is not None  # deployments.wanted offers only readable versions
+        artifact = offer.artifact
+        return Release(
+            key=artifact.id,
+            file=f"/files/{artifact.id}/{artifact.name}",
+            version=version,
+            board=board,
+            deployment_id=offer.deployment.id,
+        )
+
+    async def image(self, release: Release) -> bytes:
+        async def load() -> bytes:
+            path = await self._blobs.local_path(release.key)
+            try:
+                return await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                raise InputFileError(
+                    f"cannot read blob {release.key}: {exc.strerror or exc}", value=release.key
+                ) from None
+
+        return await self._cache.get(release.key, load)
+
+    async def result(self, request: Request, status: str, error: str | None) -> None:
+        from otakit.server import deployments
+        from otakit.server.models import Device
+
+        async with self._sessions() as db:
+            offer = await self._decide(db, request, explicit=True)
+            known = request.serial and await db.get(Device, request.serial) is not None
+            await deployments.record_status(
+                db,
+                serial=request.serial if known else None,
+                deployment_id=offer.deployment.id if offer is not None else None,
+                status=status,
+                error=error,
+            )
+            await db.commit()
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+
+async def _check_in(db: AsyncSession, device: Device, request: Request) -> None:
+    """A registered device asked: note when (at the device API's resolution), and the version
+    it says it runs."""
+    from otakit.server import deployments
+    from otakit.server.api.device import LAST_SEEN_RESOLUTION
+    from otakit.server.models import utcnow
+
+    now = utcnow()
+    if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
+        device.last_seen = now
+    if request.version and deployments.version_of(request.version) != deployments.version_of(
+        device.version
+    ):
+        device.version = request.version
+        await deployments.mark_applied_if_running(db, device)
+
+
+def _artifact_of(file: str) -> str | None:
+    """The artifact id in a ``/files/<sha256>/<name>`` File, or None."""
+    parts = file.strip("/").split("/")
+    if len(parts) == 3 and parts[0] == "files" and len(parts[1]) == 64:
+        return parts[1].lower()
+    return None
+
+
+# --- the publisher -----------------------------------------------------------------------------
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, without its count of all pending calls on every call (a warning
+    threshold), which costs O(pending) per chunk when thousands are in flight by design."""
+
+    @contextlib.contextmanager
+    def _pending_call(self, mid: int, value: T, pending_dict: dict[int, T]) -> Iterator[None]:
+        pending_dict[mid] = value
+        try:
+            yield
+        finally:
+            pending_dict.pop(mid, None)
+
+
+class Publisher:
+    """Answers device requests on the broker until :meth:`stop` is called.
+
+    ``on_listening`` is called with the "listening" line each time the subscriptions are in
+    place (first start and every reconnection); the line is also logged.
+    """
+
+    def __init__(
+        self,
+        config: PublisherConfig,
+        source: ImageSource,
+        *,
+        on_listening: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.on_listening = on_listening
+        self.stats: Counter[str] = Counter()
+        self._tls = config.broker.tls_context()
+        self._stopping: asyncio.Event | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._sending: set[str] = set()  # unique topics with a whole-image transfer under way
+        self._direct: dict[str, asyncio.Lock] = {}
+        self._in_flight: asyncio.Semaphore | None = None
+        self._online = False  # connected to the broker
+
+    # -- lifecycle --
+
+    def stop(self) -> None:
+        """Stop (from the publisher's event loop, e.g. a signal handler)."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def run(self) -> None:
+        """Connect, listen and answer until :meth:`stop`; reconnect with backoff when the
+        broker goes away."""
+        self._stopping = asyncio.Event()
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        delay = RECONNECT_MIN_S
+        while not self._stopping.is_set():
+            self._online = False
+            session = asyncio.create_task(self._session())
+            stopping = asyncio.create_task(self._stopping.wait())
+            try:
+                await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not session.done() and not self._online:
+                    session.cancel()  # stopped while connecting: do not wait for the broker
+                await asyncio.gather(session, return_exceptions=True)
+            finally:
+                for task in (session, stopping):
+                    task.cancel()
+            lost = None if session.cancelled() else session.exception()
+            if self._stopping.is_set():
+                break
+            if not isinstance(lost, aiomqtt.MqttError):
+                raise lost if lost is not None else RuntimeError("the MQTT session ended")
+            delay = RECONNECT_MIN_S if self._online else delay
+            log.warning(
+                "broker %s: %s; reconnecting in %.1f s", self.config.broker.url, lost, delay
+            )
+            await self._pause(delay)
+            delay = min(delay * 2, RECONNECT_MAX_S)
+        log.info("stopped")
+
+    async def _session(self) -> None:
+        async with self._client() as client:
+            self._online = True
+            await self._serve(client)
+
+    def _client(self) -> aiomqtt.Client:
+        broker = self.config.broker
+        return _Client(
+            broker.host,
+            broker.port,
+            identifier=f"otakit-pub-{secrets.token_hex(4)}",
+            keepalive=broker.keepalive,
+            tls_context=self._tls,
+            timeout=broker.connect_timeout,
+            # no limit in paho: its default (20) would queue every transfer behind one another,
+            # and any limit makes it scan all pending messages on each PUBACK; MAX_IN_FLIGHT
+            # and the windows bound what is in flight instead
+            max_inflight_messages=0,
+            # small answers (job documents, PUBACK-paced chunks) must not wait for Nagle
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
+        )
+
+    async def _pause(self, seconds: float) -> None:
+        assert self._stopping is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        assert self._stopping is not None
+        client.pending_calls_threshold = 1 << 30  # many calls pending is the point here
+        filters = self.config.filters()
+        for topic_filter in filters:
+            await client.subscribe(topic_filter, qos=mqtt.QOS, timeout=REQUEST_TIMEOUT_S)
+        line = (
+            f"listening on {self.config.broker.url} for {', '.join(filters)}; "
+            f"window {self.config.window}, chunks of {self.config.chunk_size} bytes; "
+            f"images from {self.source.description}"
+        )
+        log.info("%s", line)
+        if self.on_listening is not None:
+            self.on_listening(line)
+        listen = asyncio.create_task(self._listen(client))
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait({listen, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                await self._drain(client, filters, listen)
+        finally:
+            for task in (listen, stopping, *self._handlers):
+                task.cancel()
+            await asyncio.gather(listen, stopping, *self._handlers, return_exceptions=True)
+            self._handlers.clear()
+            self._sending.clear()
+        lost = None if listen.cancelled() else listen.exception()
+        if lost is not None:
+            raise lost  # the broker went away
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            self._spawn(client, message)
+
+    def _spawn(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        task = asyncio.create_task(self._handle(client, message))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _drain(
+        self, client: aiomqtt.Client, filters: list[str], listen: asyncio.Task[None]
+    ) -> None:
+        """Stop taking requests, answer those already received, let transfers finish (for at
+        most :data:`STOP_GRACE_S`); the caller cancels what is left."""
+        listen.cancel()
+        await asyncio.gather(listen, return_exceptions=True)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(filters, timeout=REQUEST_TIMEOUT_S)
+            messages = client.messages
+            while len(messages):
+                self._spawn(client, await anext(messages))
+        if self._handlers:
+            log.info("stopping: finishing %d requests under way", len(self._handlers))
+            await asyncio.wait(set(self._handlers), timeout=STOP_GRACE_S)
+
+    # -- requests --
+
+    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        parsed = mqtt.board_of(topic, self.config.company)
+        if parsed is None:
+            return
+        board, prefixed = parsed
+        if self.config.boards and board not in self.config.boards:
+            return
+        if self.config.app_prefix is not None and prefixed != self.config.app_prefix:
+            log.debug(
+                "ignored a request on %s: this publisher answers only %s",
+                topic,
+                "APP_ boards" if self.config.app_prefix else "boards without APP_",
+            )
+            return
+        self.stats["requests"] += 1
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        try:
+            request = Request(topic, parse_job_document(payload))
+        except OtakitError as exc:
+            self.stats["ignored"] += 1
+            log.warning("ignored a malformed message on %s: %s", topic, exc.message)
+            return
+        try:
+            await self._answer(client, request)
+        except OtakitError as exc:
+            self.stats["failed"] += 1
+            log.warning(
+                "could not answer %r from %s: %s", request.message, request.who, exc.message
+            )
+        except aiomqtt.MqttError as exc:
+            self.stats["failed"] += 1
+            log.warning("abandoned %r from %s: %s", request.message, request.who, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a failed database or store call must not stop the publisher
+            self.stats["failed"] += 1
+            log.error(
+                "could not answer %r from %s: %s: %s",
+                request.message,
+                request.who,
+                type(exc).__name__,
+                exc,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+
+    async def _answer(self, client: aiomqtt.Client, request: Request) -> None:
+        kind = request.message
+        if kind == mqtt.UPDATE_AVAILABILITY:
+            await self._availability(client, request)
+        elif kind == mqtt.REQUEST_UPDATE:
+            await self._whole_image(client, request, direct=False)
+        elif kind == mqtt.SEND_DIRECT_UPDATE:
+            await self._whole_image(client, request, direct=True)
+        elif kind == mqtt.REQUEST_DATA_CHUNK:
+            await self._data_chunk(client, request)
+        elif kind in mqtt.RESULTS:
+            await self._result(client, request)
+        else:
+            self.stats["ignored"] += 1
+            log.warning(
+                "ignored %r from %s: not a request the publisher answers", kind, request.who
+            )
+
+    def _reply_topic(self, request: Request, *, required: bool = True) -> str | None:
+        """The device's UniqueTopicName, if it is a topic the publisher may publish to."""
+        topic = request.doc.unique_topic_name
+        if not topic:
+            if required:
+                log.warning("ignored %r from %s: no UniqueTopicName", request.message, request.who)
+            return None
+        problem = None
+        if any(c in topic for c in "+#\x00"):
+            problem = "holds a wildcard"
+        elif topic.startswith("$"):
+            problem = "starts with '$'"
+        elif topic.rsplit("/", 1)[-1] == mqtt.NOTIFY:
+            problem = "is a publisher's request topic"
+        if problem is not None:
+            log.warning(
+                "ignored %r from %s: UniqueTopicName %r %s",
+                request.message,
+                request.who,
+                topic,
+                problem,
+            )
+            return None
+        return topic
+
+    def _board_for(self, request: Request) -> str:
+        """The job's Board: as the device spells its board, or the form the config pins."""
+        if self.config.app_prefix is None:
+            return request.board
+        plain = _plain(request.board)
+        return mqtt.APP_PREFIX + plain if self.config.app_prefix else plain
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, doc: JobDocument) -> None:
+        await client.publish(
+            topic, doc.to_json(), qos=mqtt.QOS, retain=False, timeout=REQUEST_TIMEOUT_S
+        )
+
+    async def _availability(self, client: aiomqtt.Client, request: Request) -> None:
+        topic = self._reply_topic(request)
+        if topic is None:
+            return
+        release = await self.source.offer(request, explicit=False)
+        identity = {
+            "manufacturer": request.doc.manufacturer,
+            "manufacturer_id": request.doc.manufacturer_id,
+            "product": request.product,
+            "serial_number": request.serial,
+        }
+        if release is None:
+            doc = no_update(
+                **identity,
+                version=request.version,
+                board=self._board_for(request),
+                unique_topic_name=topic,
+            )
+            log.info("no update for %s at %s", request.who, request.version or "an unknown version")
+        else:
+            doc = update_available(
+                **identity,
+                version=release.job_version,
+                board=self._board_for(request),
+                connection="MQTT",
+                broker="",
+                port="",
+                file=release.file,
+                unique_topic_name=topic,
+            )
+            log.info(
+                "offered %s %s to %s at %s",
+                release.file,
+                release.job_version,
+                request.who,
+                request.version or "an unknown version",
+            )
+        await self._publish(client, topic, doc)
+
+    async def _release(self, request: Request) -> tuple[Release, bytes] | None:
+        release = await self.source.offer(request, explicit=True)
+        if release is None:
+            log.info(
+                "nothing to send for %r from %s: no image for it", request.message, request.who
+            )
+            return None
+        data = await self.source.image(release)
+        check_chunkable(len(data), self.config.chunk_size, f"image {release.file}")
+        return release, data
+
+    async def _whole_image(self, client: aiomqtt.Client, request: Request, *, direct: bool) -> None:
+        if direct:
+            # one transfer at a time on a direct topic: every device of the board hears it
+            topic = mqtt.Topics(request.topic_board, self.config.company).direct
+            async with self._direct.setdefault(topic, asyncio.Lock()):
+                await self._send_image(client, request, topic)
+            return
+        found = self._reply_topic(request)
+        if found is None:
+            return
+        if found in self._sending:
+            log.info("already sending to %s; ignored a repeated %r", found, request.message)
+            return
+        self._sending.add(found)
+        try:
+            await self._send_image(client, request, found)
+        finally:
+            self._sending.discard(found)
+
+    async def _send_image(self, client: aiomqtt.Client, request: Request, topic: str) -> None:
+        found = await self._release(request)
+        if found is None:
+            return
+        release, data = found
+        chunks = mqtt.range_chunks(data, release.version, 0, -1, self.config.chunk_size)
+        await self._send(client, topic, chunks, release, len(data), request)
+
+    async def _data_chunk(self, client: aiomqtt.Client, request: Request) -> None:
+        topic = (
+            self._reply_topic(request, required=False)
+            or mqtt.Topics(request.topic_board, self.config.company).direct
+        )
+        offset_text = request.doc.get("Offset")
+        size_text = request.doc.get("Size") or request.doc.get("Length")
+        try:
+            offset = int(offset_text)
+            size = int(size_text) if size_text else self.config.chunk_size
+        except ValueError:
+            offset, size = -1, 0
+        if not offset_text or offset < 0 or not (size > 0 or size == -1):
+            log.warning(
+                "ignored %r from %s: Offset %r / Size %r are not a byte range",
+                request.message,
+                request.who,
+                offset_text,
+                size_text,
+            )
+            return
+        found_release = await self._release(request)
+        if found_release is None:
+            return
+        release, data = found_release
+        if offset >= len(data):
+            log.warning(
+                "ignored %r from %s: Offset %d is past the end of the %d-byte image",
+                request.message,
+                request.who,
+                offset,
+                len(data),
+            )
+            return
+        chunks = mqtt.range_chunks(data, release.version, offset, size, self.config.chunk_size)
+        await self._send(client, topic, chunks, release, len(data), request, part=(offset, size))
+
+    async def _send(
+        self,
+        client: aiomqtt.Client,
+        topic: str,
+        chunks: Iterator[bytes],
+        release: Release,
+        size: int,
+        request: Request,
+        *,
+        part: tuple[int, int] | None = None,
+    ) -> None:
+        """Publish ``chunks`` in order, at most ``window`` of them not yet acknowledged."""
+        assert self._in_flight is not None
+        in_flight = self._in_flight
+        sent = 0
+        started = time.perf_counter()
+
+        async def worker() -> None:
+            nonlocal sent
+            while True:
+                # take the next chunk and hand it to the client without yielding in between,
+                # so that chunks go out in order whichever worker sends them
+                async with in_flight:
+                    payload = next(chunks, None)
+                    if payload is None:
+                        return
+                    # no timer per chunk: a lost connection cancels the transfer instead
+                    await client.publish(
+                        topic, payload, qos=mqtt.QOS, retain=False, timeout=math.inf
+                    )
+                sent += 1
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.config.window)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+        elapsed = time.perf_counter() - started
+        self.stats["chunks"] += sent
+        what = (
+            "image" if part is None else f"bytes {part[0]}+{part[1] if part[1] >= 0 else 'rest'} of"
+        )
+        if part is None:
+            self.stats["images"] += 1
+        # a whole image is news; the many single chunks a device asks for are detail
+        log.log(
+            logging.INFO if part is None else logging.DEBUG,
+            "sent %s %s %s (%d bytes) to %s for %s: %d chunks in %.3f s",
+            what,
+            release.file,
+            release.job_version,
+            size,
+            topic,
+            request.who,
+            sent,
+            elapsed,
+        )
+
+    async def _result(self, client: aiomqtt.Client, request: Request) -> None:
+        if request.message == mqtt.SUCCESS:
+            status, error = SUCCESS_STATUS, None
+        else:
+            reason = request.doc.get("Reason") or request.doc.get("Error")
+            status, error = FAILURE_STATUS, (reason[:64] if reason else FAILURE_ERROR)
+        log.info(
+            "result from %s: %s%s", request.who, request.message, f" ({error})" if error else ""
+        )
+        await self.source.result(request, status, error)
+        topic = (
+            self._reply_topic(request, required=False)
+            or mqtt.Topics(request.topic_board, self.config.company).direct
+        )
+        await self._publish(client, topic, result_received(unique_topic_name=topic))
