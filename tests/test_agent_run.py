@@ -129,6 +129,48 @@ def test_gateway_power_cut_resume_sha256_program_mcu_report_applied(fleet: Fleet
     assert twin["reported"]["extFwInfo"] == {"Status": "applied", "Error": "None", "Version": 2}
 
 
+def test_gateway_drops_a_download_the_server_aborted(fleet: Fleet) -> None:
+    """A rollout aborted while the gateway is mid-download: the next check-in says so and the
+    gateway discards the partial file instead of resuming it."""
+    data = image("2.5.0", 60_000)
+    artifact = fleet.admin.post(
+        "/api/v1/artifacts", params={"name": "mcu.img"}, content=data
+    ).json()
+    body = {
+        "deployment": {"artifact_id": artifact["id"], "product": fleet.product, "group": "g"},
+        "phases": [{"percent": 100, "manual": True}],  # stays running until approved
+    }
+    rollout = fleet.admin.post("/api/v1/rollouts", json=body)
+    assert rollout.status_code == 201, rollout.text
+    mcu = fleet.device("1.0.0")
+    config = AgentConfig.from_toml(
+        fleet.config(
+            "gw-abort",
+            f'kind = "gateway"\npath = "gw-abort.bin"\nfs_size = 1048576\nmcu = "{mcu.dir}"',
+        )
+    )
+    service = AgentService(config)
+    storage, _ = service._open_gateway()
+    storage.store.flash.cut_after(30, tear=True, seed=5)
+    with pytest.raises(PowerCut):
+        service.attempt()
+    storage.store.flash.power_on()
+    storage.store.flash.close()
+    abort = fleet.admin.post(f"/api/v1/rollouts/{rollout.json()['id']}/abort")
+    assert abort.status_code == 200, abort.text
+
+    again = AgentService(config)
+    try:
+        gateway, transport = again._open_gateway()
+        assert gateway.progress() is not None  # the partial download survived the power cut
+        assert again.attempt().outcome is Outcome.NO_UPDATE
+        assert transport.aborted is not None
+        assert gateway.progress() is None  # discarded, not resumed
+    finally:
+        again.close()
+    assert SimDevice(mcu.dir).status()["slots"][0]["running"] == "1.0.0+0"
+
+
 def test_gateway_cli_with_a_programmer_command(fleet: Fleet) -> None:
     """`otakit agent run --once` on a gateway whose MCU is programmed by an external command;
     the installed version survives restarts, so the next run has nothing to do."""

@@ -25,6 +25,7 @@ from otakit.errors import OtakitError, UsageError
 from otakit.files import read_input, write_atomic
 from otakit.host.deploy import deploy
 from otakit.host.push import push
+from otakit.host.rollout import app as rollout_app
 from otakit.host.subscriber import subscriber
 from otakit.image.header import ImageVersion
 from otakit.image.info import ImageInfo, inspect, inspect_image
@@ -333,6 +334,7 @@ def unpack(
 app.add_typer(agent_app, name="agent")
 app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")
+app.add_typer(rollout_app, name="rollout")
 app.command()(serve)
 app.command()(publisher)
 app.command()(deploy)

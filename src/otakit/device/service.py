@@ -211,7 +211,7 @@ class AgentService:
     def _gateway_attempt(self) -> Result:
         storage, transport = self._open_gateway()
         behaviour = self.config.behaviour
-        return update_once(
+        result = update_once(
             transport,
             storage,
             board=self.config.identity.board,
@@ -221,6 +221,10 @@ class AgentService:
             send_result=not behaviour.do_not_send_result,
             callback=self.callback,
         )
+        if transport.aborted is not None and storage.progress() is not None:
+            log.warning("the server aborted the update under way: %s", transport.aborted)
+            storage.abort()  # the partial download will not be resumed
+        return result
 
     def _open_gateway(self) -> tuple[GatewayStorage, CheckinTransport]:
         if self._gateway is not None:

@@ -65,6 +65,16 @@ def serve(
     access_log: Annotated[
         bool, typer.Option("--access-log", help="Log every request (URLs carry signatures).")
     ] = False,
+    rollout_interval: Annotated[
+        float,
+        typer.Option("--rollout-interval", help="Seconds between rollout evaluations; 0: off."),
+    ] = 5.0,
+    history_per_device: Annotated[
+        int, typer.Option("--history-per-device", help="Status reports kept per device.")
+    ] = 200,
+    history_days: Annotated[
+        float, typer.Option("--history-days", help="Status reports older than this are deleted.")
+    ] = 90,
 ) -> None:
     """Run the update server (device API, management API)."""
     import uvicorn
@@ -81,6 +91,10 @@ def serve(
         raise UsageError("--direct-downloads needs an S3 blob store (--blob-url s3://...)")
     if url_days <= 0:
         raise UsageError("--url-days must be positive", value=url_days)
+    if rollout_interval < 0:
+        raise UsageError("--rollout-interval must be 0 (off) or more", value=rollout_interval)
+    if history_per_device < 1 or history_days <= 0:
+        raise UsageError("--history-per-device and --history-days must be positive")
     data = data.resolve()
     settings = ServerSettings(
         data_dir=data,
@@ -88,6 +102,9 @@ def serve(
         blob_url=blob_url,
         url_days=url_days,
         direct_downloads=direct_downloads,
+        rollout_interval=rollout_interval,
+        history_per_device=history_per_device,
+        history_days=history_days,
     )
     first = initialise(settings)
     if first.admin_token:

@@ -35,6 +35,9 @@ class ServerSettings:
     max_upload: int = 512 * 1024 * 1024
     url_days: float = DEFAULT_URL_DAYS  # lifetime of signed download URLs in job documents
     direct_downloads: bool = False  # hand out S3 pre-signed URLs instead of the server's own
+    rollout_interval: float = 5.0  # seconds between background rollout evaluations; 0: off
+    history_per_device: int = 200  # status reports kept per device (the newest)
+    history_days: float = 90  # status reports older than this are deleted
 
     def to_env(self) -> str:
         data = asdict(self)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -151,13 +152,25 @@ class DeploymentDevice(Base):
         ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
     )
     device_serial: Mapped[str] = mapped_column(String(64), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # a §7 state, or "reverted"
     error: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # health gate (rollout.py): when the device first ran the new version, and its boot counter
+    # then and since (reported in the optional ``boots`` field of check-ins and reports)
+    applied_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    boots_at_apply: Mapped[int | None] = mapped_column(BigInteger)
+    boots: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_deployment_devices_serial", "device_serial"),)
 
 
 class StatusReport(Base):
-    """Every status a device reported (history)."""
+    """Every status a device reported (history), capped per device and kept for a number of
+    days (ServerSettings.history_per_device, history_days).
+
+    ``source`` says where it came from: ``device`` (a report as sent), ``checkin`` (what a
+    check-in showed: the new version running, or the old one again), ``admin`` (the version an
+    operator set) or ``server`` (the health gate: not confirmed in time)."""
 
     __tablename__ = "status_reports"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -167,5 +180,88 @@ class StatusReport(Base):
     error: Mapped[str | None] = mapped_column(String(64))
     version: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    boots: Mapped[int | None] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(8), default="device", server_default="device")
 
-    __table_args__ = (Index("ix_status_reports_device_time", "device_serial", "created_at"),)
+    __table_args__ = (
+        Index("ix_status_reports_device_time", "device_serial", "created_at"),
+        Index("ix_status_reports_created_at", "created_at"),
+    )
+
+
+class Rollout(Base):
+    """A phased deployment (rollout.py): one per deployment.
+
+    ``phases`` is the list of phase specs (JSON, see rollout.Phase); ``phase`` the current one,
+    counted from 1. ``revision`` grows with every transition: transitions are compare-and-set
+    on it (and take the row lock on PostgreSQL), so several server processes never apply one
+    twice. ``acknowledged`` holds, per phase, the failures an operator accepted by resuming.
+    """
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), unique=True
+    )
+    state: Mapped[str] = mapped_column(String(16))  # scheduled running paused aborted completed
+    phase: Mapped[int] = mapped_column(Integer, default=1)
+    phases: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    start_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    window: Mapped[str | None] = mapped_column(String(256))
+    frozen: Mapped[bool] = mapped_column(Boolean, default=False)
+    confirm_timeout: Mapped[int | None] = mapped_column(Integer)  # seconds
+    max_boots: Mapped[int | None] = mapped_column(Integer)
+    soak: Mapped[int] = mapped_column(Integer, default=0)  # seconds applied before it counts
+    acknowledged: Mapped[dict[str, int]] = mapped_column(JSON, default=dict)
+    reason: Mapped[str | None] = mapped_column(String(256))
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    phase_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+    __table_args__ = (Index("ix_rollouts_state", "state"),)
+
+
+# Transitions that can happen once per (rollout, phase): a unique index makes a second one fail
+# even if everything else went wrong.
+ONCE_PER_PHASE = ("started", "advanced", "completed", "aborted")
+_ONCE_SQL = "kind IN (" + ", ".join(f"'{kind}'" for kind in ONCE_PER_PHASE) + ")"
+
+
+class RolloutEvent(Base):
+    """What happened to a rollout, in order: created, started, advanced (phase N passed),
+    completed, paused, resumed, aborted, approved."""
+
+    __tablename__ = "rollout_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rollout_id: Mapped[int] = mapped_column(ForeignKey("rollouts.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))
+    phase: Mapped[int] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(64))  # "engine", or "admin:<token id>"
+    detail: Mapped[str | None] = mapped_column(String(256))
+
+    __table_args__ = (
+        Index("ix_rollout_events_rollout", "rollout_id", "id"),
+        Index(
+            "ux_rollout_events_once",
+            "rollout_id",
+            "kind",
+            "phase",
+            unique=True,
+            sqlite_where=text(_ONCE_SQL),
+            postgresql_where=text(_ONCE_SQL),
+        ),
+    )
+
+
+class RolloutTarget(Base):
+    """The devices of a frozen rollout, taken when it started."""
+
+    __tablename__ = "rollout_targets"
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (Index("ix_rollout_targets_serial", "device_serial"),)

@@ -500,7 +500,8 @@ class DeploymentSource:
                 version=version,
                 board=None,
             )
-            return deployments.select_offer(probe, offers)
+            standing = await deployments.standing_of(db, device.serial)
+            return deployments.select_offer(probe, offers, standing=standing)
         products = await _anonymous_products(db)
         if request.product:
             products &= {request.product}
@@ -549,12 +550,19 @@ class DeploymentSource:
         from otakit.server.models import Device
 
         async with self._sessions() as db:
-            offer = await self._decide(db, request, explicit=True)
-            known = request.serial and await db.get(Device, request.serial) is not None
+            device = await db.get(Device, request.serial) if request.serial else None
+            if device is not None:
+                # counts even while a rollout is paused or the device already runs it
+                deployment_id = await deployments.attribute(
+                    db, device, artifact_id=_artifact_of(request.file)
+                )
+            else:
+                offer = await self._decide(db, request, explicit=True)
+                deployment_id = offer.deployment.id if offer is not None else None
             await deployments.record_status(
                 db,
-                serial=request.serial if known else None,
-                deployment_id=offer.deployment.id if offer is not None else None,
+                serial=device.serial if device is not None else None,
+                deployment_id=deployment_id,
                 status=status,
                 error=error,
             )

@@ -59,7 +59,7 @@ def _version_value(text: str) -> int | str:
 
 
 async def twin_of(db: AsyncSession, st: ServerState, device: Device, base_url: str) -> Twin:
-    offer = deployments.select_offer(device, await deployments.active(db))
+    offer = await deployments.offer_for(db, device)
     desired: dict[str, Any] = {}
     if offer is not None:
         url, _, sas = download_url(st, offer.artifact, base_url).partition("?")

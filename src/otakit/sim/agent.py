@@ -49,7 +49,7 @@ class RunReport:
     running: str | None
 
 
-def _identity(device: SimDevice, version: str) -> dict[str, str]:
+def _identity(device: SimDevice, version: str) -> dict[str, object]:
     ident = device.state.identity
     return {
         "serial": ident.serial,
@@ -57,10 +57,11 @@ def _identity(device: SimDevice, version: str) -> dict[str, str]:
         "product": ident.product,
         "manufacturer": ident.manufacturer,
         "version": version,
+        "boots": device.state.boots,  # the server's health gate notices boot loops
     }
 
 
-def check_in(settings: HttpSettings, identity: dict[str, str]) -> dict[str, Any] | None:
+def check_in(settings: HttpSettings, identity: dict[str, object]) -> dict[str, Any] | None:
     """POST /api/v1/device/checkin; the JSON answer, or None for 204."""
     headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
     server = settings.server

@@ -49,6 +49,7 @@ class CheckinTransport(HttpTransport):
         self.reported = reported
         self.on_token = on_token
         self._transfer_failure = FwError.NETWORK_TIMEOUT
+        self.aborted: dict[str, object] | None = None  # the server aborted the update under way
 
     def _url(self, path: str) -> str:
         return self.settings.server.rstrip("/") + path
@@ -78,6 +79,8 @@ class CheckinTransport(HttpTransport):
                 f"check-in refused: {response.status_code} {message or response.text[:200]}",
                 value=response.status_code,
             )
+        abort = answer.get("abort")
+        self.aborted = abort if isinstance(abort, dict) else None
         minted = answer.get("device_token")
         if isinstance(minted, str) and minted:
             self._use_token(minted)

@@ -3,6 +3,12 @@
 A device authenticates with its own token. On its first check-in a new device may use an
 enrollment token (bound to a product and group) or, if its product allows self-registration,
 no token at all; the response then carries its device token, which it keeps from then on.
+
+Offers go through the rollout engine (server/rollout.py): a phased deployment is offered only
+when the device's phase is open and the clock is inside the window. When the rollout of a
+download the device has under way is aborted, the check-in answers ``{"job": null, "abort":
+{...}}`` once: stop and discard that download. Check-ins and reports may carry ``boots`` (the
+device's boot counter) for the health gate.
 """
 
 from __future__ import annotations
@@ -12,11 +18,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
+from sqlalchemy import or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.protocol.fwinfo import FwStatus
 from otakit.server import deployments
+from otakit.server import rollout as rollouts
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
-from otakit.server.models import Device, Product, Token, utcnow
+from otakit.server.models import Deployment, DeploymentDevice, Device, Product, Rollout, Token
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 from otakit.server.tokens import Role, add_token
 from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
@@ -37,6 +46,9 @@ class CheckIn(BaseModel):
     manufacturer: str | None = Field(default=None, max_length=64)
     manufacturer_id: str | None = Field(default=None, max_length=16)
     version: str | None = Field(default=None, max_length=32)
+    boots: int | None = Field(
+        default=None, ge=0, le=2**53, description="The device's boot counter (health gate)."
+    )
 
 
 class Job(BaseModel):
@@ -52,9 +64,17 @@ class Job(BaseModel):
     url_expires: datetime
 
 
+class Abort(BaseModel):
+    """Stop the download of this deployment and discard it: its rollout was aborted."""
+
+    deployment_id: int
+    reason: str
+
+
 class CheckInResult(BaseModel):
     job: Job | None
     device_token: str | None = None  # only on the check-in that registered the device
+    abort: Abort | None = None  # once, when a download under way was called off
 
 
 class StatusReport(BaseModel):
@@ -63,7 +83,10 @@ class StatusReport(BaseModel):
     status: FwStatus
     error: str | None = Field(default=None, max_length=64)
     version: str | None = Field(default=None, max_length=32)
-    deployment_id: int | None = None
+    deployment_id: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    boots: int | None = Field(
+        default=None, ge=0, le=2**53, description="The device's boot counter (health gate)."
+    )
 
 
 class ExtFwInfo(BaseModel):
@@ -123,13 +146,45 @@ async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, s
     return device, token_text
 
 
+async def _abort_notice(db: AsyncSession, device: Device) -> Abort | None:
+    """The download under way whose rollout was aborted, if any; told once."""
+    if device.status not in rollouts.DOWNLOADING_STATES:
+        return None
+    found = (
+        await db.execute(
+            select(DeploymentDevice, Rollout)
+            .join(Rollout, Rollout.deployment_id == DeploymentDevice.deployment_id)
+            .where(
+                DeploymentDevice.device_serial == device.serial,
+                DeploymentDevice.status.in_(rollouts.DOWNLOADING_STATES),
+                or_(
+                    DeploymentDevice.error.is_(None),
+                    DeploymentDevice.error != rollouts.ABORTED_ERROR,
+                ),
+                Rollout.state == rollouts.ABORTED,
+            )
+        )
+    ).first()
+    if found is None:
+        return None
+    row, rollout = found
+    row.status, row.error = "interrupted", rollouts.ABORTED_ERROR
+    device.status, device.error = "interrupted", rollouts.ABORTED_ERROR
+    return Abort(deployment_id=row.deployment_id, reason=rollout.reason or "rollout aborted")
+
+
 @router.post(
     "/checkin",
     response_model=CheckInResult,
     responses={204: {"description": "Nothing to do"}},
 )
 async def checkin(
-    body: CheckIn, request: Request, db: Db, st: State, token: Caller
+    body: CheckIn,
+    request: Request,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
 ) -> CheckInResult | Response:
     """Report identity and version; get the job to do, or 204 when there is none."""
     device, device_token = await _enroll(db, body, token)
@@ -138,13 +193,15 @@ async def checkin(
         value = getattr(body, field)
         if value is not None and getattr(device, field) != value:
             setattr(device, field, value)
-    now = utcnow()
+    now = engine.now()
     if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
         device.last_seen = now  # at most one write a minute for a device that only polls
-    if version_changed or device.status in ("downloading", "interrupted", "applying"):
-        await deployments.mark_applied_if_running(db, device)
-    offer = deployments.select_offer(device, await deployments.active(db))
+    changed: set[int] = set()
+    if version_changed or device.status in deployments.IN_FLIGHT or body.boots is not None:
+        changed = await deployments.note_checkin(db, device, boots=body.boots, now=now)
+    offer = await deployments.offer_for(db, device, now)
     job = None
+    abort = None
     if offer is not None:
         lifetime = timedelta(seconds=int(st.settings.url_days * SECONDS_PER_DAY))
         job = Job(
@@ -157,40 +214,59 @@ async def checkin(
             sha256=offer.artifact.id,
             board=offer.artifact.board,
             url=download_url(st, offer.artifact, str(request.base_url)),
-            url_expires=utcnow() + lifetime,
+            url_expires=now + lifetime,
         )
+    else:
+        abort = await _abort_notice(db, device)
     await db.commit()
-    if job is None and device_token is None:
+    await engine.changed(changed)
+    if job is None and device_token is None and abort is None:
         return Response(status_code=204)
-    return CheckInResult(job=job, device_token=device_token)
+    return CheckInResult(job=job, device_token=device_token, abort=abort)
 
 
 @router.post("/status", status_code=204)
-async def report_status(body: StatusReport | GatewayReport, db: Db, token: Caller) -> Response:
-    """Report progress with the states and error strings of the reference design (§7)."""
+async def report_status(
+    body: StatusReport | GatewayReport,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
+) -> Response:
+    """Report progress with the states and error strings of the reference design (§7).
+
+    Without ``deployment_id`` the report is about the update on offer, or else the device's
+    latest update under way. ``{"status": "error", "error": "reverted: ..."}`` reports a revert.
+    """
     serial = _device_of(token)
+    boots = None
     if isinstance(body, GatewayReport):
         info = body.extFwInfo
         status, error = info.Status, info.Error
-        version = None if info.Version is None else str(info.Version)
+        version = None if info.Version is None else str(info.Version)[:32]
         deployment_id = None
     else:
-        status, error, version = body.status, body.error, body.version
-        deployment_id = body.deployment_id
+        status, error = body.status, body.error
+        version, deployment_id, boots = body.version, body.deployment_id, body.boots
+    now = engine.now()
     if deployment_id is None:
-        # the report is about the update on offer (worked out before an applied version is kept)
         device = await db.get(Device, serial)
-        offer = deployments.select_offer(device, await deployments.active(db)) if device else None
-        deployment_id = offer.deployment.id if offer is not None else None
-    await deployments.record_status(
+        deployment_id = await deployments.attribute(db, device, now) if device else None
+    elif await db.get(Deployment, deployment_id) is None:
+        raise HttpError(404, "NOT_FOUND", f"deployment {deployment_id} not found")
+    changed = await deployments.record_status(
         db,
         serial=serial,
         deployment_id=deployment_id,
         status=status,
         error=error,
         version=version,
+        boots=boots,
+        now=now,
+        keep=st.settings.history_per_device,
     )
     await db.commit()
+    await engine.changed([changed])
     return Response(status_code=204)
 
 

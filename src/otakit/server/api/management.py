@@ -1,23 +1,29 @@
-"""Management API (``/api/v1``, admin token): products, trusted keys, artifacts, devices,
-deployments."""
+"""Management API (``/api/v1``, admin token): products, trusted keys, artifacts, devices and
+their status history, deployments, rollouts.
+
+The router also brings the rollout engine's lifespan (server/rollout.py): one engine per server
+process, evaluating rollouts in the background.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import tempfile
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from otakit.errors import OtakitError
 from otakit.image.keys import PublicKey
 from otakit.server import deployments, downloads
+from otakit.server import rollout as rollouts
 from otakit.server.artifacts import inspect_upload
 from otakit.server.context import Admin, Db, HttpError, State, error_responses
 from otakit.server.models import (
@@ -26,6 +32,8 @@ from otakit.server.models import (
     DeploymentDevice,
     Device,
     Product,
+    Rollout,
+    RolloutEvent,
     TrustedKey,
     utcnow,
 )
@@ -41,6 +49,7 @@ router = APIRouter(
     prefix="/api/v1",
     tags=["management"],
     responses=error_responses(400, 401, 403, 404, 409, 413, 422),
+    lifespan=rollouts.lifespan,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
@@ -380,9 +389,13 @@ async def get_device(serial: str, db: Db, _admin: Admin) -> DeviceOut:
 
 
 @router.put("/devices/{serial}", response_model=DeviceOut)
-async def put_device(serial: Name, body: DeviceIn, db: Db, _admin: Admin) -> DeviceOut:
-    """Register a device or update its identity and tags."""
+async def put_device(
+    serial: Name, body: DeviceIn, db: Db, _admin: Admin, engine: rollouts.Rollouts
+) -> DeviceOut:
+    """Register a device or update its identity and tags. A new version counts as a check-in
+    with it: a device given a deployment's version has applied it."""
     device = await db.get(Device, serial) or Device(serial=serial, tags={})
+    version_changed = body.version is not None and body.version != device.version
     tags = dict(body.tags)
     if body.product:
         device.product = body.product
@@ -395,7 +408,12 @@ async def put_device(serial: Name, body: DeviceIn, db: Db, _admin: Admin) -> Dev
         if value is not None:
             setattr(device, field, value)
     db.add(device)
+    changed: set[int] = set()
+    if version_changed:
+        await db.flush()
+        changed = await deployments.note_checkin(db, device, now=engine.now(), source="admin")
     await db.commit()
+    await engine.changed(changed)
     return device_out(device)
 
 
@@ -407,6 +425,48 @@ async def delete_device(serial: str, db: Db, _admin: Admin) -> Response:
     await db.delete(device)
     await db.commit()
     return Response(status_code=204)
+
+
+class HistoryEntry(BaseModel):
+    """One report: as the device sent it (``device``), what a check-in showed (``checkin``),
+    what an operator set (``admin``: the version it runs) or what the server concluded
+    (``server``: not confirmed in time)."""
+
+    id: int
+    at: datetime
+    status: str
+    error: str | None
+    version: str | None
+    deployment_id: int | None
+    boots: int | None
+    source: str
+
+
+@router.get("/devices/{serial}/history", response_model=list[HistoryEntry])
+async def device_history(
+    serial: str,
+    db: Db,
+    _admin: Admin,
+    limit: int = Query(default=100, ge=1, le=1000),
+    before: int | None = Query(default=None, ge=1, le=2**63 - 1, description="Older than this id."),
+) -> list[HistoryEntry]:
+    """The device's status reports, newest first (page with ``before``)."""
+    if await db.get(Device, serial) is None:
+        raise not_found(f"device {serial!r}")
+    rows = await deployments.history(db, serial, limit=limit, before=before)
+    return [
+        HistoryEntry(
+            id=r.id,
+            at=r.created_at,
+            status=r.status,
+            error=r.error,
+            version=r.version,
+            deployment_id=r.deployment_id,
+            boots=r.boots,
+            source=r.source,
+        )
+        for r in rows
+    ]
 
 
 @router.get("/devices/{serial}/twin", response_model=Twin)
@@ -442,11 +502,20 @@ class DeploymentOut(BaseModel):
     expires_at: datetime
     cancelled_at: datetime | None
     active: bool
-    counts: dict[str, int]
+    counts: dict[str, int] = Field(
+        description="Devices per §7 state: Downloading, Interrupted, Applying, Applied, Error "
+        "(a device that reverted reported an error and is counted there too)."
+    )
+    reverted: int = Field(default=0, description="Devices that ran the version and went back.")
+    rollout_id: int | None = None
 
 
 async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
     artifact = await db.get(Artifact, d.artifact_id)
+    rollout_id = await db.scalar(select(Rollout.id).where(Rollout.deployment_id == d.id))
+    counts = await deployments.counts(db, d.id)
+    reverted = counts.pop("Reverted")
+    counts["Error"] += reverted
     return DeploymentOut(
         id=d.id,
         artifact_id=d.artifact_id,
@@ -458,13 +527,24 @@ async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
         expires_at=d.expires_at,
         cancelled_at=d.cancelled_at,
         active=d.cancelled_at is None and d.expires_at > utcnow(),
-        counts=await deployments.counts(db, d.id),
+        counts=counts,
+        reverted=reverted,
+        rollout_id=rollout_id,
     )
 
 
 @router.post("/deployments", response_model=DeploymentOut, status_code=201)
 async def create_deployment(body: DeploymentIn, db: Db, _admin: Admin) -> DeploymentOut:
-    """Deploy an artifact to a product and group, or to devices matching a tag condition."""
+    """Deploy an artifact to a product and group, or to devices matching a tag condition.
+
+    It is offered at once to every targeted device; to phase it, create it with its rollout
+    (``POST /rollouts`` with ``deployment``)."""
+    deployment = await _new_deployment(db, body)
+    await db.commit()
+    return await _deployment(db, deployment)
+
+
+async def _new_deployment(db: Db, body: DeploymentIn) -> Deployment:
     artifact = await db.get(Artifact, body.artifact_id)
     if artifact is None:
         raise not_found(f"artifact {body.artifact_id!r}")
@@ -485,8 +565,8 @@ async def create_deployment(body: DeploymentIn, db: Db, _admin: Admin) -> Deploy
         expires_at=now + timedelta(days=body.expiry_days),
     )
     db.add(deployment)
-    await db.commit()
-    return await _deployment(db, deployment)
+    await db.flush()
+    return deployment
 
 
 @router.get("/deployments", response_model=list[DeploymentOut])
@@ -512,3 +592,323 @@ async def cancel_deployment(deployment_id: int, db: Db, _admin: Admin) -> Deploy
         deployment.cancelled_at = utcnow()
         await db.commit()
     return await _deployment(db, deployment)
+
+
+# --- rollouts ----------------------------------------------------------------------------------
+
+RolloutId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+Seconds = Annotated[int, Field(ge=0, le=365 * 86400)]
+
+
+class _PhaseRules(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    success: float = Field(
+        default=rollouts.DEFAULT_SUCCESS,
+        ge=0,
+        le=100,
+        description="Percent of the phase's devices applied and healthy to advance.",
+    )
+    manual: bool = Field(default=False, description="Advance only on approval.")
+    max_errors: int | None = Field(
+        default=None, ge=0, le=10**9, description="Failed devices allowed; one more trips."
+    )
+    max_errors_percent: float | None = Field(
+        default=None, ge=0, le=100, description="Failed devices allowed, percent of the phase."
+    )
+    on_error: Literal["pause", "abort"] = "pause"
+
+
+class PercentPhase(_PhaseRules):
+    """Admits devices up to a cumulative share of the targeted ones (by a stable hash)."""
+
+    percent: float = Field(gt=0, le=100)
+
+
+class GroupPhase(_PhaseRules):
+    """Admits the devices of one group (``deviceGroup`` tag)."""
+
+    group: str = Field(min_length=1, max_length=64)
+
+
+class _RolloutSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    phases: list[PercentPhase | GroupPhase] = Field(min_length=1, max_length=rollouts.MAX_PHASES)
+    start_at: datetime | None = Field(default=None, description="No offers before (UTC if naive).")
+    window: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Maintenance window, e.g. 'mon-fri 02:00-05:00 Europe/Berlin'.",
+    )
+    frozen: bool = Field(default=False, description="Only the devices targeted at the start.")
+    confirm_timeout: Seconds | None = Field(
+        default=rollouts.DEFAULT_CONFIRM_TIMEOUT,
+        description="Seconds from 'applying' to running the new version; 0 or null: no limit.",
+    )
+    max_boots: int | None = Field(
+        default=None, ge=0, le=10**6, description="Boots allowed within confirm_timeout."
+    )
+    soak: Seconds = Field(default=0, description="Seconds applied before a device counts.")
+
+    @field_validator("start_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # beyond the calendar's ends once in UTC
+            edge = datetime.min if value.year < 2 else datetime.max
+            return edge.replace(tzinfo=UTC)
+
+
+class RolloutOfDeployment(_RolloutSpec):
+    """Phase an existing deployment (devices that already got it keep it)."""
+
+    deployment_id: int = Field(ge=1, le=2**31 - 1)
+
+
+class RolloutWithDeployment(_RolloutSpec):
+    """Create a deployment phased from its first second."""
+
+    deployment: DeploymentIn
+
+
+class PhaseOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    number: int
+    percent: float | None
+    group: str | None
+    success: float
+    manual: bool
+    max_errors: int | None
+    max_errors_percent: float | None
+    on_error: str
+    status: str = Field(description="done, current or waiting.")
+    targeted: int = Field(description="Devices of this phase (targeted now or reported).")
+    succeeded: int = Field(description="Applied and healthy (past the soak time).")
+    failed: int = Field(description="Error, invalid or reverted.")
+    acknowledged: int = Field(description="Failures accepted by resuming.")
+    counts: dict[str, int]
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+class RolloutOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    deployment_id: int
+    artifact_id: str
+    version: str
+    condition: str
+    state: str = Field(description="scheduled, running, paused, aborted or completed.")
+    phase: int = Field(description="The current phase, from 1.")
+    reason: str | None
+    start_at: datetime | None
+    window: str | None
+    window_open: bool
+    next_window: datetime | None
+    frozen: bool
+    confirm_timeout: int | None
+    max_boots: int | None
+    soak: int
+    awaiting_approval: bool
+    created_at: datetime
+    updated_at: datetime
+    phase_started_at: datetime | None
+    targeted: int
+    counts: dict[str, int]
+    phases: list[PhaseOut]
+
+
+class RolloutEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    at: datetime
+    kind: str
+    phase: int
+    actor: str
+    detail: str | None
+
+
+class ActionIn(BaseModel):
+    reason: str | None = Field(default=None, max_length=200)
+
+
+class ApproveIn(BaseModel):
+    phase: int | None = Field(
+        default=None,
+        ge=1,
+        le=rollouts.MAX_PHASES,
+        description="The phase being approved; 409 if the rollout is no longer in it.",
+    )
+    reason: str | None = Field(default=None, max_length=200)
+
+
+async def _rollout_out(db: Db, engine: rollouts.RolloutEngine, rollout_id: int) -> RolloutOut:
+    found = await rollouts.view(db, rollout_id, engine.now())
+    if found is None:
+        raise not_found(f"rollout {rollout_id}")
+    return RolloutOut.model_validate(found)
+
+
+def _actor(admin: Any) -> str:
+    return f"admin:{admin.id}"
+
+
+@router.post("/rollouts", response_model=RolloutOut, status_code=201)
+async def create_rollout(
+    body: RolloutOfDeployment | RolloutWithDeployment,
+    db: Db,
+    admin: Admin,
+    engine: rollouts.Rollouts,
+) -> RolloutOut:
+    """Phase a deployment (``deployment_id``), or create a deployment phased from the start
+    (``deployment``). It starts at ``start_at`` (or now)."""
+    now = engine.now()
+    if isinstance(body, RolloutWithDeployment):
+        deployment = await _new_deployment(db, body.deployment)
+    else:
+        found = await db.get(Deployment, body.deployment_id)
+        if found is None:
+            raise not_found(f"deployment {body.deployment_id}")
+        deployment = found
+        if deployment.cancelled_at is not None or deployment.expires_at <= now:
+            raise HttpError(409, "CONFLICT", f"deployment {deployment.id} is not active")
+        existing = await db.scalar(select(Rollout.id).where(Rollout.deployment_id == deployment.id))
+        if existing is not None:
+            raise HttpError(
+                409, "CONFLICT", f"deployment {deployment.id} already has rollout {existing}"
+            )
+    phases = [rollouts.Phase(**p.model_dump()) for p in body.phases]
+    rollout = rollouts.new_rollout(
+        db,
+        deployment,
+        phases,
+        actor=_actor(admin),
+        now=now,
+        start_at=body.start_at,
+        window=body.window,
+        frozen=body.frozen,
+        confirm_timeout=body.confirm_timeout,
+        max_boots=body.max_boots,
+        soak=body.soak,
+    )
+    try:
+        await db.flush()
+        db.add(rollouts.created_event(rollout, _actor(admin), now))
+        await db.commit()
+    except IntegrityError:
+        await db.rollback()
+        raise HttpError(
+            409, "CONFLICT", f"deployment {deployment.id} already has a rollout"
+        ) from None
+    await engine.evaluate(rollout.id)
+    return await _rollout_out(db, engine, rollout.id)
+
+
+@router.get("/rollouts", response_model=list[RolloutOut])
+async def list_rollouts(
+    db: Db,
+    _admin: Admin,
+    engine: rollouts.Rollouts,
+    state: Literal["scheduled", "running", "paused", "aborted", "completed"] | None = None,
+) -> list[RolloutOut]:
+    """Rollouts, newest first, with their per-phase counts."""
+    query = select(Rollout.id).order_by(Rollout.id.desc())
+    if state is not None:
+        query = query.where(Rollout.state == state)
+    return [await _rollout_out(db, engine, i) for i in await db.scalars(query)]
+
+
+@router.get("/rollouts/{rollout_id}", response_model=RolloutOut)
+async def get_rollout(
+    rollout_id: RolloutId, db: Db, _admin: Admin, engine: rollouts.Rollouts
+) -> RolloutOut:
+    """State, current phase and per-phase counts."""
+    return await _rollout_out(db, engine, rollout_id)
+
+
+@router.get("/rollouts/{rollout_id}/events", response_model=list[RolloutEventOut])
+async def rollout_events(rollout_id: RolloutId, db: Db, _admin: Admin) -> list[RolloutEventOut]:
+    """What happened, oldest first: created, started, advanced, paused, resumed, ..."""
+    if await db.get(Rollout, rollout_id) is None:
+        raise not_found(f"rollout {rollout_id}")
+    rows = await db.scalars(
+        select(RolloutEvent).where(RolloutEvent.rollout_id == rollout_id).order_by(RolloutEvent.id)
+    )
+    return [RolloutEventOut.model_validate(e) for e in rows]
+
+
+async def _act(
+    db: Db,
+    engine: rollouts.RolloutEngine,
+    admin: Any,
+    rollout_id: int,
+    action: str,
+    *,
+    phase: int | None = None,
+    reason: str | None = None,
+) -> RolloutOut:
+    await engine.act(rollout_id, action, _actor(admin), phase=phase, reason=reason)
+    return await _rollout_out(db, engine, rollout_id)
+
+
+@router.post("/rollouts/{rollout_id}/pause", response_model=RolloutOut)
+async def pause_rollout(
+    rollout_id: RolloutId,
+    db: Db,
+    admin: Admin,
+    engine: rollouts.Rollouts,
+    body: ActionIn | None = None,
+) -> RolloutOut:
+    """Stop new offers (downloads under way may finish); 409 once aborted or completed."""
+    reason = body.reason if body else None
+    return await _act(db, engine, admin, rollout_id, "pause", reason=reason)
+
+
+@router.post("/rollouts/{rollout_id}/resume", response_model=RolloutOut)
+async def resume_rollout(
+    rollout_id: RolloutId,
+    db: Db,
+    admin: Admin,
+    engine: rollouts.Rollouts,
+    body: ActionIn | None = None,
+) -> RolloutOut:
+    """Offer again; the failures seen so far are acknowledged (the error thresholds count
+    from here)."""
+    reason = body.reason if body else None
+    return await _act(db, engine, admin, rollout_id, "resume", reason=reason)
+
+
+@router.post("/rollouts/{rollout_id}/abort", response_model=RolloutOut)
+async def abort_rollout(
+    rollout_id: RolloutId,
+    db: Db,
+    admin: Admin,
+    engine: rollouts.Rollouts,
+    body: ActionIn | None = None,
+) -> RolloutOut:
+    """Stop for good: the deployment is cancelled, downloads under way are told to stop."""
+    reason = body.reason if body else None
+    return await _act(db, engine, admin, rollout_id, "abort", reason=reason)
+
+
+@router.post("/rollouts/{rollout_id}/approve", response_model=RolloutOut)
+async def approve_rollout(
+    rollout_id: RolloutId,
+    db: Db,
+    admin: Admin,
+    engine: rollouts.Rollouts,
+    body: ApproveIn | None = None,
+) -> RolloutOut:
+    """Advance the current phase now (the only way past a manual phase)."""
+    phase, reason = (body.phase, body.reason) if body else (None, None)
+    return await _act(db, engine, admin, rollout_id, "approve", phase=phase, reason=reason)

@@ -14,13 +14,19 @@ signed download URLs of the JSON API.
   forged); anyone holding a valid URL may download. Served by ``downloads.SignedDownloads``
   in front of the web framework.
 
-A device with nothing newer gets a "No Update Available" document of the same shape.
+A device with nothing newer gets a "No Update Available" document of the same shape; so does a
+device whose rollout phase is not open yet, outside the rollout's maintenance window, or after
+the rollout was paused or aborted (server/rollout.py). A file is served only to a device its
+deployment is offered to (or that is in the middle of downloading it); an aborted rollout's
+files to nobody. Devices that do not identify themselves get a phased deployment only once its
+rollout has completed.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -34,8 +40,9 @@ from otakit.protocol.jobdoc import (
     JobDocument,
 )
 from otakit.server import deployments, downloads
+from otakit.server import rollout as rollouts
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
-from otakit.server.models import Artifact, Device, Product, Token, utcnow
+from otakit.server.models import Artifact, Device, Product, Token
 from otakit.server.targeting import PRODUCT_TAG, matches, parse_condition
 from otakit.server.tokens import Role
 from otakit.server.twin import download_path
@@ -149,14 +156,15 @@ async def _device_for(db: Db, token: Token | None, serial: str) -> Device:
 
 
 @router.get("/ota_update.json", responses={200: {"content": JSON_DOC}}, response_class=Response)
-async def plain_job(db: Db, token: Caller) -> Response:
+async def plain_job(db: Db, token: Caller, engine: rollouts.Rollouts) -> Response:
     """The job document at the original device's default path."""
     if token is not None and token.role == Role.DEVICE and token.device_serial:
-        return await device_job(token.device_serial, db, token)
+        return await device_job(token.device_serial, db, token, engine)
     products = await _anonymous_products(db)
     if not products:
         raise HttpError(401, "UNAUTHORIZED", "no product allows anonymous devices; send a token")
-    offer = deployments.select_for_products(products, await deployments.active(db))
+    now = engine.now()
+    offer = deployments.select_for_products(products, await deployments.active(db, now), now)
     file = download_path(offer.artifact).replace("/dl/", "/files/", 1) if offer else ""
     return _job_response(_job(offer, None, file, await _product_board(db, offer)))
 
@@ -166,11 +174,12 @@ async def plain_job(db: Db, token: Caller) -> Response:
     responses={200: {"content": JSON_DOC}},
     response_class=Response,
 )
-async def device_job(serial: str, db: Db, token: Caller) -> Response:
+async def device_job(serial: str, db: Db, token: Caller, engine: rollouts.Rollouts) -> Response:
     """One device's job document."""
     device = await _device_for(db, token, serial)
-    device.last_seen = utcnow()
-    offer = deployments.select_offer(device, await deployments.active(db))
+    now = engine.now()
+    device.last_seen = now
+    offer = await deployments.offer_for(db, device, now)
     file = f"/devices/{serial}/files/{offer.artifact.id}/{offer.artifact.name}" if offer else ""
     board = await _product_board(db, offer)
     await db.commit()
@@ -191,10 +200,10 @@ async def _artifact(db: Db, artifact_id: str, name: str) -> Artifact:
     return artifact
 
 
-async def _anonymous_offer(db: Db) -> deployments.Offer:
+async def _anonymous_offer(db: Db, now: datetime) -> deployments.Offer:
     products = await _anonymous_products(db)
     offer = (
-        deployments.select_for_products(products, await deployments.active(db))
+        deployments.select_for_products(products, await deployments.active(db, now), now)
         if products
         else None
     )
@@ -210,12 +219,18 @@ async def _anonymous_offer(db: Db) -> deployments.Offer:
     response_class=Response,
 )
 async def anonymous_file(
-    artifact_id: str, name: str, request: Request, db: Db, st: State, token: Caller
+    artifact_id: str,
+    name: str,
+    request: Request,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
 ) -> Response:
     """A file deployed to anonymous devices (the plain job document points here)."""
     artifact = await _artifact(db, artifact_id, name)
     if token is None or token.role != Role.ADMIN:
-        offer = await _anonymous_offer(db)
+        offer = await _anonymous_offer(db, engine.now())
         if offer.artifact.id != artifact.id:
             raise HttpError(403, "FORBIDDEN", "this file is not deployed to anonymous devices")
     return await _serve(request, st, artifact)
@@ -228,24 +243,37 @@ async def anonymous_file(
     response_class=Response,
 )
 async def device_file(
-    serial: str, artifact_id: str, name: str, request: Request, db: Db, st: State, token: Caller
+    serial: str,
+    artifact_id: str,
+    name: str,
+    request: Request,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
 ) -> Response:
-    """A file deployed to this device."""
+    """A file deployed to this device (and, when phased, offered to it or being downloaded)."""
     device = await _device_for(db, token, serial)
     artifact = await _artifact(db, artifact_id, name)
-    offers = [o for o in await deployments.active(db) if o.artifact.id == artifact.id]
+    now = engine.now()
+    offers = [o for o in await deployments.active(db, now) if o.artifact.id == artifact.id]
     tags = deployments.device_tags(device)
-    if not any(matches(parse_condition(o.deployment.condition), tags) for o in offers):
+    offers = [o for o in offers if matches(parse_condition(o.deployment.condition), tags)]
+    if not offers:
         raise HttpError(403, "FORBIDDEN", "this file is not deployed to this device")
+    if all(o.rollout is not None for o in offers):
+        standing = await deployments.standing_of(db, device.serial)
+        if not any(rollouts.may_download(o.rollout, device, standing) for o in offers if o.rollout):
+            raise HttpError(403, "FORBIDDEN", "this file is not offered to this device yet")
     return await _serve(request, st, artifact)
 
 
 @router.api_route(
     "/ota-update.bin", methods=["GET", "HEAD"], responses=FILE_RESPONSES, response_class=Response
 )
-async def direct_file(request: Request, db: Db, st: State) -> Response:
+async def direct_file(request: Request, db: Db, st: State, engine: rollouts.Rollouts) -> Response:
     """The direct flow's file: what is deployed to anonymous devices."""
-    return await _serve(request, st, (await _anonymous_offer(db)).artifact)
+    return await _serve(request, st, (await _anonymous_offer(db, engine.now())).artifact)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -280,18 +308,32 @@ def _received() -> Response:
     response_class=Response,
 )
 async def device_result(
-    serial: str, artifact_id: str, name: str, request: Request, db: Db, token: Caller
+    serial: str,
+    artifact_id: str,
+    name: str,
+    request: Request,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
 ) -> Response:
     """The device's result for the file it downloaded."""
     device = await _device_for(db, token, serial)
     artifact = await _artifact(db, artifact_id, name)
     status, error = await _result(request)
-    offer = deployments.select_offer(device, await deployments.active(db))
-    deployment_id = offer.deployment.id if offer and offer.artifact.id == artifact.id else None
-    await deployments.record_status(
-        db, serial=device.serial, deployment_id=deployment_id, status=status, error=error
+    now = engine.now()
+    deployment_id = await deployments.attribute(db, device, now, artifact_id=artifact.id)
+    changed = await deployments.record_status(
+        db,
+        serial=device.serial,
+        deployment_id=deployment_id,
+        status=status,
+        error=error,
+        now=now,
+        keep=st.settings.history_per_device,
     )
     await db.commit()
+    await engine.changed([changed])
     return _received()
 
 
@@ -301,14 +343,17 @@ async def device_result(
     responses={200: {"content": JSON_DOC}},
     response_class=Response,
 )
-async def anonymous_result(artifact_id: str, name: str, request: Request, db: Db) -> Response:
+async def anonymous_result(
+    artifact_id: str, name: str, request: Request, db: Db, engine: rollouts.Rollouts
+) -> Response:
     """A result from a device that did not identify itself (kept as an anonymous report)."""
     artifact = await _artifact(db, artifact_id, name)
     status, error = await _result(request)
-    offer = await _anonymous_offer(db)
+    now = engine.now()
+    offer = await _anonymous_offer(db, now)
     deployment_id = offer.deployment.id if offer.artifact.id == artifact.id else None
     await deployments.record_status(
-        db, serial=None, deployment_id=deployment_id, status=status, error=error
+        db, serial=None, deployment_id=deployment_id, status=status, error=error, now=now
     )
     await db.commit()
     return _received()
@@ -320,12 +365,13 @@ async def anonymous_result(artifact_id: str, name: str, request: Request, db: Db
     responses={200: {"content": JSON_DOC}},
     response_class=Response,
 )
-async def direct_result(request: Request, db: Db) -> Response:
+async def direct_result(request: Request, db: Db, engine: rollouts.Rollouts) -> Response:
     """The direct flow's result."""
-    offer = await _anonymous_offer(db)
+    now = engine.now()
+    offer = await _anonymous_offer(db, now)
     status, error = await _result(request)
     await deployments.record_status(
-        db, serial=None, deployment_id=offer.deployment.id, status=status, error=error
+        db, serial=None, deployment_id=offer.deployment.id, status=status, error=error, now=now
     )
     await db.commit()
     return _received()
