@@ -77,7 +77,10 @@ _DESCRIPTIONS = {
 
 
 class HttpError(OtakitError):
-    """An error with an HTTP status, raised by handlers."""
+    """An error with an HTTP status, raised by handlers; ``http_code`` is the code in the
+    response body."""
+
+    code = "HTTP"
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
