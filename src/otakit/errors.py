@@ -294,6 +294,97 @@ class StoppedByAppError(AgentError):
     agent_error = "APP_RETURNED_STOP"
 
 
+# --- push (protocols.md §4) --------------------------------------------------------------------
+
+
+class ControlPointError(OtakitError):
+    """A control-point write or reply that is not one of §4's (unknown code, wrong length)."""
+
+    code = "BAD_CONTROL_POINT"
+
+
+class FrameError(OtakitError):
+    """A loopback-link frame that is malformed (short, unknown opcode, too long)."""
+
+    code = "BAD_FRAME"
+
+
+class AttWriteError(OtakitError):
+    """A write the OTA service refuses; the link answers it with ATT error ``error`` (an ``AttError`` of protocol/ble_ota.py)."""
+
+    code = "ATT_WRITE"
+    agent_error = "WRITE_STORAGE"
+
+    def __init__(self, message: str, *, error: int, value: object = None) -> None:
+        super().__init__(message, value=value)
+        self.error = error
+
+
+class CrcMismatchError(VerificationError):
+    """The CRC-32 of the received bytes is not the one VERIFY announced."""
+
+    code = "CRC_MISMATCH"
+
+
+class LinkError(TransferError):
+    """The link to the device failed: cannot connect, connection lost, no answer in time, or
+    a write refused with an ATT error (``value`` is the ATT error code then)."""
+
+    code = "LINK"
+
+
+class PushRefusedError(AgentError):
+    """The device answered 1 (failure) to a command; ``command`` names it."""
+
+    code = "PUSH_REFUSED"
+
+    def __init__(self, message: str, *, command: str, reply: int) -> None:
+        super().__init__(message, value=reply)
+        self.command = command
+        self.reply = reply
+
+
+class PushVerifyError(VerificationError):
+    """The device answered 3 to VERIFY: the CRC-32 or the MCUboot checks failed there."""
+
+    code = "PUSH_VERIFY"
+
+    def __init__(self, message: str, *, command: str, reply: int) -> None:
+        super().__init__(message, value=reply)
+        self.command = command
+        self.reply = reply
+
+
+# --- MQTT sessions (protocols.md §3) -----------------------------------------------------------
+
+
+class BrokerError(AgentError):
+    """The broker cannot be reached, refuses the connection or a subscription."""
+
+    code = "CONNECT"
+    agent_error = "CONNECT"
+
+
+class BrokerDroppedError(BrokerError):
+    """The broker closed the connection in the middle of the session."""
+
+    code = "SERVER_DROPPED"
+    agent_error = "SERVER_DROPPED"
+
+
+class NoUpdateError(AgentError):
+    """The publisher answered "No Update Available"."""
+
+    code = "NO_UPDATE"
+
+
+class ResultError(AgentError):
+    """The publisher did not acknowledge the device's result with "Result Received"."""
+
+    code = "SENDING_RESULT"
+    agent_error = "SENDING_RESULT"
+
+
 # --- server ------------------------------------------------------------------------------------
 
 

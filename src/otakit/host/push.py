@@ -39,12 +39,12 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from otakit.errors import (
-    AgentError,
     ImageError,
+    LinkError,
     OtakitError,
-    TransferError,
+    PushRefusedError,
+    PushVerifyError,
     UsageError,
-    VerificationError,
 )
 from otakit.files import read_input
 from otakit.image.verify import verify_image
@@ -65,35 +65,6 @@ DEFAULT_TIMEOUT = 30.0  # seconds for each answer of the device (VERIFY checks a
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
-
-
-class LinkError(TransferError):
-    """The link to the device failed: cannot connect, connection lost, no answer in time, or
-    a write refused with an ATT error (``value`` is the ATT error code then)."""
-
-    code = "LINK"
-
-
-class PushRefusedError(AgentError):
-    """The device answered 1 (failure) to a command; ``command`` names it."""
-
-    code = "PUSH_REFUSED"
-
-    def __init__(self, message: str, *, command: str, reply: int) -> None:
-        super().__init__(message, value=reply)
-        self.command = command
-        self.reply = reply
-
-
-class PushVerifyError(VerificationError):
-    """The device answered 3 to VERIFY: the CRC-32 or the MCUboot checks failed there."""
-
-    code = "PUSH_VERIFY"
-
-    def __init__(self, message: str, *, command: str, reply: int) -> None:
-        super().__init__(message, value=reply)
-        self.command = command
-        self.reply = reply
 
 
 # --- links -------------------------------------------------------------------------------------

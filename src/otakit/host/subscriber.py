@@ -46,14 +46,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from otakit.errors import (
-    AgentError,
+    BrokerDroppedError,
+    BrokerError,
     ChunkHeaderError,
     ImageTooLargeError,
     InputFileError,
     InvalidVersionError,
     JobFetchError,
     MalformedJobDocError,
+    NoUpdateError,
     OtakitError,
+    ResultError,
     TransferError,
     TransportUnsupportedError,
     UsageError,
@@ -88,33 +91,6 @@ MIB = 1024 * 1024
 
 
 # --- errors (names of the original middleware, protocols.md §8) --------------------------------
-
-
-class BrokerError(AgentError):
-    """The broker cannot be reached, refuses the connection or a subscription."""
-
-    code = "CONNECT"
-    agent_error = "CONNECT"
-
-
-class BrokerDroppedError(BrokerError):
-    """The broker closed the connection in the middle of the session."""
-
-    code = "SERVER_DROPPED"
-    agent_error = "SERVER_DROPPED"
-
-
-class NoUpdateError(AgentError):
-    """The publisher answered "No Update Available"."""
-
-    code = "NO_UPDATE"
-
-
-class ResultError(AgentError):
-    """The publisher did not acknowledge the device's result with "Result Received"."""
-
-    code = "SENDING_RESULT"
-    agent_error = "SENDING_RESULT"
 
 
 # --- configuration and verdict -----------------------------------------------------------------

@@ -42,7 +42,10 @@ import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 
-from otakit.errors import OtakitError
+from otakit.errors import (
+    ControlPointError,
+    FrameError,
+)
 
 SERVICE_UUID = "ae5d1e47-5c13-43a0-8635-82ad38a1381f"
 SECURE_SERVICE_UUID = "c7261110-f425-447a-a1bd-9d7246768bd8"
@@ -58,18 +61,6 @@ WRITE_OVERHEAD = 3
 
 U32 = struct.Struct("<I")
 COMMAND_WITH_VALUE = struct.Struct("<BI")
-
-
-class ControlPointError(OtakitError):
-    """A control-point write or reply that is not one of §4's (unknown code, wrong length)."""
-
-    code = "BAD_CONTROL_POINT"
-
-
-class FrameError(OtakitError):
-    """A loopback-link frame that is malformed (short, unknown opcode, too long)."""
-
-    code = "BAD_FRAME"
 
 
 class Command(IntEnum):

@@ -53,12 +53,15 @@ from otakit.device.events import Answer, Callback, Event, Reason, State
 from otakit.device.journal import Download
 from otakit.device.storage import Storage
 from otakit.errors import (
+    AttWriteError,
+    ControlPointError,
+    CrcMismatchError,
+    FrameError,
     ImageError,
     OtakitError,
     StoppedByAppError,
     TransferError,
     UsageError,
-    VerificationError,
 )
 from otakit.protocol import ble_ota
 from otakit.protocol.ble_ota import (
@@ -68,9 +71,7 @@ from otakit.protocol.ble_ota import (
     FRAME_HEADER_SIZE,
     AttError,
     Command,
-    ControlPointError,
     Frame,
-    FrameError,
     Op,
     Reply,
     Subscription,
@@ -80,23 +81,6 @@ log = logging.getLogger("otakit.ble")
 
 PUSH_SOURCE = "ble-push"  # the Download.source of pushed images
 COMMIT_EVERY = 64 * 1024
-
-
-class AttWriteError(OtakitError):
-    """A write the OTA service refuses; the link answers it with ATT error ``error``."""
-
-    code = "ATT_WRITE"
-    agent_error = "WRITE_STORAGE"
-
-    def __init__(self, message: str, *, error: AttError, value: object = None) -> None:
-        super().__init__(message, value=value)
-        self.error = error
-
-
-class CrcMismatchError(VerificationError):
-    """The CRC-32 of the received bytes is not the one VERIFY announced."""
-
-    code = "CRC_MISMATCH"
 
 
 # --- the GATT interfaces -----------------------------------------------------------------------
@@ -649,7 +633,7 @@ class _LoopbackConnection:
             try:
                 service.write(frame.characteristic, frame.value)
             except AttWriteError as exc:
-                error = exc.error
+                error = AttError(exc.error)
         else:
             error = AttError.ATTRIBUTE_NOT_FOUND
         outbox, self._outbox = self._outbox or [], None
