@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Make sure the services the test-suite talks to exist: a Mosquitto binary (tests start their own
-# broker on a free port) and a PostgreSQL server on 127.0.0.1:5432 (tests create their own
-# database). On a machine without them, install them with apt-get and start them.
+# broker on a free port), a PostgreSQL server on 127.0.0.1:5432 (tests create their own
+# database) and Debian's chromium with its chromedriver (the dashboard's browser test). On a
+# machine without them, install them with apt-get and start them.
 set -euo pipefail
 
 need_apt=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
+# the dashboard's browser test (tests/test_dashboard.py) drives Debian's chromium headless
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 
 installed_postgres=false
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -3,7 +3,10 @@
 :func:`initialise` runs once before any worker starts: it creates the data folder, brings the
 schema to the latest Alembic revision, creates the URL signing key (kept in the database, so all
 workers and hosts share it) and, on the very first start, an admin token that is returned to be
-printed once. :func:`create_app` builds the ASGI app a worker serves.
+printed once. :func:`create_app` builds the FastAPI app: the device and management APIs, the
+dashboard at ``/`` (server/dashboard) and Prometheus metrics at ``/metrics`` (server/metrics.py).
+:func:`serving_app` puts the layers a worker runs in front of it: metrics counting, then signed
+downloads.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit import __version__
 from otakit.errors import OtakitError, UsageError
+from otakit.server import dashboard, metrics
 from otakit.server.api import device, management, original
 from otakit.server.blobs import open_blob_store
 from otakit.server.context import HttpError, ServerSettings, ServerState
@@ -63,6 +67,7 @@ def initialise(settings: ServerSettings) -> Initialised:
         raise UsageError(
             f"cannot create the data folder {settings.data_dir}: {exc.strerror}"
         ) from None
+    metrics.clear(settings.data_dir)  # counters start from zero with the server
     migrate(settings.database_url)
 
     async def _setup() -> Initialised:
@@ -85,6 +90,8 @@ def initialise(settings: ServerSettings) -> Initialised:
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
+    counters = metrics.Counters(settings.data_dir / metrics.FOLDER)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.database_url, pool_pre_ping=True)
@@ -94,7 +101,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         blobs = open_blob_store(settings.blob_url, settings.data_dir)
         app.state.otakit = ServerState(settings, sessions, blobs, key)
         try:
-            yield
+            async with counters.flushing():
+                yield
         finally:
             await engine.dispose()
 
@@ -110,6 +118,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(original.router)
     app.include_router(device.router)
     app.include_router(management.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
+    app.state.otakit_metrics = counters
+    app.state.otakit_metrics_access = metrics.Access.from_env()
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -152,13 +164,15 @@ def _with_signed_downloads(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def serving_app(settings: ServerSettings) -> SignedDownloads:
-    """The ASGI app a worker runs: signed downloads first, then the FastAPI app."""
+def serving_app(settings: ServerSettings) -> metrics.Metered:
+    """The ASGI app a worker runs: metrics counting, signed downloads, then the FastAPI app
+    (its ``app`` attribute)."""
     app = create_app(settings)
     _with_signed_downloads(app)
-    return SignedDownloads(app, lambda: app.state.otakit)
+    downloads = SignedDownloads(app, lambda: app.state.otakit)
+    return metrics.Metered(downloads, app, app.state.otakit_metrics)
 
 
-def app_from_env() -> SignedDownloads:
+def app_from_env() -> metrics.Metered:
     """Factory for uvicorn workers: settings come from the environment (see ServerSettings)."""
     return serving_app(ServerSettings.from_env())
