@@ -30,6 +30,11 @@ bench-server: $(STAMP) services
 bench-mqtt: $(STAMP)
 	$(BIN)/python bench/mqtt_bench.py
 
+# 10,000 simulated devices updating against one server, next to nginx (~5 min; --quick: 1,000).
+.PHONY: bench-fleet
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/fleet_bench.py
+
 services:
 	scripts/ensure-services.sh
 

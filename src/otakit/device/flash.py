@@ -267,7 +267,11 @@ class Flash:
                 raise PowerCut(f"power cut before the write at 0x{offset:x}")
             data = data[: self._rng.randrange(1, len(data))]
         old = self._backing.read(offset, len(data))
-        self._backing.write(offset, bytes(a & b for a, b in zip(old, data, strict=True)))
+        if old.count(self.erased_value) != len(old):  # programming over data clears bits only
+            size = len(data)
+            new = int.from_bytes(old, "little") & int.from_bytes(data, "little")
+            data = new.to_bytes(size, "little")
+        self._backing.write(offset, bytes(data))
         for index in self._sectors_of(offset, len(data)):
             self.stats.sector(index).writes += 1
         self.stats.bytes_written += len(data)

@@ -16,6 +16,7 @@ from otakit.errors import UsageError
 from otakit.files import read_input
 from otakit.image.keys import PublicKey
 from otakit.sim.device import DEFAULT_LAYOUT, Identity, SimDevice
+from otakit.sim.fleet_cli import fleet
 from otakit.sim.push_cli import serve_push
 from otakit.sim.smp_cli import serve_smp
 
@@ -346,3 +347,4 @@ def _attempt_with_progress(
 
 app.command("serve-smp")(serve_smp)
 app.command("serve-push")(serve_push)
+app.command("fleet")(fleet)

@@ -169,7 +169,9 @@ class HttpTransport:
     def download(self, job: Job, storage: Storage, progress: Progress) -> int:
         chunk = self.settings.chunk_size
         record = storage.progress()
-        resume = record if record is not None and record.download.source == job.url else None
+        # the same image at the same place: signed URLs change their query between check-ins
+        same = record is not None and _path(record.download.source) == _path(job.url)
+        resume = record if same else None
         offset = resume.durable if resume is not None else 0
         if resume is not None and offset >= resume.download.size:
             # all bytes stored, but the attempt ended before the image was pending: fetch the
