@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $@
 
 demo: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
+	$(BIN)/otakit demo
 
 bench: $(STAMP)
 	$(BIN)/python bench/flash_wear.py
@@ -51,4 +51,4 @@ pytest: $(STAMP) services
 test: lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis demo-out
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -331,6 +331,27 @@ def unpack(
         out.print(f"{directory / c.name}: {c.file_type} (image {c.image_index}), {c.size} bytes")
 
 
+@app.command()
+def demo(
+    devices: Annotated[
+        str, typer.Option("-n", "--devices", help="Simulated devices (2 to 500).")
+    ] = "20",
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave the server (and dashboard) up afterwards.")
+    ] = False,
+    mqtt: Annotated[
+        bool, typer.Option("--mqtt", help="Devices update over MQTT (needs Mosquitto).")
+    ] = False,
+) -> None:
+    """The whole update path on this machine: server, keys, images, a fleet, a phased rollout."""
+    count = _int(devices, "--devices")
+    if not 2 <= count <= 500:
+        raise UsageError(f"--devices {count} is not from 2 to 500", value=count)
+    from otakit.sim.demo import run_demo
+
+    raise typer.Exit(run_demo(count, keep=keep, mqtt=mqtt))
+
+
 app.add_typer(agent_app, name="agent")
 app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")

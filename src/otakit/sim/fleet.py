@@ -303,6 +303,7 @@ class FleetConfig:
     seed: int = 0
     serial_prefix: str = "FLEET"
     mqtt: MqttBroker | None = None  # jobs and images over MQTT (the server still enrolls)
+    factory: bytes | None = None  # the signed image devices run at the start (None: the fleet's)
 
     def check(self) -> None:
         """Raise UsageError for a value that cannot work, naming the option."""
@@ -829,7 +830,7 @@ class Fleet:
             strategy=self.strategy,
             keys=(*self.keys, factory_key.public_key) if self.keys else (),
         )
-        factory = sign_image(
+        factory = config.factory or sign_image(
             hashlib.sha256(b"otakit fleet factory image").digest() * 64,
             factory_key,
             SignOptions(FirmwareVersion.parse(config.version).to_image(), pad_header=True),
