@@ -753,3 +753,16 @@ def test_mqtt_settings_take_the_timing_table() -> None:
     )
     assert settings.secure
     assert mqtt_settings(AgentConfig.from_dict(MINIMAL)) is None
+
+
+def test_tls_files_that_cannot_be_used_are_one_line_errors(tmp_path: Path) -> None:
+    """Every client (HTTP agent, MQTT device, publisher) loads its TLS files the same way."""
+    from otakit.errors import InputFileError
+    from otakit.tls import client_context
+
+    with pytest.raises(InputFileError, match="cannot read CA file"):
+        client_context(tmp_path / "missing.pem")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(UsageError, match=r"client certificate .* cannot be used"):
+        client_context(None, junk)

@@ -64,6 +64,7 @@ from otakit.protocol.jobdoc import (
     update_available,
 )
 from otakit.protocol.version import FirmwareVersion, job_version
+from otakit.tls import client_context
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -140,29 +141,7 @@ class Broker:
         """
         if not self.tls:
             return None
-        context = ssl.create_default_context()
-        if self.cafile is not None:
-            _load(self.cafile, "CA file", lambda: context.load_verify_locations(self.cafile))
-        if self.certfile is not None:
-            certfile = self.certfile
-            _load(
-                certfile,
-                "client certificate",
-                lambda: context.load_cert_chain(certfile, self.keyfile),
-            )
-        return context
-
-
-def _load(path: Path, what: str, load: Callable[[], object]) -> None:
-    try:
-        load()
-    except ssl.SSLError as exc:
-        reason = exc.reason or str(exc)
-        raise UsageError(f"{what} {path} cannot be used: {reason}", value=str(path)) from None
-    except OSError as exc:
-        raise InputFileError(
-            f"cannot read {what} {path}: {exc.strerror or exc}", value=str(path)
-        ) from None
+        return client_context(self.cafile, self.certfile, self.keyfile)
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,9 @@ import httpx
 from otakit.device.journal import Download
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Progress
-from otakit.errors import JobFetchError, OtakitError, TransferError, UsageError
+from otakit.errors import JobFetchError, OtakitError, TransferError
 from otakit.protocol.jobdoc import UPDATE_AVAILABLE, parse_job_document
+from otakit.tls import client_context
 
 log = logging.getLogger("otakit.http")
 
@@ -57,16 +58,7 @@ class HttpSettings:
         system CAs."""
         if not self.ca_file and not self.client_cert:
             return True
-        try:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            if self.client_cert:
-                context.load_cert_chain(self.client_cert, self.client_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(
-                f"cannot load the TLS files (CA {self.ca_file}, certificate {self.client_cert}): "
-                f"{exc}"
-            ) from None
-        return context
+        return client_context(self.ca_file, self.client_cert, self.client_key)
 
 
 class HttpTransport:

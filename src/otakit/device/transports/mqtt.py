@@ -72,6 +72,7 @@ from otakit.protocol.jobdoc import (
     parse_job_document,
 )
 from otakit.protocol.version import FirmwareVersion
+from otakit.tls import client_context
 
 log = logging.getLogger("otakit.mqtt")
 
@@ -112,16 +113,7 @@ class MqttSettings:
 
     def ssl_context(self) -> ssl.SSLContext:
         """The TLS context: the configured CA (else the system's) and client certificate."""
-        try:
-            context = ssl.create_default_context(cafile=self.ca_file)
-            if self.client_cert:
-                context.load_cert_chain(self.client_cert, self.client_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise UsageError(
-                f"cannot load the MQTT TLS files (CA {self.ca_file}, certificate "
-                f"{self.client_cert}): {exc}"
-            ) from None
-        return context
+        return client_context(self.ca_file, self.client_cert, self.client_key)
 
 
 # --- one connection ----------------------------------------------------------------------------
