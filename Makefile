@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-server lint typecheck pytest services clean
+.PHONY: demo test bench bench-agent bench-server lint typecheck pytest services clean
 
 $(BIN)/python:
 	scripts/make-venv.sh "$(PYTHON)" "$(VENV)"
@@ -18,8 +18,20 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/otakit demo
 
-bench: $(STAMP)
+# The benchmark suite (6-10 min): flash wear, device agent, MQTT, update server (PostgreSQL from
+# `services`; installs wrk and nginx with apt-get if missing), a 1,000-device fleet; then
+# bench/results/summary.md. Each step writes bench/results/*.json. Full fleet: make bench-fleet.
+bench: $(STAMP) services
 	$(BIN)/python bench/flash_wear.py
+	$(BIN)/python bench/agent_bench.py
+	$(BIN)/python bench/mqtt_bench.py
+	$(BIN)/python bench/server_bench.py
+	$(BIN)/python bench/fleet_bench.py --quick
+	$(BIN)/python bench/summary.py
+
+# The device agent's CPU and memory per MiB downloaded, next to curl (~1 min).
+bench-agent: $(STAMP)
+	$(BIN)/python bench/agent_bench.py
 
 # Update server vs nginx on loopback (installs wrk and nginx with apt-get if missing; ~4 min).
 bench-server: $(STAMP) services

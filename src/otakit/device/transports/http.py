@@ -61,6 +61,15 @@ class HttpSettings:
         return client_context(self.ca_file, self.client_cert, self.client_key)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A range request's answer: its status, headers and (for 206) body."""
+
+    status: int
+    headers: httpx.Headers
+    data: bytes
+
+
 class HttpTransport:
     def __init__(
         self, settings: HttpSettings, *, board: str, clock: Callable[[], float] = time.monotonic
@@ -135,22 +144,26 @@ class HttpTransport:
 
     # --- data ----------------------------------------------------------------------------------
 
-    def _range(self, url: str, first: int, last: int, etag: str | None) -> httpx.Response:
+    def _range(self, url: str, first: int, last: int, etag: str | None) -> _Answer:
         headers = {"range": f"bytes={first}-{last}"}
         if etag:
             headers["if-range"] = etag
         failure, status = "", None
         for _ in range(max(1, self.settings.download_tries)):
             try:
-                response = self._client.get(url, headers=headers)
+                # streamed and joined: a kept Response holds its body in a reference cycle
+                # with its stream, so every range would stay in memory until a GC pass
+                with self._client.stream("GET", url, headers=headers) as response:
+                    status = response.status_code
+                    if status == 206:
+                        return _Answer(status, response.headers, b"".join(response.iter_bytes()))
+                    if status == 200:  # the whole file: not read, the caller starts over
+                        return _Answer(status, response.headers, b"")
             except httpx.HTTPError as exc:
-                failure = f"{type(exc).__name__}: {exc}"
+                failure, status = f"{type(exc).__name__}: {exc}", None
                 log.warning("bytes %d-%d: %s; trying again", first, last, failure)
                 self._reconnect()
                 continue
-            if response.status_code in (200, 206):
-                return response
-            status = response.status_code
             failure = f"the server answered {status}"
             if status in (401, 403, 404, 410, 416):
                 break  # asking again will not help
@@ -189,7 +202,7 @@ class HttpTransport:
                     continue
                 raise
             if total is None:
-                if response.status_code == 200:
+                if response.status == 200:
                     # no range support, or the image changed (If-Range): start from zero
                     if offset != 0 or etag is not None:
                         offset, etag = 0, None
@@ -198,7 +211,7 @@ class HttpTransport:
                         "the server does not answer ranged requests (no 206/Content-Range)",
                         value=_path(job.url),
                     )
-                total = _total(response)
+                total = _total(response.headers, job.url)
                 download = Download(
                     source=job.url,
                     size=total,
@@ -210,13 +223,13 @@ class HttpTransport:
                 if stored != offset:
                     offset = stored  # a different image than the journal's: start over
                     continue
-            elif response.status_code != 206:
+            elif response.status != 206:
                 raise TransferError(
-                    f"the server answered {response.status_code} to a range request",
-                    status=response.status_code,
+                    f"the server answered {response.status} to a range request",
+                    status=response.status,
                     value=_path(job.url),
                 )
-            data = response.content
+            data = response.data
             if not data:
                 raise TransferError(f"empty answer for bytes {offset}-{last}", value=_path(job.url))
             storage.write(offset, data)
@@ -246,12 +259,11 @@ def _path(url: str) -> str:
     return urlsplit(url).path
 
 
-def _total(response: httpx.Response) -> int:
-    content_range = response.headers.get("content-range", "")
+def _total(headers: httpx.Headers, url: str) -> int:
+    content_range = headers.get("content-range", "")
     try:
         return int(content_range.rsplit("/", 1)[1])
     except (IndexError, ValueError):
         raise TransferError(
-            f"the answer has no usable Content-Range ({content_range!r})",
-            value=_path(str(response.url)),
+            f"the answer has no usable Content-Range ({content_range!r})", value=_path(url)
         ) from None
