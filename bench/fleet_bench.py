@@ -46,13 +46,11 @@ import platform
 import random
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +62,8 @@ from server_bench import (  # noqa: E402 - the same server start-up and CPU acco
     BIN,
     BenchError,
     Running,
-    _stop,
     cpu_seconds,
-    free_port,
+    nginx_server,
     otakit_server,
     postgres_database,
 )
@@ -155,32 +152,9 @@ http {{
 """
 
 
-@contextmanager
-def nginx_checkins(nginx: str, prefix: Path, workers: int) -> Iterator[Running]:
+def nginx_checkins(nginx: str, prefix: Path, workers: int) -> AbstractContextManager[Running]:
     """nginx in the foreground on a free loopback port, answering check-ins with 204."""
-    port = free_port()
-    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
-    conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, port=port))
-    argv = [nginx, "-e", str(prefix / "error.log"), "-c", str(conf), "-p", str(prefix)]
-    proc = subprocess.Popen(
-        [*argv, "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if proc.poll() is not None:
-                raise BenchError(f"nginx exited: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError("nginx did not listen within 15 s") from None
-                time.sleep(0.05)  # polling a port that is not open yet, not a synchronisation
-        yield Running(f"http://127.0.0.1:{port}", proc)
-    finally:
-        _stop(proc)
+    return nginx_server(nginx, prefix, workers, NGINX_CONF)
 
 
 # --- set-up -------------------------------------------------------------------------------------

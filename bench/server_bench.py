@@ -293,12 +293,16 @@ http {{
 
 
 @contextmanager
-def nginx_server(nginx: str, prefix: Path, workers: int) -> Iterator[Running]:
-    """nginx in the foreground on a free loopback port, as nobody when this script is root."""
+def nginx_server(
+    nginx: str, prefix: Path, workers: int, template: str | None = None
+) -> Iterator[Running]:
+    """nginx in the foreground on a free loopback port, as nobody when this script is root;
+    ``template`` (default :data:`NGINX_CONF`) is formatted with workers, prefix and port."""
     port = free_port()
     conf = prefix / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workers=workers, prefix=prefix, port=port))
-    (prefix / "tmp").mkdir(exist_ok=True)
+    text = template if template is not None else NGINX_CONF
+    conf.write_text(text.format(workers=workers, prefix=prefix, port=port))
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
     (prefix / "error.log").unlink(missing_ok=True)
     user: dict[str, Any] = {}
     if os.geteuid() == 0:

@@ -60,6 +60,7 @@ from otakit.device.flash import Flash, FlashStats, PowerCut, SectorWear
 from otakit.device.flashmap import Area, FlashMap
 from otakit.device.journal import Download, Journal, JournalRecord
 from otakit.device.storage import SlotStorage
+from otakit.device.transports.http import content_total
 from otakit.errors import (
     BootError,
     ChunkHeaderError,
@@ -1346,7 +1347,7 @@ class Fleet:
                         "the server does not answer ranged requests (no 206/Content-Range)",
                         value=job.source,
                     )
-                total = _total(response, job.source)
+                total = content_total(response.headers, job.source)
                 download = Download(
                     source=job.source,
                     size=total,
@@ -1511,13 +1512,3 @@ class Fleet:
             shared_sector_bytes=self.pool.bytes,
             settings=settings,
         )
-
-
-def _total(response: httpx.Response, source: str) -> int:
-    content_range = response.headers.get("content-range", "")
-    try:
-        return int(content_range.rsplit("/", 1)[1])
-    except (IndexError, ValueError):
-        raise TransferError(
-            f"the answer has no usable Content-Range ({content_range!r})", value=source
-        ) from None

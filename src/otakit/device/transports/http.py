@@ -211,7 +211,7 @@ class HttpTransport:
                         "the server does not answer ranged requests (no 206/Content-Range)",
                         value=_path(job.url),
                     )
-                total = _total(response.headers, job.url)
+                total = content_total(response.headers, job.url)
                 download = Download(
                     source=job.url,
                     size=total,
@@ -259,7 +259,8 @@ def _path(url: str) -> str:
     return urlsplit(url).path
 
 
-def _total(headers: httpx.Headers, url: str) -> int:
+def content_total(headers: httpx.Headers, url: str) -> int:
+    """The image size from a 206 answer's ``Content-Range``; TransferError if it has none."""
     content_range = headers.get("content-range", "")
     try:
         return int(content_range.rsplit("/", 1)[1])
