@@ -34,10 +34,13 @@ process and stayed at 0-4 KiB of growth where ``VmHWM`` grew by 7 MiB. ``tracema
 Python allocations only (including the bodies httpx hands over), not the C libraries' own
 buffers; it slows allocation, so it runs in its own update, apart from the timed ones.
 
-Run: ``.venv/bin/python bench/agent_bench.py [--repeat N] [--sizes 1,8] [--chunks 4,64,1024]``
-(KiB for chunks, MiB for sizes; about a minute). Prints a markdown table and writes
-``bench/results/agent.json``. Without curl the reference is left out, with a message, and the
-absolute numbers are reported.
+Run: ``.venv/bin/python bench/agent_bench.py [--repeat N] [--sizes 1,8] [--chunks 4,64,1024]
+[--results DIR]`` (KiB for chunks, MiB for sizes; about a minute). Prints a markdown table and
+writes ``bench/results/agent.json``. Without curl the reference is left out, with a message, and
+the absolute numbers are reported. ``--smoke --results DIR`` is the smallest run that still goes
+through every step (one 1 MiB image in 64 KiB ranges, one timed update, curl over the image 3
+times), written as ``DIR/agent.json``: ``make test`` runs it (tests/test_bench_smoke.py) to
+check that the script works; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ MIB = 2**20
 KIB = 1024
 CURL_BYTES = 256 * MIB  # curl repeats the image's ranges up to this many bytes
 CURL_REQUESTS = 1000  # or until this many requests, whichever comes first
+SMOKE_CURL_REQUESTS = 50  # --smoke: a few passes over the image only
 
 
 # --- the device, in the child process -----------------------------------------------------------
@@ -525,10 +529,25 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per cell (median)")
     parser.add_argument("--sizes", default="1,8", help="image payloads, MiB")
     parser.add_argument("--chunks", default="4,64,1024", help="range sizes, KiB")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest run, to check that the script works (numbers mean nothing): "
+        "--repeat 1 --sizes 1 --chunks 64, curl over the image a few times; needs --results",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder for agent.json (bench/results)"
+    )
     parser.add_argument("--device-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device_run:
         return device_main(json.loads(args.device_run))
+    curl_requests = CURL_REQUESTS
+    if args.smoke:
+        if args.results == RESULTS:
+            parser.error("--smoke needs --results DIR: its numbers are not results")
+        args.repeat, args.sizes, args.chunks = 1, "1", "64"
+        curl_requests = SMOKE_CURL_REQUESTS
 
     curl = shutil.which("curl")
     if curl is None:
@@ -568,7 +587,7 @@ def main() -> int:
                     # enough passes over the image that curl's CPU is well above its start-up
                     passes = max(
                         1,
-                        min(-(-CURL_BYTES // len(image)), -(-CURL_REQUESTS // len(ranges))),
+                        min(-(-CURL_BYTES // len(image)), -(-curl_requests // len(ranges))),
                     )
                     config = _curl_config(
                         tmp / f"{name}-{chunk}.cfg", device["url"], device["token"], ranges * passes
@@ -620,6 +639,7 @@ def main() -> int:
             "journal": "in memory (otakit.sim.fleet.MemoryJournal)",
             "key": "ecdsa-p256",
             "repeat": args.repeat,
+            "smoke": args.smoke,
             "images": {name: len(image) for name, image in images.items()},
             "chunks": chunks,
             "curl_startup_cpu_s": round(curl_startup, 4),
@@ -631,8 +651,8 @@ def main() -> int:
         "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
         "cells": cells,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "agent.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / "agent.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         f"Agent (update_once, HttpTransport, SlotStorage) vs curl, same server and ranges; "
@@ -642,7 +662,7 @@ def main() -> int:
     print(table(cells))
     if curl is None:
         print("\nNo reference: curl is not installed (apt-get install curl).")
-    print(f"\nwritten {out.relative_to(BENCH.parent)}", file=sys.stderr)
+    print(f"\nwritten {out}", file=sys.stderr)
     return 0
 
 

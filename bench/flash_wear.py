@@ -5,12 +5,14 @@ and cannot go back, so it is the least wear an upgrade can cost. Swap-scratch pa
 to revert: each region is written three times (primary, secondary, scratch), and the scratch
 area is erased once per region, which makes it the most-worn sector.
 
-Run: ``make bench`` (or ``.venv/bin/python bench/flash_wear.py``). Prints a markdown table and
-writes ``bench/results/flash_wear.json``.
+Run: ``make bench`` (or ``.venv/bin/python bench/flash_wear.py [--results DIR]``). Prints a
+markdown table and writes ``bench/results/flash_wear.json`` (or ``DIR/flash_wear.json``). It
+takes well under a second, so ``make test`` runs it as it is (tests/test_bench_smoke.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import sys
@@ -24,7 +26,7 @@ from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
 
-RESULTS = Path(__file__).parent / "results" / "flash_wear.json"
+RESULTS = Path(__file__).parent / "results"
 KEY = SigningKey.generate("ed25519")
 
 
@@ -77,6 +79,11 @@ def _measure(fm: FlashMap, strategy: Strategy, size: int, scenario: str) -> Wear
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder for flash_wear.json (bench/results)"
+    )
+    args = parser.parse_args()
     rows: list[Wear] = []
     for layout, size in (("sim-small", 12 * 1024), ("psoc6-2m-swap", 256 * 1024)):
         fm = preset(layout)
@@ -105,9 +112,10 @@ def main() -> int:
             f"{r.erases} | {r.writes} | {r.max_erases_per_sector} | "
             f"{r.erases_per_moved_sector} | {r.erases_vs_overwrite}x |"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    print(f"\nwrote {RESULTS}", file=sys.stderr)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / "flash_wear.json"
+    out.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    print(f"\nwrote {out}", file=sys.stderr)
     return 0
 
 

@@ -31,9 +31,13 @@ With ``--postgres`` the server's CPU is that of ``otakit serve`` only: PostgreSQ
 processes are not counted (they belong to the machine's database server, which other work may
 share).
 
-Run: ``.venv/bin/python bench/fleet_bench.py [--quick] [--devices N] [--postgres]``. Prints a
-markdown table and writes ``bench/results/fleet.json`` (``--quick``: ``fleet-quick.json``;
-``--postgres``: ``-postgres`` added to the name).
+Run: ``.venv/bin/python bench/fleet_bench.py [--quick] [--devices N] [--postgres]
+[--results DIR]``. Prints a markdown table and writes ``bench/results/fleet.json``
+(``--quick``: ``fleet-quick.json``; ``--postgres``: ``-postgres`` added to the name).
+``--smoke --results DIR`` is the smallest run that still goes through every step (20 devices, a
+32 KiB image in 16 KiB ranges, one idle check-in per device on otakit and on nginx), written as
+``DIR/fleet-quick.json``: ``make test`` runs it (tests/test_bench_smoke.py) to check that the
+script works; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -274,8 +278,26 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="requests on the wire")
     parser.add_argument("--image-kib", type=int, default=256, help="image payload size")
     parser.add_argument("--chunk-kib", type=int, default=64, help="range size")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest run, to check that the script works (numbers mean nothing); "
+        "needs --results, writes fleet-quick.json there",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder for the JSON (bench/results)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        if args.results == RESULTS:
+            parser.error("--smoke needs --results DIR: its numbers are not results")
+        args.quick = True
+        args.devices = args.devices or 20
+        args.image_kib, args.chunk_kib = 32, 16
     devices = args.devices or (1_000 if args.quick else 10_000)
+    # idle check-ins timed: whole rounds of the fleet, at least this many (--smoke: one round)
+    idle_otakit = 1 if args.smoke else IDLE_CHECKINS_OTAKIT
+    idle_nginx = 1 if args.smoke else IDLE_CHECKINS_NGINX
 
     payload = random.Random(1).randbytes(args.image_kib * 1024)
     image = sign_image(payload, KEY, SignOptions(ImageVersion.parse("1.1.0"), pad_header=True))
@@ -291,6 +313,7 @@ def main() -> int:
             "concurrency": args.concurrency,
             "image_bytes": len(image),
             "chunk_bytes": args.chunk_kib * 1024,
+            "smoke": args.smoke,
             "strategy": "overwrite",
             "poll_interval_for_capacity_s": POLL_INTERVAL_S,
         },
@@ -329,11 +352,13 @@ def main() -> int:
         }
         results["update"] = update
         print("fleet_bench: idle check-ins on otakit", file=sys.stderr)
-        results["idle"] = idle_phase(fleet, server, server.url, IDLE_CHECKINS_OTAKIT)
+        results["idle"] = idle_phase(fleet, server, server.url, idle_otakit)
         if nginx is not None:
             print("fleet_bench: idle check-ins on nginx (reference)", file=sys.stderr)
-            reference = stack.enter_context(nginx_checkins(nginx, tmp / "nginx", args.workers))
-            results["reference"] = idle_phase(fleet, reference, reference.url, IDLE_CHECKINS_NGINX)
+            # a folder of its own: nginx may run as nobody, who cannot enter ``tmp``
+            prefix = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-nginx-")))
+            reference = stack.enter_context(nginx_checkins(nginx, prefix, args.workers))
+            results["reference"] = idle_phase(fleet, reference, reference.url, idle_nginx)
         else:
             results["reference"] = None
             results["reference_missing"] = (
@@ -355,12 +380,12 @@ def main() -> int:
         results["capacity"]["otakit_vs_nginx_cpu_per_checkin"] = round(
             idle["server_cpu_ms_per_checkin"] / reference["server_cpu_ms_per_checkin"], 1
         )
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     name = "fleet-quick" if args.quick else "fleet"
-    out = RESULTS / (f"{name}-postgres.json" if args.postgres else f"{name}.json")
+    out = args.results / (f"{name}-postgres.json" if args.postgres else f"{name}.json")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    print(f"\nwritten {out.relative_to(BENCH.parent)}", file=sys.stderr)
+    print(f"\nwritten {out}", file=sys.stderr)
     errors = update["errors"] + idle["errors"] + len(update["failed"])
     if errors or update["applied_on_server"] != devices:
         print(

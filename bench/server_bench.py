@@ -21,9 +21,13 @@ a request cap per thread) and stops by itself. The machine has few cores, so wrk
 shares them with the server: both servers pay the same, and the server's own CPU time per
 request (or per GiB) is reported too.
 
-Run: ``.venv/bin/python bench/server_bench.py [--quick]``. Prints markdown tables and writes
-``bench/results/server.json`` (``--quick``: ``server-quick.json``, 2 s cells, fewer cells).
-Needs ``wrk`` and ``nginx``; as root the script installs them with apt-get, otherwise it says so.
+Run: ``.venv/bin/python bench/server_bench.py [--quick] [--results DIR]``. Prints markdown
+tables and writes ``bench/results/server.json`` (``--quick``: ``server-quick.json``, 2 s cells,
+fewer cells). ``--smoke --results DIR`` is the smallest run that still goes through every step
+(1 s cells, no warm-up, one range size, a 1 MiB image, 2 devices), written as
+``DIR/server-quick.json``: ``make test`` runs it (tests/test_bench_smoke.py) to check that the
+script works; its numbers mean nothing. Needs ``wrk`` and ``nginx``; as root the script installs
+them with apt-get, otherwise it says so.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -297,8 +302,21 @@ def nginx_server(
     nginx: str, prefix: Path, workers: int, template: str | None = None
 ) -> Iterator[Running]:
     """nginx in the foreground on a free loopback port, as nobody when this script is root;
-    ``template`` (default :data:`NGINX_CONF`) is formatted with workers, prefix and port."""
+    ``template`` (default :data:`NGINX_CONF`) is formatted with workers, prefix and port.
+
+    ``prefix`` (made if missing) holds the configuration, logs and temporary files. As root,
+    nginx runs as the user nobody, so every folder above ``prefix`` must let others through:
+    give it a folder of its own (``tempfile.mkdtemp()``), not one inside another private
+    temporary folder."""
     port = free_port()
+    prefix.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        for parent in prefix.resolve().parents:
+            if not parent.stat().st_mode & stat.S_IXOTH:
+                raise BenchError(
+                    f"nginx runs as nobody, who cannot enter {parent}: give nginx_server a "
+                    "prefix of its own (tempfile.mkdtemp())"
+                )
     conf = prefix / "nginx.conf"
     text = template if template is not None else NGINX_CONF
     conf.write_text(text.format(workers=workers, prefix=prefix, port=port))
@@ -457,8 +475,8 @@ def set_up(
     return Fleet(fleet_db, data, database_url, devices, download, answer.content)
 
 
-def make_image() -> bytes:
-    payload = random.Random(20240).randbytes(IMAGE_PAYLOAD)
+def make_image(payload_bytes: int = IMAGE_PAYLOAD) -> bytes:
+    payload = random.Random(20240).randbytes(payload_bytes)
     return sign_image(payload, KEY, SignOptions(ImageVersion.parse("1.2.0"), pad_header=True))
 
 
@@ -732,24 +750,33 @@ def tables(cells: list[Cell]) -> str:
         for c in cells
         if c.server == "otakit" and c.range_bytes == 2**20
     )
-    lines += [
-        "",
-        f"Aim (otakit >= 0.5x nginx bytes/s for 1 MiB ranges): {'met' if met else 'NOT met'} "
-        f"({', '.join(aim)})",
-    ]
+    verdict = f"{'met' if met else 'NOT met'} ({', '.join(aim)})" if aim else "not measured"
+    lines += ["", f"Aim (otakit >= 0.5x nginx bytes/s for 1 MiB ranges): {verdict}"]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s cells and fewer cells")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the smallest run, to check that the script works (numbers mean nothing); "
+        "needs --results, writes server-quick.json there",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="folder for the JSON (bench/results)"
+    )
     args = parser.parse_args(argv)
-    quick = args.quick
-    duration, warmup = (2, 1) if quick else (5, 1)  # wrk takes whole seconds
+    if args.smoke and args.results == RESULTS:
+        parser.error("--smoke needs --results DIR: its numbers are not results")
+    quick = args.quick or args.smoke
+    duration, warmup = (1, 0) if args.smoke else (2, 1) if quick else (5, 1)  # whole seconds
     worker_counts = (1,) if quick else (1, 2)
-    sizes = (RANGES[0], RANGES[2]) if quick else RANGES
-    n_devices = 4 if quick else 16
-    out = RESULTS / ("server-quick.json" if quick else "server.json")
+    sizes = (RANGES[1],) if args.smoke else (RANGES[0], RANGES[2]) if quick else RANGES
+    n_devices = 2 if args.smoke else 4 if quick else 16
+    image_payload = 2**20 if args.smoke else IMAGE_PAYLOAD
+    out = args.results / ("server-quick.json" if quick else "server.json")
 
     wrk, nginx = ensure_tools()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that clean-up runs
@@ -764,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="otakit-bench-")))
         bench = Bench(wrk, duration, warmup)
-        image = make_image()
+        image = make_image(image_payload)
         fleets: list[Fleet] = []
         print("setting up (HTTP API, otakit token create)...", file=sys.stderr)
         for database in ("sqlite", "postgresql"):
@@ -839,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": about,
         "settings": {
             "quick": quick,
+            "smoke": args.smoke,
             "duration_s": duration,
             "warmup_s": warmup,
             "connections": CONNECTIONS,

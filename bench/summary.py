@@ -7,11 +7,14 @@ the machine it names. Of ``server.json`` and ``server-quick.json`` (and of ``mqt
 ``mqtt-quick.json``) the newer one is shown; every fleet file is shown, one row each. A missing
 file leaves its section out, with a line saying which command makes it.
 
-Run: ``.venv/bin/python bench/summary.py`` (``make bench`` runs it last). Prints the page too.
+Run: ``.venv/bin/python bench/summary.py [--results DIR]`` (``make bench`` runs it last): with
+``--results``, reads ``DIR/*.json`` and writes ``DIR/summary.md`` instead (``make test`` does so
+on the smoke runs' results, tests/test_bench_smoke.py). Prints the page too.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -20,19 +23,18 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OUT = RESULTS / "summary.md"
 MIB = 2**20
 
 
-def _load(name: str) -> tuple[Any, Path] | None:
-    path = RESULTS / name
+def _load(results: Path, name: str) -> tuple[Any, Path] | None:
+    path = results / name
     if not path.exists():
         return None
     return json.loads(path.read_text()), path
 
 
-def _newest(*names: str) -> tuple[Any, Path] | None:
-    found = [p for p in (RESULTS / n for n in names) if p.exists()]
+def _newest(results: Path, *names: str) -> tuple[Any, Path] | None:
+    found = [p for p in (results / n for n in names) if p.exists()]
     if not found:
         return None
     path = max(found, key=lambda p: p.stat().st_mtime)
@@ -78,8 +80,8 @@ def _table(head: list[str], rows: list[list[str]]) -> list[str]:
 # --- sections ----------------------------------------------------------------------------------
 
 
-def flash_wear() -> list[str]:
-    loaded = _load("flash_wear.json")
+def flash_wear(results: Path) -> list[str]:
+    loaded = _load(results, "flash_wear.json")
     if loaded is None:
         return ["*No `flash_wear.json`: run `.venv/bin/python bench/flash_wear.py`.*"]
     rows_in, path = loaded
@@ -121,8 +123,8 @@ def flash_wear() -> list[str]:
     ]
 
 
-def agent() -> list[str]:
-    loaded = _load("agent.json")
+def agent(results: Path) -> list[str]:
+    loaded = _load(results, "agent.json")
     if loaded is None:
         return ["*No `agent.json`: run `.venv/bin/python bench/agent_bench.py`.*"]
     data, path = loaded
@@ -172,8 +174,8 @@ def agent() -> list[str]:
     ]
 
 
-def mqtt() -> list[str]:
-    loaded = _newest("mqtt.json", "mqtt-quick.json")
+def mqtt(results: Path) -> list[str]:
+    loaded = _newest(results, "mqtt.json", "mqtt-quick.json")
     if loaded is None:
         return ["*No `mqtt.json`: run `make bench-mqtt`.*"]
     data, path = loaded
@@ -219,8 +221,8 @@ def mqtt() -> list[str]:
     return lines
 
 
-def server() -> list[str]:
-    loaded = _newest("server.json", "server-quick.json")
+def server(results: Path) -> list[str]:
+    loaded = _newest(results, "server.json", "server-quick.json")
     if loaded is None:
         return ["*No `server.json`: run `make bench-server`.*"]
     data, path = loaded
@@ -306,8 +308,8 @@ def server() -> list[str]:
     ]
 
 
-def fleet() -> list[str]:
-    files = sorted(RESULTS.glob("fleet*.json"))
+def fleet(results: Path) -> list[str]:
+    files = sorted(results.glob("fleet*.json"))
     if not files:
         return ["*No fleet results: run `make bench-fleet` (or `bench/fleet_bench.py --quick`).*"]
     rows = []
@@ -360,7 +362,7 @@ def fleet() -> list[str]:
     ]
 
 
-SECTIONS: list[tuple[str, Callable[[], list[str]]]] = [
+SECTIONS: list[tuple[str, Callable[[Path], list[str]]]] = [
     ("Flash wear per upgrade", flash_wear),
     ("Device agent: CPU and memory per MiB downloaded", agent),
     ("MQTT: 1 MiB to 1 and to 100 devices", mqtt),
@@ -370,20 +372,30 @@ SECTIONS: list[tuple[str, Callable[[], list[str]]]] = [
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder of the JSON files, and of summary.md (bench/results)",
+    )
+    results: Path = parser.parse_args().results
+    where = "bench/results" if results == RESULTS else str(results)
     lines = [
         "# Benchmark summary",
         "",
-        f"Made by `bench/summary.py` from `bench/results/*.json` on "
+        f"Made by `bench/summary.py` from `{where}/*.json` on "
         f"{time.strftime('%Y-%m-%d %H:%M')}. Every figure is next to its reference, measured "
         "in the same run on the same machine; method: `bench/README.md`, reading: "
         "`docs/performance.md`.",
     ]
     for title, section in SECTIONS:
-        lines += ["", f"## {title}", "", *section()]
+        lines += ["", f"## {title}", "", *section(results)]
     text = "\n".join(lines) + "\n"
-    OUT.write_text(text)
+    out = results / "summary.md"
+    out.write_text(text)
     print(text)
-    print(f"written {OUT.relative_to(RESULTS.parent.parent)}", file=sys.stderr)
+    print(f"written {out}", file=sys.stderr)
     return 0
 
 

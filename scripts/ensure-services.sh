@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the services the test-suite talks to exist: a Mosquitto binary (tests start their own
 # broker on a free port), a PostgreSQL server on 127.0.0.1:5432 (tests create their own
-# database) and Debian's chromium with its chromedriver (the dashboard's browser test). On a
-# machine without them, install them with apt-get and start them.
+# database), Debian's chromium with its chromedriver (the dashboard's browser test), and nginx and
+# wrk (the benchmarks' references, which tests/test_bench_smoke.py runs). On a machine without
+# them, install them with apt-get and start them.
 set -euo pipefail
 
 need_apt=()
@@ -11,6 +12,11 @@ command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 # the dashboard's browser test (tests/test_dashboard.py) drives Debian's chromium headless
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# the benchmarks' smoke runs (tests/test_bench_smoke.py): nginx is the reference server, wrk the
+# load generator, curl the agent's reference; each script starts its own nginx on a free port
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+command -v wrk >/dev/null || need_apt+=(wrk)
+command -v curl >/dev/null || need_apt+=(curl)
 
 installed_postgres=false
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -1,0 +1,158 @@
+"""Every benchmark script runs to its end: the smallest run of each, so none breaks unseen.
+
+Not a benchmark: nothing here looks at a number. Each script runs as a subprocess with this
+Python, on its smallest settings (``--smoke``; ``flash_wear.py`` and ``summary.py`` as they are,
+they take well under a second), and writes into a temporary folder given with ``--results``,
+never into ``bench/results/`` (recorded runs, committed). A test asserts that the script exits 0
+and writes its JSON, and that the reference it measures against ran (curl, nginx, the
+stop-and-wait sender): a reference left out for a missing tool would hide exactly the code that
+broke before (nginx in ``fleet_bench.py``). The last test runs ``summary.py`` on those files.
+
+The scripts need curl, Mosquitto, nginx, wrk and PostgreSQL on 127.0.0.1:5432, which ``make
+test`` installs and starts (scripts/ensure-services.sh). Without one a test is skipped, and fails
+under CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .server_harness import IN_CI, postgres_database
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SMOKE = {  # script: its arguments besides --results, and the JSON files it writes
+    "flash_wear.py": ([], ["flash_wear.json"]),
+    "agent_bench.py": (["--smoke"], ["agent.json"]),
+    "mqtt_bench.py": (["--smoke"], ["mqtt-quick.json"]),
+    "server_bench.py": (["--smoke"], ["server-quick.json"]),
+    "fleet_bench.py": (["--smoke"], ["fleet-quick.json"]),
+}
+TOOLS = {
+    "agent_bench.py": ["curl"],
+    "mqtt_bench.py": ["mosquitto"],
+    "server_bench.py": ["nginx", "wrk"],
+    "fleet_bench.py": ["nginx"],
+}
+NEEDS_POSTGRES = {"server_bench.py"}
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
+
+
+def _require(script: str) -> None:
+    """Skip (fail under CI=true) when a tool the script needs is missing: without them
+    ``server_bench.py`` would apt-get install them, and the others would leave out their
+    reference."""
+    missing = [tool for tool in TOOLS.get(script, []) if _which(tool) is None]
+    if missing:
+        message = f"{script} needs {', '.join(missing)} (make test installs it)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    if script in NEEDS_POSTGRES:
+        with postgres_database():  # skips, or fails under CI=true, without PostgreSQL
+            pass
+
+
+class Runs:
+    """The smoke runs of this module, each run once, all writing into one folder."""
+
+    def __init__(self, results: Path) -> None:
+        self.results = results
+        self.done: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def run(self, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+        if script not in self.done:
+            self.done[script] = subprocess.run(
+                [sys.executable, str(BENCH / script), *args, "--results", str(self.results)],
+                cwd=self.results,
+                capture_output=True,
+                text=True,
+                timeout=100,
+                check=False,
+            )
+        return self.done[script]
+
+    def smoke(self, script: str) -> dict[str, Any]:
+        """Run ``script`` on its smallest settings; check it exits 0 and writes its JSON."""
+        _require(script)
+        args, files = SMOKE[script]
+        done = self.run(script, *args)
+        assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
+        loaded = {}
+        for name in files:
+            path = self.results / name
+            assert path.is_file(), f"{script} did not write {name}:\n{done.stderr[-3000:]}"
+            loaded[name] = json.loads(path.read_text())
+        return loaded[files[0]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("bench-results"))
+
+
+def test_flash_wear(runs: Runs) -> None:
+    rows = runs.smoke("flash_wear.py")
+    assert {row["strategy"] for row in rows} == {"overwrite", "swap-scratch"}
+
+
+def test_agent_bench(runs: Runs) -> None:
+    result = runs.smoke("agent_bench.py")
+    assert result["settings"]["smoke"] is True
+    assert [cell["curl"] is not None for cell in result["cells"]] == [True]
+
+
+def test_mqtt_bench(runs: Runs) -> None:
+    result = runs.smoke("mqtt_bench.py")
+    assert {cell["sender"] for cell in result["cells"]} == {"otakit", "reference"}
+
+
+def test_server_bench(runs: Runs) -> None:
+    result = runs.smoke("server_bench.py")
+    assert {(cell["server"], cell["database"]) for cell in result["cells"]} == {
+        ("nginx", "-"),
+        ("otakit", "sqlite"),
+        ("otakit", "postgresql"),
+    }
+
+
+def test_fleet_bench(runs: Runs) -> None:
+    result = runs.smoke("fleet_bench.py")
+    assert result["settings"]["smoke"] is True
+    assert result["reference"] is not None, result.get("reference_missing")  # nginx ran
+
+
+def test_summary(runs: Runs) -> None:
+    """summary.py on the smoke runs' files (running those not run yet): every section filled."""
+    for script in SMOKE:
+        runs.smoke(script)
+    done = runs.run("summary.py")
+    assert done.returncode == 0, f"summary.py exited {done.returncode}:\n{done.stderr[-3000:]}"
+    page = (runs.results / "summary.md").read_text()
+    assert "*No " not in page, page  # a section without its file says "*No `x.json`: ...*"
+    for title in ("Flash wear", "Device agent", "MQTT", "Update server", "Fleet"):
+        assert f"## {title}" in page
+
+
+def test_smoke_needs_a_results_folder() -> None:
+    """A smoke run's numbers mean nothing: without --results (bench/results/, the recorded
+    runs) the script stops before doing anything."""
+    for script in ("agent_bench.py", "mqtt_bench.py", "server_bench.py", "fleet_bench.py"):
+        done = subprocess.run(
+            [sys.executable, str(BENCH / script), "--smoke"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, f"{script}: {done.stderr}"
+        assert "--smoke needs --results" in done.stderr
