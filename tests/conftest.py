@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -134,3 +137,35 @@ def server(
             srv = start_server(data)
         stack.callback(srv.stop)
         yield srv
+
+
+# --- a simulated device's event loop ------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class DeviceLoop:
+    """A simulated device's asyncio loop in its own thread (as its network stack would be)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[T]) -> T:
+        async def wrapper() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def device_loop() -> Iterator[DeviceLoop]:
+    loop = DeviceLoop()
+    yield loop
+    loop.close()

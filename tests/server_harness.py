@@ -49,6 +49,21 @@ class Server:
     env: dict[str, str]
     proc: subprocess.Popen[str]
     log: list[str] = field(default_factory=list)
+    stderr: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def wait_log(self, text: str, timeout: float = 30) -> str:
+        """The next line of the server's log that contains ``text`` (lines before it are kept
+        in ``log``); AssertionError if none comes within ``timeout``."""
+        while True:
+            try:
+                line = self.stderr.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"the server logged no {text!r}") from None
+            if line is None:
+                raise AssertionError(f"the server exited without logging {text!r}")
+            self.log.append(line)
+            if text in line:
+                return line
 
     def client(self, token: str | None = None, **kwargs: object) -> httpx.Client:
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -134,7 +149,7 @@ def start_server(
         line = out.get()
         if line and line.startswith("otk_"):
             admin = line.strip()
-    return Server(f"http://127.0.0.1:{port}", admin, data, database_url, full_env, proc, log)
+    return Server(f"http://127.0.0.1:{port}", admin, data, database_url, full_env, proc, log, errs)
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------

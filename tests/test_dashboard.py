@@ -333,7 +333,11 @@ def test_operator_runs_a_rollout_in_the_browser(
         ),
         "the artifact in the form",
     )
-    Select(page.find("create-artifact")).select_by_value(artifact["id"])
+    # the list may be redrawn by a refresh between finding and choosing: retried as a whole
+    page.wait(
+        lambda: Select(page.find("create-artifact")).select_by_value(artifact["id"]) or True,
+        "the artifact chosen",
+    )
     page.find("create-product").send_keys(product)
     page.find("create-group").send_keys("field")
     page.find("create-phases").send_keys("20%, 100%")
@@ -537,7 +541,11 @@ def test_errors_are_shown_and_a_plain_deployment_is_cancelled(
     # refused in the page: a phase that is not a share or a group
     page.click("create-submit")
     page.wait(lambda: page.text("create-error") == "choose an artifact", "a missing artifact")
-    Select(page.find("create-artifact")).select_by_value(artifact["id"])
+    # the list may be redrawn by a refresh between finding and choosing: retried as a whole
+    page.wait(
+        lambda: Select(page.find("create-artifact")).select_by_value(artifact["id"]) or True,
+        "the artifact chosen",
+    )
     page.find("create-product").send_keys(product)
     page.find("create-phases").send_keys("10%, half")
     page.click("create-submit")

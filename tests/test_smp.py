@@ -54,6 +54,8 @@ from otakit.image.verify import verify_image
 from otakit.sim.device import Identity, SimDevice
 from otakit.sim.smp_cli import journal_for, sim_smp_server
 
+from .conftest import DeviceLoop
+
 KEY = SigningKey.generate("ecdsa-p256")
 UNTRUSTED = SigningKey.generate("ecdsa-p256")
 BIN = Path(sys.executable).parent
@@ -85,33 +87,6 @@ def device(tmp_path: Path) -> SimDevice:
 
 
 # --- the device side: an asyncio loop in a thread ------------------------------------------------
-
-
-class DeviceLoop:
-    """The simulated device's event loop, in its own thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Awaitable[T]) -> T:
-        async def wrapper() -> T:
-            return await coro
-
-        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=30)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=30)
-        self.loop.close()
-
-
-@pytest.fixture(scope="module")
-def device_loop() -> Iterator[DeviceLoop]:
-    loop = DeviceLoop()
-    yield loop
-    loop.close()
 
 
 @contextlib.contextmanager

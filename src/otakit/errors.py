@@ -128,6 +128,12 @@ class ImageTooLargeError(ImageFormatError):
     code = "IMAGE_TOO_LARGE"
 
 
+class TrailingDataError(ImageFormatError):
+    """Bytes that are not erased follow the image's TLVs: unsigned data, appended after signing."""
+
+    code = "TRAILING_DATA"
+
+
 class VerificationError(ImageError):
     """The image is well formed but does not pass verification."""
 
@@ -278,6 +284,14 @@ class TransferError(AgentError):
     def __init__(self, message: str, *, status: int | None = None, value: object = None) -> None:
         super().__init__(message, value=value)
         self.status = status
+
+
+class RedirectError(AgentError):
+    """A job, check-in answer or publisher names a URL the agent will not follow: not http(s),
+    or plain HTTP for a device configured for an HTTPS server (unless allowed)."""
+
+    code = "REDIRECT"
+    agent_error = "REDIRECT"
 
 
 class TransportUnsupportedError(AgentError):

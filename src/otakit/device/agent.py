@@ -35,6 +35,7 @@ from otakit.device.transports.base import Job, Transport
 from otakit.errors import (
     AgentError,
     OtakitError,
+    RedirectError,
     StoppedByAppError,
     TransferError,
     TransportUnsupportedError,
@@ -197,7 +198,10 @@ def _failed(
     send_result: bool,
 ) -> Result:
     error = exc.agent_error
-    if isinstance(exc, TransferError | StoppedByAppError) or state in _BEFORE_STORAGE:
+    # a URL refused (RedirectError) is refused before storage is touched: a download of the
+    # configured server's that is under way stays resumable
+    untouched = isinstance(exc, TransferError | StoppedByAppError | RedirectError)
+    if untouched or state in _BEFORE_STORAGE:
         pass  # storage untouched, or durable bytes the next attempt resumes
     else:
         try:

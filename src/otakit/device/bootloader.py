@@ -17,10 +17,13 @@ At every boot, for each image (pair of slots) in turn:
    ``imgtool sign --pad`` writes the magic (a TEST request); ``--pad --confirm`` also image_ok
    (PERM). An agent marks a download pending the same way (:meth:`Bootloader.set_pending`).
 3. TEST and PERM: the secondary image is validated (hash, signature by a trusted key, fits the
-   primary slot, version and security counter not lower than the running image's unless
-   downgrades are allowed). If it fails, the secondary trailer is erased, the old image keeps
-   running and the reason is reported. Otherwise the images are swapped (or, overwrite-only,
-   copied). REVERT swaps back an image that was tested but never confirmed.
+   primary slot, version not lower than the running image's unless downgrades are allowed,
+   security counter not lower unless ``ignore_security_counter``: as in MCUboot, rollback
+   protection is independent of version downgrades). If it fails, the secondary trailer is
+   erased, the old image keeps running and the reason is reported. Otherwise the images are
+   swapped (or, overwrite-only, copied). REVERT swaps back an image that was tested but never
+   confirmed. (A received image never brings its own trailer: the storage writes only its
+   signed part and sets the request; see :mod:`otakit.device.storage`.)
 4. The primary image is validated before it runs; if it is not valid there is nothing to run.
 
 The running application confirms itself with :meth:`Bootloader.confirm` (sets image_ok in the
@@ -89,7 +92,8 @@ def swap_type_from_trailers(primary: TrailerState, secondary: TrailerState) -> S
 class BootloaderConfig:
     strategy: Strategy = Strategy.SWAP_SCRATCH
     keys: tuple[PublicKey, ...] = ()  # empty: images are checked for integrity only
-    allow_downgrade: bool = False
+    allow_downgrade: bool = False  # versions only: the security counter is still enforced
+    ignore_security_counter: bool = False  # turns off rollback protection (TLV 0x50) itself
 
 
 @dataclass(frozen=True)
@@ -312,17 +316,19 @@ class Bootloader:
             return self._data_end(image)
 
     def _check_not_older(self, candidate: VerifiedImage, image: int) -> None:
-        if self.config.allow_downgrade:
+        if self.config.allow_downgrade and self.config.ignore_security_counter:
             return
         try:
             current = read_layout(self.primary(image), max_size=self._data_end(image))
         except ImageFormatError:
             return  # nothing valid runs: any valid image is an improvement
-        if candidate.version < current.header.version:
+        if not self.config.allow_downgrade and candidate.version < current.header.version:
             raise DowngradeError(
                 f"image {candidate.version} is older than the running {current.header.version}",
                 value=str(candidate.version),
             )
+        if self.config.ignore_security_counter:
+            return
         new_counter, old_counter = candidate.security_counter, current.security_counter
         if old_counter is not None and (new_counter or 0) < old_counter:
             raise DowngradeError(

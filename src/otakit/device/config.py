@@ -11,6 +11,8 @@ The file has one table per concern, and each table is one frozen dataclass here:
     flow = "job"                              # or "direct"
     job_path = "/ota_update.json"
     file_path = "/ota-update.bin"
+    trusted_origins = ["https://cdn.example"] # other origins that get the token and certificate
+    allow_insecure_redirects = false          # follow http:// URLs from an https:// server
 
     [identity]                                -> Identity (what the device says it is)
     manufacturer = "ACME"
@@ -191,6 +193,38 @@ def _check_path(key: str, value: object) -> None:
     if not isinstance(value, Path):
         raise ConfigError(f"{key} must be a path, not {_show(value)}", key=key, value=value)
     _check_text(key, str(value))
+
+
+MAX_TRUSTED_ORIGINS = 16
+
+
+def _check_origins(key: str, value: object, server: str | None, insecure: bool) -> None:
+    """A list of origins (``https://host[:port]``, no path); plain-HTTP ones only when
+    ``insecure`` or the server is not HTTPS (they would never be fetched)."""
+    if not isinstance(value, list | tuple) or len(value) > MAX_TRUSTED_ORIGINS:
+        raise ConfigError(
+            f"{key} must be a list of at most {MAX_TRUSTED_ORIGINS} origins like "
+            f'["https://cdn.example"], not {_show(value)}',
+            key=key,
+            value=value,
+        )
+    for index, item in enumerate(value):
+        _check_server(f"{key}[{index}]", item)
+        assert isinstance(item, str)
+        if urlsplit(item).path not in ("", "/"):
+            raise ConfigError(
+                f"{key}[{index}] {item!r} must be an origin: scheme, host and port, no path",
+                key=key,
+                value=item,
+            )
+        plain = item.lower().startswith("http:")
+        if plain and not insecure and (server or "").lower().startswith("https:"):
+            raise ConfigError(
+                f"{key}[{index}] {item!r} is plain HTTP but agent.server is HTTPS; set "
+                "agent.allow_insecure_redirects = true to fetch from it",
+                key=key,
+                value=item,
+            )
 
 
 def _check_url_path(key: str, value: object) -> None:
@@ -566,6 +600,8 @@ _AGENT_KEYS = (
     "job_path",
     "file_path",
     "transport",
+    "trusted_origins",
+    "allow_insecure_redirects",
 )
 _SECTIONS = ("agent", "identity", "timing", "behaviour", "logging", "storage", "mqtt")
 TRANSPORTS = ("http", "mqtt")
@@ -579,7 +615,9 @@ class AgentConfig:
     is at ``server + job_path`` (job flow), the image at ``server + file_path`` (direct flow).
     ``token`` or ``token_file`` (not both) authenticates to an otakit server; ``ca_file``
     replaces the system CAs and ``client_cert``/``client_key`` present a client certificate
-    (HTTPS only). ``transport`` says which transport asks for the job: ``"http"`` (the server)
+    (HTTPS only). The token and the client certificate go only to ``server``'s origin and to
+    ``trusted_origins``; other hosts a job names are asked without them, and a plain-HTTP one
+    for an HTTPS ``server`` is refused unless ``allow_insecure_redirects``. ``transport`` says which transport asks for the job: ``"http"`` (the server)
     or ``"mqtt"`` (the ``[mqtt]`` broker; ``server`` is then optional). Jobs for the other
     transport are followed when it is configured (HTTP(S) jobs always are).
 
@@ -601,6 +639,8 @@ class AgentConfig:
     flow: str = "job"
     job_path: str = "/ota_update.json"
     file_path: str = "/ota-update.bin"
+    trusted_origins: tuple[str, ...] = ()
+    allow_insecure_redirects: bool = False
     timing: Timing = field(default_factory=Timing)
     behaviour: Behaviour = field(default_factory=Behaviour)
     logging: LogConfig = field(default_factory=LogConfig)
@@ -639,6 +679,14 @@ class AgentConfig:
             )
         _check_url_path("agent.job_path", self.job_path)
         _check_url_path("agent.file_path", self.file_path)
+        _check_bool("agent.allow_insecure_redirects", self.allow_insecure_redirects)
+        _check_origins(
+            "agent.trusted_origins",
+            self.trusted_origins,
+            self.server,
+            self.allow_insecure_redirects,
+        )
+        object.__setattr__(self, "trusted_origins", tuple(self.trusted_origins))  # a TOML list
         for name, kind in (
             ("identity", Identity),
             ("timing", Timing),
@@ -777,6 +825,10 @@ class AgentConfig:
             if getattr(self, name) is not None:
                 agent[name] = str(getattr(self, name))
         agent |= {"flow": self.flow, "job_path": self.job_path, "file_path": self.file_path}
+        if self.trusted_origins:
+            agent["trusted_origins"] = list(self.trusted_origins)
+        if self.allow_insecure_redirects:
+            agent["allow_insecure_redirects"] = True
         identity = {name: getattr(self.identity, name) for name in Identity.JOB_KEYS}
         logging: dict[str, Any] = {"level": self.logging.level}
         if self.logging.facilities:

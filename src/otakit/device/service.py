@@ -14,7 +14,9 @@ The ``[storage]`` table says what is updated:
 
 Attempts follow the ``[timing]`` table (:func:`otakit.device.agent.poll`). Logging goes to
 stderr, one level per facility (``[logging]``); URLs are logged without their query (signed
-URLs carry a credential) and tokens never.
+URLs carry a credential) and tokens never, so httpx's own request lines (whole URLs) stay off.
+The token and client certificate go only to ``agent.server``'s origin and
+``agent.trusted_origins`` (:meth:`HttpSettings.credentials_for`).
 """
 
 from __future__ import annotations
@@ -64,11 +66,12 @@ def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
     root.setLevel(config.level_for(""))
     for facility in LOG_FACILITIES:
         logging.getLogger(f"otakit.{facility}").setLevel(config.level_for(facility))
-    # httpx logs one INFO line per request (its URL included): only when http is at debug
+    # httpx logs one INFO line per request with the whole URL, whose query may be a credential
+    # (signed URLs): never; the http facility logs each request's path at debug instead
     library = logging.getLogger("httpx")
-    library.setLevel(
-        logging.DEBUG if config.level_for("http") <= logging.DEBUG else logging.WARNING
-    )
+    library.setLevel(logging.WARNING)
+    for old in list(library.handlers):
+        library.removeHandler(old)
     library.addHandler(handler)
     library.propagate = False
 
@@ -94,6 +97,8 @@ def http_settings(config: AgentConfig) -> HttpSettings:
         data_timeout=timing.data_timeout,
         connect_retries=timing.connect_retries,
         download_tries=timing.download_tries,
+        trusted_origins=config.trusted_origins,
+        allow_insecure_redirects=config.allow_insecure_redirects,
     )
 
 

@@ -31,6 +31,7 @@ Anything else raises an :class:`~otakit.errors.OtakitError` that the CLI prints 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import queue
 import secrets
@@ -178,7 +179,10 @@ class Reassembly:
         self.duplicates = 0  # chunks that brought none
         self.largest = 0  # largest data size seen: the publisher's chunk size
         self._buffer = bytearray()
-        self._have: list[tuple[int, int]] = []  # received [start, end), sorted and merged
+        # received [start, end) pieces, sorted, merged when they touch: starts and ends apart,
+        # so that bisect finds the ones a chunk touches in O(log n)
+        self._starts: list[int] = []
+        self._ends: list[int] = []
 
     def add(self, header: wire.ChunkHeader, data: bytes) -> bool:
         """Take one parsed chunk; True if it brought bytes not received before."""
@@ -215,10 +219,11 @@ class Reassembly:
             )
         start, end = header.offset, header.end
         self.largest = max(self.largest, header.data_size)
+        # the pieces this chunk overlaps or touches: ends[i] >= start and starts[i] <= end
+        first = bisect.bisect_left(self._ends, start)
+        after = bisect.bisect_right(self._starts, end)
         seen = 0
-        for a, b in self._have:
-            if a >= end:
-                break
+        for a, b in zip(self._starts[first:after], self._ends[first:after], strict=True):
             lo, hi = max(a, start), min(b, end)
             if lo < hi:
                 if self._buffer[lo:hi] != data[lo - start : hi - start]:
@@ -231,30 +236,33 @@ class Reassembly:
             self.duplicates += 1
             return False
         self._buffer[start:end] = data
-        apart = [(a, b) for a, b in self._have if b < start or a > end]
-        touching = [(a, b) for a, b in self._have if not (b < start or a > end)]
-        merged = (min([start, *(a for a, _ in touching)]), max([end, *(b for _, b in touching)]))
-        self._have = sorted([*apart, merged])
+        if first < after:  # merged with the pieces it touches
+            start, end = min(start, self._starts[first]), max(end, self._ends[after - 1])
+        self._starts[first:after] = [start]
+        self._ends[first:after] = [end]
         self.chunks += 1
         return True
 
     @property
     def complete(self) -> bool:
-        return self.total is not None and self._have == [(0, self.total)]
+        return self.total is not None and self._starts == [0] and self._ends == [self.total]
 
     def covers(self, start: int, end: int) -> bool:
         """Whether bytes ``start`` to ``end`` (clipped to the image) have all arrived."""
         if self.total is None:
             return False
         end = min(end, self.total)
-        return start >= end or any(a <= start and end <= b for a, b in self._have)
+        if start >= end:
+            return True
+        piece = bisect.bisect_right(self._starts, start) - 1  # the last piece from <= start
+        return piece >= 0 and end <= self._ends[piece]
 
     def missing(self, piece: int) -> list[tuple[int, int]]:
         """``(offset, size)`` of the bytes still missing, split on multiples of ``piece``."""
         if self.total is None:
             return []
         gaps, position = [], 0
-        for a, b in [*self._have, (self.total, self.total)]:
+        for a, b in [*zip(self._starts, self._ends, strict=True), (self.total, self.total)]:
             offset = position
             while offset < a:
                 stop = min(a, (offset // piece + 1) * piece)

@@ -15,9 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from otakit.errors import ImageFormatError, ImageTooLargeError, TlvError, TruncatedImageError
+from otakit.errors import (
+    ImageFormatError,
+    ImageTooLargeError,
+    TlvError,
+    TrailingDataError,
+    TruncatedImageError,
+)
 from otakit.image.header import HEADER_SIZE, ImageHeader
-from otakit.image.source import ByteSource
+from otakit.image.source import ByteSource, iter_range
 from otakit.image.tlv import (
     SEC_CNT_STRUCT,
     TLV_INFO_SIZE,
@@ -144,3 +150,23 @@ def read_layout(source: ByteSource, *, max_size: int | None = None) -> ImageLayo
     tlvs = parse_tlv_area(area, offset=off, protected=False)
     check_tlv_placement(protected, tlvs)
     return ImageLayout(header, tuple(protected), tuple(tlvs), end, size)
+
+
+def check_erased_after(
+    source: ByteSource, layout: ImageLayout, end: int, erased: int = 0xFF
+) -> None:
+    """Raise TrailingDataError unless every byte from the end of the image's TLVs up to ``end``
+    (where the slot's trailer starts, or the download ends) is ``erased``: nothing signs those
+    bytes, so anything else there was added after signing. An ``imgtool --pad`` image has only
+    erased bytes there."""
+    offset = layout.end
+    for chunk in iter_range(source, layout.end, end):
+        rest = chunk.lstrip(bytes([erased]))
+        if rest:
+            at = offset + len(chunk) - len(rest)
+            raise TrailingDataError(
+                f"byte {at} after the image's TLV area (which ends at byte {layout.end}) is not "
+                "erased: unsigned data follows the signed image",
+                value=at,
+            )
+        offset += len(chunk)

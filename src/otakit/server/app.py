@@ -11,23 +11,28 @@ downloads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from otakit import __version__
 from otakit.errors import OtakitError, UsageError
 from otakit.server import dashboard, metrics
 from otakit.server.api import device, management, original
 from otakit.server.blobs import open_blob_store
+from otakit.server.body_limits import BodyLimits
 from otakit.server.context import HttpError, ServerSettings, ServerState
 from otakit.server.database import create_engine, migrate, sessionmaker
 from otakit.server.downloads import SignedDownloads, signed_openapi
@@ -57,12 +62,34 @@ async def _signing_key(db: AsyncSession) -> str:
     return row.value
 
 
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` readable by its owner only (it holds the database, with the URL
+    signing key, and the blobs), and take group and other access away if it had them."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o077:
+        folder.chmod(0o700)
+
+
+def _private_database(url: str) -> None:
+    """Create a SQLite database file (and its WAL files, which SQLite makes with the same
+    mode) readable and writable by its owner only."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists() and file.stat().st_mode & 0o077:
+            file.chmod(0o600)
+
+
 def initialise(settings: ServerSettings) -> Initialised:
     """Prepare data folder and database; call from synchronous code before serving."""
     import asyncio
 
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _private_folder(settings.data_dir)
+        _private_database(settings.database_url)
     except OSError as exc:
         raise UsageError(
             f"cannot create the data folder {settings.data_dir}: {exc.strerror}"
@@ -110,6 +137,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
         title="otakit update server",
         version=__version__,
         lifespan=lifespan,
+        # the interactive pages load their scripts from a public CDN: off unless asked for
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url=None,
         description=(
             "Device API (original middleware job documents and ranged downloads; JSON check-in "
             "and status for agents and gateways) and management API (admin token)."
@@ -120,6 +150,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(management.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    app.add_middleware(BodyLimits)
     app.state.otakit_metrics = counters
     app.state.otakit_metrics_access = metrics.Access.from_env()
 
@@ -131,6 +162,17 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _http_error(_request: Request, exc: HttpError) -> JSONResponse:
         return JSONResponse(
             {"error": exc.http_code, "message": exc.message}, status_code=exc.status
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _framework_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The framework's own errors (no such route, wrong method, unparsable body) in the
+        same shape as every other error."""
+        code = _HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
+        return JSONResponse(
+            {"error": code, "message": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(RequestValidationError)
@@ -146,6 +188,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=status)
 
     return app
+
+
+_HTTP_CODES = {
+    400: "BADARG",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "TOO_LARGE",
+}
 
 
 def _with_signed_downloads(app: FastAPI) -> None:

@@ -7,8 +7,9 @@ An upload is streamed to a temporary file while its SHA-256 is computed, then cl
 - anything else is a *raw* file (the gateway model of protocols.md §7), accepted only when the
   product allows raw files, with the version given by the uploader.
 
-Signed images are refused unless a trusted key verifies them; unsigned images only go through
-as raw files of a product that allows them.
+Signed images are refused unless a trusted key verifies them, and so are bytes after an image's
+TLV area (an ``imgtool --pad`` trailer); unsigned images only go through as raw files of a
+product that allows them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from otakit.errors import OtakitError, UnsignedImageError, UsageError
+from otakit.errors import OtakitError, TrailingDataError, UnsignedImageError, UsageError
 from otakit.image.header import IMAGE_MAGIC
 from otakit.image.keys import PublicKey
 from otakit.image.package import is_package, read_manifest
 from otakit.image.source import SliceSource, open_source
-from otakit.image.verify import verify_image
+from otakit.image.verify import VerifiedImage, verify_image
 from otakit.protocol.version import FirmwareVersion
 
 
@@ -73,10 +74,24 @@ def _require_keys(keys: Sequence[PublicKey]) -> None:
         )
 
 
+def _signed_part_only(verified: VerifiedImage, size: int, what: str) -> None:
+    """Refuse bytes after the TLV area: nothing signs them, and a trailer in them (``imgtool
+    sign --pad --confirm``) would make a device's test upgrade permanent."""
+    extra = size - verified.layout.end
+    if extra > 0:
+        raise TrailingDataError(
+            f"{what} has {extra} bytes after its signed part (header, payload and TLVs end at "
+            f"byte {verified.layout.end}); sign it without --pad/--confirm for an OTA update: "
+            "the device sets its own test or permanent request",
+            value=extra,
+        )
+
+
 def _image(path: Path, keys: Sequence[PublicKey]) -> Inspected:
     _require_keys(keys)
     verified = verify_image(path, keys)
     assert verified.signed_by is not None
+    _signed_part_only(verified, path.stat().st_size, "the image")
     version = FirmwareVersion.from_image(verified.version)
     return Inspected(
         "image",
@@ -103,6 +118,7 @@ def _package(src: Any, keys: Sequence[PublicKey]) -> Inspected:
             verified = verify_image(member, keys)
         except OtakitError as exc:
             raise type(exc)(f"{component.name}: {exc.message}", value=exc.value) from None
+        _signed_part_only(verified, component.size, component.name)
         signer = verified.signed_by.fingerprint if verified.signed_by else None
         components.append(
             {

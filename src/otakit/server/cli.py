@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -75,6 +76,18 @@ def serve(
     history_days: Annotated[
         float, typer.Option("--history-days", help="Status reports older than this are deleted.")
     ] = 90,
+    anonymous_history: Annotated[
+        int,
+        typer.Option(
+            "--anonymous-history", metavar="N", help="Results kept from devices without a token."
+        ),
+    ] = 1000,
+    api_docs: Annotated[
+        bool,
+        typer.Option(
+            "--api-docs", help="Serve interactive API pages at /docs (they load a public CDN)."
+        ),
+    ] = False,
 ) -> None:
     """Run the update server (device API, management API)."""
     import uvicorn
@@ -93,9 +106,12 @@ def serve(
         raise UsageError("--url-days must be positive", value=url_days)
     if rollout_interval < 0:
         raise UsageError("--rollout-interval must be 0 (off) or more", value=rollout_interval)
-    if history_per_device < 1 or history_days <= 0:
-        raise UsageError("--history-per-device and --history-days must be positive")
+    if history_per_device < 1 or history_days <= 0 or anonymous_history < 1:
+        raise UsageError(
+            "--history-per-device, --history-days and --anonymous-history must be positive"
+        )
     data = data.resolve()
+    os.umask(0o077)  # every file the server writes (blobs, uploads, counters) is private
     settings = ServerSettings(
         data_dir=data,
         database_url=database_url(database, data),
@@ -105,6 +121,8 @@ def serve(
         rollout_interval=rollout_interval,
         history_per_device=history_per_device,
         history_days=history_days,
+        anonymous_history=anonymous_history,
+        api_docs=api_docs,
     )
     first = initialise(settings)
     if first.admin_token:
@@ -156,6 +174,10 @@ def token_create(
         str | None, typer.Option("--device", help="Serial, for device tokens.")
     ] = None,
     label: Annotated[str | None, typer.Option("--label", help="A note to recognise it.")] = None,
+    expires_days: Annotated[
+        float | None,
+        typer.Option("--expires-days", metavar="DAYS", help="Expire after DAYS (default: never)."),
+    ] = None,
 ) -> None:
     """Create a token and print it (it is shown only this once)."""
     try:
@@ -168,16 +190,29 @@ def token_create(
         raise UsageError("an enrollment token needs --product (and usually --group)")
     if kind is Role.DEVICE and not device:
         raise UsageError("a device token needs --device SERIAL")
+    if expires_days is not None and not 0 < expires_days <= 36500:
+        raise UsageError("--expires-days must be more than 0 (and at most 36500)")
     url = _url(data, database)
+    from datetime import timedelta
+
     from otakit.server.database import create_engine, sessionmaker
+    from otakit.server.models import utcnow
     from otakit.server.tokens import add_token
+
+    expires_at = utcnow() + timedelta(days=expires_days) if expires_days is not None else None
 
     async def _create() -> str:
         engine = create_engine(url)
         try:
             async with sessionmaker(engine)() as db:
                 token = add_token(
-                    db, kind, product=product, group=group, device_serial=device, label=label
+                    db,
+                    kind,
+                    product=product,
+                    group=group,
+                    device_serial=device,
+                    label=label,
+                    expires_at=expires_at,
                 )
                 await db.commit()
                 return token
@@ -204,14 +239,18 @@ def token_list(data: DataOption = DEFAULT_DATA, database: DatabaseOption = None)
         finally:
             await engine.dispose()
 
-    table = Table("role", "product", "group", "device", "label", "created", "revoked")
+    table = Table("role", "product", "group", "device", "label", "created", "expires", "revoked")
     table.columns.insert(0, Column("id", no_wrap=True, min_width=16))
     for t in asyncio.run(_list()):
         table.add_row(
             t.id, t.role, t.product or "", t.group or "", t.device_serial or "", t.label or "",
-            f"{t.created_at:%Y-%m-%d %H:%M}", f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
+            _when(t.created_at), _when(t.expires_at), _when(t.revoked_at),
         )  # fmt: skip
     out.print(table)
+
+
+def _when(at: datetime | None) -> str:
+    return f"{at:%Y-%m-%d %H:%M}" if at is not None else ""
 
 
 @token_app.command("revoke")

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from otakit.errors import OtakitError
 from otakit.server.blobs import BlobStore
-from otakit.server.models import Token
-from otakit.server.tokens import Role, secret_matches, split_token
+from otakit.server.models import Token, utcnow
+from otakit.server.tokens import Role, secret_matches, split_token, usable
 
 SETTINGS_ENV = "OTAKIT_SERVER_SETTINGS"
 DEFAULT_URL_DAYS = 1
@@ -38,6 +38,8 @@ class ServerSettings:
     rollout_interval: float = 5.0  # seconds between background rollout evaluations; 0: off
     history_per_device: int = 200  # status reports kept per device (the newest)
     history_days: float = 90  # status reports older than this are deleted
+    anonymous_history: int = 1000  # reports kept from devices that do not identify themselves
+    api_docs: bool = False  # serve the interactive API pages at /docs (scripts from a CDN)
 
     def to_env(self) -> str:
         data = asdict(self)
@@ -120,12 +122,11 @@ async def caller(request: Request, db: Db) -> Token | None:
     if parts is None:
         raise HttpError(401, "UNAUTHORIZED", "expected 'Authorization: Bearer otk_...'")
     token = await db.get(Token, parts[0])
-    if (
-        token is None
-        or token.revoked_at is not None
-        or not secret_matches(parts[1], token.secret_hash)
-    ):
+    if token is None or not secret_matches(parts[1], token.secret_hash):
         raise HttpError(401, "UNAUTHORIZED", "unknown or revoked token")
+    if not usable(token, utcnow()):
+        why = "revoked" if token.revoked_at is not None else "expired"
+        raise HttpError(401, "UNAUTHORIZED", f"this token has {why}")
     return token
 
 

@@ -163,6 +163,34 @@ async def offer_for(
     return select_offer(device, offers, standing=standing, now=now)
 
 
+async def reportable(session: AsyncSession, device: Device, deployment_id: int) -> bool | None:
+    """Whether ``device`` may report about deployment ``deployment_id`` (None: no such
+    deployment). It may when it already stands in it, or when the deployment targets it (its
+    condition matches the device's tags, its board fits) and, if phased, the rollout has opened
+    the device's phase (or the device is downloading it): a report counts only for what was
+    offered to the device, so no device can steer another product's or phase's rollout."""
+    found = (
+        await session.execute(
+            select(Deployment, Artifact, Rollout)
+            .join(Artifact, Artifact.id == Deployment.artifact_id)
+            .outerjoin(Rollout, Rollout.deployment_id == Deployment.id)
+            .where(Deployment.id == deployment_id)
+        )
+    ).one_or_none()
+    if found is None:
+        return None
+    deployment, artifact, rollout = found
+    if await session.get(DeploymentDevice, (deployment_id, device.serial)) is not None:
+        return True
+    if not matches(parse_condition(deployment.condition), device_tags(device)):
+        return False
+    if artifact.board and device.board and artifact.board != device.board:
+        return False
+    if rollout is None:
+        return True
+    return rollouts.may_download(rollout, device, await standing_of(session, device.serial))
+
+
 async def attribute(
     session: AsyncSession,
     device: Device,
@@ -245,10 +273,10 @@ async def record_status(
             source="device",
         )
     )
-    if serial is None:
-        return None
     if keep is not None:
         await _cap_history(session, serial, keep)
+    if serial is None:
+        return None
     device = await session.get(Device, serial)
     if device is not None:
         device.status, device.error, device.last_seen = state, error, now
@@ -284,21 +312,23 @@ def _set(
         row.boots = boots
 
 
-async def _cap_history(session: AsyncSession, serial: str, keep: int) -> None:
-    """Delete the device's reports beyond the newest ``keep``."""
+async def _cap_history(session: AsyncSession, serial: str | None, keep: int) -> None:
+    """Delete the device's reports beyond the newest ``keep`` (``serial`` None: the reports of
+    devices that do not identify themselves, kept as one source)."""
+    source = (
+        StatusReport.device_serial == serial
+        if serial is not None
+        else StatusReport.device_serial.is_(None)
+    )
     oldest_kept = await session.scalar(
         select(StatusReport.id)
-        .where(StatusReport.device_serial == serial)
+        .where(source)
         .order_by(StatusReport.id.desc())
         .offset(max(keep, 1) - 1)
         .limit(1)
     )
     if oldest_kept is not None:
-        await session.execute(
-            delete(StatusReport).where(
-                StatusReport.device_serial == serial, StatusReport.id < oldest_kept
-            )
-        )
+        await session.execute(delete(StatusReport).where(source, StatusReport.id < oldest_kept))
 
 
 async def note_checkin(

@@ -39,7 +39,8 @@ from otakit.server.urls import check_signature
 
 INLINE_READ = 2 * 1024 * 1024  # ranges up to this size are read without leaving the event loop
 STREAM_CHUNK = 1024 * 1024
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_HUGE = 18  # digits: a position with more is past the end of any file
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,23 @@ def _single_range(header: str | None, size: int) -> tuple[int, int] | None:
     if not first_text:
         if not last_text:
             return None
-        length = int(last_text)
+        length = _position(last_text)
         if length == 0 or size == 0:
             raise _Unsatisfiable
         return max(0, size - length), size - 1
-    first = int(first_text)
-    last = int(last_text) if last_text else size - 1
+    first = _position(first_text)
+    last = _position(last_text) if last_text else size - 1
     if last_text and last < first:
         return None  # an invalid range-spec: ignore the header
     if first >= size:
         raise _Unsatisfiable
     return first, min(last, size - 1)
+
+
+def _position(digits: str) -> int:
+    """A byte position; any number too long to be one is read as past every end (RFC 9110:
+    such a first position is unsatisfiable, such a last one is clamped)."""
+    return int(digits) if len(digits.lstrip("0")) <= _HUGE else 10**_HUGE
 
 
 def _read(path: Path, offset: int, length: int) -> bytes:

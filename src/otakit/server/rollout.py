@@ -13,7 +13,9 @@ middle of a download keeps its offer through a pause or outside the window, so i
 States: ``scheduled`` → ``running`` (phase *k*) → ``completed``; ``paused`` and ``aborted`` from
 either. A phase **advances** when its devices that applied the update and stayed healthy (for
 ``soak`` seconds) reach its success percentage of the phase's targeted devices, or, for a
-**manual** phase, only when an operator approves. A phase's **error threshold** (a count or a
+**manual** phase, only when an operator approves. A phase that targets no device (a mistyped
+group, a share too small for the fleet) is held until a device falls into it or an operator
+approves it: it never passes by itself. A phase's **error threshold** (a count or a
 percentage of its devices; exceeded means more than allowed) pauses or aborts the rollout; it
 keeps counting for every opened phase, so a late revert in phase 1 still trips it. Resuming a
 paused rollout acknowledges the failures seen so far. **Abort** is final: the deployment is
@@ -152,7 +154,10 @@ class Phase:
         )
 
     def succeeded(self, succeeded: int, targeted: int) -> bool:
-        return targeted == 0 or succeeded * 100 >= self.success * targeted
+        """Whether the phase is done. A phase that targets no device is never done by itself
+        (a mistyped group would otherwise pass at once and open the next phases): it waits
+        until a device falls into it, or an operator approves it."""
+        return targeted > 0 and succeeded * 100 >= self.success * targeted
 
 
 def check_phases(phases: Sequence[Phase]) -> None:
@@ -1028,7 +1033,8 @@ async def view(db: AsyncSession, rollout_id: int, now: datetime) -> RolloutView 
         confirm_timeout=rollout.confirm_timeout,
         max_boots=rollout.max_boots,
         soak=rollout.soak,
-        awaiting_approval=rollout.state == RUNNING and phases[rollout.phase - 1].manual,
+        awaiting_approval=rollout.state == RUNNING
+        and (phases[rollout.phase - 1].manual or stats[rollout.phase - 1].targeted == 0),
         created_at=rollout.created_at,
         updated_at=rollout.updated_at,
         phase_started_at=rollout.phase_started_at,

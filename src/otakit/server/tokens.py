@@ -4,6 +4,11 @@ Roles: ``admin`` (management API), ``enroll`` (bound to a product and group: let
 register on its first check-in and receive its own token) and ``device`` (bound to one serial:
 reads only its own jobs, reports only for itself). A token is shown once, when created; no
 secret is ever logged or stored in clear.
+
+A token may expire (``expires_at``); a device token can be rotated by its device
+(``POST /api/v1/device/token``): the new token is returned once and the old one stays valid
+for :data:`ROTATION_GRACE` more, so a device that loses the answer can try again. Deleting a
+device revokes its tokens.
 """
 
 from __future__ import annotations
@@ -12,13 +17,18 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    from otakit.server.models import Token
+
 PREFIX = "otk"
+ROTATION_GRACE = timedelta(hours=1)
+MAX_LIVE_DEVICE_TOKENS = 4  # rotation is refused beyond this (old ones expire within the grace)
 
 
 class Role(StrEnum):
@@ -64,6 +74,7 @@ def add_token(
     group: str | None = None,
     device_serial: str | None = None,
     label: str | None = None,
+    expires_at: datetime | None = None,
 ) -> str:
     """Add a new token to the session (the caller commits) and return it, shown this once."""
     from otakit.server.models import Token
@@ -78,6 +89,64 @@ def add_token(
             group=group,
             device_serial=device_serial,
             label=label,
+            expires_at=expires_at,
         )
     )
     return minted.token
+
+
+def usable(token: Token, now: datetime) -> bool:
+    """Neither revoked nor expired."""
+    return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)
+
+
+def rotate(db: AsyncSession, old: Token, now: datetime) -> tuple[str, datetime | None]:
+    """A new token for the same device, with the same lifetime if the old one had one, and its
+    expiry; the old one expires :data:`ROTATION_GRACE` from ``now``. The caller commits."""
+    lifetime = old.expires_at - old.created_at if old.expires_at is not None else None
+    expires_at = now + lifetime if lifetime is not None else None
+    token = add_token(
+        db,
+        Role(old.role),
+        product=old.product,
+        group=old.group,
+        device_serial=old.device_serial,
+        label="rotated",
+        expires_at=expires_at,
+    )
+    grace = now + ROTATION_GRACE
+    if old.expires_at is None or old.expires_at > grace:
+        old.expires_at = grace
+    return token, expires_at
+
+
+async def live_device_tokens(db: AsyncSession, serial: str, now: datetime) -> int:
+    """How many tokens of device ``serial`` are neither revoked nor expired."""
+    from sqlalchemy import func, or_, select
+
+    from otakit.server.models import Token
+
+    count = await db.scalar(
+        select(func.count())
+        .select_from(Token)
+        .where(
+            Token.device_serial == serial,
+            Token.revoked_at.is_(None),
+            or_(Token.expires_at.is_(None), Token.expires_at > now),
+        )
+    )
+    return int(count or 0)
+
+
+async def revoke_device_tokens(db: AsyncSession, serial: str, now: datetime) -> int:
+    """Revoke every token bound to device ``serial``; return how many were live."""
+    from sqlalchemy import update
+
+    from otakit.server.models import Token
+
+    result = await db.execute(
+        update(Token)
+        .where(Token.device_serial == serial, Token.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

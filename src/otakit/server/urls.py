@@ -10,9 +10,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from urllib.parse import quote
+
+# an expiry is a Unix time in ASCII digits (at most 12: beyond the year 33000); a signature is
+# 43 base64url characters. Anything else is not a signed URL: refused before any arithmetic.
+_EXPIRES = re.compile(r"[0-9]{1,12}")
+_SIG = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 def new_signing_key() -> str:
@@ -33,11 +39,12 @@ def sign_path(key: str, path: str, expires_in: int, *, now: float | None = None)
 def check_signature(
     key: str, path: str, expires: str | None, sig: str | None, *, now: float | None = None
 ) -> str | None:
-    """None when the URL is valid, else why not (for the 403 message)."""
-    if not expires or not sig or not expires.isdigit():
+    """None when the URL is valid, else why not (for the 403 message). Never raises, whatever
+    the (unauthenticated) caller sends."""
+    if not expires or not sig or not _EXPIRES.fullmatch(expires) or not _SIG.fullmatch(sig):
         return "the download URL is not signed"
     if int(expires) < (time.time() if now is None else now):
         return "the download URL has expired"
-    if not hmac.compare_digest(_signature(key, path, int(expires)), sig):
+    if not hmac.compare_digest(_signature(key, path, int(expires)).encode(), sig.encode()):
         return "the download URL signature is not valid"
     return None

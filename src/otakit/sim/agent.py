@@ -17,6 +17,7 @@ enrollment, check-in or revert report (those are the JSON API's).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +32,12 @@ from otakit.device.flash import PowerCut
 from otakit.device.journal import Journal
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.base import Transport
-from otakit.device.transports.http import HttpSettings, HttpTransport
+from otakit.device.transports.http import (
+    MAX_JSON_BYTES,
+    HttpSettings,
+    HttpTransport,
+    read_body,
+)
 from otakit.device.transports.mqtt import MqttSettings, MqttTransport
 from otakit.errors import ApiError, DeviceError, UsageError
 from otakit.files import write_atomic
@@ -61,31 +67,42 @@ def _identity(device: SimDevice, version: str) -> dict[str, object]:
     }
 
 
-def check_in(settings: HttpSettings, identity: dict[str, object]) -> dict[str, Any] | None:
-    """POST /api/v1/device/checkin; the JSON answer, or None for 204."""
-    headers = {"authorization": f"Bearer {settings.token}"} if settings.token else {}
+def _post(settings: HttpSettings, path: str, body: object) -> tuple[int, bytes]:
+    """POST ``body`` to ``path`` on the configured server; the status and the answer (read up
+    to MAX_JSON_BYTES). Raises ApiError when the server cannot be reached or says too much."""
+    headers = {"accept-encoding": "identity"}
+    if settings.token:
+        headers["authorization"] = f"Bearer {settings.token}"
     server = settings.server
     try:
-        response = httpx.post(
-            f"{server.rstrip('/')}/api/v1/device/checkin",
-            json=identity,
+        with httpx.stream(
+            "POST",
+            f"{server.rstrip('/')}{path}",
+            json=body,
             headers=headers,
             timeout=settings.timeout,
             verify=settings.verify(),
-        )
+        ) as response:
+            return response.status_code, read_body(
+                response, MAX_JSON_BYTES, f"the answer to {path}", ApiError
+            )
     except httpx.HTTPError as exc:
         raise ApiError(f"cannot reach {server}: {exc}") from None
-    if response.status_code == 204:
+
+
+def check_in(settings: HttpSettings, identity: dict[str, object]) -> dict[str, Any] | None:
+    """POST /api/v1/device/checkin; the JSON answer, or None for 204."""
+    status, raw = _post(settings, "/api/v1/device/checkin", identity)
+    if status == 204:
         return None
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("message", response.text)
-        except ValueError:
-            message = response.text
-        raise ApiError(
-            f"check-in refused: {response.status_code} {message}", status=response.status_code
-        )
-    answer: dict[str, Any] = response.json()
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        answer = None
+    if status >= 400 or not isinstance(answer, dict):
+        text = raw[:200].decode("utf-8", "replace")
+        message = answer.get("message", text) if isinstance(answer, dict) else text
+        raise ApiError(f"check-in refused: {status} {message}", status=status)
     return answer
 
 
@@ -104,9 +121,9 @@ def device_token(device: SimDevice, settings: HttpSettings, version: str) -> str
             return settings.token  # already a device token, or already enrolled with this one
         raise
     minted = (answer or {}).get("device_token")
-    if minted:
+    if isinstance(minted, str) and minted.isprintable() and minted:
         write_atomic(stored, minted.encode() + b"\n", mode=0o600)
-        return str(minted)
+        return minted
     return settings.token
 
 
@@ -223,12 +240,6 @@ def _report_revert(device: SimDevice, settings: HttpSettings, version: str) -> N
     if marker.exists() and marker.read_text().strip() == str(device.state.boots):
         return
     body = {"status": "error", "error": "reverted: not confirmed after reboot", "version": version}
-    with contextlib.suppress(httpx.HTTPError):
-        httpx.post(
-            f"{settings.server.rstrip('/')}/api/v1/device/status",
-            json=body,
-            headers={"authorization": f"Bearer {settings.token}"},
-            timeout=settings.timeout,
-            verify=settings.verify(),
-        )
+    with contextlib.suppress(ApiError):
+        _post(settings, "/api/v1/device/status", body)
     write_atomic(marker, str(device.state.boots).encode())

@@ -321,6 +321,7 @@ async def _run_fleet(setup: _Setup, devices: int, mqtt_port: int | None) -> tupl
             while not run.done():
                 with contextlib.suppress(httpx.HTTPError):
                     rollout = (await api.get(f"/api/v1/rollouts/{rollout_id}")).json()
+                    await _approve_if_empty(api, rollout, devices)
                 display.refresh(rollout)
                 await asyncio.wait({run}, timeout=0.25)
             report = run.result()
@@ -328,6 +329,21 @@ async def _run_fleet(setup: _Setup, devices: int, mqtt_port: int | None) -> tupl
             rollout = (await api.get(f"/api/v1/rollouts/{rollout_id}")).json()
             display.refresh(rollout)
     return fleet, report, rollout
+
+
+async def _approve_if_empty(api: httpx.AsyncClient, rollout: dict[str, Any], devices: int) -> None:
+    """With few devices a 25 % phase may hold none; the server then holds it for an operator
+    (a phase never passes empty). Once every device has enrolled, the demo is that operator."""
+    current = rollout.get("phase", 1)
+    phases = rollout.get("phases", [])
+    if (
+        rollout.get("awaiting_approval")
+        and rollout.get("targeted") == devices
+        and 0 < current <= len(phases)
+        and phases[current - 1].get("targeted") == 0
+    ):
+        err.print(f"phase {current} holds no device: approving it")
+        await api.post(f"/api/v1/rollouts/{rollout['id']}/approve", json={"phase": current})
 
 
 def _summary(fleet: Any, report: Any, rollout: dict[str, Any], elapsed: float) -> Table:

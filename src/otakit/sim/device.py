@@ -34,6 +34,8 @@ from otakit.device.flashmap import FlashMap, preset
 from otakit.errors import DeviceError
 from otakit.files import read_input, write_atomic
 from otakit.image.keys import PublicKey
+from otakit.image.layout import check_erased_after
+from otakit.image.source import BytesSource
 from otakit.image.verify import VerifiedImage, verify_image
 
 DEVICE_FILE = "device.json"
@@ -56,6 +58,7 @@ class DeviceState:
     identity: Identity
     strategy: Strategy
     allow_downgrade: bool = False
+    ignore_security_counter: bool = False
     boots: int = 0
     last_boot: dict[str, Any] | None = None
     last_failure: dict[str, Any] | None = None
@@ -66,6 +69,7 @@ class DeviceState:
             "bootloader": {
                 "strategy": self.strategy.value,
                 "allow_downgrade": self.allow_downgrade,
+                "ignore_security_counter": self.ignore_security_counter,
             },
             "boots": self.boots,
             "last_boot": self.last_boot,
@@ -80,6 +84,7 @@ class DeviceState:
                 identity=Identity(**{k: str(v) for k, v in data["identity"].items()}),
                 strategy=Strategy(loader["strategy"]),
                 allow_downgrade=bool(loader.get("allow_downgrade", False)),
+                ignore_security_counter=bool(loader.get("ignore_security_counter", False)),
                 boots=int(data.get("boots", 0)),
                 last_boot=data.get("last_boot"),
                 last_failure=data.get("last_failure"),
@@ -139,6 +144,7 @@ class SimDevice:
         identity: Identity | None = None,
         strategy: Strategy | None = None,
         allow_downgrade: bool = False,
+        ignore_security_counter: bool = False,
     ) -> SimDevice:
         """Make a device folder with ``image`` (verified first) in the primary slot of image 0."""
         target = Path(directory)
@@ -155,7 +161,9 @@ class SimDevice:
         for index, key in enumerate(keys):
             write_atomic(target / KEYS_DIR / f"trusted-{index}.pem", key.pem())
         fm.save(target / FLASHMAP_FILE)
-        state = DeviceState(identity or Identity(), strategy, allow_downgrade)
+        state = DeviceState(
+            identity or Identity(), strategy, allow_downgrade, ignore_security_counter
+        )
         with _open_flash(target, fm) as flash:
             Bootloader(flash, fm, _config(state, keys))  # checks the layout suits the strategy
             flash.write(fm.primary(0).offset, _aligned(image, fm))
@@ -167,14 +175,21 @@ class SimDevice:
     def install(
         self, image: bytes, *, image_index: int = 0, permanent: bool = False
     ) -> VerifiedImage:
-        """Write ``image`` to the secondary slot and mark it pending (what an agent does)."""
+        """Write ``image`` to the secondary slot and mark it pending (what an agent does).
+
+        As an agent does, only the signed part is written, never the trailer area of an
+        ``imgtool --pad`` file: the request is ``permanent``'s, not the file's. Unsigned bytes
+        after the TLVs are refused (TrailingDataError, image/layout.check_erased_after).
+        """
         if image_index not in self.map.images:
             raise DeviceError(f"this device has no image {image_index}", value=image_index)
         verified = _verify_for_slot(image, self.keys, self.map, image_index)
+        data_end = self.map.max_image_size(image_index)
+        check_erased_after(BytesSource(image), verified.layout, min(data_end, len(image)))
         with self.bootloader() as boot:
             slot = boot.secondary(image_index)
             slot.erase_all()
-            slot.write(0, _aligned(image, self.map))
+            slot.write(0, _aligned(image[: verified.layout.end], self.map))
             boot.set_pending(image_index, permanent=permanent)
         return verified
 
@@ -248,7 +263,10 @@ def _open_flash(directory: Path, fm: FlashMap) -> Iterator[Flash]:
 
 def _config(state: DeviceState, keys: Sequence[PublicKey]) -> BootloaderConfig:
     return BootloaderConfig(
-        strategy=state.strategy, keys=tuple(keys), allow_downgrade=state.allow_downgrade
+        strategy=state.strategy,
+        keys=tuple(keys),
+        allow_downgrade=state.allow_downgrade,
+        ignore_security_counter=state.ignore_security_counter,
     )
 
 
@@ -257,8 +275,8 @@ def _verify_for_slot(
 ) -> VerifiedImage:
     """Signed images are verified before they go anywhere near a slot.
 
-    An imgtool ``--pad`` image is slot-sized and carries its trailer (its request); it is
-    written whole.
+    An imgtool ``--pad`` image is slot-sized; ``create`` writes it whole into the primary slot
+    (as a programmer would), ``install`` only its signed part.
     """
     limit = fm.primary(index).size
     if len(image) > limit:

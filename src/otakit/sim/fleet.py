@@ -1219,17 +1219,15 @@ class Fleet:
         return image
 
     def _check_sha256(self, boot: Bootloader, storage: SlotStorage, expected: str) -> None:
-        """The SHA-256 of the downloaded file, as the job gives it (§7)."""
+        """The SHA-256 of the downloaded file, as the job gives it (§7); the storage hashes
+        what it received, the bytes in the slot's trailer area (never written) included."""
         record = storage.progress()
         size = record.download.size if record is not None else 0
-        digest = hashlib.sha256()
-        slot = boot.secondary(0)
-        for start in range(0, size, 64 * KIB):
-            digest.update(slot.read_at(start, min(64 * KIB, size - start)))
-        if digest.hexdigest() != expected.lower():
+        actual = storage.sha256(size).hex()
+        if actual != expected.lower():
             raise HashMismatchError(
-                f"the downloaded file's SHA-256 is {digest.hexdigest()}, the job says {expected}",
-                value=digest.hexdigest(),
+                f"the downloaded file's SHA-256 is {actual}, the job says {expected}",
+                value=actual,
             )
 
     # --- download ------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """``otakit sim serve-push DIR --port P``: a simulated device waiting for a BLE OTA push.
 
 The device "advertises" by listening on the loopback link (TCP on 127.0.0.1) and serves one
-central at a time with the push receiver of :mod:`otakit.device.transports.ble`, writing into
-the secondary slot of its flash like the pull agent does (same storage, same resume journal
-file, so a push and a pull never disagree about the slot). For each connection the device
-folder is opened anew, so the running version the receiver compares against is always current.
+central at a time (others wait in the listen queue; one that stays silent for ``--idle-timeout``
+seconds is disconnected, so it cannot lock the others out) with the push receiver of
+:mod:`otakit.device.transports.ble`, writing into the secondary slot of its flash like the pull
+agent does (same storage, same resume journal file, so a push and a pull never disagree about
+the slot). For each connection the device folder is opened anew, so the running version the
+receiver compares against is always current.
 
 With ``--reboot`` a successful push ends the connection and reboots the device (the simulated
 bootloader swaps), as a real device does after its update; ``--confirm`` then confirms the new
@@ -29,6 +31,8 @@ from otakit.device.events import Callback, Event, Reason, State
 from otakit.device.journal import Journal
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.ble import (
+    DEFAULT_IDLE_TIMEOUT,
+    MAX_IDLE_TIMEOUT,
     GattConnection,
     LoopbackPeripheral,
     OtaReceiver,
@@ -208,6 +212,21 @@ def _mtu(text: str) -> int:
     return mtu
 
 
+def _idle_timeout(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(
+            f"--idle-timeout {text!r} is not a number of seconds", value=text
+        ) from None
+    if not 0 < seconds <= MAX_IDLE_TIMEOUT:
+        raise UsageError(
+            f"--idle-timeout must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} s, not {text}",
+            value=text,
+        )
+    return seconds
+
+
 def serve_push(
     directory: Annotated[Path, typer.Argument(help="Device folder.", show_default=False)],
     port: Annotated[
@@ -230,6 +249,13 @@ def serve_push(
     max_mtu: Annotated[
         str, typer.Option("--max-mtu", help="Largest ATT MTU the device accepts (23-517).")
     ] = str(ble_ota.MAX_MTU),
+    idle_timeout: Annotated[
+        str,
+        typer.Option(
+            "--idle-timeout",
+            help="Seconds a central may stay silent before it is disconnected.",
+        ),
+    ] = f"{DEFAULT_IDLE_TIMEOUT:g}",
 ) -> None:
     """Wait for a BLE OTA push (`otakit push --to tcp://...`) on a simulated device.
 
@@ -239,6 +265,7 @@ def serve_push(
 
     chosen_port = _port(port)
     chosen_mtu = _mtu(max_mtu)
+    chosen_idle = _idle_timeout(idle_timeout)
     sessions: list[Session] = []
     with Progress(
         "[progress.description]{task.description}",
@@ -280,7 +307,9 @@ def serve_push(
         )
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            with LoopbackPeripheral(port=chosen_port, max_mtu=chosen_mtu) as peripheral:
+            with LoopbackPeripheral(
+                port=chosen_port, max_mtu=chosen_mtu, idle_timeout=chosen_idle
+            ) as peripheral:
                 err.print(f"listening on {peripheral.address}")
                 peripheral.serve(service, connections=1 if once else None)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a transfer in progress was aborted

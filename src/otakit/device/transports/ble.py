@@ -44,6 +44,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -81,6 +82,11 @@ log = logging.getLogger("otakit.ble")
 
 PUSH_SOURCE = "ble-push"  # the Download.source of pushed images
 COMMIT_EVERY = 64 * 1024
+# The loopback link drops a central that sends no complete frame for this long. Shorter than
+# the host's default 30 s answer timeout (otakit push --timeout), so a host that connected
+# behind a silent central is still waiting when its turn comes.
+DEFAULT_IDLE_TIMEOUT = 20.0
+MAX_IDLE_TIMEOUT = 3600.0
 
 
 # --- the GATT interfaces -----------------------------------------------------------------------
@@ -433,7 +439,11 @@ class LoopbackPeripheral:
     """The loopback link's device side: a TCP listener on 127.0.0.1 standing in for a radio.
 
     One central at a time is served (a connected peripheral stops advertising); the next waits
-    in the listen queue. The frame format is in :mod:`otakit.protocol.ble_ota`. The link
+    in the listen queue. A central that sends no complete frame for ``idle_timeout`` seconds
+    (counted from the end of the previous one, so a frame sent byte by byte counts as silence)
+    is disconnected, as if its link had dropped: a transfer in progress is aborted and the next
+    central in the queue is served. So a silent central holds the device for at most
+    ``idle_timeout``. The frame format is in :mod:`otakit.protocol.ble_ota`. The link
     enforces the ATT rules the service relies on: the MTU is 23 until exchanged, a write
     longer than MTU-3 is refused (a write request with INVALID_ATTRIBUTE_VALUE_LENGTH; a write
     command, which cannot be answered, ends the connection), replies go out only to a central
@@ -441,14 +451,26 @@ class LoopbackPeripheral:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, *, max_mtu: int = ble_ota.MAX_MTU
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        max_mtu: int = ble_ota.MAX_MTU,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> None:
         if not ble_ota.DEFAULT_MTU <= max_mtu <= ble_ota.MAX_MTU:
             raise UsageError(
                 f"the MTU must be from {ble_ota.DEFAULT_MTU} to {ble_ota.MAX_MTU}, not {max_mtu}",
                 value=max_mtu,
             )
+        if not 0 < idle_timeout <= MAX_IDLE_TIMEOUT:
+            raise UsageError(
+                f"the idle timeout must be more than 0 and at most {MAX_IDLE_TIMEOUT:g} s, "
+                f"not {idle_timeout:g}",
+                value=idle_timeout,
+            )
         self.max_mtu = max_mtu
+        self.idle_timeout = idle_timeout
         try:
             self._listener = socket.create_server((host, port))
         except OSError as exc:
@@ -505,7 +527,7 @@ class LoopbackPeripheral:
                         break
                     self._active = sock
                 try:
-                    _LoopbackConnection(sock, address, self.max_mtu).run(service)
+                    _LoopbackConnection(sock, address, self.max_mtu, self.idle_timeout).run(service)
                 finally:
                     with self._lock:
                         self._active = None
@@ -546,10 +568,14 @@ class _LinkClosed(Exception):
 class _LoopbackConnection:
     """One central on the loopback link; a :class:`GattConnection`."""
 
-    def __init__(self, sock: socket.socket, address: object, max_mtu: int) -> None:
+    def __init__(
+        self, sock: socket.socket, address: object, max_mtu: int, idle_timeout: float
+    ) -> None:
         self._sock = sock
         self._peer = _format_address(address)
         self._max_mtu = max_mtu
+        self._idle_timeout = idle_timeout
+        self._deadline = 0.0
         self._mtu = ble_ota.DEFAULT_MTU
         self._subscription = Subscription.NONE
         self._outbox: list[Frame] | None = None  # while a write is handled
@@ -646,9 +672,14 @@ class _LoopbackConnection:
             self._send(queued)
 
     def _send(self, frame: Frame) -> None:
+        # a central that reads nothing for the idle timeout is dropped too (TimeoutError is an
+        # OSError: the connection ends as lost)
+        self._sock.settimeout(self._idle_timeout)
         self._sock.sendall(frame.pack())
 
     def _read_frame(self) -> Frame | None:
+        """The next frame; it must be complete within the idle timeout."""
+        self._deadline = time.monotonic() + self._idle_timeout
         header = self._recv(FRAME_HEADER_SIZE, at_boundary=True)
         if header is None:
             return None
@@ -660,13 +691,26 @@ class _LoopbackConnection:
     def _recv(self, size: int, *, at_boundary: bool) -> bytes | None:
         data = bytearray()
         while len(data) < size:
-            chunk = self._sock.recv(size - len(data))
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise _LinkClosed(self._idle_message())
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(size - len(data))
+            except TimeoutError:
+                raise _LinkClosed(self._idle_message()) from None
             if not chunk:
                 if at_boundary and not data:
                     return None
                 raise _LinkClosed("the connection ended in the middle of a frame")
             data += chunk
         return bytes(data)
+
+    def _idle_message(self) -> str:
+        return (
+            f"no complete frame for {self._idle_timeout:g} s; disconnecting the idle central "
+            "(a transfer in progress is aborted)"
+        )
 
 
 def _format_address(address: object) -> str:

@@ -9,18 +9,26 @@ result goes to ``POST /api/v1/device/status`` in the reported-state shape of §7
 
 On first contact the token may be an enrollment token: the answer then carries the device's own
 token, which is handed to ``on_token`` to be kept, and used from then on.
+
+The check-in answer is read up to ``MAX_JSON_BYTES`` (16 KiB); the answers to reports are not
+read. The image URL gets the device's credentials only when it is on the configured server (or
+a trusted origin): an S3 pre-signed URL on another host is fetched without them
+(:meth:`HttpSettings.credentials_for`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from urllib.parse import urljoin
 
 import httpx
 
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Progress
-from otakit.device.transports.http import HttpSettings, HttpTransport
+from otakit.device.transports.http import MAX_JSON_BYTES, HttpSettings, HttpTransport, read_body
 from otakit.errors import JobFetchError, TransferError
 from otakit.protocol.fwinfo import FwError, FwStatus, GatewayStatus
 
@@ -54,31 +62,33 @@ class CheckinTransport(HttpTransport):
     def _url(self, path: str) -> str:
         return self.settings.server.rstrip("/") + path
 
-    def _post(self, path: str, body: object, error: type[JobFetchError]) -> httpx.Response:
-        failure = ""
+    def _checkin(self, body: object) -> tuple[int, bytes]:
+        """POST the check-in; its status and answer (at most MAX_JSON_BYTES)."""
+        failure, url = "", self._url(CHECKIN_PATH)
         for _ in range(max(1, self.settings.connect_retries)):
             try:
-                return self._client.post(self._url(path), json=body)
+                with self._client.stream("POST", url, json=body) as response:
+                    answer = read_body(
+                        response, MAX_JSON_BYTES, "the check-in answer", JobFetchError
+                    )
+                    return response.status_code, answer
             except httpx.HTTPError as exc:
                 failure = f"{type(exc).__name__}: {exc}"
                 self._reconnect()
-        raise error(f"cannot reach {self.settings.server}: {failure}", value=path)
+        raise JobFetchError(f"cannot reach {self.settings.server}: {failure}", value=CHECKIN_PATH)
 
     def fetch_job(self) -> Job | None:
-        body = {**self.identity, "version": self.version()}
-        response = self._post(CHECKIN_PATH, body, JobFetchError)
-        if response.status_code == 204:
+        status, raw = self._checkin({**self.identity, "version": self.version()})
+        if status == 204:
             return None
         try:
-            answer = response.json()
-        except ValueError:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
             answer = None
-        if response.status_code != 200 or not isinstance(answer, dict):
+        if status != 200 or not isinstance(answer, dict):
             message = answer.get("message") if isinstance(answer, dict) else None
-            raise JobFetchError(
-                f"check-in refused: {response.status_code} {message or response.text[:200]}",
-                value=response.status_code,
-            )
+            text = message or raw[:200].decode("utf-8", "replace")
+            raise JobFetchError(f"check-in refused: {status} {text:.200}", value=status)
         abort = answer.get("abort")
         self.aborted = abort if isinstance(abort, dict) else None
         minted = answer.get("device_token")
@@ -89,7 +99,7 @@ class CheckinTransport(HttpTransport):
             return None
         try:
             return Job(
-                url=str(job["url"]),
+                url=urljoin(self.settings.server, str(job["url"])),
                 file=str(job["name"]),
                 version=str(job["version"]),
                 board=str(job.get("board") or ""),
@@ -101,7 +111,7 @@ class CheckinTransport(HttpTransport):
             ) from None
 
     def _use_token(self, token: str) -> None:
-        self.settings = HttpSettings(**{**self.settings.__dict__, "token": token})
+        self.settings = replace(self.settings, token=token)
         self._reconnect()
         if self.on_token is not None:
             self.on_token(token)
@@ -132,7 +142,8 @@ class CheckinTransport(HttpTransport):
     def _report(self, status: GatewayStatus) -> None:
         info = status.to_dict()
         log.info("reporting %s", info)
-        try:
-            self._client.post(self._url(STATUS_PATH), json={"extFwInfo": info})
+        try:  # the answer is not read
+            with self._client.stream("POST", self._url(STATUS_PATH), json={"extFwInfo": info}):
+                pass
         except httpx.HTTPError as exc:  # a report lost is sent again with the next one
             log.warning("status report not delivered: %s", exc)

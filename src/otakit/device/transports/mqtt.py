@@ -25,8 +25,14 @@ Chunks (:func:`otakit.protocol.mqtt.parse_chunk`): a malformed header (magic, of
 image type, sizes, offset, index) or one that disagrees with the first chunk (total size, version,
 number of payloads) is ``NOT_A_HEADER``; a version not strictly newer than the running one is
 ``INVALID_VERSION``. The total size comes from the first chunk. Chunks that arrive early are held
-(at most ``max_buffered`` bytes; beyond that they are dropped and asked for again) and written in
-order, so append-only storage works; storage is committed after every contiguous step.
+(at most ``max_buffered`` bytes, each chunk counting at least ``MIN_HELD_COST`` so that tiny
+chunks cannot pile up; beyond that they are dropped and asked for again) and written in order,
+so append-only storage works; storage is committed after every contiguous step. The held bytes
+are a running total and the held offsets a heap: each chunk costs O(log n), whatever the order.
+
+No message reaches the agent's thread longer than the largest valid one (a 32-byte header and
+65535 data bytes): a longer one is cut there, so it fails as a malformed chunk or job document
+(at most 1024 bytes, §1) without being held whole in the queue.
 
 paho runs its network loop on its own thread, reconnects by itself and this module subscribes
 the session's topics again after each reconnect; the agent's thread waits on a queue. A job
@@ -37,6 +43,7 @@ the broker's host), which the agent hands to the HTTP transport.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import queue
 import secrets
@@ -66,6 +73,7 @@ from otakit.errors import (
 )
 from otakit.protocol import mqtt as wire
 from otakit.protocol.jobdoc import (
+    MAX_DOCUMENT_BYTES,
     RESULT_RECEIVED,
     UPDATE_AVAILABLE,
     JobDocument,
@@ -77,6 +85,8 @@ from otakit.tls import client_context
 log = logging.getLogger("otakit.mqtt")
 
 INBOX_SIZE = 512  # messages waiting for the agent's thread; more are dropped (and asked again)
+MAX_MESSAGE_BYTES = wire.HEADER_SIZE + wire.MAX_CHUNK_SIZE  # the largest valid chunk
+MIN_HELD_COST = 256  # bytes an early chunk counts against max_buffered, however small
 MAX_RANGES = 16  # missing ranges asked for in one round
 REPLACE = "replace"  # the publisher's placeholder for the device's unique topic (§1)
 
@@ -105,7 +115,7 @@ class MqttSettings:
     request_tries: int = 3  # such requests in a row without progress, then GET_DATA
     result_timeout: float = 5.0  # wait for "Result Received"
     data_timeout: float = 1200.0  # the whole image
-    max_buffered: int = 64 * wire.CHUNK_SIZE  # bytes of early chunks held in memory
+    max_buffered: int = 64 * wire.CHUNK_SIZE  # bytes of early chunks held (>= 256 per chunk)
 
     @property
     def secure(self) -> bool:
@@ -280,8 +290,12 @@ class _Link:
             wanted = message.topic in self._topics
         if not wanted:
             return
+        payload = message.payload
+        if len(payload) > MAX_MESSAGE_BYTES:  # invalid whatever it is: keep what shows that
+            log.warning("a message of %d bytes on %s: cut short", len(payload), message.topic)
+            payload = payload[: MAX_MESSAGE_BYTES + 1]
         try:
-            self.inbox.put_nowait((message.topic, bytes(message.payload)))
+            self.inbox.put_nowait((message.topic, bytes(payload)))
         except queue.Full:
             log.warning("dropping a message on %s: the agent is behind", message.topic)
 
@@ -319,6 +333,10 @@ class _Transfer:
     written: int = 0
     first: wire.ChunkHeader | None = None
     early: dict[int, bytes] = field(default_factory=dict)  # offset -> data, beyond `written`
+    buffered: int = field(default=0, init=False)  # bytes in `early`: a running total
+    # what `early` counts against max_buffered (each chunk MIN_HELD_COST at least)
+    _cost: int = field(default=0, init=False)
+    _order: list[int] = field(default_factory=list, init=False)  # `early`'s offsets, a heap
 
     @property
     def done(self) -> bool:
@@ -336,13 +354,31 @@ class _Transfer:
         if header.end <= self.written or header.offset in self.early:
             return False  # a duplicate
         if header.offset > self.written:
-            if sum(map(len, self.early.values())) + len(data) > self.max_buffered:
-                log.debug("dropping early chunk %d: the buffer is full", header.index)
-                return False  # asked for again when it is missing
-            self.early[header.offset] = data
-            return True
+            return self._hold(header, data)
         self._write(header.offset, data)
         return True
+
+    def _hold(self, header: wire.ChunkHeader, data: bytes) -> bool:
+        cost = max(len(data), MIN_HELD_COST)
+        if self._cost + cost > self.max_buffered:
+            log.debug("dropping early chunk %d: the buffer is full", header.index)
+            return False  # asked for again when it is missing
+        self.early[header.offset] = data
+        heapq.heappush(self._order, header.offset)
+        self.buffered += len(data)
+        self._cost += cost
+        return True
+
+    def _next_held(self) -> tuple[int, bytes] | None:
+        """The held chunk that continues ``written``, if any; held chunks it passed are gone."""
+        while self._order and self._order[0] <= self.written:
+            start = heapq.heappop(self._order)
+            held = self.early.pop(start)
+            self.buffered -= len(held)
+            self._cost -= max(len(held), MIN_HELD_COST)
+            if start + len(held) > self.written:
+                return start, held
+        return None
 
     def missing(self) -> list[tuple[int, int]]:
         """The ranges ``(offset, size)`` not stored nor held, in order."""
@@ -399,14 +435,7 @@ class _Transfer:
         while True:
             self.storage.write(self.written, data[self.written - offset :])
             self.written = offset + len(data)
-            following = None
-            for start in sorted(self.early):
-                if start > self.written:
-                    break
-                held = self.early.pop(start)
-                if start + len(held) > self.written:
-                    following = start, held
-                    break
+            following = self._next_held()
             if following is None:
                 break
             offset, data = following
@@ -510,6 +539,11 @@ class MqttTransport:
         while (incoming := _next(session.link, deadline - time.monotonic())) is not None:
             topic, payload = incoming
             if topic == session.unique:
+                if len(payload) > MAX_DOCUMENT_BYTES:  # maybe cut short by _Link: say so
+                    raise MalformedJobDocError(
+                        f"the job document holds more than the {MAX_DOCUMENT_BYTES} bytes allowed",
+                        value=len(payload),
+                    )
                 return parse_job_document(payload)
         return None
 

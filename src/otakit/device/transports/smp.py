@@ -20,7 +20,8 @@ OS     7 application info           uname-like text (``format`` letters ``snrvbm
 OS     8 bootloader info            ``MCUboot``; query ``mode``: swap/overwrite, no-downgrade
 IMG    0 state read                 both slots of every image: version, hash, flags
 IMG    0 state write                test (``hash``), permanent (``hash`` + ``confirm``),
-                                    confirm the running image (``confirm`` alone)
+                                    confirm the running image (``confirm`` alone); marking
+                                    the secondary slot needs a finished upload that verifies
 IMG    1 upload                     resumable write of the secondary slot, verified at the end
 IMG    5 erase                      erases a secondary slot (``slot``, default 1)
 =====  ===========================  ===========================================================
@@ -41,10 +42,21 @@ Upload, as Zephyr's ``img_mgmt`` does it:
   refused at once, before anything is erased;
 - every packet is written, made durable and journalled before it is acknowledged with the next
   expected ``off``; a packet at another offset is answered with the expected one;
+- only the signed part of the file is written: bytes in the slot's trailer area (an ``imgtool
+  --pad`` file's trailer) are kept in RAM for the SHA-256 and never reach flash, so the upload
+  itself never requests anything;
 - after the last byte the file's SHA-256 is compared with ``sha`` and the image is verified
   (hash, signature by a trusted key, newer than the running image unless the device allows
-  downgrades and ``upgrade`` is not set). A failure erases the slot and is answered with an
-  error (see :data:`IMAGE_ERRORS`); success is answered ``off`` = ``len`` and ``match: true``.
+  downgrades and ``upgrade`` is not set, a security counter not lower than the running image's
+  whatever the downgrade setting, nothing but erased bytes after the TLVs). A failure erases
+  the slot and is answered with an error (see :data:`IMAGE_ERRORS`); success is answered
+  ``off`` = ``len`` and ``match: true``.
+
+A state write that marks a secondary slot (test, or ``hash`` + ``confirm``) is refused with
+``MGMT_ERR.EBADSTATE`` (and the reason in ``rsn``) while the slot's upload is in progress or
+incomplete (the journal records it, across restarts), or when its image does not verify as an
+upload's would: nothing is written to the trailer. Zephyr leaves those checks to MCUboot at the
+next reset; here the request itself is refused, so a host learns at once.
 
 The secondary slot that holds the image a revert needs (the running image is on test) is not
 uploaded to nor erased (``NO_FREE_SLOT``): confirm or reset first.
@@ -93,6 +105,7 @@ from otakit.errors import (
     ImageTooLargeError,
     OtakitError,
     TlvError,
+    TrailingDataError,
     TruncatedImageError,
     VerificationError,
 )
@@ -142,6 +155,7 @@ IMAGE_ERRORS: tuple[tuple[type[OtakitError], IMG_ERR], ...] = (
     (BadMagicError, IMG_ERR.INVALID_IMAGE_HEADER_MAGIC),
     (ImageTooLargeError, IMG_ERR.INVALID_IMAGE_TOO_LARGE),
     (TruncatedImageError, IMG_ERR.INVALID_LENGTH),
+    (TrailingDataError, IMG_ERR.INVALID_LENGTH),  # the file is longer than its image
     (TlvError, IMG_ERR.INVALID_TLV),
     (ImageFormatError, IMG_ERR.INVALID_IMAGE_HEADER),
     (HashMismatchError, IMG_ERR.INVALID_HASH),
@@ -559,10 +573,37 @@ class SmpServer:
         if slot == 0:
             log.info("image %d: running image confirmed", image)
             return self.boot.confirm(image)
-        self._end_upload(image)
-        self._storage(image).set_pending(permanent=confirm)  # journal cleared too
+        storage = self._markable(image)
+        storage.set_pending(permanent=confirm)  # journal cleared too
         log.info("image %d: pending (%s)", image, "permanent" if confirm else "test")
         return True
+
+    def _markable(self, image: int) -> SlotStorage:
+        """The storage of image ``image``'s secondary slot, if what it holds may be marked
+        pending: its upload is complete and it verifies as after an upload (hash, signature by
+        a trusted key, newer unless downgrades are allowed, security counter, nothing unsigned
+        after the TLVs). Refused with ``MGMT_ERR.EBADSTATE`` otherwise, before anything is
+        written (Zephyr's answer when a slot's state does not allow a request)."""
+        upload = self._upload
+        if upload is not None and upload.image == image:
+            raise _Refused(
+                MGMT_ERR.EBADSTATE,
+                reason=f"image {image}: an upload is in progress ({upload.offset} of "
+                f"{upload.download.size} bytes); finish it before marking the image",
+            )
+        record = self._journal(image).load()
+        if record is not None:
+            raise _Refused(
+                MGMT_ERR.EBADSTATE,
+                reason=f"image {image}: the upload to the secondary slot is incomplete "
+                f"({record.durable} of {record.download.size} bytes); finish it first",
+            )
+        storage = self._storage(image)
+        try:
+            storage.verify()
+        except OtakitError as exc:
+            raise _Refused(MGMT_ERR.EBADSTATE, reason=f"[{exc.code}] {exc.message}") from None
+        return storage
 
     # --- image management: upload and erase ----------------------------------------------------
 
@@ -686,7 +727,8 @@ class SmpServer:
         match: bool | None = None
         try:
             if upload.sha is not None and len(upload.sha) == hashlib.sha256().digest_size:
-                digest = _sha256(self.boot.secondary(upload.image), upload.download.size)
+                # the file's bytes as received, the trailer area's (never written) included
+                digest = storage.sha256(upload.download.size)
                 if digest != upload.sha:
                     raise HashMismatchError(
                         "the uploaded bytes do not match the SHA-256 the client announced",
@@ -713,13 +755,6 @@ class SmpServer:
         self._storage(image).abort()
         log.info("image %d: secondary slot erased", image)
         return smpimg.ImageEraseResponse()
-
-
-def _sha256(slot: Slot, size: int, chunk: int = 64 * 1024) -> bytes:
-    hasher = hashlib.sha256()
-    for start in range(0, size, chunk):
-        hasher.update(slot.read_at(start, min(chunk, size - start)))
-    return hasher.digest()
 
 
 def _version_text(version: ImageVersion) -> str:

@@ -13,6 +13,7 @@ device's boot counter) for the health gate.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,12 +26,20 @@ from otakit.protocol.fwinfo import FwStatus
 from otakit.server import deployments
 from otakit.server import rollout as rollouts
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
-from otakit.server.models import Deployment, DeploymentDevice, Device, Product, Rollout, Token
+from otakit.server.models import DeploymentDevice, Device, Product, Rollout, Token, utcnow
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
-from otakit.server.tokens import Role, add_token
+from otakit.server.tokens import (
+    MAX_LIVE_DEVICE_TOKENS,
+    Role,
+    add_token,
+    live_device_tokens,
+    rotate,
+)
 from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
+
+log = logging.getLogger("otakit.server")
 
 router = APIRouter(
     prefix="/api/v1/device",
@@ -131,7 +140,16 @@ async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, s
         product, group = product_row.name, None
     else:
         raise HttpError(403, "FORBIDDEN", "admin tokens cannot check in as a device")
-    if await db.get(Device, body.serial) is not None:
+    existing = await db.get(Device, body.serial)
+    if existing is not None:
+        # serials are one namespace across products: another product's token (or a leaked
+        # one) never takes over a registered device
+        log.warning(
+            "refused to enroll serial %r for product %r: already registered (product %r)",
+            body.serial,
+            product,
+            existing.product,
+        )
         raise HttpError(
             409, "REGISTERED", f"device {body.serial!r} is already registered; use its token"
         )
@@ -249,11 +267,24 @@ async def report_status(
         status, error = body.status, body.error
         version, deployment_id, boots = body.version, body.deployment_id, body.boots
     now = engine.now()
+    device = await db.get(Device, serial)
+    if device is None:
+        raise HttpError(404, "NOT_FOUND", f"device {serial!r} is not registered")
     if deployment_id is None:
-        device = await db.get(Device, serial)
-        deployment_id = await deployments.attribute(db, device, now) if device else None
-    elif await db.get(Deployment, deployment_id) is None:
-        raise HttpError(404, "NOT_FOUND", f"deployment {deployment_id} not found")
+        deployment_id = await deployments.attribute(db, device, now)
+    else:
+        allowed = await deployments.reportable(db, device, deployment_id)
+        if allowed is None:
+            raise HttpError(404, "NOT_FOUND", f"deployment {deployment_id} not found")
+        if not allowed:
+            log.warning(
+                "refused a report from device %r about deployment %d, which was not offered to it",
+                serial,
+                deployment_id,
+            )
+            raise HttpError(
+                403, "NOT_OFFERED", f"deployment {deployment_id} was not offered to this device"
+            )
     changed = await deployments.record_status(
         db,
         serial=serial,
@@ -277,3 +308,31 @@ async def own_twin(request: Request, db: Db, st: State, token: Caller) -> Twin:
     if device is None:
         raise HttpError(404, "NOT_FOUND", "device not registered")
     return await twin_of(db, st, device, str(request.base_url))
+
+
+class NewToken(BaseModel):
+    device_token: str
+    expires_at: datetime | None  # of the new token (None: does not expire)
+    previous_expires_at: datetime  # the token used for this call stops working then
+
+
+@router.post("/token", response_model=NewToken)
+async def rotate_token(db: Db, token: Caller) -> NewToken:
+    """Rotate this device's token: the answer holds a new one (shown once); the token that made
+    the call keeps working for an hour, so a lost answer can be asked for again. 409 while the
+    device holds MAX_LIVE_DEVICE_TOKENS live tokens."""
+    serial = _device_of(token)
+    assert token is not None
+    now = utcnow()
+    if await live_device_tokens(db, serial, now) >= MAX_LIVE_DEVICE_TOKENS:
+        raise HttpError(
+            409,
+            "TOO_MANY_TOKENS",
+            f"this device already has {MAX_LIVE_DEVICE_TOKENS} live tokens; "
+            "rotate again when the old ones have expired",
+        )
+    minted, expires_at = rotate(db, token, now)
+    previous = token.expires_at
+    assert previous is not None
+    await db.commit()
+    return NewToken(device_token=minted, expires_at=expires_at, previous_expires_at=previous)

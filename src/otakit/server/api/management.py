@@ -43,6 +43,7 @@ from otakit.server.targeting import (
     parse_condition,
     product_group_condition,
 )
+from otakit.server.tokens import revoke_device_tokens
 from otakit.server.twin import Twin, twin_of
 
 router = APIRouter(
@@ -419,9 +420,12 @@ async def put_device(
 
 @router.delete("/devices/{serial}", status_code=204)
 async def delete_device(serial: str, db: Db, _admin: Admin) -> Response:
+    """Delete a device and revoke its tokens: a device later registered with the same serial
+    is another device and gets a token of its own."""
     device = await db.get(Device, serial)
     if device is None:
         raise not_found(f"device {serial!r}")
+    await revoke_device_tokens(db, serial, utcnow())
     await db.delete(device)
     await db.commit()
     return Response(status_code=204)

@@ -9,7 +9,9 @@ signed download URLs of the JSON API.
   ``Range``/``206``/``Content-Range``/``416``, ``ETag`` (the SHA-256) and ``If-Range``.
 - ``GET|HEAD /ota-update.bin``: the direct flow's file (anonymous products).
 - ``POST`` to any file path: the result, ``{"Message": "Success"|"Failure", "File": ...}``, with
-  or without a body (the original sends none).
+  or without a body (the original sends none). Results from devices that do not identify
+  themselves are kept as history only (they count for no rollout), the newest
+  ``ServerSettings.anonymous_history`` of them.
 - ``GET|HEAD /dl/{id}/{name}?expires=..&sig=..``: expiring signed URLs (403 when expired or
   forged); anyone holding a valid URL may download. Served by ``downloads.SignedDownloads``
   in front of the web framework.
@@ -344,7 +346,7 @@ async def device_result(
     response_class=Response,
 )
 async def anonymous_result(
-    artifact_id: str, name: str, request: Request, db: Db, engine: rollouts.Rollouts
+    artifact_id: str, name: str, request: Request, db: Db, st: State, engine: rollouts.Rollouts
 ) -> Response:
     """A result from a device that did not identify itself (kept as an anonymous report)."""
     artifact = await _artifact(db, artifact_id, name)
@@ -353,7 +355,13 @@ async def anonymous_result(
     offer = await _anonymous_offer(db, now)
     deployment_id = offer.deployment.id if offer.artifact.id == artifact.id else None
     await deployments.record_status(
-        db, serial=None, deployment_id=deployment_id, status=status, error=error, now=now
+        db,
+        serial=None,
+        deployment_id=deployment_id,
+        status=status,
+        error=error,
+        now=now,
+        keep=st.settings.anonymous_history,
     )
     await db.commit()
     return _received()
@@ -365,13 +373,19 @@ async def anonymous_result(
     responses={200: {"content": JSON_DOC}},
     response_class=Response,
 )
-async def direct_result(request: Request, db: Db, engine: rollouts.Rollouts) -> Response:
+async def direct_result(request: Request, db: Db, st: State, engine: rollouts.Rollouts) -> Response:
     """The direct flow's result."""
     now = engine.now()
     offer = await _anonymous_offer(db, now)
     status, error = await _result(request)
     await deployments.record_status(
-        db, serial=None, deployment_id=offer.deployment.id, status=status, error=error, now=now
+        db,
+        serial=None,
+        deployment_id=offer.deployment.id,
+        status=status,
+        error=error,
+        now=now,
+        keep=st.settings.anonymous_history,
     )
     await db.commit()
     return _received()
