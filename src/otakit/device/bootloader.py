@@ -52,7 +52,7 @@ from otakit.errors import (
 )
 from otakit.image.header import ImageVersion
 from otakit.image.keys import PublicKey
-from otakit.image.layout import read_layout
+from otakit.image.layout import ImageLayout, read_layout
 from otakit.image.trailer import MAX_ALIGN, SwapType, TrailerState
 from otakit.image.verify import VerifiedImage, verify_image
 
@@ -315,18 +315,34 @@ class Bootloader:
         except ImageFormatError:
             return self._data_end(image)
 
-    def _check_not_older(self, candidate: VerifiedImage, image: int) -> None:
-        if self.config.allow_downgrade and self.config.ignore_security_counter:
-            return
+    def _running(self, image: int) -> ImageLayout | None:
+        """The layout of the image in the primary slot, or None if nothing valid is there."""
         try:
-            current = read_layout(self.primary(image), max_size=self._data_end(image))
+            return read_layout(self.primary(image), max_size=self._data_end(image))
         except ImageFormatError:
+            return None
+
+    def _check_not_older(self, candidate: VerifiedImage, image: int) -> None:
+        current = self._running(image)
+        if current is None:
             return  # nothing valid runs: any valid image is an improvement
         if not self.config.allow_downgrade and candidate.version < current.header.version:
             raise DowngradeError(
                 f"image {candidate.version} is older than the running {current.header.version}",
                 value=str(candidate.version),
             )
+        self._check_counter(candidate, current)
+
+    def check_security_counter(self, candidate: VerifiedImage, image: int = 0) -> None:
+        """MCUboot's rollback protection, independent of version downgrades: raise
+        DowngradeError when ``candidate``'s security counter is lower than the running image's
+        (unless ``ignore_security_counter``). An agent calls it before marking an image
+        pending; the bootloader checks again at boot."""
+        current = self._running(image)
+        if current is not None:
+            self._check_counter(candidate, current)
+
+    def _check_counter(self, candidate: VerifiedImage, current: ImageLayout) -> None:
         if self.config.ignore_security_counter:
             return
         new_counter, old_counter = candidate.security_counter, current.security_counter

@@ -617,9 +617,10 @@ class AgentConfig:
     replaces the system CAs and ``client_cert``/``client_key`` present a client certificate
     (HTTPS only). The token and the client certificate go only to ``server``'s origin and to
     ``trusted_origins``; other hosts a job names are asked without them, and a plain-HTTP one
-    for an HTTPS ``server`` is refused unless ``allow_insecure_redirects``. ``transport`` says which transport asks for the job: ``"http"`` (the server)
-    or ``"mqtt"`` (the ``[mqtt]`` broker; ``server`` is then optional). Jobs for the other
-    transport are followed when it is configured (HTTP(S) jobs always are).
+    for an HTTPS ``server`` is refused unless ``allow_insecure_redirects``. ``transport`` says
+    which transport asks for the job: ``"http"`` (the server) or ``"mqtt"`` (the ``[mqtt]``
+    broker; ``server`` is then optional). Jobs for the other transport are followed when it is
+    configured (HTTP(S) jobs always are).
 
     Raises:
         ConfigError: a field is invalid (see each table's class), both ``token`` and

@@ -26,11 +26,10 @@ from otakit.errors import (
     DowngradeError,
     FlashError,
     HashMismatchError,
-    ImageFormatError,
     ImageTooLargeError,
 )
 from otakit.image.keys import PublicKey
-from otakit.image.layout import check_erased_after, read_layout
+from otakit.image.layout import check_erased_after
 from otakit.image.source import iter_range
 from otakit.image.verify import VerifiedImage, verify_image
 from otakit.protocol.version import FirmwareVersion
@@ -215,7 +214,7 @@ class SlotStorage:
                 f"the downloaded image is {version}, not newer than the running {self.current}",
                 value=str(version),
             )
-        self._check_security_counter(verified)
+        self.boot.check_security_counter(verified, self.image)
         # what follows the TLVs up to the trailer must be erased: written bytes there are
         # unsigned (appended to the file); an imgtool --pad image has only erased bytes there
         end = data_end if self._download is None else min(data_end, self._download.size)
@@ -223,22 +222,6 @@ class SlotStorage:
             self.boot.secondary(self.image), verified.layout, end, self.boot.flash.erased_value
         )
         return verified
-
-    def _check_security_counter(self, candidate: VerifiedImage) -> None:
-        """MCUboot's rollback protection, independent of version downgrades."""
-        if self.boot.config.ignore_security_counter:
-            return
-        try:
-            running = read_layout(self.boot.primary(self.image), max_size=self.data_end)
-            old = running.security_counter
-        except ImageFormatError:
-            return  # nothing valid runs (mid-upgrade): the bootloader checks at boot
-        new = candidate.security_counter
-        if old is not None and (new or 0) < old:
-            raise DowngradeError(
-                f"the image's security counter {new} is lower than the running image's {old}",
-                value=new,
-            )
 
     def set_pending(self, *, permanent: bool) -> None:
         log.info("image %d pending (%s)", self.image, "permanent" if permanent else "test")

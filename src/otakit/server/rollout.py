@@ -98,7 +98,7 @@ FAILED_STATES = ("error", "invalid", "reverted")
 ABORTED_ERROR = "aborted"  # the error a download gets when its rollout is aborted
 NOT_CONFIRMED = "not confirmed in time"
 
-MAX_STEPS = MAX_PHASES + 8  # transitions one evaluation may make (phases may be empty)
+MAX_STEPS = MAX_PHASES + 8  # transitions one evaluation may make (several phases may be due)
 
 
 # --- phases ------------------------------------------------------------------------------------

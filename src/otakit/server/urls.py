@@ -45,6 +45,6 @@ def check_signature(
         return "the download URL is not signed"
     if int(expires) < (time.time() if now is None else now):
         return "the download URL has expired"
-    if not hmac.compare_digest(_signature(key, path, int(expires)).encode(), sig.encode()):
+    if not hmac.compare_digest(_signature(key, path, int(expires)), sig):  # both ASCII
         return "the download URL signature is not valid"
     return None
