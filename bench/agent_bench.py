@@ -72,6 +72,8 @@ from server_bench import (  # noqa: E402 - the same server start-up as the serve
     BenchError,
     Running,
     _ok,
+    add_smoke_options,
+    check_smoke,
     otakit_server,
 )
 
@@ -89,7 +91,6 @@ from otakit.image.sign import SignOptions, sign_image  # noqa: E402
 from otakit.image.verify import verify_image  # noqa: E402
 from otakit.sim.fleet import MemoryJournal, fleet_flashmap  # noqa: E402
 
-RESULTS = BENCH / "results"
 PRODUCT, BOARD = "agent-bench", "BOARD_A"
 RUNNING, NEW = "1.0.0", "1.1.0"
 MIB = 2**20
@@ -529,23 +530,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per cell (median)")
     parser.add_argument("--sizes", default="1,8", help="image payloads, MiB")
     parser.add_argument("--chunks", default="4,64,1024", help="range sizes, KiB")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="the smallest run, to check that the script works (numbers mean nothing): "
-        "--repeat 1 --sizes 1 --chunks 64, curl over the image a few times; needs --results",
-    )
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="folder for agent.json (bench/results)"
+    add_smoke_options(
+        parser,
+        "--repeat 1 --sizes 1 --chunks 64, curl over the image a few times",
+        "folder for agent.json (bench/results)",
     )
     parser.add_argument("--device-run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device_run:
         return device_main(json.loads(args.device_run))
     curl_requests = CURL_REQUESTS
+    check_smoke(parser, args)
     if args.smoke:
-        if args.results == RESULTS:
-            parser.error("--smoke needs --results DIR: its numbers are not results")
         args.repeat, args.sizes, args.chunks = 1, "1", "64"
         curl_requests = SMOKE_CURL_REQUESTS
 

@@ -66,6 +66,8 @@ from server_bench import (  # noqa: E402 - the same server start-up and CPU acco
     BIN,
     BenchError,
     Running,
+    add_smoke_options,
+    check_smoke,
     cpu_seconds,
     nginx_server,
     otakit_server,
@@ -78,7 +80,6 @@ from otakit.image.keys import SigningKey  # noqa: E402
 from otakit.image.sign import SignOptions, sign_image  # noqa: E402
 from otakit.sim.fleet import Fleet, FleetConfig  # noqa: E402
 
-RESULTS = BENCH / "results"
 PRODUCT, GROUP, BOARD = "fleet-bench", "field", "BOARD_A"
 POLL_INTERVAL_S = 1800
 IDLE_CHECKINS_OTAKIT = 5_000  # at least this many idle check-ins are timed on otakit
@@ -278,19 +279,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="requests on the wire")
     parser.add_argument("--image-kib", type=int, default=256, help="image payload size")
     parser.add_argument("--chunk-kib", type=int, default=64, help="range size")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="the smallest run, to check that the script works (numbers mean nothing); "
-        "needs --results, writes fleet-quick.json there",
-    )
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="folder for the JSON (bench/results)"
-    )
+    add_smoke_options(parser, "writes fleet-quick.json", "folder for the JSON (bench/results)")
     args = parser.parse_args()
+    check_smoke(parser, args)
     if args.smoke:
-        if args.results == RESULTS:
-            parser.error("--smoke needs --results DIR: its numbers are not results")
         args.quick = True
         args.devices = args.devices or 20
         args.image_kib, args.chunk_kib = 32, 16

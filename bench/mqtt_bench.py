@@ -60,12 +60,14 @@ import paho.mqtt.client as paho
 
 BENCH = Path(__file__).parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "results"
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))  # the test harness's Mosquitto (tests/mqtt_harness.py)
 
 from tests.mqtt_harness import Broker, make_tls  # noqa: E402
 from tests.server_harness import free_port  # noqa: E402
+
+sys.path.insert(0, str(BENCH))
+from server_bench import add_smoke_options, check_smoke  # noqa: E402
 
 import otakit  # noqa: E402
 from otakit.protocol import mqtt  # noqa: E402
@@ -448,14 +450,8 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help="One run per cell, tuned broker only.")
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="The smallest run, to check that the script works (numbers mean nothing): --quick "
-        "with 1 and 2 devices; needs --results.",
-    )
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="Folder for the JSON (bench/results)."
+    add_smoke_options(
+        parser, "--quick with 1 and 2 devices", "Folder for the JSON (bench/results)."
     )
     parser.add_argument("--reference-sender", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -463,8 +459,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.reference_sender:
         return run_reference_sender(args.port, args.image)
-    if args.smoke and args.results == RESULTS:
-        parser.error("--smoke needs --results DIR: its numbers are not results")
+    check_smoke(parser, args)
     quick = args.quick or args.smoke
     many = 2 if args.smoke else 100  # devices at once in the nodelay cells
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():

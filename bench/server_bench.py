@@ -755,21 +755,30 @@ def tables(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 s cells and fewer cells")
+def add_smoke_options(parser: argparse.ArgumentParser, smoke: str, results: str) -> None:
+    """``--smoke`` (the smallest run, ``smoke`` says what it does) and ``--results DIR``, for
+    every bench script; :func:`check_smoke` keeps a smoke run out of bench/results/."""
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="the smallest run, to check that the script works (numbers mean nothing); "
-        "needs --results, writes server-quick.json there",
+        help=f"the smallest run, to check that the script works (numbers mean nothing): {smoke}; "
+        "needs --results",
     )
-    parser.add_argument(
-        "--results", type=Path, default=RESULTS, help="folder for the JSON (bench/results)"
-    )
-    args = parser.parse_args(argv)
-    if args.smoke and args.results == RESULTS:
+    parser.add_argument("--results", type=Path, default=RESULTS, help=results)
+
+
+def check_smoke(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop (exit 2) a ``--smoke`` run that would write into the recorded results."""
+    if args.smoke and args.results == parser.get_default("results"):
         parser.error("--smoke needs --results DIR: its numbers are not results")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 s cells and fewer cells")
+    add_smoke_options(parser, "writes server-quick.json", "folder for the JSON (bench/results)")
+    args = parser.parse_args(argv)
+    check_smoke(parser, args)
     quick = args.quick or args.smoke
     duration, warmup = (1, 0) if args.smoke else (2, 1) if quick else (5, 1)  # whole seconds
     worker_counts = (1,) if quick else (1, 2)
