@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -42,7 +40,7 @@ from otakit.protocol.jobdoc import JobDocument, update_available
 from otakit.protocol.version import FirmwareVersion
 from otakit.sim.agent import run
 
-from .mqtt_harness import Broker, start_broker
+from .mqtt_harness import Broker, running_broker
 from .test_agent_security import TOKEN, Servers
 from .test_mqtt_transport import (
     MemoryStorage,
@@ -204,15 +202,9 @@ def test_the_subscriber_reassembles_forty_thousand_scattered_chunks_in_linear_wo
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    folder = Path(tempfile.mkdtemp(prefix="otakit-mqtt-security-"))
-    folder.chmod(0o755)
-    try:
-        running = start_broker(folder / "broker")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with running_broker(tmp_path_factory.mktemp("mqtt")) as running:
         yield running
-        running.stop()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

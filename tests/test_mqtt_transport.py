@@ -12,8 +12,6 @@ import contextlib
 import json
 import queue
 import random
-import shutil
-import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,7 +47,7 @@ from otakit.protocol.version import FirmwareVersion
 from otakit.sim.agent import JOURNAL_FILE, run
 from otakit.sim.device import Identity, SimDevice
 
-from .mqtt_harness import Broker, start_broker
+from .mqtt_harness import Broker, running_broker
 
 KEY = SigningKey.generate("ecdsa-p256")
 BOARD = "BOARD_A"
@@ -62,17 +60,9 @@ def image(version: str, size: int = 40_000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[Broker]:
-    # Not under pytest's 0700 tmp_path: Mosquitto started as root drops to its own user, which
-    # must read the certificates.
-    folder = Path(tempfile.mkdtemp(prefix="otakit-mqtt-transport-"))
-    folder.chmod(0o755)
-    try:
-        running = start_broker(folder / "broker")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    with running_broker(tmp_path_factory.mktemp("mqtt")) as running:
         yield running
-        running.stop()
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- a scripted publisher --------------------------------------------------------------------
