@@ -21,17 +21,18 @@ from rich.table import Table
 
 from otakit import __version__
 from otakit.device.cli import app as agent_app
-from otakit.errors import OtakitError, UsageError
+from otakit.errors import HexFileError, OtakitError, UsageError
 from otakit.files import read_input, write_atomic
 from otakit.host.deploy import deploy
 from otakit.host.push import push
 from otakit.host.rollout import app as rollout_app
 from otakit.host.subscriber import subscriber
 from otakit.image.header import ImageVersion
+from otakit.image.hexfile import is_hex_path, read_hex
 from otakit.image.info import ImageInfo, inspect, inspect_image
 from otakit.image.keys import GENERATED_KEY_TYPES, PublicKey, SigningKey
 from otakit.image.package import build_package, unpack_package
-from otakit.image.sign import SignOptions, sign_image
+from otakit.image.sign import SignOptions, hex_address, sign_image, sign_image_hex
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
 from otakit.server.cli import publisher, serve, token_app
@@ -137,8 +138,14 @@ def getpub(
 
 @app.command()
 def sign(
-    infile: Annotated[Path, typer.Argument(help="Payload (raw binary).", show_default=False)],
-    outfile: Annotated[Path, typer.Argument(help="Signed image to write.", show_default=False)],
+    infile: Annotated[
+        Path,
+        typer.Argument(help="Payload: raw binary, or Intel HEX if named .hex.", show_default=False),
+    ],
+    outfile: Annotated[
+        Path,
+        typer.Argument(help="Signed image to write (Intel HEX if named .hex).", show_default=False),
+    ],
     version: Annotated[str, typer.Option("-v", "--version", help="major.minor.revision+build")],
     key: Annotated[
         Path | None, typer.Option("-k", "--key", help="Signing key (PEM).", show_default=False)
@@ -153,6 +160,12 @@ def sign(
         bool, typer.Option("--pad-header", help="Prepend the header instead of using zeros.")
     ] = False,
     align: Annotated[str, typer.Option("--align", help="Flash write alignment.")] = "1",
+    max_align: Annotated[
+        str | None,
+        typer.Option(
+            "--max-align", help="Trailer alignment, 8, 16 or 32 (default: 8 or --align if larger)."
+        ),
+    ] = None,
     slot_size: Annotated[
         str, typer.Option("-S", "--slot-size", help="Slot size (needed with --pad).")
     ] = "0",
@@ -179,8 +192,19 @@ def sign(
     public_key_format: Annotated[
         str, typer.Option("--public-key-format", help="Put the key 'hash' or the 'full' key.")
     ] = "hash",
+    hex_addr: Annotated[
+        str | None,
+        typer.Option(
+            "-x", "--hex-addr", help="Address of a .hex output (default: the .hex input's)."
+        ),
+    ] = None,
 ) -> None:
-    """Sign a payload into an MCUboot image (passes ``imgtool verify``)."""
+    """Sign a payload into an MCUboot image (passes ``imgtool verify``).
+
+    Like imgtool, a .hex INFILE is read as Intel HEX (gaps filled with 0xFF) and a .hex OUTFILE
+    is written as Intel HEX at the input's address (less the header with --pad-header) or at
+    --hex-addr.
+    """
     if key is None and not unsigned:
         raise UsageError("give the signing key with --key (or --unsigned for a hash-only image)")
     if key is not None and unsigned:
@@ -204,14 +228,37 @@ def sign(
         dependencies=() if dependencies is None else _dependencies(dependencies),
         load_addr=_int(load_addr, "--load-addr"),
         public_key_format="full" if public_key_format == "full" else "hash",
+        max_align=None if max_align is None else _int(max_align, "--max-align"),
     )
     signing_key = SigningKey.load(key) if key is not None else None
-    image = sign_image(read_input(infile, what="payload"), signing_key, options)
+    input_address = None
+    if is_hex_path(infile):
+        hex_input = read_hex(infile)
+        payload, input_address = hex_input.data, hex_input.address
+    else:
+        payload = read_input(infile, what="payload")
+    where = ""
+    if is_hex_path(outfile):
+        address = hex_address(
+            input_address, options, None if hex_addr is None else _int(hex_addr, "--hex-addr")
+        )
+        if address is None:
+            raise HexFileError(
+                f"{outfile} is Intel HEX, which needs an address: the input is binary, so give "
+                "it with --hex-addr",
+                value=str(outfile),
+            )
+        image = sign_image_hex(payload, signing_key, options, address=address)
+        where = f" at 0x{address:08x}"
+    else:
+        image = sign_image(payload, signing_key, options)
     write_atomic(outfile, image)
     signer = (
         f"{signing_key.type} key {signing_key.public_key.fingerprint}" if signing_key else "no key"
     )
-    err.print(f"wrote {outfile}: version {options.version}, {len(image)} bytes, signed by {signer}")
+    err.print(
+        f"wrote {outfile}{where}: version {options.version}, {len(image)} bytes, signed by {signer}"
+    )
 
 
 @app.command()
@@ -228,20 +275,32 @@ def verify(
         str | None, typer.Option("-S", "--slot-size", help="Fail if the image is larger.")
     ] = None,
 ) -> None:
-    """Verify an image's hash and signature. Exit 0 valid, 1 invalid, 2 usage error."""
+    """Verify an image's hash and signature. Exit 0 valid, 1 invalid, 2 usage error.
+
+    A .hex image is read as Intel HEX. As with imgtool verify, an image marked encrypted passes
+    when its payload is in clear (imgtool sign -E KEY --clear); an encrypted payload does not.
+    """
     if not key and not hash_only:
         raise UsageError("give a trusted key with --key (or --hash-only to skip the signature)")
     keys = [PublicKey.load(k) for k in key] if key else None
     max_size = None if slot_size is None else _int(slot_size, "--slot-size")
-    result = verify_image(image, None if hash_only else keys, max_size=max_size)
+    result = verify_image(image, None if hash_only else keys, max_size=max_size, accept_clear=True)
     signer = result.signed_by
     by = (
         f", signed by {signer.type} key {signer.fingerprint}"
         if signer
         else ", signature not checked"
     )
+    clear = ""
+    if result.layout.header.encrypted:
+        key_tlv = result.layout.encryption_tlv
+        clear = (
+            f"; marked encrypted ({key_tlv.name if key_tlv else 'no key TLV'}) with the payload "
+            "in clear (imgtool --clear): for the primary slot, not an OTA update"
+        )
     out.print(
-        f"{image}: valid, version {result.version}, {result.hash_name} {result.digest.hex()}{by}"
+        f"{image}: valid, version {result.version}, {result.hash_name} {result.digest.hex()}"
+        f"{by}{clear}"
     )
 
 
@@ -250,7 +309,10 @@ def info(
     image: Annotated[Path, typer.Argument(help="Image or package.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Show an image's header, sizes, TLVs, hash and trailer; or a package and its images."""
+    """Show an image's header, sizes, TLVs, hash and trailer; or a package and its images.
+
+    A .hex image is read as Intel HEX.
+    """
     details = inspect(image)
     if as_json:
         out.print_json(json.dumps(details.to_dict()))

@@ -60,6 +60,13 @@ class VersionFormatError(UsageError):
     code = "BAD_VERSION"
 
 
+class HexFileError(InputFileError):
+    """A ``.hex`` file is not valid Intel HEX (bad record, checksum, overlap), holds no data, or
+    spans more address space than otakit reads; or a ``.hex`` output has no address."""
+
+    code = "BAD_HEX"
+
+
 # --- keys --------------------------------------------------------------------------------------
 
 
@@ -162,6 +169,13 @@ class UnsignedImageError(VerificationError):
     """A signature was required but the image carries none."""
 
     code = "UNSIGNED"
+
+
+class EncryptedImageError(VerificationError):
+    """The image is marked encrypted (IMAGE_F_ENCRYPTED_*): otakit cannot decrypt its payload,
+    and only accepts a payload in clear (``imgtool sign --clear``) where asked to."""
+
+    code = "ENCRYPTED"
 
 
 class DowngradeError(VerificationError):

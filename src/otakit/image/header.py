@@ -124,9 +124,11 @@ class ImageHeader:
             HEADER_STRUCT.unpack_from(data)
         )
         if magic != IMAGE_MAGIC:
+            hint = "is this an MCUboot image?"
+            if _looks_like_intel_hex(data):
+                hint = "this looks like Intel HEX text: give the file a .hex name"
             raise BadMagicError(
-                f"bad image magic 0x{magic:08x} (expected 0x{IMAGE_MAGIC:08x}); "
-                "is this an MCUboot image?",
+                f"bad image magic 0x{magic:08x} (expected 0x{IMAGE_MAGIC:08x}); {hint}",
                 value=magic,
             )
         return cls(
@@ -152,3 +154,19 @@ class ImageHeader:
     @property
     def flag_names(self) -> list[str]:
         return [f.name for f in ImageFlags if f.name and self.flags & f]
+
+    @property
+    def encrypted(self) -> bool:
+        """IMAGE_F_ENCRYPTED_AES128/256: MCUboot decrypts the payload in the secondary slot.
+        ``imgtool sign -E KEY --clear`` sets it too, with the payload left in clear."""
+        return bool(self.flags & ENCRYPTED_FLAGS)
+
+
+ENCRYPTED_FLAGS = ImageFlags.ENCRYPTED_AES128 | ImageFlags.ENCRYPTED_AES256
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _looks_like_intel_hex(data: bytes) -> bool:
+    """An Intel HEX record starts with ':' and hex digits (imgtool reads .hex by name only)."""
+    first = data[1:HEADER_SIZE].split(b"\n", 1)[0].rstrip(b"\r")
+    return data[:1] == b":" and len(first) >= 10 and all(c in _HEX_DIGITS for c in first)

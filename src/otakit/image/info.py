@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from otakit.errors import ImageFormatError, VerificationError
+from otakit.errors import EncryptedImageError, ImageFormatError, VerificationError
 from otakit.image.layout import ImageLayout, read_layout
 from otakit.image.package import MAGIC_OFFSET, Component, PackageManifest, is_package, read_manifest
 from otakit.image.source import SliceSource, SourceLike, open_source
 from otakit.image.tlv import HASH_TLVS, SEC_CNT_STRUCT, TlvType
-from otakit.image.trailer import TRAILER_FIXED_SIZE, TrailerState
+from otakit.image.trailer import TrailerState, read_slot_trailer
 from otakit.image.verify import check_hash
 
 # TLV values longer than this are shown truncated in the human view.
@@ -23,6 +23,27 @@ class ImageInfo:
     hash_ok: bool | None  # None: the image has no hash TLV
     hash_problem: str | None
     trailer: TrailerState | None  # None when the image is not padded to a slot
+    payload_encrypted: bool | None = None  # None: not marked encrypted; False: imgtool --clear
+
+    @property
+    def encryption(self) -> dict[str, Any] | None:
+        """For an image marked encrypted: its flags, the key TLV and whether the payload is in
+        clear (``imgtool sign -E KEY --clear``: the hash matches the bytes as they are)."""
+        h = self.layout.header
+        key_tlv = self.layout.encryption_tlv
+        if not h.encrypted and key_tlv is None:
+            return None
+        if not h.encrypted:
+            payload = "not encrypted"  # a key TLV without the flag: MCUboot ignores it
+        elif self.payload_encrypted is None:
+            payload = "unknown"  # no hash to tell
+        else:
+            payload = "encrypted" if self.payload_encrypted else "clear"
+        return {
+            "flags": [f for f in h.flag_names if f.startswith("ENCRYPTED")],
+            "key_tlv": None if key_tlv is None else key_tlv.name,
+            "payload": payload,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         h = self.layout.header
@@ -60,10 +81,12 @@ class ImageInfo:
             ],
             "hash_ok": self.hash_ok,
             "hash_problem": self.hash_problem,
+            "encryption": self.encryption,
             "trailer": None
             if self.trailer is None
             else {
                 "magic": self.trailer.magic,
+                "max_align": self.trailer.max_align,
                 "image_ok": self.trailer.image_ok,
                 "copy_done": self.trailer.copy_done,
                 "swap_info": self.trailer.swap_info,
@@ -85,6 +108,15 @@ class ImageInfo:
         ]
         if self.hash_ok is not None:
             rows.append(("hash", "ok" if self.hash_ok else f"MISMATCH: {self.hash_problem}"))
+        encryption = self.encryption
+        if encryption is not None:
+            key = encryption["key_tlv"] or "no key TLV"
+            flags = ", ".join(encryption["flags"]) or "no ENCRYPTED flag"
+            shown = {
+                "clear": "payload in clear (imgtool --clear), for the primary slot",
+                "encrypted": "payload encrypted (otakit cannot decrypt it)",
+            }.get(encryption["payload"], f"payload {encryption['payload']}")
+            rows.append(("encryption", f"{flags}, {key}: {shown}"))
         for t in self.layout.all_tlvs():
             if t.kind == TlvType.SEC_CNT and len(t.value) == SEC_CNT_STRUCT.size:
                 shown = str(SEC_CNT_STRUCT.unpack(t.value)[0])
@@ -98,7 +130,8 @@ class ImageInfo:
             rows.append(
                 (
                     "trailer",
-                    f"magic {'set' if self.trailer.magic else 'unset'}, "
+                    f"magic {'set' if self.trailer.magic else 'unset'}"
+                    f"{f' (max-align {self.trailer.max_align})' if self.trailer.magic else ''}, "
                     f"image_ok {'set' if self.trailer.image_ok else 'unset'}, "
                     f"request {self.trailer.request}",
                 )
@@ -109,6 +142,7 @@ class ImageInfo:
 def inspect_image(source: SourceLike) -> ImageInfo:
     """Parse an image and check its hash (no signature check: see ``verify_image``).
 
+    The trailer of a padded image is read with the ``max_align`` its magic names (8, 16 or 32).
     Raises an :class:`~otakit.errors.ImageFormatError` subclass when the image is malformed; a
     hash that does not match is reported in the result, not raised.
     """
@@ -116,18 +150,18 @@ def inspect_image(source: SourceLike) -> ImageInfo:
         layout = read_layout(src)
         hash_ok: bool | None = None
         problem: str | None = None
+        payload_encrypted: bool | None = None
         if any(t.kind in HASH_TLVS for t in layout.tlvs):
             try:
                 check_hash(src, layout)
                 hash_ok = True
+                payload_encrypted = False if layout.header.encrypted else None
+            except EncryptedImageError as exc:
+                hash_ok, problem, payload_encrypted = False, exc.message, True
             except VerificationError as exc:
                 hash_ok, problem = False, exc.message
-        trailer = None
-        if src.size >= layout.end + TRAILER_FIXED_SIZE:
-            trailer = TrailerState.read(
-                src.read_at(src.size - TRAILER_FIXED_SIZE, TRAILER_FIXED_SIZE)
-            )
-        return ImageInfo(layout, hash_ok, problem, trailer)
+        trailer = read_slot_trailer(src, image_end=layout.end)
+        return ImageInfo(layout, hash_ok, problem, trailer, payload_encrypted)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from otakit.errors import (
 from otakit.image.header import HEADER_SIZE, ImageHeader
 from otakit.image.source import ByteSource, iter_range
 from otakit.image.tlv import (
+    ENCRYPTION_TLVS,
     SEC_CNT_STRUCT,
     TLV_INFO_SIZE,
     Dependency,
@@ -77,6 +78,11 @@ class ImageLayout:
                 value=len(tlv.value),
             )
         return int(SEC_CNT_STRUCT.unpack(tlv.value)[0])
+
+    @property
+    def encryption_tlv(self) -> Tlv | None:
+        """The TLV holding the image's wrapped AES key (imgtool ``-E``), if any."""
+        return next((t for t in self.all_tlvs() if t.kind in ENCRYPTION_TLVS), None)
 
     @property
     def dependencies(self) -> list[Dependency]:

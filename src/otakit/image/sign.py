@@ -4,6 +4,10 @@ imgtool's ``Image`` class is file-path oriented, prints as it goes and raises ``
 exceptions. :func:`sign_image` feeds it bytes, silences it, turns its exceptions into
 :class:`~otakit.errors.SigningError` and checks the result with otakit's own verifier before
 returning it.
+
+:func:`sign_image_hex` writes the same image as Intel HEX the way ``imgtool sign ... OUT.hex``
+does: the image at its address and, for a padded image, only the trailer's magic (and image_ok)
+at the end of the slot, with no filler in between.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,9 +26,17 @@ from imgtool.version import SemiSemVersion
 
 from otakit.errors import OtakitError, SigningError
 from otakit.image.header import HEADER_SIZE, ImageVersion
+from otakit.image.hexfile import format_hex
 from otakit.image.keys import KeyType, SigningKey
 from otakit.image.tlv import Dependency
-from otakit.image.trailer import DEFAULT_MAX_SECTORS, VALID_WRITE_ALIGNS, trailer_size
+from otakit.image.trailer import (
+    DEFAULT_MAX_SECTORS,
+    VALID_MAX_ALIGNS,
+    VALID_WRITE_ALIGNS,
+    TrailerLayout,
+    default_max_align,
+    trailer_size,
+)
 from otakit.image.verify import verify_image
 
 ERASED_BYTE = 0xFF
@@ -46,6 +59,7 @@ class SignOptions:
     dependencies: tuple[Dependency, ...] = ()
     load_addr: int = 0
     public_key_format: Literal["hash", "full"] = "hash"
+    max_align: int | None = None  # None: imgtool's max(8, align)
 
     def __post_init__(self) -> None:
         if not HEADER_SIZE <= self.header_size <= 0xFFFF:
@@ -67,6 +81,18 @@ class SignOptions:
                 f"security counter {self.security_counter} does not fit in 32 bits",
                 value=self.security_counter,
             )
+        if self.max_align is not None and self.max_align not in VALID_MAX_ALIGNS:
+            raise SigningError(
+                f"max alignment {self.max_align} must be one of "
+                f"{', '.join(map(str, VALID_MAX_ALIGNS))}",
+                value=self.max_align,
+            )
+        if self.max_align is not None and self.max_align < self.align:
+            raise SigningError(
+                f"max alignment {self.max_align} is smaller than the write alignment "
+                f"{self.align}: the bootloader's BOOT_MAX_ALIGN must be at least --align",
+                value=self.max_align,
+            )
         if not 1 <= self.max_sectors <= 0xFFFF:
             raise SigningError(
                 f"max sectors {self.max_sectors} out of range", value=self.max_sectors
@@ -78,8 +104,20 @@ class SignOptions:
         return self.pad or self.confirm
 
     @property
+    def trailer_layout(self) -> TrailerLayout:
+        """Where the trailer's magic and flags go (``max_align``, imgtool's default if unset)."""
+        return TrailerLayout(
+            default_max_align(self.align) if self.max_align is None else self.max_align
+        )
+
+    @property
     def trailer_size(self) -> int:
-        return trailer_size(self.align, self.max_sectors, overwrite_only=self.overwrite_only)
+        return trailer_size(
+            self.align,
+            self.max_sectors,
+            overwrite_only=self.overwrite_only,
+            max_align=self.trailer_layout.max_align,
+        )
 
 
 _IMGTOOL_KEY_CLASSES: dict[KeyType, Any] = {
@@ -98,9 +136,66 @@ def _semver(v: ImageVersion) -> SemiSemVersion:
 def sign_image(payload: bytes, key: SigningKey | None, options: SignOptions) -> bytes:
     """Return the MCUboot image of ``payload``, signed with ``key`` (``None``: hash only).
 
+    A padded image (``options.padded``) fills the slot and ends with the trailer.
+
     Raises :class:`~otakit.errors.SigningError` when the image cannot be built as asked
     (header area not free, image plus trailer larger than the slot, ...).
     """
+    img = _create(payload, key, options)
+    if options.padded:
+        with _imgtool_errors():
+            img.pad_to(options.slot_size)
+    image = bytes(img.payload)
+    _check(image, key)
+    return image
+
+
+def sign_image_hex(
+    payload: bytes, key: SigningKey | None, options: SignOptions, *, address: int
+) -> bytes:
+    """Return the image of ``payload`` as Intel HEX text, starting at ``address``.
+
+    As imgtool writes a ``.hex`` output: a padded image is not filled up to the slot; only the
+    trailer's magic goes at the end of the slot (``address + slot_size``), and for a confirmed
+    image the image_ok flag (one ``max_align`` unit) before it.
+    """
+    img = _create(payload, key, options)
+    image = bytes(img.payload)
+    _check(image, key)
+    chunks = [(address, image)]
+    if options.padded:
+        layout = options.trailer_layout
+        slot_end = address + options.slot_size
+        if options.confirm and not options.overwrite_only:
+            chunks.append((slot_end - layout.image_ok_off, layout.flag()))
+        chunks.append((slot_end - layout.magic_off, layout.magic))
+    return format_hex(chunks)
+
+
+def hex_address(
+    input_address: int | None, options: SignOptions, hex_addr: int | None = None
+) -> int | None:
+    """Where a ``.hex`` output starts, by imgtool's rule: ``--hex-addr`` when given, else the
+    lowest address of a ``.hex`` input, moved down by the header size with ``--pad-header``
+    (imgtool leaves an input at address 0 where it is). None: no address is known."""
+    if hex_addr is not None:
+        return hex_addr
+    if input_address is None:
+        return None
+    if options.pad_header and input_address:
+        if input_address < options.header_size:
+            raise SigningError(
+                f"the .hex input starts at 0x{input_address:x}, so a {options.header_size}-byte "
+                "header prepended with --pad-header would start below address 0; "
+                "give the image's address with --hex-addr",
+                value=input_address,
+            )
+        return input_address - options.header_size
+    return input_address
+
+
+def _create(payload: bytes, key: SigningKey | None, options: SignOptions) -> Any:
+    """imgtool's ``Image`` after ``create``: header, payload and TLVs, not padded."""
     if not options.pad_header and any(payload[: options.header_size]):
         raise SigningError(
             f"the first {options.header_size} bytes of the payload are not zero, so there is no "
@@ -125,6 +220,7 @@ def sign_image(payload: bytes, key: SigningKey | None, options: SignOptions) -> 
         overwrite_only=options.overwrite_only,
         load_addr=options.load_addr,
         security_counter=options.security_counter,
+        max_align=options.max_align,
     )
     # What Image.load() does for a binary file, without the file.
     img.infile_data = payload
@@ -139,21 +235,28 @@ def sign_image(payload: bytes, key: SigningKey | None, options: SignOptions) -> 
             imgtool_image.DEP_VERSIONS_KEY: [_semver(d.min_version) for d in options.dependencies],
         }
     imgtool_key = _IMGTOOL_KEY_CLASSES[key.type](key.private_key) if key is not None else None
+    with _imgtool_errors():
+        img.create(imgtool_key, options.public_key_format, None, dependencies)
+    return img
+
+
+@contextlib.contextmanager
+def _imgtool_errors() -> Iterator[None]:
+    """Silence imgtool and turn its exceptions into SigningError."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            img.create(imgtool_key, options.public_key_format, None, dependencies)
-            if options.padded:
-                img.pad_to(options.slot_size)
+            yield
     except click.ClickException as exc:
         raise SigningError(_imgtool_message(exc.format_message())) from None
     except (ValueError, struct.error, OverflowError) as exc:
         raise SigningError(f"cannot build the image: {exc}") from None
-    image = bytes(img.payload)
+
+
+def _check(image: bytes, key: SigningKey | None) -> None:
     try:
         verify_image(image, [key.public_key] if key is not None else None)
     except OtakitError as exc:  # pragma: no cover - would be a bug in the imgtool wrapper
         raise SigningError(f"the signed image does not verify: {exc}") from exc
-    return image
 
 
 def _imgtool_message(message: str) -> str:

@@ -3,6 +3,7 @@
 A device verifies a slot it cannot hold in memory, so every reader in ``otakit.image`` takes a
 :class:`ByteSource`: anything with a ``size`` and ``read_at(offset, length)``. Bytes, open binary
 files and paths are adapted by :func:`open_source`; a flash slot implements the protocol itself.
+A path ending in ``.hex`` is read as Intel HEX, as imgtool reads it (:mod:`otakit.image.hexfile`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from otakit.errors import InputFileError
+from otakit.image.hexfile import is_hex_path, read_hex
 
 CHUNK = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
@@ -87,9 +89,15 @@ SourceLike = ByteSource | bytes | bytearray | memoryview | BinaryIO | str | os.P
 
 @contextlib.contextmanager
 def open_source(source: SourceLike) -> Iterator[ByteSource]:
-    """Adapt ``source`` to a :class:`ByteSource`; paths are opened (and closed) here."""
+    """Adapt ``source`` to a :class:`ByteSource`; paths are opened (and closed) here.
+
+    A ``.hex`` path is decoded whole into memory (the bytes from its lowest to its highest
+    address, gaps erased); it raises :class:`~otakit.errors.HexFileError` when malformed.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
         yield BytesSource(source)
+    elif isinstance(source, str | os.PathLike) and is_hex_path(source):
+        yield BytesSource(read_hex(source).data)
     elif isinstance(source, str | os.PathLike):
         path = Path(source)
         try:

@@ -73,6 +73,14 @@ SIGNATURE_TLVS = (
     TlvType.RSA3072_PSS,
     TlvType.ED25519,
 )
+# The AES key of an encrypted image, wrapped for the device's key (imgtool -E).
+ENCRYPTION_TLVS = (
+    TlvType.ENC_RSA2048,
+    TlvType.ENC_KW,
+    TlvType.ENC_EC256,
+    TlvType.ENC_X25519,
+    TlvType.ENC_X25519_SHA512,
+)
 # Types that may appear at most once in an image.
 _UNIQUE_TLVS = frozenset({*HASH_TLVS, TlvType.SEC_CNT, TlvType.SIG_PURE, TlvType.BOOT_RECORD})
 # Types that MCUboot only accepts in the protected area.

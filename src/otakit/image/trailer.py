@@ -1,14 +1,24 @@
 """The MCUboot image trailer at the end of a slot.
 
-Layout for a slot whose trailer uses ``max_align`` = 8 (MCUboot's default; imgtool ``--pad``),
-counted back from the end of the slot::
+Every field is written at a multiple of ``max_align`` (MCUboot's ``BOOT_MAX_ALIGN``, imgtool
+``--max-align``; by default the larger of 8 and the write alignment ``--align``), counted back
+from the end of the slot (``bootutil_misc.h``; imgtool ``Image.pad_to``)::
 
-    end - 16          boot magic (16 bytes)
-    end - 24          image_ok   (1 byte used, padded to max_align)
-    end - 32          copy_done
-    end - 40          swap_info  ((image_index << 4) | swap_type)
-    end - 48          swap_size  (u32, used while swapping)
-    before that       swap status: max_sectors * 3 * write_align bytes (not for overwrite-only)
+    end - 16                              boot magic (16 bytes)
+    end - M                               start of the magic's area, M = align_up(16, max_align)
+    end - M - max_align                   image_ok   (1 byte used, padded to max_align)
+    end - M - 2 * max_align               copy_done
+    end - M - 3 * max_align               swap_info  ((image_index << 4) | swap_type)
+    end - M - 4 * max_align               swap_size  (u32, used while swapping)
+    before that                           encryption keys (encrypted images only), then the
+                                          swap status: max_sectors * 3 * write_align bytes
+                                          (not for overwrite-only)
+
+With ``max_align`` = 8 (MCUboot's default) that is magic at end - 16, image_ok at end - 24,
+copy_done at end - 32, swap_info at end - 40. The magic itself depends on ``max_align``
+(``bootutil_public.c`` ``boot_img_magic``): for 8 it is :data:`BOOT_MAGIC`; otherwise it is
+``max_align`` as a little-endian u16 followed by the 14 bytes of :data:`BOOT_MAGIC_ALIGNED_TAIL`,
+so a reader learns ``max_align`` from the magic (as imgtool ``dumpinfo`` does).
 
 A flag byte is set when it reads 0x01; erased flash reads 0xFF.
 """
@@ -18,23 +28,110 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 
+from otakit.image.source import ByteSource
+
 BOOT_MAGIC = bytes.fromhex("77c295f360d2ef7f3552500f2cb67980")
 BOOT_MAGIC_SIZE = len(BOOT_MAGIC)
-MAX_ALIGN = 8
+# The magic after the u16 max_align when max_align is not 8.
+BOOT_MAGIC_ALIGNED_TAIL = bytes.fromhex("2de15d29410b8d77679c110f1f8a")
+MAX_ALIGN = 8  # MCUboot's default BOOT_MAX_ALIGN
 DEFAULT_MAX_SECTORS = 128
 FLAG_SET = 0x01
 ERASED = 0xFF
 
-# Offsets of each field counted back from the end of the slot (max_align = 8).
-MAGIC_OFF = BOOT_MAGIC_SIZE
-IMAGE_OK_OFF = MAGIC_OFF + MAX_ALIGN
-COPY_DONE_OFF = IMAGE_OK_OFF + MAX_ALIGN
-SWAP_INFO_OFF = COPY_DONE_OFF + MAX_ALIGN
-SWAP_SIZE_OFF = SWAP_INFO_OFF + MAX_ALIGN
-# The fixed part of the trailer: magic plus the four aligned fields.
-TRAILER_FIXED_SIZE = SWAP_SIZE_OFF
-
 VALID_WRITE_ALIGNS = (1, 2, 4, 8, 16, 32)
+# imgtool --max-align choices; MCUboot's swap modes accept 8 to 32.
+VALID_MAX_ALIGNS = (8, 16, 32)
+
+
+def align_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def default_max_align(write_align: int) -> int:
+    """imgtool's ``max_align`` when ``--max-align`` is not given: ``max(8, --align)``."""
+    return max(MAX_ALIGN, write_align)
+
+
+def boot_magic(max_align: int = MAX_ALIGN) -> bytes:
+    """The 16-byte trailer magic a bootloader built with ``BOOT_MAX_ALIGN = max_align`` expects."""
+    if max_align == MAX_ALIGN:
+        return BOOT_MAGIC
+    return max_align.to_bytes(2, "little") + BOOT_MAGIC_ALIGNED_TAIL
+
+
+@dataclass(frozen=True)
+class TrailerLayout:
+    """Where the fixed trailer fields sit for one ``max_align``: offsets counted back from the
+    end of the slot (``slot_size - offset`` is the field's position)."""
+
+    max_align: int = MAX_ALIGN
+
+    def __post_init__(self) -> None:
+        if self.max_align not in VALID_MAX_ALIGNS:
+            raise ValueError(
+                f"max_align {self.max_align} is not one of {', '.join(map(str, VALID_MAX_ALIGNS))}"
+            )
+
+    @classmethod
+    def from_magic(cls, magic: bytes) -> TrailerLayout | None:
+        """The layout whose magic ``magic`` (the last 16 bytes of a slot) is; None if none is."""
+        if magic == BOOT_MAGIC:
+            return cls(MAX_ALIGN)
+        if len(magic) == BOOT_MAGIC_SIZE and magic[2:] == BOOT_MAGIC_ALIGNED_TAIL:
+            align = int.from_bytes(magic[:2], "little")
+            if align in VALID_MAX_ALIGNS and align != MAX_ALIGN:
+                return cls(align)
+        return None
+
+    @property
+    def magic(self) -> bytes:
+        return boot_magic(self.max_align)
+
+    @property
+    def magic_area(self) -> int:
+        """Bytes the magic occupies, padded to ``max_align`` (``BOOT_MAGIC_ALIGN_SIZE``)."""
+        return align_up(BOOT_MAGIC_SIZE, self.max_align)
+
+    @property
+    def magic_off(self) -> int:
+        return BOOT_MAGIC_SIZE
+
+    @property
+    def image_ok_off(self) -> int:
+        return self.magic_area + self.max_align
+
+    @property
+    def copy_done_off(self) -> int:
+        return self.image_ok_off + self.max_align
+
+    @property
+    def swap_info_off(self) -> int:
+        return self.copy_done_off + self.max_align
+
+    @property
+    def swap_size_off(self) -> int:
+        return self.swap_info_off + self.max_align
+
+    @property
+    def fixed_size(self) -> int:
+        """The fixed part of the trailer: magic plus the four aligned fields."""
+        return self.swap_size_off
+
+    def flag(self, value: int = FLAG_SET) -> bytes:
+        """A flag as imgtool writes it: ``value`` then erased bytes up to ``max_align``."""
+        return bytes([value]) + bytes([ERASED]) * (self.max_align - 1)
+
+
+DEFAULT_LAYOUT = TrailerLayout(MAX_ALIGN)
+# Offsets of each field counted back from the end of the slot for max_align = 8, the layout the
+# device simulator's bootloader uses.
+MAGIC_OFF = DEFAULT_LAYOUT.magic_off
+IMAGE_OK_OFF = DEFAULT_LAYOUT.image_ok_off
+COPY_DONE_OFF = DEFAULT_LAYOUT.copy_done_off
+SWAP_INFO_OFF = DEFAULT_LAYOUT.swap_info_off
+SWAP_SIZE_OFF = DEFAULT_LAYOUT.swap_size_off
+TRAILER_FIXED_SIZE = DEFAULT_LAYOUT.fixed_size
 
 
 class SwapType(IntEnum):
@@ -47,12 +144,18 @@ class SwapType(IntEnum):
 
 
 def trailer_size(
-    write_align: int = 8, max_sectors: int = DEFAULT_MAX_SECTORS, *, overwrite_only: bool = False
+    write_align: int = 8,
+    max_sectors: int = DEFAULT_MAX_SECTORS,
+    *,
+    overwrite_only: bool = False,
+    max_align: int | None = None,
 ) -> int:
-    """Bytes imgtool reserves for the trailer at the end of a slot (``_trailer_size``)."""
+    """Bytes imgtool reserves for the trailer at the end of a slot (``_trailer_size``, for an
+    image that is not encrypted). ``max_align`` defaults to imgtool's ``max(8, write_align)``."""
+    layout = TrailerLayout(default_max_align(write_align) if max_align is None else max_align)
     if overwrite_only:
-        return MAX_ALIGN * 2 + BOOT_MAGIC_SIZE
-    return max_sectors * 3 * write_align + MAX_ALIGN * 4 + BOOT_MAGIC_SIZE
+        return layout.max_align * 2 + layout.magic_area
+    return max_sectors * 3 * write_align + layout.max_align * 4 + layout.magic_area
 
 
 @dataclass(frozen=True)
@@ -63,6 +166,7 @@ class TrailerState:
     image_ok: bool
     copy_done: bool
     swap_info: int | None  # None when erased
+    max_align: int = MAX_ALIGN  # the layout the fields were read with
 
     @property
     def swap_type(self) -> SwapType | None:
@@ -81,15 +185,39 @@ class TrailerState:
         return "permanent" if self.image_ok else "test"
 
     @classmethod
-    def read(cls, tail: bytes) -> TrailerState:
-        """Decode the last ``TRAILER_FIXED_SIZE`` (or more) bytes of a slot."""
-        if len(tail) < TRAILER_FIXED_SIZE:
-            return cls(magic=False, image_ok=False, copy_done=False, swap_info=None)
+    def read(cls, tail: bytes, max_align: int = MAX_ALIGN) -> TrailerState:
+        """Decode the last ``fixed_size`` (or more) bytes of a slot as a bootloader built with
+        ``BOOT_MAX_ALIGN = max_align`` does: the magic must be that build's magic."""
+        layout = TrailerLayout(max_align)
+        if len(tail) < layout.fixed_size:
+            return cls(False, False, False, None, max_align)
         end = len(tail)
-        swap_info = tail[end - SWAP_INFO_OFF]
+        swap_info = tail[end - layout.swap_info_off]
         return cls(
-            magic=tail[end - MAGIC_OFF :] == BOOT_MAGIC,
-            image_ok=tail[end - IMAGE_OK_OFF] == FLAG_SET,
-            copy_done=tail[end - COPY_DONE_OFF] == FLAG_SET,
+            magic=tail[end - layout.magic_off :] == layout.magic,
+            image_ok=tail[end - layout.image_ok_off] == FLAG_SET,
+            copy_done=tail[end - layout.copy_done_off] == FLAG_SET,
             swap_info=None if swap_info == ERASED else swap_info,
+            max_align=max_align,
         )
+
+
+def read_slot_trailer(source: ByteSource, *, image_end: int) -> TrailerState | None:
+    """The trailer at the end of ``source`` (a padded image or a whole slot), with ``max_align``
+    taken from its magic as imgtool ``dumpinfo`` does; a slot whose magic is not recognised is
+    read with the default layout (and says ``magic=False``).
+
+    Returns None when the bytes after ``image_end`` (where the image's TLVs end) cannot hold a
+    trailer: the image is not padded to a slot.
+    """
+    size = source.size
+    if size < image_end + BOOT_MAGIC_SIZE:
+        return None
+    layout = TrailerLayout.from_magic(source.read_at(size - BOOT_MAGIC_SIZE, BOOT_MAGIC_SIZE))
+    if layout is None:
+        layout = DEFAULT_LAYOUT
+    if size < image_end + layout.fixed_size:
+        return None
+    return TrailerState.read(
+        source.read_at(size - layout.fixed_size, layout.fixed_size), layout.max_align
+    )

@@ -9,6 +9,13 @@ chunks; only the TLV areas are held in memory. Then:
 3. at least one signature by a trusted key must verify.
 
 Each failure raises its own :class:`~otakit.errors.VerificationError` subclass.
+
+Encrypted images (IMAGE_F_ENCRYPTED_*): imgtool hashes and signs the payload before it encrypts
+it, and MCUboot decrypts the secondary slot while hashing it. otakit does not decrypt, so it can
+only check an image whose payload was left in clear (``imgtool sign -E KEY --clear``, which keeps
+the flag and the key TLV): ``imgtool verify`` accepts those and so does :func:`verify_image` when
+asked (``accept_clear=True``). An encrypted payload does not match its (plaintext) hash and is
+refused with :class:`~otakit.errors.EncryptedImageError`.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from otakit.errors import (
+    EncryptedImageError,
     HashMismatchError,
     ImageTooLargeError,
     KeyMismatchError,
@@ -27,7 +35,7 @@ from otakit.errors import (
     UnsignedImageError,
     VerificationError,
 )
-from otakit.image.header import ImageFlags, ImageVersion
+from otakit.image.header import ImageVersion
 from otakit.image.keys import PublicKey
 from otakit.image.layout import ImageLayout, read_layout
 from otakit.image.source import ByteSource, SourceLike, iter_range, open_source
@@ -61,11 +69,19 @@ def verify_image(
     keys: Sequence[PublicKey] | None = None,
     *,
     max_size: int | None = None,
+    accept_clear: bool = False,
 ) -> VerifiedImage:
-    """Verify an image from bytes, a path, a binary file or any :class:`ByteSource`.
+    """Verify an image from bytes, a path (``.hex``: Intel HEX), a binary file or any
+    :class:`ByteSource`.
 
     With ``keys=None`` only the image's integrity (its hash) is checked; with a sequence of keys
     a valid signature by one of them is required.
+
+    An image marked encrypted is refused (:class:`~otakit.errors.EncryptedImageError`) unless
+    ``accept_clear``: then one whose payload is in clear (``imgtool sign -E KEY --clear``) is
+    checked like any other, as ``imgtool verify`` does. Devices and the server leave it False:
+    a bootloader without encryption support refuses such an image, and one with it decrypts
+    the secondary slot, which turns a clear payload into garbage.
 
     Raises an :class:`~otakit.errors.ImageFormatError` subclass for malformed input (bad magic,
     truncation, TLV overflow, too large for ``max_size``) and a
@@ -73,6 +89,14 @@ def verify_image(
     """
     with open_source(source) as src:
         layout = read_layout(src, max_size=max_size)
+        header = layout.header
+        if header.encrypted and not accept_clear:
+            raise EncryptedImageError(
+                f"image is marked encrypted ({', '.join(header.flag_names)}): otakit does not "
+                "decrypt images, and a bootloader that does would also decrypt a payload left in "
+                "clear (imgtool --clear), which is only for the primary slot",
+                value=header.flag_names,
+            )
         hash_name, digest, region = check_hash(src, layout)
         if keys is None:
             return VerifiedImage(layout, hash_name, digest, None)
@@ -84,11 +108,11 @@ def check_hash(src: ByteSource, layout: ImageLayout) -> tuple[str, bytes, bytes 
     """Stream the hashed region and compare it with the hash TLV.
 
     Returns the hash name, the digest and, for a pure-signature image, the hashed region itself
-    (which a pure signature covers). Raises :class:`HashMismatchError` on mismatch.
+    (which a pure signature covers). Raises :class:`HashMismatchError` on mismatch, or
+    :class:`EncryptedImageError` when the image is marked encrypted (its hash covers the
+    plaintext, so only a payload left in clear matches).
     """
     header = layout.header
-    if header.flags & (ImageFlags.ENCRYPTED_AES128 | ImageFlags.ENCRYPTED_AES256):
-        raise VerificationError("encrypted images are not supported", value=header.flag_names)
     hash_tlvs = [t for t in layout.tlvs if t.kind in HASH_TLVS]
     if not hash_tlvs:
         raise VerificationError("image has no SHA-256/384/512 hash TLV")
@@ -110,6 +134,13 @@ def check_hash(src: ByteSource, layout: ImageLayout) -> tuple[str, bytes, bytes 
             region += chunk
     digest = hasher.digest()
     if not hmac.compare_digest(digest, hash_tlv.value):
+        if header.encrypted:
+            raise EncryptedImageError(
+                f"the payload is encrypted ({', '.join(header.flag_names)}) and otakit cannot "
+                f"decrypt it (or it is corrupted): it does not match the image's plaintext "
+                f"{hash_name.upper()}; only an image signed with imgtool --clear can be checked",
+                value=digest.hex(),
+            )
         raise HashMismatchError(
             f"image {hash_name.upper()} does not match its contents: the image is "
             "corrupted or was modified after signing",
