@@ -47,7 +47,7 @@ from otakit.device.transports.http import USER_AGENT, HttpSettings, HttpTranspor
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
-from otakit.protocol.jobdoc import FIELD_LIMITS, MAX_DOCUMENT_BYTES
+from otakit.protocol.jobdoc import FIELD_LIMITS, MAX_DOCUMENT_BYTES, MAX_VALUE_BYTES
 from otakit.sim.agent import JOURNAL_FILE
 from otakit.sim.device import Identity, SimDevice
 
@@ -412,8 +412,9 @@ KNOWN_KEYS = tuple(FIELD_LIMITS)
 
 
 def _over(key: str) -> str:
-    """A value one UTF-8 byte longer than the device accepts, otherwise as valid as possible."""
-    limit = FIELD_LIMITS[key]
+    """A value one UTF-8 byte longer than the device accepts (as long as its buffer, leaving no
+    room for the NUL), otherwise as valid as possible."""
+    limit = MAX_VALUE_BYTES[key]
     if key == "Version":  # leading zeros are valid (atoi): only the length is wrong
         return "0" * (limit - 9) + "1.1." + "0" * 6  # 00000001.1.000000 is 1.1.0
     if key == "Message":
@@ -457,7 +458,7 @@ MALFORMED: list[Any] = [
     *(
         bad(
             f"oversize-{key}",
-            f"{key} is {FIELD_LIMITS[key] + 1} bytes, more than the {FIELD_LIMITS[key]}",
+            f"{key} is {FIELD_LIMITS[key]} bytes, more than the {MAX_VALUE_BYTES[key]}",
             job(**{key: _over(key)}),
         )
         for key in KNOWN_KEYS

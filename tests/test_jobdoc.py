@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import assume, event, given, settings
@@ -20,11 +21,13 @@ from otakit.protocol.jobdoc import (
     CONNECTIONS,
     FIELD_LIMITS,
     MAX_DOCUMENT_BYTES,
+    MAX_VALUE_BYTES,
     NO_UPDATE_AVAILABLE,
     RESULT_RECEIVED,
     UPDATE_AVAILABLE,
     JobDocument,
     check_job,
+    check_stored_value,
     no_update,
     parse_job_document,
     result_received,
@@ -470,22 +473,67 @@ FREE_TEXT_KEYS = [
 ]
 
 
+def test_a_value_leaves_room_for_the_terminator() -> None:
+    assert dict(MAX_VALUE_BYTES) == {key: size - 1 for key, size in FIELD_LIMITS.items()}
+
+
 @pytest.mark.parametrize("key", FREE_TEXT_KEYS)
 def test_each_field_limit(key: str) -> None:
-    limit = FIELD_LIMITS[key]
+    longest = MAX_VALUE_BYTES[key]
     base = {"Message": NO_UPDATE_AVAILABLE}
-    assert parse_job_document(json.dumps({**base, key: "a" * limit})).get(key) == "a" * limit
-    with pytest.raises(MalformedJobDocError, match=f"{key} is {limit + 1} bytes"):
-        parse_job_document(json.dumps({**base, key: "a" * (limit + 1)}))
+    assert parse_job_document(json.dumps({**base, key: "a" * longest})).get(key) == "a" * longest
+    # a value as long as the device's buffer leaves no room for its NUL
+    with pytest.raises(MalformedJobDocError, match=f"{key} is {longest + 1} bytes"):
+        parse_job_document(json.dumps({**base, key: "a" * (longest + 1)}))
+    with pytest.raises(MalformedJobDocError, match=f"{key} is {longest + 1} bytes"):
+        to_json(replace(JobDocument(message="m"), **{ATTRIBUTES[key]: "a" * (longest + 1)}))
     # the limit counts UTF-8 bytes, as the device stores them
+    wide = "é" * ((longest + 1) // 2) + "a" * ((longest + 1) % 2)  # longest + 1 bytes
     with pytest.raises(MalformedJobDocError):
-        parse_job_document(json.dumps({**base, key: "é" * (limit // 2) + "a"}))
+        parse_job_document(json.dumps({**base, key: wide}))
+
+
+ATTRIBUTES = {
+    **{key: key.lower() for key in FREE_TEXT_KEYS},
+    "ManufacturerId": "manufacturer_id",
+    "SerialNumber": "serial_number",
+    "UniqueTopicName": "unique_topic_name",
+}
 
 
 def test_version_limit() -> None:
-    assert parse_job_document(doc_json(Message="m", Version="1234567.1234.123")).version
-    with pytest.raises(MalformedJobDocError, match="Version is 17 bytes"):
-        parse_job_document(doc_json(Message="m", Version="1234567.1234.1234"))
+    assert parse_job_document(doc_json(Message="m", Version="123456.1234.123")).version
+    with pytest.raises(MalformedJobDocError, match="Version is 16 bytes"):
+        parse_job_document(doc_json(Message="m", Version="1234567.1234.123"))
+
+
+def test_stored_values_are_printable_without_json_escapes() -> None:
+    check_stored_value("Board", "CY8CPROTO_062_4343W")
+    check_stored_value("Manufacturer", "Acme Ünïcode GmbH")
+    for bad in ('say "hi"', "back\\slash", "tab\there", "new\nline", "nul\x00"):
+        with pytest.raises(MalformedJobDocError):
+            check_stored_value("Manufacturer", bad)
+    with pytest.raises(MalformedJobDocError, match="SerialNumber is 32 bytes, more than the 31"):
+        check_stored_value("SerialNumber", "s" * 32)
+
+
+def test_the_longest_stored_values_fit_in_one_document() -> None:
+    """Every field an HTTP(S) job can hold, at its longest: the document still fits."""
+    longest = {key: "x" * size for key, size in MAX_VALUE_BYTES.items()}
+    doc = update_available(
+        version="9" * 6 + ".9999.999",  # 15 bytes
+        board=longest["Board"],
+        connection="HTTPS",
+        file="/" + longest["File"][1:],
+        server=longest["Server"],
+        port="65535",
+        manufacturer=longest["Manufacturer"],
+        manufacturer_id=longest["ManufacturerId"],
+        product=longest["Product"],
+        serial_number=longest["SerialNumber"],
+    )
+    assert len(doc.version) == MAX_VALUE_BYTES["Version"]
+    assert len(to_json(doc)) <= MAX_DOCUMENT_BYTES
 
 
 # --- check_job -----------------------------------------------------------------------------
@@ -636,7 +684,7 @@ known_folded = {fold(k) for k in FIELD_LIMITS}
 def valid_documents(draw: st.DrawFn) -> JobDocument:
     message = draw(
         st.sampled_from([UPDATE_AVAILABLE, NO_UPDATE_AVAILABLE, RESULT_RECEIVED])
-        | field(32, min_size=1)
+        | field(31, min_size=1)
     )
     updating = message == UPDATE_AVAILABLE
     small = st.integers(0, 9999)
@@ -658,18 +706,18 @@ def valid_documents(draw: st.DrawFn) -> JobDocument:
     )
     return JobDocument(
         message=message,
-        manufacturer=draw(field(64)),
-        manufacturer_id=draw(field(16)),
-        product=draw(field(64)),
-        serial_number=draw(field(32)),
+        manufacturer=draw(field(63)),
+        manufacturer_id=draw(field(15)),
+        product=draw(field(63)),
+        serial_number=draw(field(31)),
         version=version,
-        board=draw(field(48, min_size=1 if updating else 0)),
+        board=draw(field(47, min_size=1 if updating else 0)),
         connection=connection,
-        server=draw(field(256)),
+        server=draw(field(255)),
         port=draw(st.just("") | st.integers(1, 65535).map(str)),
-        file=draw(field(256, min_size=1 if needs_file else 0)),
-        broker=draw(field(256)),
-        unique_topic_name=draw(field(256)),
+        file=draw(field(255, min_size=1 if needs_file else 0)),
+        broker=draw(field(255)),
+        unique_topic_name=draw(field(255)),
         extra=tuple(extra),
     )
 

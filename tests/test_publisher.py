@@ -462,14 +462,20 @@ def test_no_update_when_the_device_is_current_or_newer(
         device.close()
 
 
-def test_wrong_board_gets_no_update(broker: Broker, publisher: InProcess) -> None:
-    device = RawDevice(broker.port)
-    device.board = "APP_CY8CKIT_062S2_43012"  # another kit, asking on this kit's topic
-    try:
-        device.send("Update Availability")
-        assert device.answer()["Message"] == "No Update Available"
-    finally:
-        device.close()
+def test_board_name_of_another_kit_is_answered_for_the_topics_board(
+    broker: Broker, publisher: InProcess
+) -> None:
+    """The topic's board is the device's build target, the string it compares the job's
+    Board with; the original's request templates hard-code BoardName whatever the kit."""
+    for board_name in ("APP_CY8CKIT_062S2_43012", KIT):  # another kit; the template's, plain
+        device = RawDevice(broker.port)
+        device.board = board_name  # BoardName, on this kit's topic APP_<KIT>
+        try:
+            device.send("Update Availability")
+            job = device.answer()
+            assert (job["Message"], job["Board"]) == ("Update Available", WIRE_KIT)
+        finally:
+            device.close()
 
 
 def test_malformed_requests_are_ignored_and_serving_goes_on(

@@ -132,11 +132,16 @@ def test_original_job_flow_per_device(fleet: Fleet) -> None:
     result = device.post(doc.file, headers=ORIGINAL)  # the original sends an empty body
     assert result.status_code == 200
     assert parse_job_document(result.content).message == "Result Received"
+    # an empty result says the device finished, not whether it succeeded
     counts = fleet.admin.get(f"/api/v1/deployments/{deployment['id']}").json()["counts"]
-    assert counts["Applying"] == 1
+    assert (counts["Unknown"], counts["Applying"], counts["Error"]) == (1, 0, 0)
+    assert fleet.admin.get(f"/api/v1/devices/{serial}").json()["status"] == "unknown"
 
-    # once the device runs 1.2.0 there is nothing newer
+    # the operator who knows (or the device's application, through the JSON API) says it runs
+    # 1.2.0: applied, and there is nothing newer
     fleet.admin.put(f"/api/v1/devices/{serial}", json={"version": "1.2.0"})
+    counts = fleet.admin.get(f"/api/v1/deployments/{deployment['id']}").json()["counts"]
+    assert (counts["Unknown"], counts["Applied"]) == (0, 1)
     again = parse_job_document(device.get(f"/devices/{serial}/ota_update.json").content)
     assert again.message == NO_UPDATE_AVAILABLE
 
@@ -147,7 +152,7 @@ def test_anonymous_job_and_direct_flows(fleet: Fleet) -> None:
     artifact = fleet.upload(v2)
     fleet.deploy(artifact, priority=1_000_000)  # outranks other tests' deployments
     # anonymous access is off by default
-    assert anonymous.get("/ota-update.bin", headers=ORIGINAL).status_code == 404
+    assert anonymous.get("/ota-update.bin", headers=ORIGINAL).status_code == 401
     fleet.admin.put(
         f"/api/v1/products/{fleet.product}", json={"board": "BOARD_A", "anonymous": True}
     )
@@ -291,7 +296,14 @@ def test_enrollment_checkin_signed_download_and_status(fleet: Fleet) -> None:
         == 204
     )
     counts = fleet.admin.get(f"/api/v1/deployments/{deployment['id']}").json()["counts"]
-    assert counts == {"Downloading": 0, "Interrupted": 0, "Applying": 0, "Applied": 1, "Error": 0}
+    assert counts == {
+        "Downloading": 0,
+        "Interrupted": 0,
+        "Applying": 0,
+        "Applied": 1,
+        "Error": 0,
+        "Unknown": 0,
+    }
     bad = device.post("/api/v1/device/status", json={"status": "exploded"})
     assert bad.status_code == 422  # not one of the states of §7
     assert bad.json()["error"] == "BADARG"
@@ -397,7 +409,7 @@ def test_deploy_command(fleet: Fleet, tmp_path: Path) -> None:
         deployment["condition"]
         == f"tags.productType='{fleet.product}' AND tags.deviceGroup='{fleet.group}'"
     )
-    assert deployment["priority"] == (1 << 24) | (8 << 16)
+    assert deployment["priority"] == 0  # ordered by its version; --priority N overrides
     wrong = subprocess.run(
         [*argv[:3], "1.9.0", *argv[4:]], capture_output=True, text=True, timeout=60, check=False
     )

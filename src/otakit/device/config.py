@@ -76,7 +76,7 @@ from urllib.parse import urlsplit
 
 from otakit.errors import UsageError, VersionFormatError
 from otakit.files import read_input
-from otakit.protocol.jobdoc import FIELD_LIMITS
+from otakit.protocol.jobdoc import MAX_VALUE_BYTES
 from otakit.protocol.version import FirmwareVersion
 
 SECONDS_PER_YEAR = 365 * 24 * 60 * 60
@@ -86,7 +86,7 @@ MAX_TIMEOUT_S = SECONDS_PER_YEAR
 MAX_RETRIES = 100
 MIN_CHUNK_SIZE = 512
 MAX_CHUNK_SIZE = 16 * 1024 * 1024  # Linux-class devices download in MiBs
-MAX_PATH_BYTES = FIELD_LIMITS["File"]  # job_path and file_path end up in a job's File field
+MAX_PATH_BYTES = MAX_VALUE_BYTES["File"]  # job_path and file_path end up in a job's File field
 
 FLOWS = ("job", "direct")
 LOG_LEVELS: Mapping[str, int] = MappingProxyType(
@@ -357,7 +357,7 @@ class Identity:
             _check_text(
                 f"identity.{name}",
                 getattr(self, name),
-                limit=FIELD_LIMITS[job_key],
+                limit=MAX_VALUE_BYTES[job_key],
                 empty=name not in self.REQUIRED,
             )
         try:
@@ -554,7 +554,7 @@ class MqttConfig:
     PATHS: ClassVar[tuple[str, ...]] = ("ca_file", "client_cert", "client_key")
 
     def __post_init__(self) -> None:
-        broker = _check_text("mqtt.broker", self.broker, limit=FIELD_LIMITS["Broker"])
+        broker = _check_text("mqtt.broker", self.broker, limit=MAX_VALUE_BYTES["Broker"])
         if any(c.isspace() or c in "/[]@" for c in broker):
             raise ConfigError(
                 f"mqtt.broker {broker!r} must be a host name or address, not a URL",

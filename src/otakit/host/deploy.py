@@ -1,8 +1,10 @@
 """``otakit deploy FILE VERSION PRODUCT GROUP``: the one-line deploy of protocols.md §7.
 
 Uploads the file (with a progress bar) to the server's management API, checks that the server
-read the version the operator meant, and deploys it to the product and group with the version
-as priority and an expiry in days. The product is created if it does not exist yet (allowing raw
+read the version the operator meant, and deploys it to the product and group with an expiry in
+days. The reference design uses the version as priority; otakit's server orders deployments by
+version itself (server/deployments.py ``rank``), so the priority is left at 0 unless the operator
+overrides it with ``--priority``. The product is created if it does not exist yet (allowing raw
 files when FILE is not a signed image or package).
 """
 
@@ -26,6 +28,7 @@ from otakit.protocol.version import FirmwareVersion
 SERVER_ENV = "OTAKIT_SERVER"
 TOKEN_ENV = "OTAKIT_TOKEN"
 CHUNK = 256 * 1024
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # the server's range (a 32-bit column)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -60,14 +63,6 @@ class ManagementClient:
         return response
 
 
-def priority_of(version: FirmwareVersion) -> int:
-    """§7 uses the version as priority; a.b.c is packed like MCUboot's automatic counter."""
-    major, minor, revision, _build = version.parts
-    if minor == revision == 0:
-        return min(major, 2**31 - 1)
-    return min((major << 24) | (minor << 16) | min(revision, 0xFFFF), 2**31 - 1)
-
-
 def _signed_kind(path: Path) -> bool:
     with path.open("rb") as f:
         head = f.read(512)
@@ -92,7 +87,10 @@ def deploy_file(
     *,
     container: str = "ota",
     days: float = 365,
+    priority: int | None = None,
 ) -> dict[str, Any]:
+    """Upload ``path`` and deploy it; ``priority`` None leaves the server's default (0), so the
+    deployment is ordered by its version."""
     wanted = FirmwareVersion.parse(version)
     if not path.is_file():
         raise InputFileError(f"{path} is not a file", value=str(path))
@@ -130,17 +128,15 @@ def deploy_file(
             f"{path.name} is version {artifact['version']}, not {version}; nothing deployed",
             value=artifact["version"],
         )
-    deployment: dict[str, Any] = client.request(
-        "POST",
-        "/api/v1/deployments",
-        json={
-            "artifact_id": artifact["id"],
-            "product": product,
-            "group": group,
-            "priority": priority_of(wanted),
-            "expiry_days": days,
-        },
-    ).json()
+    body: dict[str, Any] = {
+        "artifact_id": artifact["id"],
+        "product": product,
+        "group": group,
+        "expiry_days": days,
+    }
+    if priority is not None:
+        body["priority"] = priority
+    deployment: dict[str, Any] = client.request("POST", "/api/v1/deployments", json=body).json()
     deployment["artifact"] = artifact
     return deployment
 
@@ -152,6 +148,16 @@ def deploy(
     group: Annotated[str, typer.Argument(help="Target device group.", show_default=False)],
     container: Annotated[str, typer.Option("-c", "--container", help="Storage container.")] = "ota",
     days: Annotated[float, typer.Option("-d", "--days", help="Expiry in days.")] = 365,
+    priority: Annotated[
+        int | None,
+        typer.Option(
+            "--priority",
+            metavar="N",
+            help="Override: outranks every deployment of a lower priority, whatever their "
+            "versions (default 0: the highest version wins).",
+            show_default=False,
+        ),
+    ] = None,
     server: Annotated[
         str | None, typer.Option("--server", help=f"Server URL (default ${SERVER_ENV}).")
     ] = None,
@@ -166,9 +172,22 @@ def deploy(
         raise UsageError(f"give an admin token with --token or ${TOKEN_ENV}")
     if days <= 0:
         raise UsageError("--days must be positive", value=days)
+    if priority is not None and not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+        raise UsageError(
+            f"--priority must be from {PRIORITY_MIN} to {PRIORITY_MAX}", value=priority
+        )
     client = ManagementClient(server, token)
     try:
-        result = deploy_file(client, file, version, product, group, container=container, days=days)
+        result = deploy_file(
+            client,
+            file,
+            version,
+            product,
+            group,
+            container=container,
+            days=days,
+            priority=priority,
+        )
     finally:
         client.close()
     err.print(

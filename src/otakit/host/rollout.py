@@ -29,8 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from otakit.errors import UsageError
-from otakit.host.deploy import SERVER_ENV, TOKEN_ENV, ManagementClient, priority_of
-from otakit.protocol.version import FirmwareVersion
+from otakit.host.deploy import SERVER_ENV, TOKEN_ENV, ManagementClient
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -314,8 +313,11 @@ def create(
         str | None, typer.Option("--condition", help="New deployment: tags.NAME='V' AND ...")
     ] = None,
     priority: Annotated[
-        int | None, typer.Option("--priority", help="New deployment (default: from its version).")
-    ] = None,
+        int,
+        typer.Option(
+            "--priority", help="New deployment: override the version order (default 0: none)."
+        ),
+    ] = 0,
     days: Annotated[float, typer.Option("--days", help="New deployment: expiry in days.")] = 365,
     server: ServerOption = None,
     token: TokenOption = None,
@@ -363,9 +365,7 @@ def create(
                 "product": product,
                 "group": group,
                 "condition": condition,
-                "priority": priority
-                if priority is not None
-                else priority_of(FirmwareVersion.parse(found["version"])),
+                "priority": priority,
                 "expiry_days": days,
             }
         rollout = client.request("POST", "/api/v1/rollouts", json=body).json()

@@ -4,7 +4,7 @@ Wire form: one JSON object of at most 1024 bytes (UTF-8) whose values are all JS
 Keys are matched case-insensitively (ASCII only, like the original's ``strncasecmp``).
 :func:`to_json` writes the keys in this order, compact, never escaping non-ASCII::
 
-    key              limit  HTTP(S) job          MQTT job              No Update / others
+    key              buffer HTTP(S) job          MQTT job              No Update / others
     Message            32   "Update Available"   "Update Available"    required
     Manufacturer       64   if set               if set                if set
     ManufacturerId     16   if set               if set                if set   (read: also ...ID)
@@ -20,7 +20,10 @@ Keys are matched case-insensitively (ASCII only, like the original's ``strncasec
     UniqueTopicName   256   if set               if set (see below)    if set
     any other key       -   kept in ``extra``, written after the known keys, in the order seen
 
-Limits are the original device's buffer sizes, counted in UTF-8 bytes of the decoded value.
+The buffer column is the original device's buffer for the field, its NUL terminator included
+(``CY_OTA_JOB_*_LEN``; Connection and Port are otakit's bounds): a value may be at most one byte
+less (:data:`MAX_VALUE_BYTES`), counted in UTF-8 bytes of the decoded value. The device copies a
+value of exactly the buffer's size without a terminator, and then compares or prints past it.
 An empty Server/Broker/Port means "the server (or broker, or port) the job came from".
 For MQTT an empty UniqueTopicName is allowed: the device then uses the direct flow topic
 ``COMPANY/BOARD/OTAImage`` (§3); ``"replace"`` is the publisher's placeholder for the device's
@@ -31,6 +34,12 @@ copies every duplicate key over the previous one), otakit refuses: non-string va
 fields, duplicate keys (also ``ManufacturerId`` next to ``ManufacturerID``), values containing
 NUL (the device would cut them there) and strings that are not valid Unicode (lone surrogates).
 The ``Connection`` value is matched case-insensitively like the original and stored upper-case.
+
+Values a server keeps to write into documents later (serial numbers, product and board names,
+manufacturers) are checked when they are set, with :func:`check_stored_value`: besides the
+limit they must be printable and hold no ``"`` or ``\\``, so JSON writes each as its own bytes
+and any document built from them fits in :data:`MAX_DOCUMENT_BYTES` (every field of an HTTP(S)
+job at its longest, Server and File included, comes to 925 bytes).
 """
 
 from __future__ import annotations
@@ -56,7 +65,7 @@ RESULT_RECEIVED = "Result Received"
 CONNECTIONS = ("MQTT", "HTTP", "HTTPS")
 MAX_DOCUMENT_BYTES = 1024
 
-# (attribute, JSON key, limit in UTF-8 bytes), in to_json's key order.
+# (attribute, JSON key, buffer size in bytes with the NUL), in to_json's key order.
 _FIELDS: tuple[tuple[str, str, int], ...] = (
     ("message", "Message", 32),
     ("manufacturer", "Manufacturer", 64),
@@ -74,7 +83,12 @@ _FIELDS: tuple[tuple[str, str, int], ...] = (
 )
 
 FIELD_LIMITS: Mapping[str, int] = MappingProxyType({key: limit for _, key, limit in _FIELDS})
-"""Longest value, in UTF-8 bytes, of each known key."""
+"""The original device's buffer for each known key, in bytes, its NUL terminator included."""
+
+MAX_VALUE_BYTES: Mapping[str, int] = MappingProxyType(
+    {key: limit - 1 for key, limit in FIELD_LIMITS.items()}
+)
+"""Longest value, in UTF-8 bytes, of each known key: its buffer less the terminator."""
 
 # Lower-cased key -> attribute; lower() only on ASCII keys, so "BRO\u212aER" is not "Broker".
 _ATTR_BY_KEY: Mapping[str, str] = MappingProxyType({key.lower(): attr for attr, key, _ in _FIELDS})
@@ -161,6 +175,46 @@ def _check_string(what: str, value: str) -> int:
     return size
 
 
+def _check_size(key: str, value: str) -> None:
+    size = _check_string(key, value)
+    longest = MAX_VALUE_BYTES[key]
+    if size > longest:
+        raise MalformedJobDocError(
+            f"job document {key} is {size} bytes, more than the {longest} the device accepts "
+            f"(its {FIELD_LIMITS[key]}-byte buffer holds the terminating NUL too)",
+            value=value,
+        )
+
+
+def check_value(key: str, value: str) -> None:
+    """Refuse ``value`` as the known key ``key`` (e.g. ``"SerialNumber"``) of a job document.
+
+    Raises :class:`~otakit.errors.MalformedJobDocError` if it is longer than
+    :data:`MAX_VALUE_BYTES` allows, holds NUL or is not valid Unicode; :exc:`KeyError` if
+    ``key`` is not a known key.
+    """
+    if not isinstance(value, str):
+        raise MalformedJobDocError(
+            f"job document {key} must be a string, not {type(value).__name__}", value=value
+        )
+    _check_size(key, value)
+
+
+def check_stored_value(key: str, value: str) -> None:
+    """Refuse ``value`` as one a server keeps to write as ``key`` into job documents later.
+
+    Raises :class:`~otakit.errors.MalformedJobDocError` as :func:`check_value` does, and also
+    when the value holds a control character, ``"`` or ``\\`` (see the module docstring).
+    """
+    check_value(key, value)
+    if not value.isprintable() or '"' in value or "\\" in value:
+        raise MalformedJobDocError(
+            f"{key} {value!r} holds a control character, a quote or a backslash; "
+            'only printable characters other than " and \\ are kept for job documents',
+            value=value,
+        )
+
+
 def _check_port(port: str) -> None:
     if port and (_PORT_RE.fullmatch(port) is None or not 1 <= int(port) <= 65535):
         raise MalformedJobDocError(
@@ -171,18 +225,8 @@ def _check_port(port: str) -> None:
 
 def _validate(doc: JobDocument) -> None:
     """Apply the rules in the module docstring; raise MalformedJobDocError."""
-    for attr, key, limit in _FIELDS:
-        value = getattr(doc, attr)
-        if not isinstance(value, str):
-            raise MalformedJobDocError(
-                f"job document {key} must be a string, not {type(value).__name__}", value=value
-            )
-        size = _check_string(key, value)
-        if size > limit:
-            raise MalformedJobDocError(
-                f"job document {key} is {size} bytes, more than the {limit} the device accepts",
-                value=value,
-            )
+    for attr, key, _ in _FIELDS:
+        check_value(key, getattr(doc, attr))
     seen = set(_ATTR_BY_KEY)
     if not isinstance(doc.extra, tuple):
         raise MalformedJobDocError("job document extra keys must be a tuple of pairs")

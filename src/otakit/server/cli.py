@@ -190,6 +190,13 @@ def token_create(
         raise UsageError("an enrollment token needs --product (and usually --group)")
     if kind is Role.DEVICE and not device:
         raise UsageError("a device token needs --device SERIAL")
+    # what the devices of these tokens get in their job documents must fit the device's buffers
+    for option, key, value in (
+        ("--product", "Product", product),
+        ("--device", "SerialNumber", device),
+    ):
+        if value is not None:
+            _check_job_field(option, key, value)
     if expires_days is not None and not 0 < expires_days <= 36500:
         raise UsageError("--expires-days must be more than 0 (and at most 36500)")
     url = _url(data, database)
@@ -220,6 +227,16 @@ def token_create(
             await engine.dispose()
 
     out.print(asyncio.run(_create()), markup=False)
+
+
+def _check_job_field(option: str, key: str, value: str) -> None:
+    from otakit.errors import MalformedJobDocError
+    from otakit.protocol.jobdoc import check_stored_value
+
+    try:
+        check_stored_value(key, value)
+    except MalformedJobDocError as exc:
+        raise UsageError(f"{option}: {exc.message}", value=value) from None
 
 
 @token_app.command("list")

@@ -1,9 +1,10 @@
 """Deployments: which artifact a device gets, and where each device stands.
 
-A device gets the highest-priority active deployment (not cancelled, not expired) whose target
-matches its tags, whose artifact is for its board (when the artifact names one) and whose
-version is strictly newer than the device's; a deployment marked ``downgrade`` may offer any
-other version. Ties go to the newest deployment.
+A device gets the best active deployment (not cancelled, not expired) whose target matches its
+tags, whose artifact is for its board (when the artifact names one) and whose version is
+strictly newer than the device's; a deployment marked ``downgrade`` may offer any other version.
+Best is :func:`rank`: the highest priority (0 unless the operator set one, an override), then
+the highest artifact version (protocols.md version order), then the newest deployment.
 
 A deployment with a rollout (rollout.py) is offered only to the devices its rollout admits at
 the time: its phase is open, the rollout runs, the clock is inside its maintenance window.
@@ -11,13 +12,15 @@ the time: its phase is open, the rollout runs, the clock is inside its maintenan
 needs to know about the device (:class:`rollout.Standing`).
 
 Device states are those of the cloud reference design (protocols.md §7): downloading,
-interrupted, applying, applied, error, invalid, plus ``reverted`` (the health gate); deployments
-count devices per state. Every report is kept as history, capped per device.
+interrupted, applying, applied, error, invalid, plus ``reverted`` (the health gate) and
+``unknown`` (a result without a body, as the original device sends: it finished, but whether it
+succeeded is not said); deployments count devices per state. Every report is kept as history,
+capped per device.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -48,9 +51,11 @@ COUNTED = {
     "error": "Error",
     "invalid": "Error",
     "reverted": "Reverted",
+    "unknown": "Unknown",
 }
 LABELS = tuple(dict.fromkeys(COUNTED.values()))
 IN_FLIGHT = ("downloading", "interrupted", "applying")
+UNKNOWN = "unknown"  # a result without a body (the original device): finished, outcome unknown
 
 
 def empty_counts() -> dict[str, int]:
@@ -84,17 +89,33 @@ def device_tags(device: Device) -> dict[str, str]:
     return tags
 
 
+def rank(offer: Offer) -> tuple[int, tuple[int, ...], int]:
+    """Sort key, highest best: the operator's priority, then the artifact's version (one that
+    does not parse ranks below every version), then the newest deployment."""
+    version = version_of(offer.artifact.version)
+    return (
+        offer.deployment.priority or 0,
+        version.parts if version is not None else (-1,),
+        offer.deployment.id or 0,  # None: not stored yet
+    )
+
+
+def best_first(offers: Iterable[Offer]) -> list[Offer]:
+    """``offers`` in the order a device is offered them (:func:`rank`)."""
+    return sorted(offers, key=rank, reverse=True)
+
+
 async def active(session: AsyncSession, now: datetime | None = None) -> list[Offer]:
-    """Active deployments with their artifacts and rollouts, best first."""
+    """Active deployments with their artifacts and rollouts, best first (:func:`rank`; there
+    are few active deployments, so they are ordered here rather than by the database)."""
     now = now or utcnow()
     rows = await session.execute(
         select(Deployment, Artifact, Rollout)
         .join(Artifact, Artifact.id == Deployment.artifact_id)
         .outerjoin(Rollout, Rollout.deployment_id == Deployment.id)
         .where(Deployment.cancelled_at.is_(None), Deployment.expires_at > now)
-        .order_by(Deployment.priority.desc(), Deployment.id.desc())
     )
-    return [Offer(d, a, r) for d, a, r in rows]
+    return best_first(Offer(d, a, r) for d, a, r in rows)
 
 
 def wanted(offer: Offer, version: str | None) -> bool:
@@ -114,13 +135,13 @@ def select_offer(
     standing: rollouts.Standing | None = None,
     now: datetime | None = None,
 ) -> Offer | None:
-    """The best offer for ``device``: its target matches, its board fits, its version is
-    wanted, the device did not revert it already, and its rollout (if any) admits the device
-    at ``now``. Pass the device's ``standing`` (or use :func:`offer_for`): without it frozen
-    rollouts admit nobody and a revert is not known."""
+    """The best offer (:func:`rank`) for ``device``: its target matches, its board fits, its
+    version is wanted, the device did not revert it already, and its rollout (if any) admits
+    the device at ``now``. Pass the device's ``standing`` (or use :func:`offer_for`): without it
+    frozen rollouts admit nobody and a revert is not known."""
     tags = device_tags(device)
     now = now or utcnow()
-    for offer in offers:
+    for offer in best_first(offers):
         if not matches(parse_condition(offer.deployment.condition), tags):
             continue
         if standing is not None and _reverted(standing, offer.deployment.id):
@@ -209,7 +230,7 @@ async def attribute(
         .join(Deployment, Deployment.id == DeploymentDevice.deployment_id)
         .where(
             DeploymentDevice.device_serial == device.serial,
-            DeploymentDevice.status.in_((*IN_FLIGHT, "applied")),
+            DeploymentDevice.status.in_((*IN_FLIGHT, UNKNOWN, "applied")),
         )
         .order_by(DeploymentDevice.updated_at.desc())
         .limit(1)
@@ -222,10 +243,10 @@ async def attribute(
 def select_for_products(
     products: set[str], offers: Sequence[Offer], now: datetime | None = None
 ) -> Offer | None:
-    """For devices that do not identify themselves: the best offer aimed at one of ``products``
-    (a phased deployment only once its rollout completed)."""
+    """For devices that do not identify themselves: the best offer (:func:`rank`) aimed at one
+    of ``products`` (a phased deployment only once its rollout completed)."""
     now = now or utcnow()
-    for offer in offers:
+    for offer in best_first(offers):
         required = parse_condition(offer.deployment.condition)
         if required.get(PRODUCT_TAG) in products and set(required) <= {PRODUCT_TAG, GROUP_TAG}:
             if offer.rollout is not None and not rollouts.admits_anonymous(offer.rollout, now):
@@ -236,7 +257,7 @@ def select_for_products(
 
 def normalise_state(status: str) -> str:
     state = status.strip().lower()
-    if state not in STATES:
+    if state not in STATES and state != UNKNOWN:
         raise UsageError(
             f"unknown status {status!r}; expected one of {', '.join(STATES)}", value=status
         )
@@ -351,7 +372,7 @@ async def note_checkin(
         .outerjoin(Rollout, Rollout.deployment_id == Deployment.id)
         .where(
             DeploymentDevice.device_serial == device.serial,
-            DeploymentDevice.status.in_((*IN_FLIGHT, "applied")),
+            DeploymentDevice.status.in_((*IN_FLIGHT, UNKNOWN, "applied")),
         )
     )
     running = version_of(device.version)
@@ -359,7 +380,7 @@ async def note_checkin(
     for row, artifact, deployment, rollout in rows:
         target = version_of(artifact.version)
         state, error = None, None
-        if row.status in IN_FLIGHT and running is not None and running == target:
+        if row.status in (*IN_FLIGHT, UNKNOWN) and running is not None and running == target:
             state = "applied"
         elif (
             row.status == "applied"

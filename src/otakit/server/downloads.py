@@ -12,6 +12,9 @@ streamed in 1 MiB reads. Semantics follow RFC 9110:
 - ``If-Range`` that does not match the ETag (the SHA-256) → the whole file;
 - ``HEAD`` answers the same headers without reading anything.
 
+Job documents are answered the same way (:func:`send_document`): the original device sends
+``Range: bytes=0-`` with every GET, the job's too.
+
 Blobs are content-addressed and never change, so where a blob lives and how big it is are
 remembered per process; that is a cache of immutable facts, not state.
 """
@@ -183,6 +186,27 @@ async def send(request: Request, found: Blob) -> Response:
             _stream(answer.stream.path, answer.stream.size), headers=answer.headers
         )
     return Response(answer.body, status_code=answer.status, headers=answer.headers)
+
+
+def send_document(request: Request, body: bytes, media_type: str) -> Response:
+    """A small generated body (a job document) answered like a file: a satisfiable single
+    ``Range`` gets 206 with ``Content-Range`` (the original device asks for its job with
+    ``Range: bytes=0-`` and takes the total size from that answer), an unsatisfiable one 416."""
+    headers = {"accept-ranges": "bytes", "cache-control": "no-store"}
+    range_header = request.headers.get("range")
+    try:
+        span = (
+            None if range_header and "," in range_header else _single_range(range_header, len(body))
+        )
+    except _Unsatisfiable:
+        return Response(
+            status_code=416, headers={**headers, "content-range": f"bytes */{len(body)}"}
+        )
+    if span is None:
+        return Response(body, media_type=media_type, headers=headers)
+    first, last = span
+    headers["content-range"] = f"bytes {first}-{last}/{len(body)}"
+    return Response(body[first : last + 1], 206, headers=headers, media_type=media_type)
 
 
 # --- signed URLs, served before the web framework --------------------------------------------

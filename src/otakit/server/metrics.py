@@ -59,7 +59,15 @@ TOKEN_ENV = "OTAKIT_METRICS_TOKEN"
 OPEN_ENV = "OTAKIT_METRICS_OPEN"
 
 DEPLOYMENT_STATES = ("active", "cancelled", "expired")
-DEVICE_STATUSES = ("downloading", "interrupted", "applying", "applied", "error", "invalid")
+DEVICE_STATUSES = (
+    "downloading",
+    "interrupted",
+    "applying",
+    "applied",
+    "error",
+    "invalid",
+    deployments.UNKNOWN,
+)
 
 # Counters: name -> help. Every one is a Prometheus counter (``_total``).
 COUNTERS = {
@@ -68,7 +76,7 @@ COUNTERS = {
     "otakit_status_reports_total": "Device status reports by API (json: POST "
     "/api/v1/device/status; original: result POSTs) and HTTP status code.",
     "otakit_download_requests_total": "Image download requests (GET and HEAD) by route "
-    "(signed: /dl; device: /devices/S/files; anonymous: /files; direct: /ota-update.bin) and "
+    "(signed: /dl; device: /devices/S/files; anonymous: /files, /products/P/files; direct: /ota-update.bin) and "
     "HTTP status code.",
     "otakit_download_bytes_total": "Image bytes sent in 200 and 206 download responses, by route.",
     "otakit_http_responses_total": "HTTP responses by status class (1xx..5xx); 4xx and 5xx are "
@@ -271,6 +279,8 @@ def _download(route: str) -> Kind:
 def classify(method: str, path: str) -> Kind | None:
     """Which counted request ``method path`` is (the device API's routes), or None."""
     parts = path.split("/")[1:]
+    if len(parts) > 2 and parts[0] == "products":  # a product's anonymous devices
+        path, parts = "/" + "/".join(parts[2:]), parts[2:]
     read = method in ("GET", "HEAD")
     if method == "POST" and path == "/api/v1/device/checkin":
         return CHECKIN_JSON
@@ -380,7 +390,7 @@ async def database_gauges(db: AsyncSession, now: datetime) -> list[Family]:
         "otakit_deployment_devices",
         "gauge",
         "Devices per status in each active deployment: Downloading, Interrupted, Applying, "
-        "Applied, Error, Reverted (disjoint: Error here excludes the reverted devices, which the "
+        "Applied, Error, Reverted, Unknown (disjoint: Error here excludes the reverted devices, which the "
         "API's deployment counts include).",
     )
     for deployment_id, counts in sorted(per_deployment.items()):

@@ -190,6 +190,29 @@ class StatusReport(Base):
     )
 
 
+class AnonymousDevice(Base):
+    """A device that does not identify itself (original middleware on an anonymous product),
+    told apart by its network address and User-Agent: what it was last offered and where it
+    stands (``downloading``, then the result: ``applying``, ``unknown`` or ``error``). Devices
+    behind one NAT address count as one. Capped at ServerSettings.anonymous_history rows."""
+
+    __tablename__ = "anonymous_devices"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(product, addr, UA)
+    product: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str] = mapped_column(String(64))
+    user_agent: Mapped[str] = mapped_column(String(128))
+    deployment_id: Mapped[int | None] = mapped_column(Integer)
+    status: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(String(64))
+    first_seen: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_anonymous_devices_deployment", "deployment_id", "status"),
+        Index("ix_anonymous_devices_last_seen", "last_seen"),
+    )
+
+
 class Rollout(Base):
     """A phased deployment (rollout.py): one per deployment.
 
@@ -266,3 +289,30 @@ class RolloutTarget(Base):
     device_serial: Mapped[str] = mapped_column(String(64), primary_key=True)
 
     __table_args__ = (Index("ix_rollout_targets_serial", "device_serial"),)
+
+
+class MqttSession(Base):
+    """What the MQTT publisher answered on a device's unique topic (server/publisher.py).
+
+    The original device's result names only its unique topic, so the answer to "Update
+    Availability" or "Request Update" (or a first "Request Data Chunk") is kept here, by
+    topic, for whichever publisher receives
+    the result: which registered device asked, the deployment it was offered or sent (None: it
+    was told "No Update Available" or got nothing) and the answer. One row per device: a new
+    session replaces the previous one; rows older than ``publisher.SESSION_TTL`` are deleted.
+    Found by primary key only.
+    """
+
+    __tablename__ = "mqtt_sessions"
+    topic: Mapped[str] = mapped_column(String(256), primary_key=True)
+    device_serial: Mapped[str] = mapped_column(ForeignKey("devices.serial", ondelete="CASCADE"))
+    deployment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE")
+    )
+    answer: Mapped[str] = mapped_column(String(32))  # publisher.Answer
+    answered_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (
+        Index("ix_mqtt_sessions_device", "device_serial"),
+        Index("ix_mqtt_sessions_answered_at", "answered_at"),
+    )

@@ -12,17 +12,22 @@ A device talks to the publisher through the broker, never directly::
     Request Update       every chunk of the image, on the unique topic
     Send Direct Update   every chunk of the image, on the direct topic
     Request Data Chunk   the chunks covering Offset/Size (Size "-1": to the end of the file)
-    Success / Failure    "Result Received"; with deployments, the device's status is recorded
+    Success / Failure    "Result Received"; with deployments, recorded for the device and
+                         deployment answered on its UniqueTopicName (the only key it sends)
 
 BOARD is accepted with and without the ``APP_`` prefix the original tools use; answers go to
-the topics the device named or uses, and the job's ``Board`` is spelled as the device spells its
-board (``--app-prefix``/``--no-app-prefix`` pin one form). A message that is not a valid JSON
-request is logged as one warning line and ignored.
+the topics the device named or uses. The topic's BOARD is the device's build target, which it
+compares the job's ``Board`` with; ``BoardName`` is hard-coded in the original's request
+templates and never decides. So images are chosen for the topic's board and ``Board`` is the
+topic's level (``--app-prefix``/``--no-app-prefix`` pin one form). A message that is not a
+valid JSON request is logged as one warning line and ignored.
 
 Images come from an :class:`ImageSource`: :class:`FileSource` (one file, like the original
 ``publisher.py``) or :class:`DeploymentSource` (the update server's database and blob store,
 with the same targeting as its HTTP device API). The publisher keeps no state a second
-publisher would need: every request carries the device's identity and is decided afresh, so
+publisher would need: every request carries the device's identity and is decided afresh, and
+what a registered device was answered on its unique topic is kept in the database
+(``mqtt_sessions``, one row per device) for its result, which names only that topic. So
 several publishers can share the fleet through an MQTT shared subscription
 (``$share/GROUP/COMPANY/+/publish_notify``), each request reaching exactly one of them.
 
@@ -46,6 +51,8 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -91,6 +98,12 @@ MAX_PAYLOADS = 0xFFFF  # the chunk header counts payloads in a u16
 SUCCESS_STATUS = "applying"  # what the HTTP result endpoint records for "Success"
 FAILURE_STATUS = "error"
 FAILURE_ERROR = "MCU Download fail"
+# A device's result names only its unique topic; what was answered there is kept this long
+# (the original device's data timeout is 1200 s, protocols.md §8; verification and the
+# result follow the download) and expired answers are deleted at most every SESSION_SWEEP_S.
+SESSION_TTL = timedelta(hours=2)
+SESSION_SWEEP_S = 60.0
+SESSION_TOPIC_MAX = 256  # the column's size (the original device's topic buffer is 256 bytes)
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -236,8 +249,13 @@ class Request:
 
     @property
     def board(self) -> str:
-        """The device's board as it spells it: ``BoardName`` (or ``Board``), else the topic's."""
-        return self.doc.get("BoardName") or self.doc.board or self.topic_board
+        """The device's board, spelled as the device compares a job's ``Board``: the topic's
+        BOARD level. The original middleware builds its topics from its build target
+        (``APP_<KIT>``) and compares the job's ``Board`` with that same string, while its
+        request templates hard-code ``"BoardName": "CY8CPROTO_062_4343W"`` whatever the kit;
+        so ``BoardName`` never decides (otakit's devices read their topic's spelling as their
+        own board too)."""
+        return self.topic_board
 
     @property
     def serial(self) -> str:
@@ -278,23 +296,57 @@ class Release:
         return FirmwareVersion(self.version.major, self.version.minor, self.version.revision)
 
 
+class Answer(StrEnum):
+    """What the publisher answered on a device's unique topic (kept in ``mqtt_sessions``)."""
+
+    UPDATE_AVAILABLE = "Update Available"  # "Update Availability": a job offering a deployment
+    NO_UPDATE_AVAILABLE = "No Update Available"
+    IMAGE = "Image"  # "Request Update" (or a first "Request Data Chunk"): a deployment's image
+    NO_IMAGE = "No Image"  # the same with nothing to send
+
+
+class Fate(StrEnum):
+    """What became of a device's result."""
+
+    RECORDED = "recorded"  # the device's status in the deployment it was offered
+    LOGGED = "logged"  # a source without a database (one file): the log line is all
+    NOT_AN_UPDATE = "not an update"  # the session's answer offered nothing: not recorded
+    UNKNOWN_TOPIC = "unknown topic"  # no session on that topic: not recorded
+
+
+@dataclass(frozen=True)
+class ResultNote:
+    """A result's fate and, for the publisher's log line, what was done (or why not)."""
+
+    fate: Fate
+    detail: str
+
+
 class ImageSource(Protocol):
     """Where images come from and where results go."""
 
     description: str
     """For the "listening" line, e.g. ``file app.bin 1.2.0``."""
 
-    async def offer(self, request: Request, *, explicit: bool) -> Release | None:
+    async def offer(
+        self, request: Request, *, explicit: bool, session: str | None = None
+    ) -> Release | None:
         """The image for this device, or None. ``explicit`` (the device asks for the image
-        itself) skips the version check, which belongs to "Update Availability"."""
+        itself) skips the version check, which belongs to "Update Availability". ``session``
+        is the device's unique topic when the publisher answers there: a source that records
+        results remembers under it which device asked and what it was offered (the device's
+        result names nothing else)."""
         ...
 
     async def image(self, release: Release) -> bytes:
         """The bytes of a release; an :class:`OtakitError` when they cannot be had."""
         ...
 
-    async def result(self, request: Request, status: str, error: str | None) -> None:
-        """Keep a device's result (``applying`` or ``error``)."""
+    async def result(
+        self, request: Request, status: str, error: str | None, *, session: str | None
+    ) -> ResultNote:
+        """Keep a device's result (``applying`` or ``error``) for what was answered on its
+        unique topic ``session`` (None: it named none the publisher may use)."""
         ...
 
     async def close(self) -> None: ...
@@ -365,7 +417,9 @@ class FileSource:
         self.release = Release(str(path), path.name, version, _plain(board))
         self.description = f"file {path} version {version} for board {_plain(board)}"
 
-    async def offer(self, request: Request, *, explicit: bool) -> Release | None:
+    async def offer(
+        self, request: Request, *, explicit: bool, session: str | None = None
+    ) -> Release | None:
         if not boards_match(self.release.board, request.board):
             return None
         if not explicit and not _newer(self.release, request.version):
@@ -375,8 +429,10 @@ class FileSource:
     async def image(self, release: Release) -> bytes:
         return self.data
 
-    async def result(self, request: Request, status: str, error: str | None) -> None:
-        return None
+    async def result(
+        self, request: Request, status: str, error: str | None, *, session: str | None
+    ) -> ResultNote:
+        return ResultNote(Fate.LOGGED, "logged only (no server database)")
 
     async def close(self) -> None:
         return None
@@ -425,18 +481,27 @@ class DeploymentSource:
     version; a device the server does not know gets what is deployed to the products that
     allow anonymous devices (its ``ProductID``, if it names one). A registered device's
     reported ``Version`` is kept, so a device that comes back running the deployed version
-    counts as applied. Results are recorded like the HTTP result endpoint records them.
+    counts as applied. What a registered device is answered on its unique topic ("Update
+    Availability", "Request Update") is kept in ``mqtt_sessions``; its result, which names
+    only that topic, is recorded from there like the HTTP result endpoint records one.
     The job's ``File`` is ``/files/<sha256>/<name>``; a request naming it gets that artifact
     while it is still deployed to the device.
     """
 
     def __init__(
-        self, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], blobs: BlobStore
+        self,
+        engine: AsyncEngine,
+        sessions: async_sessionmaker[AsyncSession],
+        blobs: BlobStore,
+        *,
+        history_per_device: int | None = None,
     ) -> None:
         self._engine = engine
         self._sessions = sessions
         self._blobs = blobs
         self._cache = _ImageCache()
+        self._keep = history_per_device
+        self._swept = -math.inf  # when expired sessions were last deleted (time.monotonic)
         self.description = f"deployments ({blobs.name} blobs)"
 
     @classmethod
@@ -447,7 +512,10 @@ class DeploymentSource:
 
         engine = create_engine(settings.database_url, pool_pre_ping=True)
         source = cls(
-            engine, sessionmaker(engine), open_blob_store(settings.blob_url, settings.data_dir)
+            engine,
+            sessionmaker(engine),
+            open_blob_store(settings.blob_url, settings.data_dir),
+            history_per_device=settings.history_per_device,
         )
         source.description = (
             f"deployments in {redacted(settings.database_url)}, "
@@ -489,28 +557,104 @@ class DeploymentSource:
             products, [o for o in offers if deployments.wanted(o, version)]
         )
 
-    async def offer(self, request: Request, *, explicit: bool) -> Release | None:
+    async def offer(
+        self, request: Request, *, explicit: bool, session: str | None = None
+    ) -> Release | None:
         from otakit.server import deployments
         from otakit.server.api.original import _product_board
 
         async with self._sessions() as db:
             offer = await self._decide(db, request, explicit=explicit)
-            board = None
+            release = None
             if offer is not None:
                 board = offer.artifact.board or await _product_board(db, offer)
+                if boards_match(board, request.board):
+                    version = deployments.version_of(offer.artifact.version)
+                    assert version is not None  # deployments.wanted offers only readable versions
+                    artifact = offer.artifact
+                    release = Release(
+                        key=artifact.id,
+                        file=f"/files/{artifact.id}/{artifact.name}",
+                        version=version,
+                        board=board,
+                        deployment_id=offer.deployment.id,
+                    )
+            if session is not None:
+                await self._remember(db, session, request, release, explicit=explicit)
             await db.commit()
-        if offer is None or not boards_match(board, request.board):
-            return None
-        version = deployments.version_of(offer.artifact.version)
-        assert version is not None  # deployments.wanted offers only readable versions
-        artifact = offer.artifact
-        return Release(
-            key=artifact.id,
-            file=f"/files/{artifact.id}/{artifact.name}",
-            version=version,
-            board=board,
-            deployment_id=offer.deployment.id,
+        return release
+
+    async def _remember(
+        self,
+        db: AsyncSession,
+        topic: str,
+        request: Request,
+        release: Release | None,
+        *,
+        explicit: bool,
+    ) -> None:
+        """Keep, under the unique topic, what a registered device was answered there: the
+        device's result names only that topic. One row per device (its other sessions are
+        dropped); a device the server does not know leaves none (its result names nobody).
+        "Request Data Chunk" is noted only on a topic with no session yet."""
+        from sqlalchemy import delete
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        from otakit.server.models import Device, MqttSession, utcnow
+
+        device = await db.get(Device, request.serial) if request.serial else None
+        if device is None:
+            return
+        if request.message == mqtt.REQUEST_DATA_CHUNK:
+            noted = await db.get(MqttSession, topic)
+            if noted is not None:
+                return  # a piece of a transfer already noted (a device may ask only for pieces)
+        if len(topic) > SESSION_TOPIC_MAX:
+            log.warning(
+                "%s: UniqueTopicName longer than %d characters, its result cannot be recorded",
+                request.who,
+                SESSION_TOPIC_MAX,
+            )
+            return
+        if explicit:
+            answer = Answer.IMAGE if release is not None else Answer.NO_IMAGE
+        else:
+            answer = Answer.UPDATE_AVAILABLE if release is not None else Answer.NO_UPDATE_AVAILABLE
+        now = utcnow()
+        await self._sweep(db, now)
+        await db.execute(
+            delete(MqttSession).where(
+                MqttSession.device_serial == device.serial, MqttSession.topic != topic
+            )
         )
+        values = {
+            "topic": topic,
+            "device_serial": device.serial,
+            "deployment_id": release.deployment_id if release is not None else None,
+            "answer": answer.value,
+            "answered_at": now,
+        }
+        postgresql = self._engine.dialect.name == "postgresql"
+        insert = postgresql_insert(MqttSession) if postgresql else sqlite_insert(MqttSession)
+        statement = insert.values(**values)
+        await db.execute(
+            statement.on_conflict_do_update(
+                index_elements=["topic"],
+                set_={key: statement.excluded[key] for key in values if key != "topic"},
+            )
+        )
+
+    async def _sweep(self, db: AsyncSession, now: datetime) -> None:
+        """Delete expired sessions, at most every :data:`SESSION_SWEEP_S` (an index range)."""
+        from sqlalchemy import delete
+
+        from otakit.server.models import MqttSession
+
+        if time.monotonic() - self._swept < SESSION_SWEEP_S:
+            return
+        self._swept = time.monotonic()
+        await db.execute(delete(MqttSession).where(MqttSession.answered_at < now - SESSION_TTL))
 
     async def image(self, release: Release) -> bytes:
         async def load() -> bytes:
@@ -524,28 +668,45 @@ class DeploymentSource:
 
         return await self._cache.get(release.key, load)
 
-    async def result(self, request: Request, status: str, error: str | None) -> None:
+    async def result(
+        self, request: Request, status: str, error: str | None, *, session: str | None
+    ) -> ResultNote:
+        """Record a result for the device and deployment remembered under its unique topic
+        (each result of the session: otakit's devices report a revert after "Success"). A
+        result on a topic with no session (never answered, replaced or expired), or after an
+        answer that offered nothing ("No Update Available", after which the original device
+        ends in INVALID_VERSION), is not recorded."""
         from otakit.server import deployments
-        from otakit.server.models import Device
+        from otakit.server.models import MqttSession, utcnow
 
+        if session is None:
+            return ResultNote(Fate.UNKNOWN_TOPIC, "not recorded: it names no unique topic")
         async with self._sessions() as db:
-            device = await db.get(Device, request.serial) if request.serial else None
-            if device is not None:
-                # counts even while a rollout is paused or the device already runs it
-                deployment_id = await deployments.attribute(
-                    db, device, artifact_id=_artifact_of(request.file)
+            row = await db.get(MqttSession, session)
+            if row is None or utcnow() - row.answered_at > SESSION_TTL:
+                return ResultNote(
+                    Fate.UNKNOWN_TOPIC,
+                    f"not recorded: no session on {session} (never answered, or expired)",
                 )
-            else:
-                offer = await self._decide(db, request, explicit=True)
-                deployment_id = offer.deployment.id if offer is not None else None
+            serial, deployment_id = row.device_serial, row.deployment_id
+            if deployment_id is None:
+                return ResultNote(
+                    Fate.NOT_AN_UPDATE,
+                    f"not recorded: {serial} was answered {row.answer!r} on this topic, so no "
+                    "update is under way",
+                )
             await deployments.record_status(
                 db,
-                serial=device.serial if device is not None else None,
+                serial=serial,
                 deployment_id=deployment_id,
                 status=status,
                 error=error,
+                keep=self._keep,
             )
             await db.commit()
+        return ResultNote(
+            Fate.RECORDED, f"recorded as {status} for {serial} in deployment {deployment_id}"
+        )
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -845,7 +1006,7 @@ class Publisher:
         topic = self._reply_topic(request)
         if topic is None:
             return
-        release = await self.source.offer(request, explicit=False)
+        release = await self.source.offer(request, explicit=False, session=topic)
         identity = {
             "manufacturer": request.doc.manufacturer,
             "manufacturer_id": request.doc.manufacturer_id,
@@ -880,8 +1041,10 @@ class Publisher:
             )
         await self._publish(client, topic, doc)
 
-    async def _release(self, request: Request) -> tuple[Release, bytes] | None:
-        release = await self.source.offer(request, explicit=True)
+    async def _release(
+        self, request: Request, *, session: str | None = None
+    ) -> tuple[Release, bytes] | None:
+        release = await self.source.offer(request, explicit=True, session=session)
         if release is None:
             log.info(
                 "nothing to send for %r from %s: no image for it", request.message, request.who
@@ -896,7 +1059,7 @@ class Publisher:
             # one transfer at a time on a direct topic: every device of the board hears it
             topic = mqtt.Topics(request.topic_board, self.config.company).direct
             async with self._direct.setdefault(topic, asyncio.Lock()):
-                await self._send_image(client, request, topic)
+                await self._send_image(client, request, topic, session=None)
             return
         found = self._reply_topic(request)
         if found is None:
@@ -906,12 +1069,14 @@ class Publisher:
             return
         self._sending.add(found)
         try:
-            await self._send_image(client, request, found)
+            await self._send_image(client, request, found, session=found)
         finally:
             self._sending.discard(found)
 
-    async def _send_image(self, client: aiomqtt.Client, request: Request, topic: str) -> None:
-        found = await self._release(request)
+    async def _send_image(
+        self, client: aiomqtt.Client, request: Request, topic: str, *, session: str | None
+    ) -> None:
+        found = await self._release(request, session=session)
         if found is None:
             return
         release, data = found
@@ -919,10 +1084,8 @@ class Publisher:
         await self._send(client, topic, chunks, release, len(data), request)
 
     async def _data_chunk(self, client: aiomqtt.Client, request: Request) -> None:
-        topic = (
-            self._reply_topic(request, required=False)
-            or mqtt.Topics(request.topic_board, self.config.company).direct
-        )
+        session = self._reply_topic(request, required=False)
+        topic = session or mqtt.Topics(request.topic_board, self.config.company).direct
         offset_text = request.doc.get("Offset")
         size_text = request.doc.get("Size") or request.doc.get("Length")
         try:
@@ -939,7 +1102,7 @@ class Publisher:
                 size_text,
             )
             return
-        found_release = await self._release(request)
+        found_release = await self._release(request, session=session)
         if found_release is None:
             return
         release, data = found_release
@@ -1020,12 +1183,16 @@ class Publisher:
         else:
             reason = request.doc.get("Reason") or request.doc.get("Error")
             status, error = FAILURE_STATUS, (reason[:64] if reason else FAILURE_ERROR)
-        log.info(
-            "result from %s: %s%s", request.who, request.message, f" ({error})" if error else ""
+        session = self._reply_topic(request, required=False)
+        note = await self.source.result(request, status, error, session=session)
+        self.stats[f"results {note.fate.value}"] += 1
+        log.log(
+            logging.WARNING if note.fate is Fate.UNKNOWN_TOPIC else logging.INFO,
+            "result from %s: %s%s; %s",
+            request.who,
+            request.message,
+            f" ({error})" if error else "",
+            note.detail,
         )
-        await self.source.result(request, status, error)
-        topic = (
-            self._reply_topic(request, required=False)
-            or mqtt.Topics(request.topic_board, self.config.company).direct
-        )
+        topic = session or mqtt.Topics(request.topic_board, self.config.company).direct
         await self._publish(client, topic, result_received(unique_topic_name=topic))

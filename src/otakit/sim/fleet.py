@@ -580,7 +580,9 @@ class _MqttChannel:
         self.topic, self.inbox = session
         self.version = str(job_version(doc.version))
         self.key = f"mqtt:{doc.file}@{self.version}"
-        self.board = doc.board or None
+        board = doc.board or None
+        # the board as the topics spell it (APP_X) is this device's board
+        self.board = fleet.config.board if board == link.topics.wire_board else board
         self.size: int | None = None
         self.sha256: str | None = None
         self.chunk_size = wire.CHUNK_SIZE

@@ -20,12 +20,15 @@ import typer
 from rich.console import Console
 
 from otakit.errors import InputFileError, UsageError
+from otakit.protocol.jobdoc import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
     from otakit.sim.fleet import MqttBroker
 
 err = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 PROGRESS_LINE_SECONDS = 5.0
+# serials are PREFIX-000000 (six digits, up to --devices 1000000): within the job's SerialNumber
+MAX_SERIAL_PREFIX = MAX_VALUE_BYTES["SerialNumber"] - len("-000000")
 
 
 def _number(text: str, option: str, *, low: float, high: float, integer: bool = False) -> float:
@@ -282,9 +285,15 @@ def fleet(
                 f"--strategy {strategy!r} is not one of {choices}", value=strategy
             ) from None
     prefix = serial_prefix or f"FLEET-{secrets.token_hex(3).upper()}"
-    if not prefix.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(prefix) > 40:
+    if (
+        not prefix.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        or not prefix.isascii()
+        or len(prefix) > MAX_SERIAL_PREFIX
+    ):
         raise UsageError(
-            f"--serial-prefix {prefix!r} must be up to 40 letters, digits, '-', '_' or '.'",
+            f"--serial-prefix {prefix!r} must be up to {MAX_SERIAL_PREFIX} letters, digits, "
+            "'-', '_' or '.' (serials PREFIX-000000 fit the device's SerialNumber, "
+            f"{MAX_VALUE_BYTES['SerialNumber']} characters)",
             value=prefix,
         )
     config = FleetConfig(

@@ -51,7 +51,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urljoin
 
@@ -519,6 +519,8 @@ class MqttTransport:
             host = f"[{host}]" if ":" in host else host
             scheme = "https" if doc.connection == "HTTPS" else "http"
             url = urljoin(f"{scheme}://{host}" + (f":{doc.port}" if doc.port else ""), doc.file)
+        if doc.board == self.topics.wire_board:  # the board as the topics spell it (APP_X)
+            doc = replace(doc, board=self.board)
         return Job(url=url, file=doc.file, version=doc.version, board=doc.board, document=doc)
 
     def _broker_of(self, doc: JobDocument | None) -> tuple[str, int]:

@@ -23,7 +23,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.protocol.fwinfo import FwStatus
-from otakit.server import deployments
+from otakit.server import deployments, identity
 from otakit.server import rollout as rollouts
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import DeploymentDevice, Device, Product, Rollout, Token, utcnow
@@ -46,6 +46,11 @@ router = APIRouter(
     tags=["device"],
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
+
+
+# Check-in fields kept for the device's job documents, and their keys there. They are checked
+# (identity.check) once the caller is known, so a device without a token learns it needs one.
+JOB_FIELDS = {"board": "Board", "manufacturer": "Manufacturer", "manufacturer_id": "ManufacturerId"}
 
 
 class CheckIn(BaseModel):
@@ -153,6 +158,7 @@ async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, s
         raise HttpError(
             409, "REGISTERED", f"device {body.serial!r} is already registered; use its token"
         )
+    identity.check("serial", "SerialNumber", body.serial)  # the job documents carry it
     tags = {PRODUCT_TAG: product} if product else {}
     if group:
         tags[GROUP_TAG] = group
@@ -206,6 +212,10 @@ async def checkin(
 ) -> CheckInResult | Response:
     """Report identity and version; get the job to do, or 204 when there is none."""
     device, device_token = await _enroll(db, body, token)
+    for field, key in JOB_FIELDS.items():
+        value = getattr(body, field)
+        if value is not None:
+            identity.check(field, key, value)
     version_changed = body.version is not None and body.version != device.version
     for field in ("board", "manufacturer", "manufacturer_id", "version"):
         value = getattr(body, field)
@@ -215,7 +225,8 @@ async def checkin(
     if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
         device.last_seen = now  # at most one write a minute for a device that only polls
     changed: set[int] = set()
-    if version_changed or device.status in deployments.IN_FLIGHT or body.boots is not None:
+    undecided = (*deployments.IN_FLIGHT, deployments.UNKNOWN)
+    if version_changed or device.status in undecided or body.boots is not None:
         changed = await deployments.note_checkin(db, device, boots=body.boots, now=now)
     offer = await deployments.offer_for(db, device, now)
     job = None

@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 
 from otakit.errors import OtakitError
 from otakit.image.keys import PublicKey
-from otakit.server import deployments, downloads
+from otakit.protocol.version import FirmwareVersion
+from otakit.server import anonymous, deployments, downloads, identity
 from otakit.server import rollout as rollouts
 from otakit.server.artifacts import inspect_upload
 from otakit.server.context import Admin, Db, HttpError, State, error_responses
@@ -53,8 +54,6 @@ router = APIRouter(
     lifespan=rollouts.lifespan,
 )
 
-NAME_PATTERN = r"^[A-Za-z0-9._:-]{1,64}$"
-Name = Annotated[str, PathParam(pattern=NAME_PATTERN)]
 BINARY_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -77,7 +76,7 @@ def not_found(what: str) -> HttpError:
 
 
 class ProductSettings(BaseModel):
-    board: str | None = Field(default=None, max_length=48)
+    board: identity.Board | None = None
     allow_raw: bool = False
     anonymous: bool = False
     self_register: bool = False
@@ -98,7 +97,9 @@ def _product(p: Product) -> ProductOut:
 
 
 @router.put("/products/{name}", response_model=ProductOut)
-async def put_product(name: Name, settings: ProductSettings, db: Db, _admin: Admin) -> ProductOut:
+async def put_product(
+    name: identity.ProductName, settings: ProductSettings, db: Db, _admin: Admin
+) -> ProductOut:
     """Create or update a product's policy."""
     product = await db.get(Product, name) or Product(name=name)
     for key, value in settings.model_dump().items():
@@ -219,9 +220,11 @@ async def upload_artifact(
     db: Db,
     st: State,
     _admin: Admin,
-    name: str = Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._+-]+$"),
+    name: str = Query(
+        min_length=1, max_length=identity.MAX_ARTIFACT_NAME, pattern=r"^[A-Za-z0-9._+-]+$"
+    ),
     version: str | None = Query(default=None, max_length=32),
-    board: str | None = Query(default=None, max_length=48),
+    board: Annotated[identity.Board | None, Query()] = None,
     product: str | None = Query(default=None, max_length=64),
     container: str = Query(
         default="ota", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
@@ -259,6 +262,9 @@ async def upload_artifact(
             )
         except OtakitError as exc:
             raise HttpError(422, exc.code, exc.message) from None
+        # a job names the version as major.minor.build, in the device's Version buffer
+        identity.check("version", "Version", FirmwareVersion.parse(inspected.version).short)
+        identity.check_job_files(digest, name, product)
         await st.blobs.put_file(tmp, digest)
         artifact = Artifact(
             id=digest,
@@ -329,10 +335,10 @@ async def delete_artifact(artifact_id: str, db: Db, st: State, _admin: Admin) ->
 
 
 class DeviceIn(BaseModel):
-    product: str | None = Field(default=None, max_length=64)
+    product: identity.ProductName | None = None
     group: str | None = Field(default=None, max_length=64)
-    board: str | None = Field(default=None, max_length=48)
-    manufacturer: str | None = Field(default=None, max_length=64)
+    board: identity.Board | None = None
+    manufacturer: identity.Manufacturer | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     version: str | None = Field(default=None, max_length=32)
 
@@ -391,7 +397,7 @@ async def get_device(serial: str, db: Db, _admin: Admin) -> DeviceOut:
 
 @router.put("/devices/{serial}", response_model=DeviceOut)
 async def put_device(
-    serial: Name, body: DeviceIn, db: Db, _admin: Admin, engine: rollouts.Rollouts
+    serial: identity.Serial, body: DeviceIn, db: Db, _admin: Admin, engine: rollouts.Rollouts
 ) -> DeviceOut:
     """Register a device or update its identity and tags. A new version counts as a check-in
     with it: a device given a deployment's version has applied it."""
@@ -508,9 +514,15 @@ class DeploymentOut(BaseModel):
     active: bool
     counts: dict[str, int] = Field(
         description="Devices per §7 state: Downloading, Interrupted, Applying, Applied, Error "
-        "(a device that reverted reported an error and is counted there too)."
+        "(a device that reverted reported an error and is counted there too), and Unknown "
+        "(the device posted an empty result, as the original middleware does)."
     )
     reverted: int = Field(default=0, description="Devices that ran the version and went back.")
+    anonymous: dict[str, int] = Field(
+        default_factory=dict,
+        description="Devices that send no token (told apart by address and User-Agent), per "
+        "state: Offered (fetched the job only), Downloading, ..., Unknown (an empty result).",
+    )
     rollout_id: int | None = None
 
 
@@ -533,6 +545,7 @@ async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
         active=d.cancelled_at is None and d.expires_at > utcnow(),
         counts=counts,
         reverted=reverted,
+        anonymous={k: v for k, v in (await anonymous.counts(db, d.id)).items() if v},
         rollout_id=rollout_id,
     )
 
@@ -556,9 +569,10 @@ async def _new_deployment(db: Db, body: DeploymentIn) -> Deployment:
         raise HttpError(400, "BADARG", "give either product (and group) or condition")
     condition = body.condition or product_group_condition(body.product or "", body.group)
     try:
-        parse_condition(condition)
+        required = parse_condition(condition)
     except OtakitError as exc:
         raise HttpError(400, exc.code, exc.message) from None
+    identity.check_job_files(artifact.id, artifact.name, required.get(PRODUCT_TAG))
     now = utcnow()
     deployment = Deployment(
         artifact_id=artifact.id,
@@ -602,6 +616,42 @@ async def cancel_deployment(deployment_id: int, db: Db, _admin: Admin) -> Deploy
 
 RolloutId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 Seconds = Annotated[int, Field(ge=0, le=365 * 86400)]
+
+
+class AnonymousDeviceOut(BaseModel):
+    product: str
+    address: str
+    user_agent: str
+    deployment_id: int | None
+    status: str | None = Field(description="None: it fetched its job only (Offered).")
+    error: str | None
+    first_seen: datetime
+    last_seen: datetime
+
+
+@router.get("/anonymous-devices", response_model=list[AnonymousDeviceOut])
+async def list_anonymous_devices(
+    db: Db,
+    _admin: Admin,
+    product: str | None = None,
+    deployment: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AnonymousDeviceOut]:
+    """Devices that send no token, most recently seen first (server/anonymous.py)."""
+    rows = await anonymous.listing(db, product=product, deployment_id=deployment, limit=limit)
+    return [
+        AnonymousDeviceOut(
+            product=r.product,
+            address=r.address,
+            user_agent=r.user_agent,
+            deployment_id=r.deployment_id,
+            status=r.status,
+            error=r.error,
+            first_seen=r.first_seen,
+            last_seen=r.last_seen,
+        )
+        for r in rows
+    ]
 
 
 class _PhaseRules(BaseModel):

@@ -27,6 +27,7 @@ rollout has completed.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -41,13 +42,12 @@ from otakit.protocol.jobdoc import (
     UPDATE_AVAILABLE,
     JobDocument,
 )
-from otakit.server import deployments, downloads
+from otakit.server import anonymous, deployments, downloads, identity
 from otakit.server import rollout as rollouts
 from otakit.server.context import Caller, Db, HttpError, State, error_responses
 from otakit.server.models import Artifact, Device, Product, Token
 from otakit.server.targeting import PRODUCT_TAG, matches, parse_condition
 from otakit.server.tokens import Role
-from otakit.server.twin import download_path
 
 router = APIRouter(
     tags=["original devices"], responses=error_responses(400, 401, 403, 404, 409, 422)
@@ -91,8 +91,23 @@ async def _anonymous_products(db: Db) -> set[str]:
     return set(await db.scalars(select(Product.name).where(Product.anonymous.is_(True))))
 
 
+def _connection(request: Request) -> str:
+    """The job's Connection: the scheme the device used. The original device stays on its
+    server only when Connection is the one it used and Server and Port are empty (or its own
+    host and port); otherwise it reconnects, with TLS only for "HTTPS" and to Port read with
+    ``atoi`` (so a job that says "HTTP" to a device on HTTPS sends it to port 0). Server and
+    Port stay empty: the port the device dialled is not known here (its Host header names no
+    port, and a proxy may stand between). Behind a TLS proxy the scheme is the forwarded one
+    (``X-Forwarded-Proto``, trusted from 127.0.0.1 or ``FORWARDED_ALLOW_IPS``)."""
+    return "HTTPS" if request.url.scheme == "https" else "HTTP"
+
+
 def _job(
-    offer: deployments.Offer | None, device: Device | None, file: str, board: str | None
+    request: Request,
+    offer: deployments.Offer | None,
+    device: Device | None,
+    file: str,
+    board: str | None,
 ) -> JobDocument:
     product = (device.product if device else None) or (offer.artifact.product if offer else None)
     identity = JobDocument(
@@ -111,7 +126,7 @@ def _job(
         message=UPDATE_AVAILABLE,
         version=version.short,
         board=offer.artifact.board or (device.board if device else None) or board or "",
-        connection="HTTP",
+        connection=_connection(request),
         server="",
         port="",
         file=file,
@@ -126,7 +141,7 @@ async def _product_board(db: Db, offer: deployments.Offer | None) -> str | None:
     return product.board if product else None
 
 
-def _job_response(doc: JobDocument) -> Response:
+def _job_response(request: Request, doc: JobDocument) -> Response:
     if doc.message == UPDATE_AVAILABLE and not doc.board:
         raise HttpError(
             409,
@@ -137,7 +152,7 @@ def _job_response(doc: JobDocument) -> Response:
         body = doc.to_json()
     except OtakitError as exc:
         raise HttpError(409, exc.code, f"cannot build the job document: {exc.message}") from None
-    return Response(body, media_type="application/json")
+    return downloads.send_document(request, body, "application/json")
 
 
 async def _device_for(db: Db, token: Token | None, serial: str) -> Device:
@@ -157,18 +172,94 @@ async def _device_for(db: Db, token: Token | None, serial: str) -> Device:
     return device
 
 
-@router.get("/ota_update.json", responses={200: {"content": JSON_DOC}}, response_class=Response)
-async def plain_job(db: Db, token: Caller, engine: rollouts.Rollouts) -> Response:
-    """The job document at the original device's default path."""
-    if token is not None and token.role == Role.DEVICE and token.device_serial:
-        return await device_job(token.device_serial, db, token, engine)
-    products = await _anonymous_products(db)
+async def _anonymous_product(db: Db, name: str | None) -> str:
+    """The product whose anonymous devices a request is for: ``name`` (from a
+    ``/products/NAME/...`` path), or, at the top-level paths, the one product that allows
+    anonymous devices (with several, a device could get another product's image: refused)."""
+    if name is not None:
+        product = await db.get(Product, name)
+        if product is None or not product.anonymous:
+            raise HttpError(
+                401, "UNAUTHORIZED", f"product {name!r} does not allow anonymous devices"
+            )
+        return name
+    products = sorted(await _anonymous_products(db))
     if not products:
         raise HttpError(401, "UNAUTHORIZED", "no product allows anonymous devices; send a token")
+    if len(products) > 1:
+        raise HttpError(
+            409,
+            "AMBIGUOUS",
+            f"{len(products)} products allow anonymous devices ({', '.join(products[:4])}): "
+            "configure the device with /products/NAME/ota_update.json (or /ota-update.bin)",
+        )
+    return products[0]
+
+
+async def _anonymous_offer(db: Db, product: str, now: datetime) -> deployments.Offer | None:
+    return deployments.select_for_products({product}, await deployments.active(db, now), now)
+
+
+async def _trace(
+    request: Request,
+    db: Db,
+    st: State,
+    product: str,
+    offer: deployments.Offer | None,
+    now: datetime,
+    status: str | None = None,
+    error: str | None = None,
+) -> None:
+    """Keep the trace of an anonymous device (server/anonymous.py)."""
+    await anonymous.seen(
+        db,
+        product=product,
+        address=request.client.host if request.client else "",
+        user_agent=request.headers.get("user-agent", ""),
+        deployment_id=offer.deployment.id if offer else None,
+        now=now,
+        keep=st.settings.anonymous_history,
+        status=status,
+        error=error,
+    )
+
+
+async def _anonymous_job(
+    request: Request, db: Db, st: State, engine: rollouts.Rollouts, name: str | None
+) -> Response:
+    product = await _anonymous_product(db, name)
     now = engine.now()
-    offer = deployments.select_for_products(products, await deployments.active(db, now), now)
-    file = download_path(offer.artifact).replace("/dl/", "/files/", 1) if offer else ""
-    return _job_response(_job(offer, None, file, await _product_board(db, offer)))
+    offer = await _anonymous_offer(db, product, now)
+    await _trace(request, db, st, product, offer, now)
+    board = await _product_board(db, offer)
+    await db.commit()
+    file = identity.product_file(product, offer.artifact.id, offer.artifact.name) if offer else ""
+    return _job_response(request, _job(request, offer, None, file, board))
+
+
+@router.get("/ota_update.json", responses={200: {"content": JSON_DOC}}, response_class=Response)
+async def plain_job(
+    request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+) -> Response:
+    """The job document at the original device's default path: with a device token, that
+    device's job; without one, the job of the one product that allows anonymous devices."""
+    if token is not None and token.role == Role.DEVICE and token.device_serial:
+        return await device_job(token.device_serial, request, db, token, engine)
+    return await _anonymous_job(request, db, st, engine, None)
+
+
+@router.get(
+    "/products/{product}/ota_update.json",
+    responses={200: {"content": JSON_DOC}},
+    response_class=Response,
+)
+async def product_job(
+    product: str, request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+) -> Response:
+    """The job document for the anonymous devices of one product."""
+    if token is not None and token.role == Role.DEVICE and token.device_serial:
+        return await device_job(token.device_serial, request, db, token, engine)
+    return await _anonymous_job(request, db, st, engine, product)
 
 
 @router.get(
@@ -176,16 +267,18 @@ async def plain_job(db: Db, token: Caller, engine: rollouts.Rollouts) -> Respons
     responses={200: {"content": JSON_DOC}},
     response_class=Response,
 )
-async def device_job(serial: str, db: Db, token: Caller, engine: rollouts.Rollouts) -> Response:
+async def device_job(
+    serial: str, request: Request, db: Db, token: Caller, engine: rollouts.Rollouts
+) -> Response:
     """One device's job document."""
     device = await _device_for(db, token, serial)
     now = engine.now()
     device.last_seen = now
     offer = await deployments.offer_for(db, device, now)
-    file = f"/devices/{serial}/files/{offer.artifact.id}/{offer.artifact.name}" if offer else ""
+    file = identity.device_file(serial, offer.artifact.id, offer.artifact.name) if offer else ""
     board = await _product_board(db, offer)
     await db.commit()
-    return _job_response(_job(offer, device, file, board))
+    return _job_response(request, _job(request, offer, device, file, board))
 
 
 # --- files -------------------------------------------------------------------------------------
@@ -202,16 +295,70 @@ async def _artifact(db: Db, artifact_id: str, name: str) -> Artifact:
     return artifact
 
 
-async def _anonymous_offer(db: Db, now: datetime) -> deployments.Offer:
-    products = await _anonymous_products(db)
-    offer = (
-        deployments.select_for_products(products, await deployments.active(db, now), now)
-        if products
-        else None
-    )
+def _starts_download(request: Request) -> bool:
+    """A GET of the file's first byte: the moment an anonymous device counts as downloading."""
+    if request.method != "GET":
+        return False
+    match = re.fullmatch(r"bytes=0*-[0-9]*", (request.headers.get("range") or "bytes=0-").strip())
+    return match is not None
+
+
+async def _anonymous_file(
+    request: Request,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
+    product: str,
+    artifact: Artifact | None,
+) -> Response:
+    """The file a product's anonymous devices are offered (``artifact`` None: whichever it is,
+    the direct flow); an administrator may read any."""
+    now = engine.now()
+    offer = await _anonymous_offer(db, product, now)
+    if artifact is not None and token is not None and token.role == Role.ADMIN:
+        return await _serve(request, st, artifact)
     if offer is None:
-        raise HttpError(404, "NOT_FOUND", "no file is deployed to anonymous devices")
-    return offer
+        raise HttpError(404, "NOT_FOUND", f"no file is deployed to {product}'s anonymous devices")
+    if artifact is not None and offer.artifact.id != artifact.id:
+        raise HttpError(403, "FORBIDDEN", f"this file is not offered to {product}'s devices")
+    if _starts_download(request):
+        await _trace(request, db, st, product, offer, now, "downloading")
+        await db.commit()
+    return await _serve(request, st, offer.artifact)
+
+
+async def _product_of(db: Db, artifact: Artifact, now: datetime) -> str:
+    """The anonymous product whose offer ``artifact`` is (the paths without a product)."""
+    offers = await deployments.active(db, now)
+    for product in sorted(await _anonymous_products(db)):
+        offer = deployments.select_for_products({product}, offers, now)
+        if offer is not None and offer.artifact.id == artifact.id:
+            return product
+    raise HttpError(403, "FORBIDDEN", "this file is not deployed to anonymous devices")
+
+
+@router.api_route(
+    "/products/{product}/files/{artifact_id}/{name}",
+    methods=["GET", "HEAD"],
+    responses=FILE_RESPONSES,
+    response_class=Response,
+)
+async def product_file(
+    product: str,
+    artifact_id: str,
+    name: str,
+    request: Request,
+    db: Db,
+    st: State,
+    token: Caller,
+    engine: rollouts.Rollouts,
+) -> Response:
+    """A file offered to a product's anonymous devices (their job document points here)."""
+    artifact = await _artifact(db, artifact_id, name)
+    return await _anonymous_file(
+        request, db, st, token, engine, await _anonymous_product(db, product), artifact
+    )
 
 
 @router.api_route(
@@ -229,13 +376,12 @@ async def anonymous_file(
     token: Caller,
     engine: rollouts.Rollouts,
 ) -> Response:
-    """A file deployed to anonymous devices (the plain job document points here)."""
+    """A file deployed to anonymous devices (the path of earlier job documents)."""
     artifact = await _artifact(db, artifact_id, name)
-    if token is None or token.role != Role.ADMIN:
-        offer = await _anonymous_offer(db, engine.now())
-        if offer.artifact.id != artifact.id:
-            raise HttpError(403, "FORBIDDEN", "this file is not deployed to anonymous devices")
-    return await _serve(request, st, artifact)
+    if token is not None and token.role == Role.ADMIN:
+        return await _serve(request, st, artifact)
+    product = await _product_of(db, artifact, engine.now())
+    return await _anonymous_file(request, db, st, token, engine, product, artifact)
 
 
 @router.api_route(
@@ -273,19 +419,37 @@ async def device_file(
 @router.api_route(
     "/ota-update.bin", methods=["GET", "HEAD"], responses=FILE_RESPONSES, response_class=Response
 )
-async def direct_file(request: Request, db: Db, st: State, engine: rollouts.Rollouts) -> Response:
-    """The direct flow's file: what is deployed to anonymous devices."""
-    return await _serve(request, st, (await _anonymous_offer(db, engine.now())).artifact)
+async def direct_file(
+    request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+) -> Response:
+    """The direct flow's file: what the one anonymous product is offered."""
+    product = await _anonymous_product(db, None)
+    return await _anonymous_file(request, db, st, token, engine, product, None)
+
+
+@router.api_route(
+    "/products/{product}/ota-update.bin",
+    methods=["GET", "HEAD"],
+    responses=FILE_RESPONSES,
+    response_class=Response,
+)
+async def product_direct_file(
+    product: str, request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+) -> Response:
+    """The direct flow's file for one product's anonymous devices."""
+    name = await _anonymous_product(db, product)
+    return await _anonymous_file(request, db, st, token, engine, name, None)
 
 
 # --- results -----------------------------------------------------------------------------------
 
 
 async def _result(request: Request) -> tuple[str, str | None]:
-    """(status, error) from a result body; an empty body means success, as the original sends."""
+    """(status, error) from a result body. An empty body, as the original device sends whatever
+    happened, is ``unknown``: the device finished, the outcome is not said."""
     raw = await request.body()
     if not raw.strip():
-        return "applying", None
+        return deployments.UNKNOWN, None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
@@ -339,6 +503,57 @@ async def device_result(
     return _received()
 
 
+async def _anonymous_result(
+    request: Request,
+    db: Db,
+    st: State,
+    engine: rollouts.Rollouts,
+    product: str,
+    artifact: Artifact | None,
+) -> Response:
+    """A result from a device that did not identify itself: kept as an anonymous report and in
+    the device's trace; it counts for no rollout."""
+    status, error = await _result(request)
+    now = engine.now()
+    offer = await _anonymous_offer(db, product, now)
+    if offer is not None and artifact is not None and offer.artifact.id != artifact.id:
+        offer = None
+    await deployments.record_status(
+        db,
+        serial=None,
+        deployment_id=offer.deployment.id if offer else None,
+        status=status,
+        error=error,
+        now=now,
+        keep=st.settings.anonymous_history,
+    )
+    if offer is not None:
+        await _trace(request, db, st, product, offer, now, status, error)
+    await db.commit()
+    return _received()
+
+
+@router.post(
+    "/products/{product}/files/{artifact_id}/{name}",
+    openapi_extra=RESULT_BODY,
+    responses={200: {"content": JSON_DOC}},
+    response_class=Response,
+)
+async def product_result(
+    product: str,
+    artifact_id: str,
+    name: str,
+    request: Request,
+    db: Db,
+    st: State,
+    engine: rollouts.Rollouts,
+) -> Response:
+    """A result from one of a product's anonymous devices."""
+    artifact = await _artifact(db, artifact_id, name)
+    name = await _anonymous_product(db, product)
+    return await _anonymous_result(request, db, st, engine, name, artifact)
+
+
 @router.post(
     "/files/{artifact_id}/{name}",
     openapi_extra=RESULT_BODY,
@@ -348,23 +563,10 @@ async def device_result(
 async def anonymous_result(
     artifact_id: str, name: str, request: Request, db: Db, st: State, engine: rollouts.Rollouts
 ) -> Response:
-    """A result from a device that did not identify itself (kept as an anonymous report)."""
+    """A result posted to the file path of earlier job documents."""
     artifact = await _artifact(db, artifact_id, name)
-    status, error = await _result(request)
-    now = engine.now()
-    offer = await _anonymous_offer(db, now)
-    deployment_id = offer.deployment.id if offer.artifact.id == artifact.id else None
-    await deployments.record_status(
-        db,
-        serial=None,
-        deployment_id=deployment_id,
-        status=status,
-        error=error,
-        now=now,
-        keep=st.settings.anonymous_history,
-    )
-    await db.commit()
-    return _received()
+    product = await _product_of(db, artifact, engine.now())
+    return await _anonymous_result(request, db, st, engine, product, artifact)
 
 
 @router.post(
@@ -375,17 +577,19 @@ async def anonymous_result(
 )
 async def direct_result(request: Request, db: Db, st: State, engine: rollouts.Rollouts) -> Response:
     """The direct flow's result."""
-    now = engine.now()
-    offer = await _anonymous_offer(db, now)
-    status, error = await _result(request)
-    await deployments.record_status(
-        db,
-        serial=None,
-        deployment_id=offer.deployment.id,
-        status=status,
-        error=error,
-        now=now,
-        keep=st.settings.anonymous_history,
-    )
-    await db.commit()
-    return _received()
+    product = await _anonymous_product(db, None)
+    return await _anonymous_result(request, db, st, engine, product, None)
+
+
+@router.post(
+    "/products/{product}/ota-update.bin",
+    openapi_extra=RESULT_BODY,
+    responses={200: {"content": JSON_DOC}},
+    response_class=Response,
+)
+async def product_direct_result(
+    product: str, request: Request, db: Db, st: State, engine: rollouts.Rollouts
+) -> Response:
+    """The direct flow's result from one product's anonymous devices."""
+    name = await _anonymous_product(db, product)
+    return await _anonymous_result(request, db, st, engine, name, None)

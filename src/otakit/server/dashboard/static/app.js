@@ -11,7 +11,7 @@
   const PAGE = 25; // deployments shown before "Show more"
   const MAX_DEVICE_ROWS = 500;
   const LIVE_STATES = ["scheduled", "running", "paused"];
-  const COUNT_ORDER = ["Applied", "Applying", "Downloading", "Interrupted", "Error"];
+  const COUNT_ORDER = ["Applied", "Applying", "Unknown", "Downloading", "Interrupted", "Error"];
   const VIEWS = ["deployments", "devices", "artifacts"];
 
   const $ = (id) => document.getElementById(id);
@@ -482,7 +482,12 @@
         ),
       ),
       d.reverted ? el("li", { "data-testid": `${prefix}-Reverted`, text: `(${d.reverted} reverted)` }) : null,
+      anonymousCount(d) ? el("li", { "data-testid": `${prefix}-anonymous`, text: `(${anonymousCount(d)} anonymous)` }) : null,
     );
+  }
+
+  function anonymousCount(d) {
+    return Object.values(d.anonymous || {}).reduce((sum, n) => sum + n, 0);
   }
 
   function stackedBar(counts, total, label, testid) {
