@@ -222,7 +222,14 @@ class Page:
         return int(self.attr(f"count-{deployment}-{name}", "data-count"))
 
     def click(self, testid: str) -> None:
-        self.find(testid).click()
+        """Click, again if the page re-rendered the element between finding and clicking it
+        (the dashboard refreshes on its own)."""
+
+        def clicked() -> bool:
+            self.find(testid).click()
+            return True
+
+        self.wait(clicked, f"{testid} to click")
 
 
 class Devices:
