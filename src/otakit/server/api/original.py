@@ -1,17 +1,22 @@
 """What devices running the original middleware use, unchanged (protocols.md §1-2), and the
 signed download URLs of the JSON API.
 
-- ``GET /ota_update.json``: the job document. With a device token it is that device's job;
-  without one it is the best deployment of the products that allow anonymous access
-  (off by default), for devices that do not identify themselves.
-- ``GET /devices/{serial}/ota_update.json``: one device's job document.
-- ``GET|HEAD /files/{id}/{name}``, ``/devices/{serial}/files/{id}/{name}``: image bytes, with
+- ``GET /devices/{serial}/ota_update.json``: one device's job document (its token, or its
+  product allows anonymous access: the middleware cannot send a token).
+- ``GET /products/{product}/ota_update.json``: the job for a product's anonymous devices;
+  ``GET /ota_update.json``: a device token's own job, else the same for the one product that
+  allows anonymous access (with several: 409 ``AMBIGUOUS``, never another product's image).
+  Job documents are answered like files: ``Range: bytes=0-`` (which the middleware sends)
+  gets 206 and ``Content-Range``; ``Connection`` is the scheme the request came in with.
+- ``GET|HEAD /devices/{serial}/files/{id}/{name}``, ``/products/{product}/files/{id}/{name}``
+  (and ``/files/{id}/{name}`` of earlier jobs): image bytes, with
   ``Range``/``206``/``Content-Range``/``416``, ``ETag`` (the SHA-256) and ``If-Range``.
-- ``GET|HEAD /ota-update.bin``: the direct flow's file (anonymous products).
-- ``POST`` to any file path: the result, ``{"Message": "Success"|"Failure", "File": ...}``, with
-  or without a body (the original sends none). Results from devices that do not identify
-  themselves are kept as history only (they count for no rollout), the newest
-  ``ServerSettings.anonymous_history`` of them.
+- ``GET|HEAD /products/{product}/ota-update.bin``, ``/ota-update.bin``: the direct flow's file.
+- ``POST`` to any file path: the result, ``{"Message": "Success"|"Failure", "File": ...}``, or
+  no body, as the original sends: ``unknown`` (it finished; the outcome is not said). Results
+  from devices that do not identify themselves count for no rollout: they are kept as history
+  (the newest ``ServerSettings.anonymous_history``) and in the device's trace
+  (server/anonymous.py: one row per address and User-Agent).
 - ``GET|HEAD /dl/{id}/{name}?expires=..&sig=..``: expiring signed URLs (403 when expired or
   forged); anyone holding a valid URL may download. Served by ``downloads.SignedDownloads``
   in front of the web framework.
