@@ -14,12 +14,11 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.server import deployments
+from otakit.server.database import insert
 from otakit.server.models import AnonymousDevice
 
 MAX_USER_AGENT = 128
@@ -57,19 +56,20 @@ async def seen(
         "first_seen": now,
         "last_seen": now,
     }
-    postgresql = session.bind is not None and session.bind.dialect.name == "postgresql"
-    insert = postgresql_insert if postgresql else sqlite_insert
     created = await session.execute(
-        insert(AnonymousDevice).values(**values).on_conflict_do_nothing(index_elements=["key"])
+        insert(session, AnonymousDevice)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=["key"])
     )
     if getattr(created, "rowcount", 0) == 1:
         await _cap(session, keep)
         return
-    changes: dict[str, object] = {"last_seen": now}
     row = await session.get(AnonymousDevice, key)
-    if row is not None and (status is not None or row.deployment_id != deployment_id):
-        changes.update(deployment_id=deployment_id, status=status, error=error)
-    await session.execute(update(AnonymousDevice).where(AnonymousDevice.key == key).values(changes))
+    if row is None:  # capped away in between
+        return
+    row.last_seen = now
+    if status is not None or row.deployment_id != deployment_id:
+        row.deployment_id, row.status, row.error = deployment_id, status, error
 
 
 async def _cap(session: AsyncSession, keep: int) -> None:

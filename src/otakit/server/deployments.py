@@ -56,6 +56,7 @@ COUNTED = {
 LABELS = tuple(dict.fromkeys(COUNTED.values()))
 IN_FLIGHT = ("downloading", "interrupted", "applying")
 UNKNOWN = "unknown"  # a result without a body (the original device): finished, outcome unknown
+UNDECIDED = (*IN_FLIGHT, UNKNOWN)  # a check-in may still show how these end
 
 
 def empty_counts() -> dict[str, int]:
@@ -230,7 +231,7 @@ async def attribute(
         .join(Deployment, Deployment.id == DeploymentDevice.deployment_id)
         .where(
             DeploymentDevice.device_serial == device.serial,
-            DeploymentDevice.status.in_((*IN_FLIGHT, UNKNOWN, "applied")),
+            DeploymentDevice.status.in_((*UNDECIDED, "applied")),
         )
         .order_by(DeploymentDevice.updated_at.desc())
         .limit(1)
@@ -372,7 +373,7 @@ async def note_checkin(
         .outerjoin(Rollout, Rollout.deployment_id == Deployment.id)
         .where(
             DeploymentDevice.device_serial == device.serial,
-            DeploymentDevice.status.in_((*IN_FLIGHT, UNKNOWN, "applied")),
+            DeploymentDevice.status.in_((*UNDECIDED, "applied")),
         )
     )
     running = version_of(device.version)
@@ -380,7 +381,7 @@ async def note_checkin(
     for row, artifact, deployment, rollout in rows:
         target = version_of(artifact.version)
         state, error = None, None
-        if row.status in (*IN_FLIGHT, UNKNOWN) and running is not None and running == target:
+        if row.status in UNDECIDED and running is not None and running == target:
             state = "applied"
         elif (
             row.status == "applied"

@@ -598,9 +598,8 @@ class DeploymentSource:
         dropped); a device the server does not know leaves none (its result names nobody).
         "Request Data Chunk" is noted only on a topic with no session yet."""
         from sqlalchemy import delete
-        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+        from otakit.server.database import insert
         from otakit.server.models import Device, MqttSession, utcnow
 
         device = await db.get(Device, request.serial) if request.serial else None
@@ -635,9 +634,7 @@ class DeploymentSource:
             "answer": answer.value,
             "answered_at": now,
         }
-        postgresql = self._engine.dialect.name == "postgresql"
-        insert = postgresql_insert(MqttSession) if postgresql else sqlite_insert(MqttSession)
-        statement = insert.values(**values)
+        statement = insert(db, MqttSession).values(**values)
         await db.execute(
             statement.on_conflict_do_update(
                 index_elements=["topic"],

@@ -225,8 +225,7 @@ async def checkin(
     if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
         device.last_seen = now  # at most one write a minute for a device that only polls
     changed: set[int] = set()
-    undecided = (*deployments.IN_FLIGHT, deployments.UNKNOWN)
-    if version_changed or device.status in undecided or body.boots is not None:
+    if version_changed or device.status in deployments.UNDECIDED or body.boots is not None:
         changed = await deployments.note_checkin(db, device, boots=body.boots, now=now)
     offer = await deployments.offer_for(db, device, now)
     job = None

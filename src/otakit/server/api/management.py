@@ -619,6 +619,8 @@ Seconds = Annotated[int, Field(ge=0, le=365 * 86400)]
 
 
 class AnonymousDeviceOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     product: str
     address: str
     user_agent: str
@@ -639,19 +641,7 @@ async def list_anonymous_devices(
 ) -> list[AnonymousDeviceOut]:
     """Devices that send no token, most recently seen first (server/anonymous.py)."""
     rows = await anonymous.listing(db, product=product, deployment_id=deployment, limit=limit)
-    return [
-        AnonymousDeviceOut(
-            product=r.product,
-            address=r.address,
-            user_agent=r.user_agent,
-            deployment_id=r.deployment_id,
-            status=r.status,
-            error=r.error,
-            first_seen=r.first_seen,
-            last_seen=r.last_seen,
-        )
-        for r in rows
-    ]
+    return [AnonymousDeviceOut.model_validate(r) for r in rows]
 
 
 class _PhaseRules(BaseModel):
