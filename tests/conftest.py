@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, settings
 
 from otakit.image.keys import PublicKey, SigningKey
 
+from .mcuboot_host import mcuboot_host as mcuboot_host  # MCUboot's own bootloader, built once
 from .server_harness import S3_ENV, Server, postgres_database, s3_bucket, start_server
 
 BIN = Path(sys.executable).parent

@@ -442,3 +442,146 @@ def test_a_torn_erase_of_a_one_unit_sector_raises_power_cut() -> None:
         f.erase(0, 8)
     f.power_on()
     assert f.read(0, 8) == bytes(8)  # too small to tear: the erase did not happen
+
+
+# --- erased value, write modes and the harness's torn operations --------------------------------
+# The MCUboot host harness (host/src/host_flash.c) is the reference: erased 0xff ANDs, erased 0x00
+# ORs, "replace" stores the data; --torn does the first half (rounded down) of a write's bytes
+# and the first half of the sector of an erase; the interrupted operation is not counted.
+
+
+def test_erased_zero_flash_reads_zero_everywhere(tmp_path: Path) -> None:
+    f = flash(erased_value=0x00)
+    assert f.read(0, SIZE) == bytes(SIZE)
+    assert f.is_erased(0, SIZE)
+    g = Flash.open_file(tmp_path / "f.bin", SIZE, SECTOR, erased_value=0x00, write_mode="replace")
+    assert (g.erased_value, g.write_mode) == (0x00, "replace")
+    g.close()
+    assert (tmp_path / "f.bin").read_bytes() == bytes(SIZE)
+    assert MemoryBacking(SIZE, SECTOR, 0x00).read(SECTOR - 2, 4) == bytes(4)
+
+
+@pytest.mark.parametrize(
+    ("erased", "mode", "first", "second", "stored"),
+    [
+        (0xFF, "and", 0x0F, 0xF3, 0x03),  # NOR: bits only go 1 -> 0
+        (0x00, "and", 0x0F, 0xF3, 0xFF),  # erased 0x00: bits only go 0 -> 1
+        (0xFF, "replace", 0x0F, 0xF3, 0xF3),  # row writes: the new data
+        (0x00, "replace", 0x0F, 0xF3, 0xF3),
+    ],
+)
+def test_writing_over_data_follows_the_write_mode(
+    erased: int, mode: str, first: int, second: int, stored: int
+) -> None:
+    f = flash(erased_value=erased, write_mode=mode)
+    f.write(0, bytes([first]) * 8)
+    f.write(0, bytes([second]) * 8)
+    assert f.read(0, 8) == bytes([stored]) * 8
+    assert f.operations == 2
+
+
+def test_erase_restores_the_erased_value() -> None:
+    f = flash(erased_value=0x00, write_mode="replace")
+    f.write(SECTOR, pattern(SECTOR))
+    f.erase(SECTOR, SECTOR)
+    assert f.read(SECTOR, SECTOR) == bytes(SECTOR)
+
+
+@pytest.mark.parametrize(("erased", "mode"), [(0xFF, "and"), (0x00, "replace"), (0x00, "and")])
+@pytest.mark.parametrize("length", [8, 24, 64])
+def test_tear_half_writes_the_first_half_of_a_write(erased: int, mode: str, length: int) -> None:
+    f = flash(erased_value=erased, write_mode=mode)
+    old = bytes([0x5A]) * length
+    f.write(0, old)
+    data = pattern(length, 3)
+    f.cut_after(0, tear_half=True)
+    with pytest.raises(PowerCut, match=f"during the write at 0x0 \\({length // 2} bytes done\\)"):
+        f.write(0, data)
+    assert f.operations == 1  # the torn write is not counted
+    f.power_on()
+    half = length // 2
+    if mode == "replace":
+        expected = data[:half]
+    elif erased == 0xFF:
+        expected = bytes(a & b for a, b in zip(old, data[:half], strict=False))
+    else:
+        expected = bytes(a | b for a, b in zip(old, data[:half], strict=False))
+    assert f.read(0, length) == expected + old[half:]
+
+
+def test_tear_half_of_a_one_byte_write_writes_nothing() -> None:
+    f = flash(write_align=1)
+    f.cut_after(0, tear_half=True)
+    with pytest.raises(PowerCut, match="before the write"):
+        f.write(0, b"\x00")
+    f.power_on()
+    assert f.is_erased(0, 8)
+
+
+@pytest.mark.parametrize("erased", [0xFF, 0x00])
+def test_tear_half_erases_the_first_half_of_the_sector(erased: int) -> None:
+    f = flash(erased_value=erased, write_mode="replace")
+    data = pattern(3 * SECTOR, 1) if erased == 0xFF else bytes([0xA5]) * (3 * SECTOR)
+    f.write(0, data)
+    f.cut_after(1, tear_half=True)  # the first sector completes, the second is torn
+    with pytest.raises(PowerCut, match="during the erase of sector 1"):
+        f.erase(0, 3 * SECTOR)
+    assert f.operations == 2
+    f.power_on()
+    e = bytes([erased])
+    assert f.read(0, SECTOR) == e * SECTOR
+    assert f.read(SECTOR, SECTOR) == e * (SECTOR // 2) + data[SECTOR + SECTOR // 2 : 2 * SECTOR]
+    assert f.read(2 * SECTOR, SECTOR) == data[2 * SECTOR :]
+
+
+def test_tear_half_wins_over_a_random_tear() -> None:
+    f = flash()
+    f.cut_after(0, tear=True, tear_half=True, seed=4)
+    with pytest.raises(PowerCut, match=r"\(32 bytes done\)"):
+        f.write(0, pattern(64))
+
+
+def test_cut_after_a_negative_count_is_refused() -> None:
+    with pytest.raises(FlashError, match="cannot cut after -1 operations"):
+        flash().cut_after(-1)
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "sectors"),
+    [(100, 8, [0]), (SECTOR - 8, 16, [0, 1]), (SECTOR, SECTOR + 1, [1, 2]), (0, SECTOR, [0])],
+)
+def test_widen_erases_erases_every_sector_a_range_touches(
+    offset: int, length: int, sectors: list[int]
+) -> None:
+    f = flash(widen_erases=True)
+    f.write(0, bytes(4 * SECTOR))
+    f.erase(offset, length)
+    assert f.operations == 1 + len(sectors)
+    for index in range(4):
+        erased = f.is_erased(index * SECTOR, SECTOR)
+        assert erased == (index in sectors), index
+
+
+def test_without_widen_erases_a_partial_erase_is_an_error() -> None:
+    with pytest.raises(FlashError, match="not on 4096-byte sector boundaries"):
+        flash().erase(100, 8)
+    with pytest.raises(FlashError, match="not on 4096-byte sector boundaries"):
+        flash(widen_erases=True).erase(100, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"erased_value": 0x7F}, "erased value 0x7f must be 0xff or 0x00"),
+        ({"write_mode": "or"}, "write mode 'or' must be one of and, replace"),
+    ],
+)
+def test_bad_erased_value_or_write_mode_is_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(FlashError, match=match):
+        flash(**kwargs)
+
+
+def test_open_file_refuses_a_bad_erased_value(tmp_path: Path) -> None:
+    with pytest.raises(FlashError, match="erased value 0x01"):
+        Flash.open_file(tmp_path / "f.bin", SIZE, SECTOR, erased_value=0x01)
+    assert not (tmp_path / "f.bin").exists()

@@ -13,9 +13,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from otakit.device.flashmap import AREA_KINDS, PRESETS, Area, FlashMap, preset
+from otakit.device.flash import FileBacking, PowerCut
+from otakit.device.flashmap import AREA_KINDS, PRESETS, Area, FlashMap, Strategy, preset
 from otakit.errors import FlashMapError, InputFileError
-from otakit.image.trailer import trailer_size
+from otakit.image.trailer import (
+    boot_trailer_sz,
+    scratch_trailer_size,
+    swap_status_area_size,
+    swap_status_rows,
+    trailer_size,
+)
 
 KIB = 1024
 SECTOR = 4 * KIB
@@ -47,25 +54,60 @@ def raises(match: str) -> pytest.RaisesExc[FlashMapError]:
 # --- presets -----------------------------------------------------------------------------------
 
 
-def test_presets_are_the_four_documented_ones() -> None:
-    assert set(PRESETS) == {"psoc6-2m-swap", "two-image", "external-flash", "sim-small"}
+PRESET_NAMES = {
+    "psoc6-2m-swap",
+    "psoc6-swap-single",
+    "external-flash",
+    "nrf52840-swap-move",
+    "two-image",
+    "sim-small",
+    "sim-small-status",
+}
+
+
+def test_presets_are_the_documented_ones() -> None:
+    assert set(PRESETS) == PRESET_NAMES
     for name, flash_map in PRESETS.items():
         assert flash_map.name == name
         assert preset(name) is flash_map
 
 
-def test_psoc6_layout_is_exactly_protocols_md() -> None:
+@pytest.mark.parametrize("name", sorted(PRESET_NAMES))
+def test_every_preset_documents_its_mcuboot_configuration(name: str) -> None:
+    m = preset(name)
+    builder = {
+        "psoc6-2m-swap": "_psoc6_2m_swap",
+        "psoc6-swap-single": "_psoc6_swap_single",
+        "external-flash": "_external_flash",
+        "nrf52840-swap-move": "_nrf52840_swap_move",
+        "two-image": "_two_image",
+        "sim-small": "_sim_small",
+        "sim-small-status": "_sim_small_status",
+    }[name]
+    from otakit.device import flashmap
+
+    doc = getattr(flashmap, builder).__doc__ or ""
+    assert "MCUBOOT_MAX_IMG_SECTORS" in doc
+    assert str(m.max_sectors) in doc
+    assert ("0x00" in doc) == (m.erased_value == 0x00)
+    for slot in (m.primary(), m.secondary()):
+        assert slot.size // m.sector_size <= m.max_sectors
+
+
+def test_psoc6_layout_is_mcubootapp_swap_status() -> None:
     m = preset("psoc6-2m-swap")
     assert (m.base_address, m.flash_size, m.sector_size, m.write_align) == (
         0x10000000,
         0x200000,
         0x200,
-        8,
+        0x200,
     )
+    assert (m.strategy, m.erased_value, m.write_mode) == (Strategy.SWAP_STATUS, 0x00, "replace")
+    assert m.max_sectors == 1840 == 0xE6000 // 0x200
     assert m.images == [0]
     got = {a.label: (m.address(a), a.size) for a in m.areas}
     assert got == {
-        "bootloader": (0x10000000, 0x18000),
+        "bootloader": (0x10000000, 0x28000),
         "primary (image 0)": (0x10028000, 0xE6000),
         "secondary (image 0)": (0x1010E000, 0xE6000),
         "status (image 0)": (0x101F4000, 0x3C00),
@@ -75,52 +117,134 @@ def test_psoc6_layout_is_exactly_protocols_md() -> None:
     assert m.primary().end == 0x10E000 == m.secondary().offset
     status = m.status()
     assert status is not None
-    assert status.offset == 0x1F4000
-    scratch = m.scratch
-    assert scratch is not None
-    assert scratch.end == 0x1F8C00
-    assert m.trailer_size == trailer_size(8, 128) == 3120
-    assert m.max_image_size() == 0xE6000 - 3120
+    # swap_status.h: rows = ceil(1840 / 500) + ceil(64 / 500) = 5; 3 areas x 2 copies x 5 rows
+    assert swap_status_rows(1840) == 5
+    assert status.size == m.status_partition_size == 3 * 2 * 5 * 0x200 == 0x3C00
+    assert m.trailer_size == 0  # swap-status keeps nothing in the slots
+    assert m.max_image_size() == 0xE6000 - 0x200  # the last row holds the trailer
+    # the upstream modes cannot run on 0x200-byte writes (BOOT_MAX_ALIGN is at most 32)
+    for other in (Strategy.SWAP_SCRATCH, Strategy.SWAP_MOVE, Strategy.OVERWRITE):
+        with raises("write alignment 512 is larger than 32"):
+            m.with_strategy(other)
+
+
+def test_the_old_psoc6_max_sectors_is_refused() -> None:
+    """The issue's bug: 1840 sectors per slot with max_sectors 128."""
+    m = preset("psoc6-2m-swap")
+    with raises(
+        r"primary \(image 0\) slot has 1840 sectors of 0x200 bytes, more than max_sectors 128"
+    ):
+        FlashMap(**{**_fields(m), "max_sectors": 128})
+
+
+def test_a_psoc6_2m_swap_scratch_trailer_is_44208_bytes() -> None:
+    """The issue's numbers: upstream swap-scratch on 0xe6000-byte slots of 512-byte sectors
+    with 8-byte writes needs max_sectors 1840 and then reserves 44208 bytes."""
+    m = preset("psoc6-2m-swap")
+    areas = tuple(a for a in m.areas if a.name != "status")
+    scratch = FlashMap(
+        **{**_fields(m), "areas": areas, "strategy": Strategy.SWAP_SCRATCH, "write_align": 8}
+    )
+    assert scratch.trailer_size == 1840 * 3 * 8 + 48 == 44208
+    assert scratch.max_image_size() == 0xE6000 - 44208  # the trailer ends its last sector
+
+
+def _fields(m: FlashMap) -> dict[str, Any]:
+    fields = {
+        k: getattr(m, k)
+        for k in (
+            "name",
+            "flash_size",
+            "sector_size",
+            "write_align",
+            "areas",
+            "base_address",
+            "max_sectors",
+            "strategy",
+            "erased_value",
+            "write_mode",
+        )
+    }
+    return fields
+
+
+def test_psoc6_swap_single_is_mcubootapp_default() -> None:
+    m = preset("psoc6-swap-single")
+    got = {a.label: (m.address(a), a.size) for a in m.areas}
+    assert got == {
+        "bootloader": (0x10000000, 0x28000),
+        "primary (image 0)": (0x10028000, 0x10000),
+        "secondary (image 0)": (0x10038000, 0x10000),
+        "status (image 0)": (0x10048000, 0x1800),
+        "scratch": (0x10050000, 0x2000),
+    }
+    assert m.max_sectors == 128
+    assert m.status_partition_size == 0x1800 == swap_status_area_size(128)
+    assert m.max_image_size() == 0x10000 - 0x200
 
 
 def test_two_image_preset() -> None:
     m = preset("two-image")
+    assert m.strategy == Strategy.SWAP_SCRATCH
     assert m.images == [0, 1]
     assert (m.flash_size, m.sector_size) == (2 * 1024 * KIB, SECTOR)
     assert m.primary(0).size == m.secondary(0).size == 0x60000
     assert m.primary(1).size == m.secondary(1).size == 0x20000
     assert m.scratch is not None
     assert m.scratch.size == SECTOR
-    for image in (0, 1):
-        status = m.status(image)
-        assert status is not None
-        assert status.size == 2 * SECTOR
+    assert m.status(0) is None
+    assert m.status(1) is None
     assert m.bootloader == Area("bootloader", 0, 64 * KIB)
+    assert m.trailer_size == 3120
+    assert m.max_image_size(1) == 0x20000 - 3120
 
 
 def test_external_flash_preset() -> None:
     m = preset("external-flash")
-    assert m.flash_size == 16 * 1024 * KIB
-    assert m.primary() == Area("primary", 0x10000, 1024 * KIB, image=0)
-    assert m.secondary().offset == m.primary().end
+    assert m.strategy == Strategy.SWAP_STATUS
+    assert m.flash_size == 3 * 1024 * KIB
+    assert m.primary() == Area("primary", 0x18000, 0x40200, image=0)
+    assert m.address(m.secondary()) == 0x10200000  # after the internal flash
     status = m.status()
     assert status is not None
-    assert status.size == 2 * SECTOR
-    assert m.scratch is not None
-    assert m.scratch.size == SECTOR
+    assert (m.address(status), status.size) == (0x10058200, 0x2400)
+    assert m.max_sectors == 513
+    assert m.status_partition_size == 0x2400  # rows = 2 + 1 for 513 sectors
+    assert m.max_image_size() == 0x40200 - 0x200
+
+
+def test_nrf52840_swap_move_preset() -> None:
+    m = preset("nrf52840-swap-move")
+    assert (m.strategy, m.sector_size, m.write_align, m.erased_value, m.write_mode) == (
+        Strategy.SWAP_MOVE,
+        SECTOR,
+        4,
+        0xFF,
+        "and",
+    )
+    assert m.primary().size == m.secondary().size + SECTOR
+    assert m.trailer_size == 128 * 3 * 4 + 48 == 1584
+    # app_max_size: the trailer rounded to a sector, and one sector for the move
+    assert m.max_image_size() == 117 * SECTOR - SECTOR
 
 
 def test_sim_small_preset() -> None:
     m = preset("sim-small")
+    assert m.strategy == Strategy.SWAP_SCRATCH
     assert (m.flash_size, m.sector_size, m.write_align) == (64 * KIB, SECTOR, 8)
     assert [(a.name, a.size // SECTOR) for a in m.areas] == [
         ("bootloader", 1),
         ("primary", 5),
         ("secondary", 5),
         ("scratch", 1),
-        ("status", 1),
     ]
     assert m.max_image_size() == 5 * SECTOR - 3120
+
+
+def test_sim_small_status_preset() -> None:
+    m = preset("sim-small-status")
+    assert m.status_partition_size == 0x1800
+    assert m.max_image_size() == 0x5000 - 0x200
 
 
 def test_unknown_preset_lists_the_choices() -> None:
@@ -154,10 +278,13 @@ def test_json_form_uses_absolute_hex_addresses() -> None:
         "base": "0x10000000",
         "size": "0x200000",
         "sector_size": "0x200",
-        "write_align": 8,
-        "max_sectors": 128,
+        "write_align": 512,
+        "max_sectors": 1840,
+        "erased_value": "0x00",
+        "write_mode": "replace",
     }
-    assert data["areas"][0] == {"name": "bootloader", "address": "0x10000000", "size": "0x18000"}
+    assert data["strategy"] == "swap-status"
+    assert data["areas"][0] == {"name": "bootloader", "address": "0x10000000", "size": "0x28000"}
     assert data["areas"][1] == {
         "name": "primary",
         "image": 0,
@@ -183,6 +310,37 @@ def test_from_dict_accepts_ints_and_decimal_strings() -> None:
     assert m.status() is None
     assert m.scratch is None
     assert m.bootloader is None
+    assert (m.strategy, m.erased_value, m.write_mode) == (Strategy.OVERWRITE, 0xFF, "and")
+
+
+def test_an_old_map_with_a_scratch_area_is_swap_scratch() -> None:
+    data = copy.deepcopy(preset("sim-small").to_dict())
+    del data["strategy"]
+    for key in ("erased_value", "write_mode", "max_sectors"):
+        del data["flash"][key]
+    assert FlashMap.from_dict(data) == preset("sim-small")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"strategy": "swap"}, "field strategy is 'swap'; expected one of overwrite, swap-scratch"),
+        ({"strategy": 3}, "field strategy is 3"),
+        ({"flash.erased_value": "0x7f"}, "erased value 0x7f must be 0xff or 0x00"),
+        ({"flash.erased_value": "ff"}, "flash.erased_value is 'ff', not a non-negative"),
+        ({"flash.write_mode": "or"}, "write mode 'or' must be one of and, replace"),
+        ({"flash.write_mode": 1}, "flash.write_mode must be a string, not 1"),
+    ],
+)
+def test_new_json_fields_are_checked(change: dict[str, Any], match: str) -> None:
+    data = copy.deepcopy(preset("sim-small").to_dict())
+    for key, value in change.items():
+        if key.startswith("flash."):
+            data["flash"][key[6:]] = value
+        else:
+            data[key] = value
+    with raises(match):
+        FlashMap.from_dict(data)
 
 
 # --- queries -----------------------------------------------------------------------------------
@@ -202,10 +360,92 @@ def test_area_end_and_label() -> None:
     assert Area("scratch", 0, 1).label == "scratch"
 
 
-def test_max_sectors_sizes_the_trailer() -> None:
-    m = make(*slots(size=4 * SECTOR), max_sectors=512, write_align=4)
-    assert m.trailer_size == 512 * 3 * 4 + 48
-    assert m.max_image_size() == 4 * SECTOR - m.trailer_size
+@pytest.mark.parametrize(
+    ("strategy", "trailer"),
+    [
+        (Strategy.OVERWRITE, 512 * 3 * 4 + 48),
+        (Strategy.SWAP_SCRATCH, 512 * 3 * 4 + 48),
+        (Strategy.SWAP_MOVE, 512 * 3 * 4 + 48),
+        (Strategy.SWAP_OFFSET, 512 * 2 * 4 + 56),
+    ],
+)
+def test_max_sectors_and_strategy_size_the_trailer(strategy: Strategy, trailer: int) -> None:
+    m = make(*slots(size=4 * SECTOR), scratch(), max_sectors=512, write_align=4)
+    m = m.with_strategy(strategy)
+    assert m.trailer_size == trailer == boot_trailer_sz(4, 512, strategy=strategy)
+    expected = {
+        # up to the swap_info field
+        Strategy.OVERWRITE: 4 * SECTOR - 40,
+        # the trailer (6192 bytes) ends the slot; 2096 bytes of it in its first sector
+        Strategy.SWAP_SCRATCH: 4 * SECTOR - trailer,
+        # trailer rounded up to 2 sectors, one more sector for the move
+        Strategy.SWAP_MOVE: 4 * SECTOR - 3 * SECTOR,
+        Strategy.SWAP_OFFSET: 4 * SECTOR - 2 * SECTOR - SECTOR,
+    }[strategy]
+    assert m.max_image_size() == expected
+
+
+def scratch(at: int = 12 * SECTOR) -> Area:
+    return Area("scratch", at, SECTOR)
+
+
+def test_harness_readme_trailer_examples() -> None:
+    assert trailer_size(8, 128) == 3120
+    assert trailer_size(8, 128, strategy="swap-offset") == 2104
+    assert trailer_size(8, 256) == 6192
+    assert trailer_size(8, 1840) == 44208
+    assert trailer_size(0x200, 1840, strategy="swap-status") == 0
+    assert trailer_size(8, 128, overwrite_only=True) == 32  # imgtool --overwrite-only
+    assert trailer_size(32, 128) == 128 * 3 * 32 + 4 * 32 + 32  # BOOT_MAX_ALIGN 32
+    assert scratch_trailer_size(8) == 72
+    assert swap_status_area_size(500) == 6144
+    assert swap_status_area_size(501) == 9216
+    assert swap_status_area_size(128, images=2) == 5 * 2 * 2 * 0x200
+    with pytest.raises(ValueError, match="unknown strategy"):
+        trailer_size(8, 128, strategy="swap")
+
+
+def test_image_offset_is_one_sector_for_swap_offset_only() -> None:
+    m = preset("sim-small")
+    assert m.image_offset() == 0
+    assert m.with_strategy("swap-offset").image_offset() == SECTOR
+    with raises("has no image 1"):
+        m.image_offset(1)
+
+
+def test_with_strategy_keeps_everything_else() -> None:
+    m = preset("sim-small")
+    moved = m.with_strategy(Strategy.SWAP_MOVE)
+    assert moved.strategy == Strategy.SWAP_MOVE
+    assert moved.areas == m.areas
+    assert moved.max_sectors == m.max_sectors
+    assert moved.with_strategy("swap-scratch") == m
+    with pytest.raises(ValueError, match="'nope' is not a valid Strategy"):
+        m.with_strategy("nope")
+
+
+@pytest.mark.parametrize("name", ["sim-small", "psoc6-2m-swap", "sim-small-status"])
+def test_new_flash_has_the_map_geometry(name: str, tmp_path: Path) -> None:
+    m = preset(name)
+    for flash in (m.new_flash(), m.open_flash(tmp_path / "flash.bin")):
+        assert (flash.size, flash.sector_size, flash.write_align) == (
+            m.flash_size,
+            m.sector_size,
+            m.write_align,
+        )
+        assert (flash.erased_value, flash.write_mode) == (m.erased_value, m.write_mode)
+        assert flash.widen_erases == (m.strategy == Strategy.SWAP_STATUS)
+        assert flash.read(m.primary().offset, 4) == bytes([m.erased_value]) * 4
+        flash.close()
+    assert (tmp_path / "flash.bin").read_bytes() == bytes([m.erased_value]) * m.flash_size
+    backing = FileBacking(tmp_path / "other.bin", m.flash_size, m.erased_value)
+    flash = m.new_flash(backing)
+    flash.cut_after(0, tear_half=True)
+    with pytest.raises(PowerCut):
+        flash.erase(0, m.sector_size)
+    flash.close()
+    half = m.sector_size // 2
+    assert (tmp_path / "other.bin").read_bytes()[:half] == bytes([m.erased_value]) * half
 
 
 # --- validation rules --------------------------------------------------------------------------
@@ -216,10 +456,19 @@ def test_a_valid_minimal_map() -> None:
     assert m.images == [0]
 
 
-@pytest.mark.parametrize("align", [0, 3, 64])
+@pytest.mark.parametrize("align", [0, 3, 1024])
 def test_write_align_must_be_a_valid_alignment(align: int) -> None:
-    with raises(f"write alignment {align} is not one of 1, 2, 4, 8, 16, 32"):
+    with raises(f"write alignment {align} is not one of 1, 2, 4, 8, 16, 32, 64, .*, 512"):
         make(*slots(), write_align=align)
+
+
+@pytest.mark.parametrize("strategy", ["overwrite", "swap-scratch", "swap-move", "swap-offset"])
+@pytest.mark.parametrize("align", [64, 512])
+def test_upstream_modes_refuse_writes_larger_than_boot_max_align(strategy: str, align: int) -> None:
+    with raises(f"write alignment {align} is larger than 32, the largest BOOT_MAX_ALIGN"):
+        make(*slots(), scratch(), write_align=align, strategy=strategy)
+    m = make(*slots(size=4 * SECTOR), scratch(), write_align=32, strategy=strategy, max_sectors=8)
+    assert m.max_align == 32
 
 
 def test_write_align_must_divide_the_sector_size() -> None:
@@ -384,37 +633,182 @@ def test_each_image_has_at_most_one_status_area() -> None:
         make(*areas)
 
 
-def test_secondary_must_not_be_smaller_than_primary() -> None:
-    areas = (
-        Area("primary", 0, 3 * SECTOR, image=0),
-        Area("secondary", 3 * SECTOR, 2 * SECTOR, image=0),
+def two_slots(primary: int, secondary: int) -> tuple[Area, Area]:
+    return (
+        Area("primary", SECTOR, primary * SECTOR, image=0),
+        Area("secondary", (1 + primary) * SECTOR, secondary * SECTOR, image=0),
     )
+
+
+@pytest.mark.parametrize("strategy", ["overwrite", "swap-scratch"])
+@pytest.mark.parametrize(("primary", "secondary"), [(3, 2), (2, 3)])
+def test_overwrite_and_swap_scratch_need_equal_slots(
+    strategy: str, primary: int, secondary: int
+) -> None:
     with raises(
-        r"secondary \(image 0\) slot of 0x2000 bytes is smaller than its primary slot of 0x3000"
+        rf"\({strategy}\): image 0: the primary slot \(0x{primary * SECTOR:x} bytes\) and the "
+        rf"secondary slot \(0x{secondary * SECTOR:x} bytes\) must have the same size"
     ):
-        make(*areas)
+        make(*two_slots(primary, secondary), scratch(), strategy=strategy)
 
 
-def test_secondary_may_be_larger_than_primary() -> None:
-    areas = (
-        Area("primary", 0, 2 * SECTOR, image=0),
-        Area("secondary", 2 * SECTOR, 3 * SECTOR, image=0),
-    )
-    assert make(*areas).secondary().size == 3 * SECTOR
+@pytest.mark.parametrize(
+    ("primary", "secondary", "ok"), [(3, 3, True), (4, 3, True), (5, 3, False), (3, 4, False)]
+)
+def test_swap_move_primary_has_the_same_sectors_or_one_more(
+    primary: int, secondary: int, ok: bool
+) -> None:
+    areas = two_slots(primary, secondary)
+    if ok:
+        assert make(*areas, strategy="swap-move").strategy == Strategy.SWAP_MOVE
+    else:
+        with raises(
+            f"swap-move needs the primary slot to have as many sectors as the secondary or one "
+            f"more, not {primary} and {secondary}"
+        ):
+            make(*areas, strategy="swap-move")
 
 
-def test_primary_must_be_larger_than_the_trailer() -> None:
+@pytest.mark.parametrize(
+    ("primary", "secondary", "ok"), [(3, 3, True), (3, 4, True), (3, 5, False), (4, 3, False)]
+)
+def test_swap_offset_secondary_has_the_same_sectors_or_one_more(
+    primary: int, secondary: int, ok: bool
+) -> None:
+    areas = two_slots(primary, secondary)
+    if ok:
+        assert make(*areas, strategy="swap-offset").strategy == Strategy.SWAP_OFFSET
+    else:
+        with raises(
+            f"swap-offset needs the secondary slot to have as many sectors as the primary or "
+            f"one more, not {secondary} and {primary}"
+        ):
+            make(*areas, strategy="swap-offset")
+
+
+def test_slots_must_leave_room_for_an_image() -> None:
     # 512-byte sectors: 6 sectors (3072 bytes) cannot hold the 3120-byte trailer, 7 can.
-    small = dict(flash_size=64 * KIB, sector_size=512)
-    with raises(r"primary \(image 0\) slot of 0xc00 bytes cannot hold the 3120-byte trailer"):
-        make(*slots(at=0, size=6 * 512), **small)
-    assert make(*slots(at=0, size=7 * 512), **small).max_image_size() == 7 * 512 - 3120
+    small: dict[str, Any] = {"flash_size": 64 * KIB, "sector_size": 512}
+    room = Area("scratch", 60 * KIB, 512)
+    with raises(r"image 0: the slots leave no room for an image next to the 3120-byte trailer"):
+        make(*slots(at=0, size=6 * 512), room, **small, strategy="swap-scratch")
+    # 7 sectors: the trailer starts 464 bytes in, 48 bytes before the end of its first sector,
+    # so 24 bytes of padding keep room for the 72-byte scratch trailer
+    m = make(*slots(at=0, size=7 * 512), room, **small, strategy="swap-scratch")
+    assert m.max_image_size() == 7 * 512 - 3120 - 24
 
 
-def test_max_sectors_and_align_change_the_trailer_limit() -> None:
-    # 5 sectors of 4 KiB hold the default trailer but not one for 1024 sectors
-    with raises("cannot hold the 24624-byte trailer"):
-        make(*slots(size=5 * SECTOR), flash_size=64 * KIB, max_sectors=1024)
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_more_sectors_than_max_sectors_is_refused(strategy: Strategy) -> None:
+    areas: tuple[Area, ...] = (*slots(size=5 * SECTOR), scratch())
+    if strategy == Strategy.SWAP_STATUS:
+        areas = (*areas, Area("status", 13 * SECTOR, 2 * SECTOR, image=0))
+        kwargs: dict[str, Any] = {"sector_size": SECTOR, "write_align": 8}
+    else:
+        kwargs = {}
+    with raises(r"primary \(image 0\) slot has 5 sectors of 0x1000 bytes, more than max_sectors 4"):
+        make(*areas, max_sectors=4, strategy=strategy, **kwargs)
+    assert make(*areas, max_sectors=5, strategy=strategy, **kwargs).max_sectors == 5
+
+
+@pytest.mark.parametrize("strategy", ["swap-scratch", "swap-status"])
+def test_scratch_strategies_need_a_scratch_area(strategy: str) -> None:
+    extra = (Area("status", 13 * SECTOR, 2 * SECTOR, image=0),) if strategy == "swap-status" else ()
+    with raises(f"\\({strategy}\\): the strategy needs a scratch area"):
+        make(*slots(), *extra, strategy=strategy)
+
+
+def test_scratch_must_hold_a_sector_and_the_scratch_trailer() -> None:
+    small = dict(sector_size=64, flash_size=64 * 64 * 8)
+    areas = (Area("primary", 0, 64 * 64, image=0), Area("secondary", 64 * 64, 64 * 64, image=0))
+    with raises("scratch area of 0x40 bytes cannot hold the 72-byte scratch trailer"):
+        make(*areas, Area("scratch", 128 * 64, 64), **small, max_sectors=64)
+    assert make(*areas, Area("scratch", 128 * 64, 128), **small, max_sectors=64).scratch
+
+
+def test_scratch_with_more_sectors_than_max_sectors_is_refused() -> None:
+    with raises("scratch area has 3 sectors, more than max_sectors 2"):
+        make(*slots(), Area("scratch", 8 * SECTOR, 3 * SECTOR), max_sectors=2)
+
+
+def test_a_scratch_area_is_unused_but_allowed_without_swap_scratch() -> None:
+    for strategy in ("overwrite", "swap-move", "swap-offset"):
+        m = make(*slots(size=4 * SECTOR), scratch(), strategy=strategy, max_sectors=8)
+        assert m.scratch == scratch()
+
+
+@pytest.mark.parametrize("strategy", ["overwrite", "swap-scratch", "swap-move", "swap-offset"])
+def test_a_status_area_belongs_to_swap_status_only(strategy: str) -> None:
+    areas = (*slots(), scratch(), Area("status", 8 * SECTOR, SECTOR, image=0))
+    with raises(
+        rf"\({strategy}\): status \(image 0\) area: only swap-status keeps its progress in a "
+        "status partition"
+    ):
+        make(*areas, strategy=strategy)
+
+
+def status_map(status_size: int, *, images: int = 1, **kwargs: Any) -> FlashMap:
+    row = 0x200
+    areas: list[Area] = []
+    for image in range(images):
+        areas += [
+            Area("primary", (image * 2) * 8 * row, 8 * row, image=image),
+            Area("secondary", (image * 2 + 1) * 8 * row, 8 * row, image=image),
+        ]
+    at = images * 2 * 8 * row
+    areas += [Area("status", at, status_size, image=0), Area("scratch", at + status_size, row)]
+    options: dict[str, Any] = {
+        "name": "status",
+        "flash_size": 128 * row,
+        "sector_size": row,
+        "write_align": row,
+        "max_sectors": 24,
+        "strategy": "swap-status",
+        "erased_value": 0,
+        "write_mode": "replace",
+    }
+    options.update(kwargs)
+    return FlashMap(areas=tuple(areas), **options)
+
+
+def test_swap_status_partition_size_is_checked() -> None:
+    assert status_map(0x1800).status_partition_size == 0x1800
+    with raises(
+        r"status area of 0x1600 bytes is smaller than the 0x1800 bytes swap_status.h needs for "
+        r"1 image\(s\) and max_sectors 24"
+    ):
+        status_map(0x1600)
+    assert status_map(0x2800, images=2).status_partition_size == 0x2800
+    with raises("smaller than the 0x2800 bytes swap_status.h needs for 2 image"):
+        status_map(0x1800, images=2)
+
+
+def test_swap_status_partition_has_at_most_64_sectors() -> None:
+    with raises("status area has 65 sectors, more than the 64 MCUboot reads"):
+        status_map(65 * 0x200, max_sectors=100, flash_size=256 * 0x200)
+
+
+def test_swap_status_needs_exactly_one_status_partition() -> None:
+    m = status_map(0x1800)
+    areas = tuple(a for a in m.areas if a.name != "status")
+    with raises("swap-status needs exactly one status area"):
+        FlashMap(**{**_fields(m), "areas": areas})
+    two = status_map(0x2800, images=2)
+    extra = Area("status", 100 * 0x200, 0x2800, image=1)
+    with raises("swap-status needs exactly one status area"):
+        FlashMap(**{**_fields(two), "areas": (*two.areas, extra), "flash_size": 256 * 0x200})
+
+
+def test_swap_status_write_align_is_at_most_a_row() -> None:
+    with raises("write alignment 512 does not divide the sector size 0x100"):
+        status_map(0x1800, sector_size=0x100)
+    assert status_map(0x1800, write_align=8).max_align == 8
+
+
+def test_swap_status_max_image_size_follows_the_cypress_loader() -> None:
+    # img_size > write_align * sectors - write_align is erased: the last row is the trailer's
+    assert status_map(0x1800).max_image_size() == 8 * 0x200 - 0x200
+    assert status_map(0x1800, write_align=8).max_image_size() == 8 * 8 - 8
 
 
 def test_areas_given_as_a_list_become_a_tuple() -> None:
@@ -555,9 +949,9 @@ def test_save_to_a_missing_folder_is_an_input_file_error(tmp_path: Path) -> None
 
 
 def test_every_area_kind_round_trips() -> None:
-    m = preset("two-image")
+    m = preset("psoc6-2m-swap")
     assert {a.name for a in m.areas} == set(AREA_KINDS)
-    assert FlashMap.from_dict(m.to_dict()).areas == m.areas
+    assert FlashMap.from_dict(m.to_dict()) == m
 
 
 # --- property test -----------------------------------------------------------------------------
@@ -600,6 +994,9 @@ PATHS = [
     ("flash", "sector_size"),
     ("flash", "write_align"),
     ("flash", "max_sectors"),
+    ("flash", "erased_value"),
+    ("flash", "write_mode"),
+    ("strategy",),
     *[("areas", i, key) for i in range(5) for key in ("name", "address", "size", "image")],
     *[("areas", i) for i in range(5)],
 ]

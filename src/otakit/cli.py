@@ -21,6 +21,7 @@ from rich.table import Table
 
 from otakit import __version__
 from otakit.device.cli import app as agent_app
+from otakit.device.flashmap import FlashMap, Strategy, load_layout
 from otakit.errors import HexFileError, OtakitError, UsageError
 from otakit.files import read_input, write_atomic
 from otakit.host.deploy import deploy
@@ -159,7 +160,9 @@ def sign(
     pad_header: Annotated[
         bool, typer.Option("--pad-header", help="Prepend the header instead of using zeros.")
     ] = False,
-    align: Annotated[str, typer.Option("--align", help="Flash write alignment.")] = "1",
+    align: Annotated[
+        str | None, typer.Option("--align", help="Flash write alignment (default 1).")
+    ] = None,
     max_align: Annotated[
         str | None,
         typer.Option(
@@ -167,8 +170,8 @@ def sign(
         ),
     ] = None,
     slot_size: Annotated[
-        str, typer.Option("-S", "--slot-size", help="Slot size (needed with --pad).")
-    ] = "0",
+        str | None, typer.Option("-S", "--slot-size", help="Slot size (needed with --pad).")
+    ] = None,
     pad: Annotated[
         bool, typer.Option("--pad", help="Fill the slot and write the trailer (a test request).")
     ] = False,
@@ -186,8 +189,16 @@ def sign(
         bool, typer.Option("--overwrite-only", help="Trailer for overwrite-only bootloaders.")
     ] = False,
     max_sectors: Annotated[
-        str, typer.Option("-M", "--max-sectors", help="Sectors in the swap status.")
-    ] = "128",
+        str | None, typer.Option("-M", "--max-sectors", help="Sectors in the swap status (128).")
+    ] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            "--layout",
+            help="Flash map (preset or JSON file): slot size, alignment, sectors and the "
+            "largest image its MCUboot build accepts.",
+        ),
+    ] = None,
     load_addr: Annotated[str, typer.Option("-L", "--load-addr", help="RAM load address.")] = "0",
     public_key_format: Annotated[
         str, typer.Option("--public-key-format", help="Put the key 'hash' or the 'full' key.")
@@ -214,19 +225,24 @@ def sign(
             f"--public-key-format must be 'hash' or 'full', not {public_key_format!r}",
             value=public_key_format,
         )
+    fmap = None if layout is None else load_layout(layout)
+    geometry = _sign_geometry(fmap)
     options = SignOptions(
         version=ImageVersion.parse(version),
         header_size=_int(header_size, "--header-size"),
         pad_header=pad_header,
-        align=_int(align, "--align"),
-        slot_size=_int(slot_size, "--slot-size"),
+        align=geometry["align"] if align is None else _int(align, "--align"),
+        slot_size=geometry["slot_size"] if slot_size is None else _int(slot_size, "--slot-size"),
         pad=pad,
         confirm=confirm,
-        overwrite_only=overwrite_only,
-        max_sectors=_int(max_sectors, "--max-sectors"),
+        overwrite_only=overwrite_only or bool(geometry["overwrite_only"]),
+        max_sectors=geometry["max_sectors"]
+        if max_sectors is None
+        else _int(max_sectors, "--max-sectors"),
         security_counter=None if security_counter is None else _security_counter(security_counter),
         dependencies=() if dependencies is None else _dependencies(dependencies),
         load_addr=_int(load_addr, "--load-addr"),
+        max_image_size=None if fmap is None else fmap.max_image_size(),
         public_key_format="full" if public_key_format == "full" else "hash",
         max_align=None if max_align is None else _int(max_align, "--max-align"),
     )
@@ -261,6 +277,26 @@ def sign(
     )
 
 
+def _sign_geometry(fmap: FlashMap | None) -> dict[str, int]:
+    """imgtool's -S, --align, -M and --overwrite-only for image 0 of ``fmap``'s MCUboot build
+    (imgtool's defaults without a map)."""
+    if fmap is None:
+        return {"slot_size": 0, "align": 1, "max_sectors": 128, "overwrite_only": 0}
+    strategy = Strategy(fmap.strategy)
+    # where the image starts in the secondary slot (swap-offset: one sector in) to its end
+    slot_size = fmap.secondary().size - fmap.image_offset()
+    if strategy is Strategy.SWAP_STATUS:
+        # the trailer lives in the status partition: a padded image only carries the magic
+        # that MCUboot moves there, so imgtool's smallest trailer is enough
+        return {"slot_size": slot_size, "align": 8, "max_sectors": 1, "overwrite_only": 0}
+    return {
+        "slot_size": slot_size,
+        "align": fmap.write_align,
+        "max_sectors": fmap.max_sectors,
+        "overwrite_only": int(strategy is Strategy.OVERWRITE),
+    }
+
+
 @app.command()
 def verify(
     image: Annotated[Path, typer.Argument(help="Image to check.", show_default=False)],
@@ -274,6 +310,14 @@ def verify(
     slot_size: Annotated[
         str | None, typer.Option("-S", "--slot-size", help="Fail if the image is larger.")
     ] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            "--layout",
+            help="Flash map (preset or JSON file): fail if its MCUboot build would refuse the "
+            "image's size.",
+        ),
+    ] = None,
 ) -> None:
     """Verify an image's hash and signature. Exit 0 valid, 1 invalid, 2 usage error.
 
@@ -283,7 +327,11 @@ def verify(
     if not key and not hash_only:
         raise UsageError("give a trusted key with --key (or --hash-only to skip the signature)")
     keys = [PublicKey.load(k) for k in key] if key else None
+    if slot_size is not None and layout is not None:
+        raise UsageError("give --slot-size or --layout, not both")
     max_size = None if slot_size is None else _int(slot_size, "--slot-size")
+    if layout is not None:
+        max_size = load_layout(layout).max_image_size()
     result = verify_image(image, None if hash_only else keys, max_size=max_size, accept_clear=True)
     signer = result.signed_by
     by = (

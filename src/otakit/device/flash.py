@@ -1,15 +1,24 @@
-"""A NOR flash model with wear counters and power-cut injection.
+"""A flash model with wear counters and power-cut injection, the same model as the MCUboot host
+harness (``mcuboot-host/host/src/host_flash.c``) so both count and tear alike.
 
 Behaviour of the modelled part:
 
-- Erased bytes read ``erased_value`` (0xFF). Erase works on whole sectors.
-- A write must start and end on ``write_align`` boundaries. Programming can only clear bits:
-  writing over data that is not erased stores ``old & new``, as real NOR does.
-- Every write and erase is one *operation*. :meth:`Flash.cut_after` arms a power cut: that many
-  operations complete, the next one is interrupted and :class:`PowerCut` is raised; from then on
-  every access raises :class:`PowerCut` until :meth:`Flash.power_on`. An interrupted operation
-  changes nothing, or with ``tear=True`` only a part of it happened: a write stores a prefix
-  of its bytes, an erase erases a prefix of its sector. That is what is left after a real cut.
+- Erased bytes read ``erased_value``: 0xFF (most NOR flash) or 0x00 (PSoC 6 internal flash).
+  Erase works on whole sectors, one operation per sector. With ``widen_erases`` an erase that
+  does not start or end on a sector boundary erases every sector it touches (the Infineon
+  internal-flash driver, and the harness's swap-status build); otherwise it is an error.
+- A write must start and end on ``write_align`` boundaries and is one operation.
+  ``write_mode="and"`` (NOR): programming only moves bits away from the erased value, so a
+  write over data stores ``old & new`` when the erased value is 0xFF and ``old | new`` when it
+  is 0x00. ``write_mode="replace"``: the cells take the new data (flash whose row write erases
+  first, as PSoC 6 rows do).
+- :meth:`Flash.cut_after` arms a power cut: that many operations complete, the next one is
+  interrupted and :class:`PowerCut` is raised; from then on every access raises
+  :class:`PowerCut` until :meth:`Flash.power_on`. An interrupted operation changes nothing,
+  or with ``tear=True`` a random part of it happened (a write stores a prefix of its bytes, an
+  erase erases a prefix of its sector), or with ``tear_half=True`` exactly the harness's
+  ``--torn``: the first half (rounded down) of a write's bytes, the first half of the sector of
+  an erase. The interrupted operation is not counted in :attr:`Flash.operations`.
 
 Backings: :class:`MemoryBacking` (sectors allocated on first write, so a large idle flash costs
 nothing) and :class:`FileBacking` (a file holding the flash contents byte for byte, persistent
@@ -27,6 +36,8 @@ from typing import Protocol
 from otakit.errors import FlashError, InputFileError
 
 ERASED = 0xFF
+ERASED_VALUES = (0xFF, 0x00)
+WRITE_MODES = ("and", "replace")
 
 
 class PowerCut(Exception):
@@ -159,7 +170,11 @@ class FlashStats:
 
 
 class Flash:
-    """A NOR flash of ``size`` bytes made of ``sector_size`` sectors."""
+    """A flash of ``size`` bytes made of ``sector_size`` sectors (see the module docstring).
+
+    A ``backing`` given by the caller must hold erased bytes of ``erased_value`` where nothing
+    was written (:class:`MemoryBacking` and :class:`FileBacking` take the value).
+    """
 
     def __init__(
         self,
@@ -167,6 +182,9 @@ class Flash:
         sector_size: int,
         *,
         write_align: int = 8,
+        erased_value: int = ERASED,
+        write_mode: str = "and",
+        widen_erases: bool = False,
         backing: Backing | None = None,
     ) -> None:
         if size <= 0 or sector_size <= 0 or size % sector_size:
@@ -179,30 +197,75 @@ class Flash:
                 f"write alignment {write_align} must divide the sector size {sector_size}",
                 value=write_align,
             )
+        if erased_value not in ERASED_VALUES:
+            raise FlashError(
+                f"erased value 0x{erased_value:02x} must be 0xff or 0x00", value=erased_value
+            )
+        if write_mode not in WRITE_MODES:
+            raise FlashError(
+                f"write mode {write_mode!r} must be one of {', '.join(WRITE_MODES)}",
+                value=write_mode,
+            )
         self.size = size
         self.sector_size = sector_size
         self.write_align = write_align
-        self.erased_value = ERASED  # NOR: erased bits are 1, programming clears them
-        self._backing = backing if backing is not None else MemoryBacking(size, sector_size)
+        self.erased_value = erased_value
+        self.write_mode = write_mode
+        self.widen_erases = widen_erases
+        self._erased_sector = bytes([erased_value]) * sector_size
+        self._backing = (
+            backing if backing is not None else MemoryBacking(size, sector_size, erased_value)
+        )
         self.stats = FlashStats()
         self.operations = 0  # writes and erases done since creation
         self._cut_at: int | None = None
         self._tear = False
+        self._tear_half = False
         self._rng = random.Random(0)
         self._dead = False
 
     @classmethod
     def open_file(
-        cls, path: str | os.PathLike[str], size: int, sector_size: int, *, write_align: int = 8
+        cls,
+        path: str | os.PathLike[str],
+        size: int,
+        sector_size: int,
+        *,
+        write_align: int = 8,
+        erased_value: int = ERASED,
+        write_mode: str = "and",
+        widen_erases: bool = False,
     ) -> Flash:
-        return cls(size, sector_size, write_align=write_align, backing=FileBacking(path, size))
+        """A flash kept in the file ``path`` (created erased with ``erased_value`` if missing)."""
+        if erased_value not in ERASED_VALUES:
+            raise FlashError(
+                f"erased value 0x{erased_value:02x} must be 0xff or 0x00", value=erased_value
+            )
+        return cls(
+            size,
+            sector_size,
+            write_align=write_align,
+            erased_value=erased_value,
+            write_mode=write_mode,
+            widen_erases=widen_erases,
+            backing=FileBacking(path, size, erased_value),
+        )
 
     # --- power ---------------------------------------------------------------------------------
 
-    def cut_after(self, operations: int, *, tear: bool = False, seed: int = 0) -> None:
-        """Let ``operations`` more writes/erases complete, then cut the power in the next one."""
+    def cut_after(
+        self, operations: int, *, tear: bool = False, seed: int = 0, tear_half: bool = False
+    ) -> None:
+        """Let ``operations`` more writes/erases complete, then cut the power in the next one.
+
+        ``tear``: the interrupted operation happens in part (a random prefix, from ``seed``);
+        ``tear_half``: it happens half, exactly as the MCUboot host harness's ``--torn``.
+        """
+        if operations < 0:
+            raise FlashError(f"cannot cut after {operations} operations", value=operations)
         self._cut_at = self.operations + operations
         self._tear = tear
+        self._tear_half = tear_half
         self._rng = random.Random(seed)
 
     def power_on(self) -> None:
@@ -249,8 +312,18 @@ class Flash:
         self.stats.bytes_read += length
         return self._backing.read(offset, length)
 
+    def _program(self, offset: int, data: bytes) -> None:
+        """Store ``data`` at ``offset`` as the write mode does."""
+        if self.write_mode == "and":
+            old = self._backing.read(offset, len(data))
+            if old.count(self.erased_value) != len(old):  # bits only move away from erased
+                size = len(data)
+                a, b = int.from_bytes(old, "little"), int.from_bytes(data, "little")
+                data = (a & b if self.erased_value == 0xFF else a | b).to_bytes(size, "little")
+        self._backing.write(offset, bytes(data))
+
     def write(self, offset: int, data: bytes) -> None:
-        """Program ``data`` at ``offset`` (aligned); bits only go from 1 to 0."""
+        """Program ``data`` at ``offset`` (aligned); one operation."""
         self._check_range(offset, len(data), "write")
         if not data:
             self._check_power()
@@ -263,15 +336,15 @@ class Flash:
             )
         interrupted = self._begin_operation()
         if interrupted:
-            if not self._tear or len(data) < 2:
+            if self._tear_half:
+                data = data[: len(data) // 2]
+            elif self._tear and len(data) >= 2:
+                data = data[: self._rng.randrange(1, len(data))]
+            else:
+                data = b""
+            if not data:
                 raise PowerCut(f"power cut before the write at 0x{offset:x}")
-            data = data[: self._rng.randrange(1, len(data))]
-        old = self._backing.read(offset, len(data))
-        if old.count(self.erased_value) != len(old):  # programming over data clears bits only
-            size = len(data)
-            new = int.from_bytes(old, "little") & int.from_bytes(data, "little")
-            data = new.to_bytes(size, "little")
-        self._backing.write(offset, bytes(data))
+        self._program(offset, data)
         for index in self._sectors_of(offset, len(data)):
             self.stats.sector(index).writes += 1
         self.stats.bytes_written += len(data)
@@ -279,14 +352,22 @@ class Flash:
             raise PowerCut(f"power cut during the write at 0x{offset:x} ({len(data)} bytes done)")
 
     def erase(self, offset: int, length: int) -> None:
-        """Erase whole sectors, one operation per sector."""
+        """Erase whole sectors, one operation per sector.
+
+        With ``widen_erases`` a range that does not start or end on a sector boundary erases
+        every sector it touches; otherwise such a range is a FlashError.
+        """
         self._check_range(offset, length, "erase")
         if offset % self.sector_size or length % self.sector_size:
-            raise FlashError(
-                f"erase of {length} bytes at 0x{offset:x} is not on {self.sector_size}-byte "
-                "sector boundaries",
-                value=offset,
-            )
+            if not self.widen_erases or length == 0:
+                raise FlashError(
+                    f"erase of {length} bytes at 0x{offset:x} is not on {self.sector_size}-byte "
+                    "sector boundaries",
+                    value=offset,
+                )
+            end = offset + length
+            offset -= offset % self.sector_size
+            length = -(-end // self.sector_size) * self.sector_size - offset
         self._check_power()
         units = self.sector_size // self.write_align
         for index in self._sectors_of(offset, length):
@@ -294,16 +375,21 @@ class Flash:
             interrupted = self._begin_operation()
             size = self.sector_size
             if interrupted:
-                if not self._tear or units < 2:
+                if self._tear_half:
+                    size = self.sector_size // 2
+                elif self._tear and units >= 2:
+                    size = self._rng.randrange(1, units) * self.write_align
+                else:
+                    size = 0
+                if not size:
                     raise PowerCut(f"power cut before the erase of sector {index}")
-                size = self._rng.randrange(1, units) * self.write_align
-            self._backing.write(start, bytes([self.erased_value]) * size)
+            self._backing.write(start, self._erased_sector[:size])
             self.stats.sector(index).erases += 1
             if interrupted:
                 raise PowerCut(f"power cut during the erase of sector {index}")
 
     def is_erased(self, offset: int, length: int) -> bool:
-        return self.read(offset, length) == bytes([self.erased_value]) * length
+        return self.read(offset, length).count(self.erased_value) == length
 
     def flush(self) -> None:
         self._backing.flush()

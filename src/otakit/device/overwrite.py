@@ -1,38 +1,73 @@
-"""Overwrite-only upgrade: the secondary image is copied over the primary one; no way back.
+"""overwrite-only: MCUboot built with MCUBOOT_OVERWRITE_ONLY, ported.
 
-One step per region (erase primary[r], copy secondary[r] -> primary[r]), then a last step that
-erases the secondary trailer so the request is not done again, each recorded in the swap status.
-Every step is idempotent (the secondary is untouched until the last step), so after a power cut
-the first unrecorded step is done again.
+No swap status and no way back: ``boot_copy_image`` (loader.c) erases the whole primary slot,
+sector by sector, copies the whole secondary slot over it (trailer included, in
+``boot_copy_region`` chunks), then erases the secondary's first sector (its header) and its last
+sector (its trailer) so the request is not seen again. A reset in the middle simply starts it
+again at the next boot: the secondary is intact until the copy is complete. The slot geometry
+checks are swap_scratch.c's with OVERWRITE_ONLY.
 """
 
 from __future__ import annotations
 
-from otakit.device.regions import copy_area, upgrade_regions
-from otakit.device.slot import Slot
-from otakit.device.swap_status import SwapProgress, SwapStatus
+from typing import ClassVar
+
+from otakit.device.boot_status import AreaRef, BootStatus, StatusSource
+from otakit.device.swap_mode import (
+    BOOT_SLOT_PRIMARY,
+    BOOT_SLOT_SECONDARY,
+    SwapMode,
+    copy_region,
+    erase_region,
+    scramble_region,
+)
+from otakit.device.swap_scratch import app_max_size, read_status_bytes, slots_compatible
 
 
-def overwrite_steps(slot_size: int, region_size: int, copy_size: int, trailer_size: int) -> int:
-    return len(upgrade_regions(slot_size, region_size, copy_size, trailer_size)) + 1
+class OverwriteMode(SwapMode):
+    strategy = "overwrite"
+    overwrite_only: ClassVar[bool] = True
 
+    def slots_compatible(self) -> bool:
+        return slots_compatible(self.ctx, overwrite=True)
 
-def run_overwrite(
-    *,
-    primary: Slot,
-    secondary: Slot,
-    status: SwapStatus,
-    progress: SwapProgress,
-    trailer_size: int,
-) -> None:
-    regions = upgrade_regions(primary.size, primary.sector_size, progress.copy_size, trailer_size)
-    data_end = primary.size - trailer_size
-    for step in range(progress.done_steps, len(regions) + 1):
-        if step < len(regions):
-            start, end = regions[step]
-            primary.erase(start, end - start)
-            copy_area(secondary, start, primary, start, max(0, min(end, data_end) - start))
-        else:
-            secondary.erase_trailer(trailer_size)
-        status.step_done(step)
-    status.finish()
+    def app_max_size(self) -> int:
+        return app_max_size(self.ctx, overwrite=True)
+
+    def max_image_size(self, slot: int) -> int:
+        """``bootutil_max_image_size`` for overwrite-only: ``boot_swap_info_off(fap)``."""
+        area = self.ctx.slot_area(slot)
+        return self.ctx.geometry.swap_info_off(area.size)
+
+    def status_source(self) -> StatusSource:
+        return StatusSource.NONE  # overwrite-only keeps no swap status
+
+    def read_status_bytes(self, area: AreaRef, bs: BootStatus) -> None:
+        read_status_bytes(self, area, bs)
+
+    def run(self, bs: BootStatus, copy_size: int) -> None:
+        self.copy_image(bs)
+
+    def copy_image(self, bs: BootStatus) -> None:
+        """``boot_copy_image`` (neither OVERWRITE_ONLY_FAST nor KEEP_BACKUP)."""
+        ctx = self.ctx
+        primary, secondary = ctx.primary, ctx.secondary
+        size = 0
+        for sector in range(ctx.num_sectors(BOOT_SLOT_PRIMARY)):
+            this_size = ctx.sector_size(BOOT_SLOT_PRIMARY, sector)
+            erase_region(primary, size, this_size, False)
+            size += this_size
+        copy_region(secondary, primary, 0, 0, size)
+        scramble_region(
+            secondary,
+            ctx.sector_off(BOOT_SLOT_SECONDARY, 0),
+            ctx.sector_size(BOOT_SLOT_SECONDARY, 0),
+            False,
+        )
+        last = ctx.num_sectors(BOOT_SLOT_SECONDARY) - 1
+        scramble_region(
+            secondary,
+            ctx.sector_off(BOOT_SLOT_SECONDARY, last),
+            ctx.sector_size(BOOT_SLOT_SECONDARY, last),
+            False,
+        )

@@ -151,12 +151,12 @@ class SlotStorage:
             data = data[: max(0, data_end - offset)]
         if not data:
             return
-        slot = self.boot.secondary(self.image)
+        slot = self.boot.update_area(self.image)
         align = self.boot.flash.write_align
         start = offset - offset % align
         head = slot.read_at(start, offset - start)
         block = head + data
-        block += b"\xff" * (-len(block) % align)
+        block += bytes([self.boot.flash.erased_value]) * (-len(block) % align)
         slot.write(start, block)
 
     def _keep_tail(self, offset: int, data: bytes, data_end: int) -> None:
@@ -188,7 +188,7 @@ class SlotStorage:
         :class:`HashMismatchError` when some of them were not received."""
         data_end = self.data_end
         hasher = hashlib.sha256()
-        for chunk in iter_range(self.boot.secondary(self.image), 0, min(size, data_end)):
+        for chunk in iter_range(self.boot.update_area(self.image), 0, min(size, data_end)):
             hasher.update(chunk)
         if size > data_end:
             tail = size - data_end
@@ -205,7 +205,7 @@ class SlotStorage:
         return str(FirmwareVersion.from_image(verified.version))
 
     def _verified(self) -> VerifiedImage:
-        slot = self.boot.secondary(self.image)
+        slot = self.boot.update_area(self.image)
         data_end = self.data_end
         verified = verify_image(slot, self.keys or None, max_size=data_end)
         version = FirmwareVersion.from_image(verified.version)
@@ -219,7 +219,7 @@ class SlotStorage:
         # unsigned (appended to the file); an imgtool --pad image has only erased bytes there
         end = data_end if self._download is None else min(data_end, self._download.size)
         check_erased_after(
-            self.boot.secondary(self.image), verified.layout, end, self.boot.flash.erased_value
+            self.boot.update_area(self.image), verified.layout, end, self.boot.flash.erased_value
         )
         return verified
 

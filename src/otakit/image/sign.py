@@ -24,7 +24,7 @@ from imgtool import image as imgtool_image
 from imgtool import keys as imgtool_keys
 from imgtool.version import SemiSemVersion
 
-from otakit.errors import OtakitError, SigningError
+from otakit.errors import ImageTooLargeError, OtakitError, SigningError
 from otakit.image.header import HEADER_SIZE, ImageVersion
 from otakit.image.hexfile import format_hex
 from otakit.image.keys import KeyType, SigningKey
@@ -60,6 +60,9 @@ class SignOptions:
     load_addr: int = 0
     public_key_format: Literal["hash", "full"] = "hash"
     max_align: int | None = None  # None: imgtool's max(8, align)
+    # the largest image (header to the end of the TLVs) the target bootloader accepts, e.g.
+    # FlashMap.max_image_size(); None: only imgtool's check against the slot size
+    max_image_size: int | None = None
 
     def __post_init__(self) -> None:
         if not HEADER_SIZE <= self.header_size <= 0xFFFF:
@@ -142,6 +145,7 @@ def sign_image(payload: bytes, key: SigningKey | None, options: SignOptions) -> 
     (header area not free, image plus trailer larger than the slot, ...).
     """
     img = _create(payload, key, options)
+    _check_size(len(img.payload), options)
     if options.padded:
         with _imgtool_errors():
             img.pad_to(options.slot_size)
@@ -161,6 +165,7 @@ def sign_image_hex(
     """
     img = _create(payload, key, options)
     image = bytes(img.payload)
+    _check_size(len(image), options)
     _check(image, key)
     chunks = [(address, image)]
     if options.padded:
@@ -170,6 +175,14 @@ def sign_image_hex(
             chunks.append((slot_end - layout.image_ok_off, layout.flag()))
         chunks.append((slot_end - layout.magic_off, layout.magic))
     return format_hex(chunks)
+
+
+def _check_size(size: int, options: SignOptions) -> None:
+    limit = options.max_image_size
+    if limit is not None and size > limit:
+        raise ImageTooLargeError(
+            f"the image is {size} bytes; the bootloader accepts at most {limit}", value=size
+        )
 
 
 def hex_address(

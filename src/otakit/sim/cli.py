@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from otakit.device.bootloader import Strategy
-from otakit.device.flashmap import PRESETS, FlashMap, preset
+from otakit.device.flashmap import PRESETS, load_layout
 from otakit.errors import UsageError
 from otakit.files import read_input
 from otakit.image.keys import PublicKey
@@ -28,13 +28,6 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DeviceDir = Annotated[Path, typer.Argument(help="Device folder.", show_default=False)]
-
-
-def _layout(value: str) -> FlashMap:
-    path = Path(value)
-    if value not in PRESETS and (path.suffix == ".json" or path.exists()):
-        return FlashMap.load(path)
-    return preset(value)
 
 
 def _strategy(value: str | None) -> Strategy | None:
@@ -61,7 +54,11 @@ def create(
     ] = DEFAULT_LAYOUT,
     strategy: Annotated[
         str | None,
-        typer.Option("--strategy", help="swap-scratch or overwrite (default: swap if possible)."),
+        typer.Option(
+            "--strategy",
+            help="MCUboot mode: overwrite, swap-scratch, swap-move, swap-offset or swap-status "
+            "(default: the layout's).",
+        ),
     ] = None,
     allow_downgrade: Annotated[
         bool, typer.Option("--allow-downgrade", help="Let the bootloader accept older images.")
@@ -76,7 +73,7 @@ def create(
         directory,
         read_input(image, what="image"),
         [PublicKey.load(k) for k in key],
-        layout=_layout(layout),
+        layout=load_layout(layout),
         identity=Identity(board, product, serial, manufacturer),
         strategy=_strategy(strategy),
         allow_downgrade=allow_downgrade,

@@ -4,7 +4,7 @@
 
     DIR/device.json     identity, bootloader settings, boot count, last boot and last failure
     DIR/flashmap.json   the flash map (see otakit.device.flashmap)
-    DIR/flash.bin       the flash contents, byte for byte (erased bytes are 0xFF)
+    DIR/flash.bin       the flash contents, byte for byte (erased bytes read the map's erased value)
     DIR/keys/*.pem      trusted public keys (only the public part of a given key is kept)
 
 Every command opens the flash file, acts, and closes it; ``device.json`` is replaced atomically,
@@ -153,8 +153,9 @@ class SimDevice:
         if not keys:
             raise DeviceError("give at least one trusted key: the bootloader checks signatures")
         fm = preset(layout) if isinstance(layout, str) else layout
-        if strategy is None:
-            strategy = Strategy.SWAP_SCRATCH if fm.scratch is not None else Strategy.OVERWRITE
+        if strategy is not None and strategy != fm.strategy:
+            fm = fm.with_strategy(strategy)
+        strategy = Strategy(fm.strategy)
         _verify_for_slot(image, keys, fm)
         target.mkdir(parents=True, exist_ok=True)
         (target / KEYS_DIR).mkdir()
@@ -187,9 +188,8 @@ class SimDevice:
         data_end = self.map.max_image_size(image_index)
         check_erased_after(BytesSource(image), verified.layout, min(data_end, len(image)))
         with self.bootloader() as boot:
-            slot = boot.secondary(image_index)
-            slot.erase_all()
-            slot.write(0, _aligned(image[: verified.layout.end], self.map))
+            boot.secondary(image_index).erase_all()
+            boot.update_area(image_index).write(0, _aligned(image[: verified.layout.end], self.map))
             boot.set_pending(image_index, permanent=permanent)
         return verified
 
@@ -251,9 +251,7 @@ class SimDevice:
 
 @contextmanager
 def _open_flash(directory: Path, fm: FlashMap) -> Iterator[Flash]:
-    flash = Flash.open_file(
-        directory / FLASH_FILE, fm.flash_size, fm.sector_size, write_align=fm.write_align
-    )
+    flash = fm.open_flash(directory / FLASH_FILE)
     try:
         yield flash
     finally:
@@ -263,7 +261,6 @@ def _open_flash(directory: Path, fm: FlashMap) -> Iterator[Flash]:
 
 def _config(state: DeviceState, keys: Sequence[PublicKey]) -> BootloaderConfig:
     return BootloaderConfig(
-        strategy=state.strategy,
         keys=tuple(keys),
         allow_downgrade=state.allow_downgrade,
         ignore_security_counter=state.ignore_security_counter,
@@ -288,7 +285,7 @@ def _verify_for_slot(
 
 
 def _aligned(data: bytes, fm: FlashMap) -> bytes:
-    return data + b"\xff" * (-len(data) % fm.write_align)
+    return data + bytes([fm.erased_value]) * (-len(data) % fm.write_align)
 
 
 def _json(data: dict[str, Any]) -> bytes:

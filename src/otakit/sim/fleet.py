@@ -64,7 +64,6 @@ from otakit.device.transports.http import content_total
 from otakit.errors import (
     BootError,
     ChunkHeaderError,
-    FlashMapError,
     HashMismatchError,
     InvalidVersionError,
     JobFetchError,
@@ -212,38 +211,35 @@ class MemoryJournal(Journal):
 def fleet_flashmap(
     strategy: Strategy, *, slot_size: int = 512 * KIB, sector_size: int = 4 * KIB
 ) -> FlashMap:
-    """Primary and secondary slots of ``slot_size``, a status area large enough for the
-    strategy's progress record, and (swap-scratch) one scratch sector.
+    """Primary and secondary slots of ``slot_size`` laid out for ``strategy`` as MCUboot needs
+    them (swap-scratch: one scratch sector; swap-move: a primary one sector larger; swap-offset:
+    a secondary one sector larger), MCUBOOT_MAX_IMG_SECTORS = the sectors of the larger slot.
 
-    Raises FlashMapError for sizes that do not make a valid map.
+    Raises FlashMapError for sizes that do not make a valid map (swap-status needs a status
+    partition in PSoC 6 rows: use a preset for it).
     """
-    sectors_per_slot = slot_size // sector_size if sector_size > 0 else 0
-    status = sector_size
-    while True:
-        scratch = sector_size if strategy is Strategy.SWAP_SCRATCH else 0
-        areas = [
-            Area("primary", 0, slot_size, image=0),
-            Area("secondary", slot_size, slot_size, image=0),
-            Area("status", 2 * slot_size, status, image=0),
-        ]
-        if scratch:
-            areas.append(Area("scratch", 2 * slot_size + status, scratch))
-        fmap = FlashMap(
-            name=f"fleet-{slot_size // KIB}k-{strategy.value}",
-            flash_size=2 * slot_size + status + scratch,
-            sector_size=sector_size,
-            write_align=8,
-            areas=tuple(areas),
-            max_sectors=max(128, sectors_per_slot),
-        )
-        try:
-            Bootloader(Flash(fmap.flash_size, sector_size), fmap, BootloaderConfig(strategy))
-        except FlashMapError:
-            if status >= slot_size:
-                raise
-            status *= 2  # the progress record needs more entries
-            continue
-        return fmap
+    extra_primary = sector_size if strategy is Strategy.SWAP_MOVE else 0
+    extra_secondary = sector_size if strategy is Strategy.SWAP_OFFSET else 0
+    primary_size = slot_size + extra_primary
+    secondary_size = slot_size + extra_secondary
+    areas = [
+        Area("primary", 0, primary_size, image=0),
+        Area("secondary", primary_size, secondary_size, image=0),
+    ]
+    end = primary_size + secondary_size
+    if strategy is Strategy.SWAP_SCRATCH:
+        areas.append(Area("scratch", end, sector_size))
+        end += sector_size
+    largest = max(primary_size, secondary_size)
+    return FlashMap(
+        name=f"fleet-{slot_size // KIB}k-{strategy.value}",
+        flash_size=end,
+        sector_size=sector_size,
+        write_align=8,
+        areas=tuple(areas),
+        max_sectors=max(1, largest // sector_size if sector_size > 0 else 1),
+        strategy=strategy,
+    )
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -839,7 +835,7 @@ class Fleet:
             SignOptions(FirmwareVersion.parse(config.version).to_image(), pad_header=True),
         )
         self.pool = SectorPool()
-        self._erased = b"\xff" * self.map.sector_size
+        self._erased = bytes([self.map.erased_value]) * self.map.sector_size
         self._factory = factory + b"\xff" * (-len(factory) % self.map.write_align)
         self.target = FirmwareVersion.parse(config.until_updated) if config.until_updated else None
         profiles = fault_profiles(config)
@@ -866,12 +862,7 @@ class Fleet:
 
     def _new_flash(self) -> Flash:
         fmap = self.map
-        flash = Flash(
-            fmap.flash_size,
-            fmap.sector_size,
-            write_align=fmap.write_align,
-            backing=SharedBacking(self.pool, fmap.sector_size, self._erased),
-        )
+        flash = fmap.new_flash(SharedBacking(self.pool, fmap.sector_size, self._erased))
         flash.stats = _Uncounted()
         flash.write(fmap.primary(0).offset, self._factory)
         return flash

@@ -94,7 +94,7 @@ from smp.exceptions import SMPException
 from otakit import __version__
 from otakit.device.bootloader import Bootloader, ImageStatus, Strategy
 from otakit.device.journal import Download, Journal
-from otakit.device.slot import Slot
+from otakit.device.slot import FlashArea
 from otakit.device.storage import SlotStorage
 from otakit.errors import (
     BadMagicError,
@@ -114,6 +114,15 @@ from otakit.image.layout import ImageLayout, read_layout
 from otakit.image.tlv import HASH_TLVS
 from otakit.protocol.version import FirmwareVersion
 
+# MCUboot's enum mcuboot_mode (bootutil/boot_status.h), what os_mgmt's bootloader info reports;
+# Infineon's swap-status is swap-using-scratch with its progress kept in a status partition.
+_MCUBOOT_MODES = {
+    Strategy.SWAP_SCRATCH: 1,
+    Strategy.OVERWRITE: 2,
+    Strategy.SWAP_MOVE: 3,
+    Strategy.SWAP_OFFSET: 9,
+    Strategy.SWAP_STATUS: 1,
+}
 log = logging.getLogger("otakit.smp")
 
 DEFAULT_UDP_PORT = 1337  # Zephyr's CONFIG_MCUMGR_TRANSPORT_UDP_PORT
@@ -448,15 +457,10 @@ class SmpServer:
                 group=Group.OS_MANAGEMENT,
                 reason=f"unknown bootloader query {request.query!r}",
             )
-        config = self.boot.config
-        mode = (
-            smpos.MCUbootMode.SWAP_USING_SCRATCH
-            if config.strategy is Strategy.SWAP_SCRATCH
-            else smpos.MCUbootMode.OVERWRITE_ONLY
-        )
+        mode = _MCUBOOT_MODES[Strategy(self.boot.map.strategy)]
         return smpos.BootloaderInformationReadResponse(
             bootloader="MCUboot",
-            response={"mode": int(mode), "no-downgrade": not config.allow_downgrade},
+            response={"mode": mode, "no-downgrade": not self.boot.config.allow_downgrade},
         )
 
     # --- image management: state ---------------------------------------------------------------
@@ -498,8 +502,10 @@ class SmpServer:
                 )
         return states
 
-    def _slot(self, image: int, slot: int) -> Slot:
-        return self.boot.primary(image) if slot == 0 else self.boot.secondary(image)
+    def _slot(self, image: int, slot: int) -> FlashArea:
+        """Where slot ``slot``'s image starts (swap-offset: one sector into the secondary, as
+        Zephyr's img_mgmt reads it)."""
+        return self.boot.primary(image) if slot == 0 else self.boot.update_area(image)
 
     def _layout(self, image: int, slot: int) -> ImageLayout | None:
         try:
