@@ -441,3 +441,29 @@ def get_host() -> McubootHost:
 def mcuboot_host() -> McubootHost:
     """MCUboot's bootloader, built once (see :func:`get_host`)."""
     return get_host()
+
+
+TRAILER_ROW_USED = 48  # the bytes of swap_status_to_image_trailer's row MCUboot fills in
+
+
+def unset_bytes(flashmap: FlashMap, image: int = 0) -> slice | None:
+    """swap-status: the part of the primary slot's last trailer row that MCUboot writes from an
+    uninitialised buffer (``swap_status_to_image_trailer``: a write-size multiple of which only
+    the last 48 bytes are set; the rest is whatever its stack held, different from run to run,
+    where otakit writes the erased value). None for the other strategies."""
+    if str(flashmap.strategy) != "swap-status":
+        return None
+    align = flashmap.write_align
+    row = -(-TRAILER_ROW_USED // align) * align
+    end = flashmap.primary(image).end
+    return slice(end - row, end - TRAILER_ROW_USED) if row > TRAILER_ROW_USED else None
+
+
+def mask_unset_bytes(flashmap: FlashMap, data: bytes) -> bytes:
+    """``data`` (a whole flash) with the :func:`unset_bytes` of every image set to zero."""
+    out = bytearray(data)
+    for image in flashmap.images:
+        garbage = unset_bytes(flashmap, image)
+        if garbage is not None:
+            out[garbage] = bytes(garbage.stop - garbage.start)
+    return bytes(out)

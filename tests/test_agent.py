@@ -138,7 +138,7 @@ def test_older_job_is_refused_reported_and_leaves_the_slot_clean(setup: Setup) -
     assert report.result.outcome is Outcome.FAILED
     assert report.result.error == "INVALID_VERSION"
     with device.bootloader() as boot:
-        assert boot.secondary().read_at(0, 64) == b"\xff" * 64
+        assert boot.secondary().read_at(0, 64) == bytes([boot.flash.erased_value]) * 64
     assert report.running == "1.0.0"
     counts = setup.admin.get(f"/api/v1/deployments/{deployment['id']}").json()["counts"]
     assert counts["Error"] == 1

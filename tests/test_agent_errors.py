@@ -57,7 +57,6 @@ BOARD = "CY8CPROTO_062_4343W"
 RUNNING = "1.0.0"
 FILE = "/firmware/app-1.1.0.bin"
 IMAGE_SIZE = 32_000
-ERASED = 0xFF
 
 
 def image(
@@ -332,14 +331,16 @@ def assert_reported(stub: Stub, error: str, *, file: str = FILE) -> None:
 
 
 def assert_clean(device: SimDevice, image_size: int = IMAGE_SIZE) -> None:
-    """Secondary slot erased (first 64 bytes, the image's bytes and the trailer), no journal,
-    and the next boot runs 1.0.0 as it was."""
+    """Secondary slot erased (first 64 bytes, the image's bytes and the trailer) to the flash's
+    erased value (0x00 on the PSoC 6 rows of psoc6-2m-swap), no journal, and the next boot runs
+    1.0.0 as it was."""
     assert not (device.dir / JOURNAL_FILE).exists()
     with device.bootloader() as boot:
+        erased = boot.flash.erased_value
         slot = boot.secondary()
         checked = min(max(64, image_size), slot.size)
-        assert slot.read_at(0, checked) == bytes([ERASED]) * checked
-        assert slot.read_at(0, slot.size).count(ERASED) == slot.size, "slot not fully erased"
+        assert slot.read_at(0, checked) == bytes([erased]) * checked
+        assert slot.read_at(0, slot.size).count(erased) == slot.size, "slot not fully erased"
     report = device.boot()
     assert report.result is not None
     boot_image = report.result.images[0]

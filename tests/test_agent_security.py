@@ -339,7 +339,7 @@ def failed(run: Run, error: str, fragment: str = "") -> str:
 def slot_erased(device: SimDevice) -> bool:
     with device.bootloader() as boot:
         slot = boot.secondary()
-        return slot.read_at(0, slot.size).count(0xFF) == slot.size
+        return slot.read_at(0, slot.size).count(boot.flash.erased_value) == slot.size
 
 
 # --- item 2: credentials go only to the configured server --------------------------------------

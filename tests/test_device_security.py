@@ -43,9 +43,10 @@ from smpclient.requests.os_management import ResetWrite
 
 from otakit import errors
 from otakit.device.agent import Outcome
+from otakit.device.boot_status import Flag, Magic
 from otakit.device.bootloader import Action, Bootloader, BootloaderConfig
 from otakit.device.flash import Flash
-from otakit.device.flashmap import preset
+from otakit.device.flashmap import Strategy, preset
 from otakit.device.journal import Download, Journal
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.ble import LoopbackPeripheral
@@ -92,16 +93,24 @@ def imgtool_signed(
     *flags: str,
     layout: str,
     size: int = 9000,
+    erased: int | None = None,
 ) -> bytes:
-    """``imgtool sign`` for ``layout``'s slot, with ``flags`` (e.g. ``--pad --confirm``)."""
+    """``imgtool sign`` for ``layout``'s slot, with ``flags`` (e.g. ``--pad --confirm``), padded
+    with ``erased`` (``--erased-val``; default: the layout's erased value, as Infineon's tools
+    sign for PSoC 6 internal flash). imgtool's ``--align`` is at most 32: for swap-status (0x200
+    rows) it is the build's BOOT_MAX_ALIGN, 8, the width of the trailer fields that the status
+    partition holds."""
     fm = preset(layout)
+    align = fm.max_align if fm.strategy == Strategy.SWAP_STATUS else fm.write_align
+    erased = fm.erased_value if erased is None else erased
     key = tmp / "key.pem"
     key.write_bytes(KEY.to_pem())
-    name = f"{version}-{'-'.join(f.strip('-') for f in flags) or 'plain'}"
+    name = f"{version}-{'-'.join(f.strip('-') for f in flags) or 'plain'}-{erased:02x}"
     (tmp / f"{name}.bin").write_bytes(random.Random(name).randbytes(size))
     result = imgtool(
         "sign", "-k", key, "-v", version, "-H", "0x200", "--pad-header",
-        "--align", str(fm.write_align), "--max-sectors", str(fm.max_sectors),
+        "--align", str(align), "--max-sectors", str(fm.max_sectors),
+        "--erased-val", "0" if erased == 0 else "0xff",
         "-S", hex(fm.primary(0).size), *flags, tmp / f"{name}.bin", tmp / f"{name}.img",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -128,21 +137,24 @@ def make_device(
 
 
 def secondary_trailer(device: SimDevice) -> tuple[bool, bool]:
-    """(magic, image_ok) of the secondary slot's trailer."""
+    """(magic, image_ok) of the secondary slot's trailer, read where the layout's MCUboot reads
+    them (``boot_read_swap_state``: the slot's end, or swap-status's status partition)."""
     with device.bootloader() as boot:
-        trailer = boot.secondary().trailer()
-    return trailer.magic, trailer.image_ok
+        mode = boot.mode(0, read_only=True)
+        state = mode.store.read_swap_state(mode.ctx.secondary_ref)
+    return state.magic is Magic.GOOD, state.image_ok is Flag.SET
 
 
 def trailer_area_erased(device: SimDevice, *, except_magic: bool) -> bool:
     """The secondary slot's trailer area holds nothing but (optionally) the boot magic."""
+    erased = device.map.erased_value
     with device.bootloader() as boot:
         slot = boot.secondary()
         start = device.map.max_image_size(0)
         area = bytearray(slot.read_at(start, slot.size - start))
     if except_magic:
-        area[-16:] = b"\xff" * 16
-    return bytes(area) == b"\xff" * len(area)
+        area[-16:] = bytes([erased]) * 16
+    return bytes(area) == bytes([erased]) * len(area)
 
 
 def running(device: SimDevice) -> str | None:
@@ -283,9 +295,13 @@ def test_sim_run_with_a_padded_confirmed_image_reverts_as_it_says(
     assert running(device) == "1.0.0+0"
 
 
-def test_a_padded_test_image_is_still_accepted(tmp_path: Path, imgtool: Callable[..., Run]) -> None:
+@pytest.mark.parametrize("erased", [0x00, 0xFF], ids=["erased-val 0", "erased-val 0xff"])
+def test_a_padded_test_image_is_still_accepted(
+    tmp_path: Path, imgtool: Callable[..., Run], erased: int
+) -> None:
+    """Padded with PSoC 6's erased value 0 (as Infineon's tools sign) or imgtool's default."""
     device = make_device(tmp_path / "dev", PSOC6)
-    padded = imgtool_signed(imgtool, tmp_path, "1.1.0", "--pad", layout=PSOC6)
+    padded = imgtool_signed(imgtool, tmp_path, "1.1.0", "--pad", layout=PSOC6, erased=erased)
     with update_server(padded) as url:
         report = download(device, url)
     assert report.result.outcome is Outcome.UPDATED, report.result
@@ -302,7 +318,7 @@ def test_unsigned_bytes_after_the_tlvs_are_refused(
     else:
         padded = bytearray(imgtool_signed(imgtool, tmp_path, "1.1.0", "--pad", layout=PSOC6))
         end = verify_image(bytes(padded)).layout.end
-        padded[end + 100] = 0x00  # one byte of the erased padding is not erased
+        padded[end + 100] = preset(PSOC6).erased_value ^ 0xFF  # a padding byte is not erased
         bad = bytes(padded)
     with update_server(bad) as url:
         report = download(device, url)
@@ -330,6 +346,29 @@ def test_sim_install_takes_the_request_from_the_command_not_the_file(
     assert device.boot().to_dict()["images"][0]["action"] == "upgrade-test"
     with pytest.raises(errors.TrailingDataError):
         device.install(signed("1.2.0") + b"junk")
+
+
+@pytest.mark.parametrize("erased", [0x00, 0xFF], ids=["erased-val 0", "erased-val 0xff"])
+def test_sim_install_on_psoc6_takes_imgtool_padding_of_either_erased_value(
+    tmp_path: Path, imgtool: Callable[..., Run], erased: int
+) -> None:
+    """imgtool pads with its ``--erased-val``: 0 as Infineon's tools sign for PSoC 6 internal
+    flash (erased to 0x00), 0xff by default (and ``otakit sign``). ``sim install`` writes none
+    of the padding and takes either, but not a padding byte that is neither."""
+    device = make_device(tmp_path / "dev", PSOC6)
+    padded = imgtool_signed(
+        imgtool, tmp_path, "1.1.0", "--pad", "--confirm", layout=PSOC6, erased=erased
+    )
+    end = verify_image(padded).layout.end
+    assert padded[end : end + 100] == bytes([erased]) * 100
+    tampered = bytearray(padded)
+    tampered[end + 100] = erased ^ 0xFF
+    with pytest.raises(errors.TrailingDataError):
+        device.install(bytes(tampered))
+    assert SimDevice(device.dir).status()["slots"][0]["next_boot"] == "none"
+    device.install(padded)  # a test, as asked
+    assert secondary_trailer(device) == (True, False)
+    assert device.boot().to_dict()["images"][0]["action"] == "upgrade-test"
 
 
 def test_storage_never_writes_the_trailer_area_and_resumes_before_it(

@@ -190,6 +190,38 @@ def test_broken_devices_revert_and_report_it(product: Product) -> None:
     assert status["version"] == "1.0.0"
 
 
+@pytest.mark.parametrize(
+    "strategy",
+    [Strategy.SWAP_SCRATCH, Strategy.SWAP_MOVE, Strategy.SWAP_OFFSET, Strategy.SWAP_STATUS],
+)
+def test_every_swap_mode_updates_and_reverts_broken_devices(
+    product: Product, strategy: Strategy
+) -> None:
+    """The fleet's flash map is laid out for each MCUboot mode (swap-status: PSoC 6 rows erased
+    to 0x00 with a status partition); downloads with power cuts converge, broken devices go
+    back."""
+    deployment = product.deploy("1.1.0")
+    config = product.config(
+        12, broken=0.25, power_cut_rate=0.3, chunk_size=8192, seed=5, strategy=strategy
+    )
+    fleet = Fleet(config)
+    assert fleet.map.strategy is strategy
+    if strategy is Strategy.SWAP_STATUS:
+        assert (fleet.map.sector_size, fleet.map.erased_value) == (0x200, 0x00)
+        assert fleet.map.status(0) is not None
+    report = run(fleet)
+    assert (report.settled, report.updated, report.reverted) == (12, 9, 3), report
+    assert report.errors == {}
+    assert report.failed == {}
+    assert report.strategy == strategy.value
+    assert report.power_cuts > 0, report
+    assert report.versions == {"1.0.0": 3, "1.1.0": 9}
+    assert product.counts(deployment)["Applied"] == 9
+    data = product.images["1.1.0"]
+    updated = [i for i, d in enumerate(fleet.devices) if not d.profile.broken]
+    assert all(primary(fleet, i, len(data)) == data for i in updated)
+
+
 def test_until_updated_waits_for_a_version_nobody_offers_then_times_out(product: Product) -> None:
     product.deploy("1.1.0")
     report = run(Fleet(product.config(5, until_updated="1.2.0", timeout=1.5)))
@@ -345,7 +377,15 @@ def test_command_report_and_events(product: Product, tmp_path: Path) -> None:
         (["--poll", "soon"], "--poll 'soon' is not a number"),
         (["--jitter", "nan"], "--jitter nan is not from 0 to 1"),
         (["--chunk-size", "64Q"], "--chunk-size '64Q' is not a size in bytes"),
-        (["--strategy", "swap-move"], "--strategy 'swap-move' is not one of"),
+        (
+            ["--strategy", "swap-using-move"],
+            "--strategy 'swap-using-move' is not one of overwrite, swap-scratch, swap-move, "
+            "swap-offset, swap-status",
+        ),
+        (
+            ["--strategy", "swap-status", "--slot-size", "4M"],
+            "--strategy swap-status with --slot-size 4194304: ",
+        ),
         (["--mqtt", "broker:0"], "--mqtt must be HOST or HOST:PORT"),
         (["--server", "localhost:8080"], "is not an http(s) URL"),
     ],

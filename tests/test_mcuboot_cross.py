@@ -45,7 +45,14 @@ from otakit.image.sign import SignOptions, sign_image
 from otakit.image.source import BytesSource
 from otakit.image.verify import verify_image
 
-from .mcuboot_host import McubootHost, flash_bytes, flash_from_bytes, map_args, small_layout_dict
+from .mcuboot_host import (
+    McubootHost,
+    flash_bytes,
+    flash_from_bytes,
+    map_args,
+    mask_unset_bytes,
+    small_layout_dict,
+)
 
 STRATEGIES = ("overwrite", "swap-scratch", "swap-move", "swap-offset", "swap-status")
 SWAPPING = frozenset(STRATEGIES) - {"overwrite"}
@@ -305,29 +312,8 @@ def confirm(lay: Layout, data: bytes, imgs: Images) -> bytes:
     return flash_bytes(boot.flash)
 
 
-TRAILER_ROW_USED = 48  # the bytes of swap_status_to_image_trailer's row MCUboot fills in
-
-
-def unset_bytes(lay: Layout) -> slice | None:
-    """swap-status: the part of the primary slot's last trailer row that MCUboot writes from an
-    uninitialised buffer (``swap_status_to_image_trailer``: a write-size multiple of which only
-    the last 48 bytes are set; the rest is whatever its stack held, different from run to run,
-    where otakit writes the erased value). None for the other strategies."""
-    if lay.strategy != "swap-status":
-        return None
-    align = lay.fm.write_align
-    row = -(-TRAILER_ROW_USED // align) * align
-    end = lay.fm.primary(0).end
-    return slice(end - row, end - TRAILER_ROW_USED) if row > TRAILER_ROW_USED else None
-
-
 def _masked(lay: Layout, data: bytes) -> bytes:
-    garbage = unset_bytes(lay)
-    if garbage is None:
-        return data
-    out = bytearray(data)
-    out[garbage] = bytes(garbage.stop - garbage.start)
-    return bytes(out)
+    return mask_unset_bytes(lay.fm, data)
 
 
 def describe_difference(lay: Layout, ours: bytes, theirs: bytes) -> str | None:

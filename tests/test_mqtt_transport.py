@@ -203,7 +203,7 @@ def new_device(tmp: Path, version: str = "1.0.0") -> SimDevice:
 
 def slot_is_clean(device: SimDevice) -> bool:
     with device.bootloader() as boot:
-        return boot.secondary().read_at(0, 4096) == b"\xff" * 4096
+        return boot.secondary().read_at(0, 4096) == bytes([boot.flash.erased_value]) * 4096
 
 
 def data_requests(pub: Publisher) -> list[tuple[int, int]]:

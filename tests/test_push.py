@@ -90,9 +90,10 @@ def slot_state(device: SimDevice) -> dict[str, object]:
 
 
 def assert_clean(device: SimDevice) -> None:
-    """Nothing pending, the secondary slot erased, no journal left."""
+    """Nothing pending, the secondary slot erased (to the flash's erased value: 0x00 on the
+    PSoC 6 rows of psoc6-2m-swap), no journal left."""
     assert slot_state(device)["next_boot"] == "none"
-    assert secondary(device, 4096) == b"\xff" * 4096
+    assert secondary(device, 4096) == bytes([device.map.erased_value]) * 4096
     assert not (device.dir / JOURNAL_FILE).exists()
 
 
@@ -173,7 +174,12 @@ def test_push_then_reboot_runs_the_new_version_and_confirm(device: SimDevice) ->
     assert secondary(device, len(new)) == new
     status = slot_state(device)
     assert status["next_boot"] == "test"
-    assert status["secondary"] == {"version": "1.1.0+0", "request": "test"}
+    assert status["secondary"] == {
+        "version": "1.1.0+0",
+        "valid": True,
+        "problem": None,
+        "request": "test",
+    }
     assert not (device.dir / JOURNAL_FILE).exists()
 
     report = device.boot().to_dict()

@@ -105,3 +105,22 @@ def test_a_padded_image_signed_for_a_layout_is_an_upgrade_request_mcuboot_takes(
     result = mcuboot_host.run_map(m, path, key_pems=[tmp_path / "pub.pem"])
     assert result.booted, result.raw
     assert result.version == "2.0.0+0"
+
+
+def test_a_padded_image_for_a_flash_that_erases_to_zero(otakit: Otakit, tmp_path: Path) -> None:
+    """``--layout`` of a 0x00-erased flash pads with 0x00 (imgtool -R 0); ``-R 0xff`` overrides."""
+    payload = tmp_path / "app.bin"
+    payload.write_bytes(b"\x5a" * 3000)
+    for args, fill in (((), 0x00), (("-R", "0xff"), 0xFF)):
+        out = tmp_path / f"app-{fill}.img"
+        result = otakit(
+            "sign", "--unsigned", "--pad-header", "-v", "1.0.0", "--layout", "sim-small-status",
+            "--pad", *args, payload, out,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        data = out.read_bytes()
+        end = read_layout(BytesSource(data)).end
+        assert data[end : end + 256] == bytes([fill]) * 256
+    bad = otakit("sign", "--unsigned", "-v", "1.0.0", "-R", "0x7f", payload, tmp_path / "x.img")
+    assert bad.returncode != 0
+    _one_line_error(bad, "SIGN")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from otakit.device.flashmap import FlashMap
+
 from .conftest import Run
 
 Otakit = Callable[..., Run]
@@ -120,6 +122,80 @@ def test_rejections_are_recorded(otakit: Otakit, images: Path) -> None:
     assert "older" in status["last_failure"]["reason"]
     human = otakit("sim", "status", device)
     assert "last failure" in human.stdout
+
+
+def _flip(device: Path, slot: str, at: int) -> None:
+    """Flip the bits of one byte ``at`` bytes into ``slot`` of the device's flash.bin."""
+    fm = FlashMap.load(device / "flashmap.json")
+    offset = (fm.primary(0) if slot == "primary" else fm.secondary(0)).offset + at
+    with (device / "flash.bin").open("r+b") as flash:
+        flash.seek(offset)
+        byte = flash.read(1)[0]
+        flash.seek(offset)
+        flash.write(bytes([byte ^ 0xFF]))
+
+
+def _row(human: str, image: int = 0) -> list[str]:
+    """The cells of ``image``'s row in ``sim status``'s table."""
+    for line in human.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if cells and cells[0] == str(image):
+            return cells
+    raise AssertionError(f"no row for image {image} in:\n{human}")
+
+
+def test_status_says_when_the_primary_holds_no_valid_image(otakit: Otakit, images: Path) -> None:
+    device = _create(otakit, images)
+    before = otakit("sim", "status", device)
+    assert _row(before.stdout)[1:3] == ["1.0.0+0", "confirmed"]
+    _flip(device, "primary", 1000)  # in the payload: the header still says 1.0.0
+
+    slot = _status(otakit, device)["slots"][0]
+    assert slot["running"] is None
+    assert slot["primary"]["version"] == "1.0.0+0"
+    assert slot["primary"]["valid"] is False
+    assert "SHA256 does not match" in slot["primary"]["problem"]
+    assert slot["problem"] == slot["primary"]["problem"]
+    human = otakit("sim", "status", device)
+    assert human.returncode == 0, human.stderr
+    assert _row(human.stdout)[1:3] == ["none", "no valid image"]
+    assert "confirmed" not in human.stdout
+    assert (
+        "image 0: nothing runs, the primary slot (1.0.0+0) holds no valid image: image SHA256 "
+        "does not match its contents" in human.stdout
+    )
+    # the bootloader agrees: nothing can run
+    booted = otakit("sim", "boot", device)
+    assert booted.returncode == 1
+    assert json.loads(booted.stdout)["images"][0]["version"] is None
+
+
+def test_status_flags_an_invalid_candidate_that_the_boot_then_erases(
+    otakit: Otakit, images: Path
+) -> None:
+    device = _create(otakit, images)
+    assert otakit("sim", "install", device, images / "v1.1.0.img").returncode == 0
+    slot = _status(otakit, device)["slots"][0]
+    assert (slot["secondary"]["valid"], slot["secondary"]["problem"]) == (True, None)
+    _flip(device, "secondary", 1000)
+
+    slot = _status(otakit, device)["slots"][0]
+    assert (slot["running"], slot["next_boot"]) == ("1.0.0+0", "test")
+    assert slot["secondary"]["valid"] is False
+    human = otakit("sim", "status", device).stdout
+    assert _row(human)[1:5] == ["1.0.0+0", "confirmed", "test", "1.1.0+0 (invalid)"]
+    assert "image 0: the secondary slot's image 1.1.0+0 is not valid: image SHA256" in human
+    booted = _boot(otakit, device)
+    assert booted["images"][0]["action"] == "rejected"
+    assert booted["images"][0]["version"] == "1.0.0+0"
+    slot = _status(otakit, device)["slots"][0]
+    assert (slot["running"], slot["secondary"]["version"]) == ("1.0.0+0", None)
+    # swap-status erases the slot; the request left in its status partition goes at the next
+    # boot (the cypress loader finds the header erased and clears the trailer)
+    again = _boot(otakit, device)
+    assert again["images"][0]["version"] == "1.0.0+0"
+    slot = _status(otakit, device)["slots"][0]
+    assert (slot["running"], slot["state"], slot["next_boot"]) == ("1.0.0+0", "confirmed", "none")
 
 
 def test_overwrite_strategy_and_small_layout(otakit: Otakit, images: Path) -> None:

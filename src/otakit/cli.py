@@ -199,6 +199,10 @@ def sign(
             "largest image its MCUboot build accepts.",
         ),
     ] = None,
+    erased_val: Annotated[
+        str | None,
+        typer.Option("-R", "--erased-val", help="Erased value of the flash, 0xff or 0 (0xff)."),
+    ] = None,
     load_addr: Annotated[str, typer.Option("-L", "--load-addr", help="RAM load address.")] = "0",
     public_key_format: Annotated[
         str, typer.Option("--public-key-format", help="Put the key 'hash' or the 'full' key.")
@@ -243,6 +247,9 @@ def sign(
         dependencies=() if dependencies is None else _dependencies(dependencies),
         load_addr=_int(load_addr, "--load-addr"),
         max_image_size=None if fmap is None else fmap.max_image_size(),
+        erased_value=geometry["erased_value"]
+        if erased_val is None
+        else _int(erased_val, "--erased-val"),
         public_key_format="full" if public_key_format == "full" else "hash",
         max_align=None if max_align is None else _int(max_align, "--max-align"),
     )
@@ -278,22 +285,35 @@ def sign(
 
 
 def _sign_geometry(fmap: FlashMap | None) -> dict[str, int]:
-    """imgtool's -S, --align, -M and --overwrite-only for image 0 of ``fmap``'s MCUboot build
+    """imgtool's -S, --align, -M, --overwrite-only and -R for image 0 of ``fmap``'s MCUboot build
     (imgtool's defaults without a map)."""
     if fmap is None:
-        return {"slot_size": 0, "align": 1, "max_sectors": 128, "overwrite_only": 0}
+        return {
+            "slot_size": 0,
+            "align": 1,
+            "max_sectors": 128,
+            "overwrite_only": 0,
+            "erased_value": 0xFF,
+        }
     strategy = Strategy(fmap.strategy)
     # where the image starts in the secondary slot (swap-offset: one sector in) to its end
     slot_size = fmap.secondary().size - fmap.image_offset()
     if strategy is Strategy.SWAP_STATUS:
         # the trailer lives in the status partition: a padded image only carries the magic
         # that MCUboot moves there, so imgtool's smallest trailer is enough
-        return {"slot_size": slot_size, "align": 8, "max_sectors": 1, "overwrite_only": 0}
+        return {
+            "slot_size": slot_size,
+            "align": 8,
+            "max_sectors": 1,
+            "overwrite_only": 0,
+            "erased_value": fmap.erased_value,
+        }
     return {
         "slot_size": slot_size,
         "align": fmap.write_align,
         "max_sectors": fmap.max_sectors,
         "overwrite_only": int(strategy is Strategy.OVERWRITE),
+        "erased_value": fmap.erased_value,
     }
 
 

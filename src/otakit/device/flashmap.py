@@ -807,6 +807,25 @@ _KIB = 1024
 _MIB = 1024 * _KIB
 
 
+def _psoc6_rows(
+    name: str, *, flash_size: int, max_sectors: int, areas: tuple[Area, ...]
+) -> FlashMap:
+    """A swap-status map on PSoC 6 internal flash as MCUBootApp builds for it: 0x200-byte rows
+    as sectors and write size (PLATFORM_MEMORY_ALIGN), erased 0x00, replacing row writes."""
+    return FlashMap(
+        name=name,
+        flash_size=flash_size,
+        sector_size=0x200,
+        write_align=0x200,
+        base_address=0x10000000,
+        max_sectors=max_sectors,
+        strategy=Strategy.SWAP_STATUS,
+        erased_value=0x00,
+        write_mode="replace",
+        areas=areas,
+    )
+
+
 def _psoc6_2m_swap() -> FlashMap:
     """PSoC 6 with 2 MiB internal flash, MCUboot in swap-status mode as Infineon's MCUBootApp
     builds it (``cypress`` branch: MCUBOOT_SWAP_USING_SCRATCH + MCUBOOT_SWAP_USING_STATUS,
@@ -820,16 +839,10 @@ def _psoc6_2m_swap() -> FlashMap:
     area. The largest image is 0xe5e00 bytes (the last row holds the trailer).
     """
     base = 0x10000000
-    return FlashMap(
-        name="psoc6-2m-swap",
+    return _psoc6_rows(
+        "psoc6-2m-swap",
         flash_size=2 * _MIB,
-        sector_size=0x200,
-        write_align=0x200,
-        base_address=base,
         max_sectors=0xE6000 // 0x200,
-        strategy=Strategy.SWAP_STATUS,
-        erased_value=0x00,
-        write_mode="replace",
         areas=(
             Area("bootloader", 0x10000000 - base, 0x28000),
             Area("primary", 0x10028000 - base, 0xE6000, image=0),
@@ -846,16 +859,10 @@ def _psoc6_swap_single() -> FlashMap:
     MCUBOOT_MAX_IMG_SECTORS 128 (0x10000 / 0x200); 64 KiB slots, a 0x1800-byte status partition
     and a 0x2000-byte scratch area, addresses as in that file."""
     base = 0x10000000
-    return FlashMap(
-        name="psoc6-swap-single",
+    return _psoc6_rows(
+        "psoc6-swap-single",
         flash_size=2 * _MIB,
-        sector_size=0x200,
-        write_align=0x200,
-        base_address=base,
         max_sectors=0x10000 // 0x200,
-        strategy=Strategy.SWAP_STATUS,
-        erased_value=0x00,
-        write_mode="replace",
         areas=(
             Area("bootloader", 0x10000000 - base, 0x28000),
             Area("primary", 0x10028000 - base, 0x10000, image=0),
@@ -881,16 +888,10 @@ def _external_flash() -> FlashMap:
     """
     base = 0x10000000
     external = 0x10200000
-    return FlashMap(
-        name="external-flash",
+    return _psoc6_rows(
+        "external-flash",
         flash_size=3 * _MIB,
-        sector_size=0x200,
-        write_align=0x200,
-        base_address=base,
         max_sectors=0x40200 // 0x200,
-        strategy=Strategy.SWAP_STATUS,
-        erased_value=0x00,
-        write_mode="replace",
         areas=(
             Area("bootloader", 0x10000000 - base, 0x18000),
             Area("primary", 0x10018000 - base, 0x40200, image=0),

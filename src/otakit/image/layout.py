@@ -162,12 +162,16 @@ def check_erased_after(
     source: ByteSource, layout: ImageLayout, end: int, erased: int = 0xFF
 ) -> None:
     """Raise TrailingDataError unless every byte from the end of the image's TLVs up to ``end``
-    (where the slot's trailer starts, or the download ends) is ``erased``: nothing signs those
-    bytes, so anything else there was added after signing. An ``imgtool --pad`` image has only
-    erased bytes there."""
+    (where the slot's trailer starts, or the download ends) is ``erased``, or every one is 0xFF:
+    nothing signs those bytes, so anything else there was added after signing. An
+    ``imgtool --pad`` image has only its ``-R`` erased value there, 0xFF unless told otherwise
+    (also for a flash that erases to 0x00)."""
     offset = layout.end
+    fill = erased
+    if end > layout.end and source.read_at(layout.end, 1) == b"\xff":
+        fill = 0xFF
     for chunk in iter_range(source, layout.end, end):
-        rest = chunk.lstrip(bytes([erased]))
+        rest = chunk.lstrip(bytes([fill]))
         if rest:
             at = offset + len(chunk) - len(rest)
             raise TrailingDataError(

@@ -39,8 +39,6 @@ from otakit.image.trailer import (
 )
 from otakit.image.verify import verify_image
 
-ERASED_BYTE = 0xFF
-
 
 @dataclass(frozen=True)
 class SignOptions:
@@ -60,11 +58,17 @@ class SignOptions:
     load_addr: int = 0
     public_key_format: Literal["hash", "full"] = "hash"
     max_align: int | None = None  # None: imgtool's max(8, align)
+    erased_value: int = 0xFF  # imgtool -R: fills the header padding and the --pad padding
     # the largest image (header to the end of the TLVs) the target bootloader accepts, e.g.
     # FlashMap.max_image_size(); None: only imgtool's check against the slot size
     max_image_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.erased_value not in (0x00, 0xFF):
+            raise SigningError(
+                f"erased value 0x{self.erased_value:x} must be 0xff or 0x00",
+                value=self.erased_value,
+            )
         if not HEADER_SIZE <= self.header_size <= 0xFFFF:
             raise SigningError(
                 f"header size {self.header_size} must be between {HEADER_SIZE} and 65535",
@@ -172,7 +176,9 @@ def sign_image_hex(
         layout = options.trailer_layout
         slot_end = address + options.slot_size
         if options.confirm and not options.overwrite_only:
-            chunks.append((slot_end - layout.image_ok_off, layout.flag()))
+            chunks.append(
+                (slot_end - layout.image_ok_off, layout.flag(erased_value=options.erased_value))
+            )
         chunks.append((slot_end - layout.magic_off, layout.magic))
     return format_hex(chunks)
 
@@ -234,11 +240,12 @@ def _create(payload: bytes, key: SigningKey | None, options: SignOptions) -> Any
         load_addr=options.load_addr,
         security_counter=options.security_counter,
         max_align=options.max_align,
+        erased_val=hex(options.erased_value),
     )
     # What Image.load() does for a binary file, without the file.
     img.infile_data = payload
     img.payload = (
-        bytes([ERASED_BYTE]) * options.header_size if options.pad_header else b""
+        bytes([options.erased_value]) * options.header_size if options.pad_header else b""
     ) + payload
     img.image_size = len(img.payload) - options.header_size
     dependencies = None

@@ -149,16 +149,13 @@ def status(
         f"{data['bootloader']['strategy']}, {data['boots']} boot(s)"
     )
     table = Table("image", "running", "state", "next boot", "secondary", "request")
+    notes: list[str] = []
     for slot in data["slots"]:
-        table.add_row(
-            str(slot["image"]),
-            slot["running"] or "none",
-            slot["state"],
-            slot["next_boot"],
-            slot["secondary"]["version"] or "empty",
-            slot["secondary"]["request"],
-        )
+        table.add_row(*_status_row(slot))
+        notes.extend(_status_notes(slot))
     out.print(table)
+    for note in notes:
+        out.print(note, markup=False)
     failure = data["last_failure"]
     if failure:
         out.print(
@@ -166,6 +163,47 @@ def status(
             f"[{failure['error']}] {failure['reason']}",
             markup=False,
         )
+
+
+def _status_row(slot: dict[str, Any]) -> tuple[str, ...]:
+    """One image's row of ``sim status``: a primary slot without a valid image runs nothing,
+    whatever its trailer says (its state is then "no valid image", not "confirmed")."""
+    state = slot["state"]
+    if slot["running"] is None and state != "upgrading":
+        state = "no valid image"
+    secondary = slot["secondary"]
+    held = secondary["version"] or "empty"
+    if secondary["version"] is not None and not secondary["valid"]:
+        held += " (invalid)"
+    return (
+        str(slot["image"]),
+        slot["running"] or "none",
+        state,
+        slot["next_boot"],
+        held,
+        secondary["request"],
+    )
+
+
+def _status_notes(slot: dict[str, Any]) -> list[str]:
+    """Why an image runs nothing, and why a secondary image would be refused."""
+    image = slot["image"]
+    if slot["state"] == "upgrading":
+        return [f"image {image}: {slot['problem']}"] if slot["problem"] else []
+    notes = []
+    primary, secondary = slot["primary"], slot["secondary"]
+    if slot["running"] is None:
+        held = f" ({primary['version']})" if primary["version"] is not None else ""
+        notes.append(
+            f"image {image}: nothing runs, the primary slot{held} holds no valid image: "
+            f"{slot['problem'] or primary['problem']}"
+        )
+    if secondary["version"] is not None and not secondary["valid"]:
+        notes.append(
+            f"image {image}: the secondary slot's image {secondary['version']} is not valid: "
+            f"{secondary['problem']}"
+        )
+    return notes
 
 
 def _broker(value: str) -> tuple[str, int | None]:

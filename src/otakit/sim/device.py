@@ -180,13 +180,16 @@ class SimDevice:
 
         As an agent does, only the signed part is written, never the trailer area of an
         ``imgtool --pad`` file: the request is ``permanent``'s, not the file's. Unsigned bytes
-        after the TLVs are refused (TrailingDataError, image/layout.check_erased_after).
+        after the TLVs are refused (TrailingDataError, image/layout.check_erased_after with the
+        flash's erased value, as the agent's SlotStorage checks them).
         """
         if image_index not in self.map.images:
             raise DeviceError(f"this device has no image {image_index}", value=image_index)
         verified = _verify_for_slot(image, self.keys, self.map, image_index)
         data_end = self.map.max_image_size(image_index)
-        check_erased_after(BytesSource(image), verified.layout, min(data_end, len(image)))
+        check_erased_after(
+            BytesSource(image), verified.layout, min(data_end, len(image)), self.map.erased_value
+        )
         with self.bootloader() as boot:
             boot.secondary(image_index).erase_all()
             boot.update_area(image_index).write(0, _aligned(image[: verified.layout.end], self.map))

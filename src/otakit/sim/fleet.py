@@ -64,6 +64,7 @@ from otakit.device.transports.http import content_total
 from otakit.errors import (
     BootError,
     ChunkHeaderError,
+    FlashMapError,
     HashMismatchError,
     InvalidVersionError,
     JobFetchError,
@@ -75,6 +76,7 @@ from otakit.errors import (
 )
 from otakit.image.keys import PublicKey, SigningKey
 from otakit.image.sign import SignOptions, sign_image
+from otakit.image.trailer import SWAP_STATUS_ROW_SIZE, swap_status_area_size
 from otakit.protocol import mqtt as wire
 from otakit.protocol.fwinfo import FwError, FwStatus
 from otakit.protocol.jobdoc import (
@@ -215,9 +217,16 @@ def fleet_flashmap(
     them (swap-scratch: one scratch sector; swap-move: a primary one sector larger; swap-offset:
     a secondary one sector larger), MCUBOOT_MAX_IMG_SECTORS = the sectors of the larger slot.
 
-    Raises FlashMapError for sizes that do not make a valid map (swap-status needs a status
-    partition in PSoC 6 rows: use a preset for it).
+    swap-status is Infineon's MCUBootApp on PSoC 6 internal flash, as the ``psoc6-2m-swap``
+    preset: 0x200-byte rows as sectors and write size (``sector_size`` is not used), erased
+    0x00, replacing row writes, the slots followed by the swap status partition (as small as
+    ``swap_status.h`` allows for the slots' rows) and a 0x1000-byte scratch area.
+
+    Raises FlashMapError for sizes that do not make a valid map (swap-status: slots much larger
+    than 2 MiB need a status partition of more than the 64 rows MCUboot reads).
     """
+    if strategy is Strategy.SWAP_STATUS:
+        return _swap_status_flashmap(slot_size)
     extra_primary = sector_size if strategy is Strategy.SWAP_MOVE else 0
     extra_secondary = sector_size if strategy is Strategy.SWAP_OFFSET else 0
     primary_size = slot_size + extra_primary
@@ -239,6 +248,33 @@ def fleet_flashmap(
         areas=tuple(areas),
         max_sectors=max(1, largest // sector_size if sector_size > 0 else 1),
         strategy=strategy,
+    )
+
+
+PSOC6_ROW = SWAP_STATUS_ROW_SIZE  # PSoC 6 internal flash row: MCUBootApp's sector and write size
+SWAP_STATUS_SCRATCH = 0x1000  # the scratch area of the psoc6-2m-swap preset
+
+
+def _swap_status_flashmap(slot_size: int) -> FlashMap:
+    """swap-status slots of ``slot_size`` in PSoC 6 rows (see :func:`fleet_flashmap`)."""
+    rows = slot_size // PSOC6_ROW if slot_size > 0 else 0
+    status = swap_status_area_size(max(1, rows))
+    status = -(-status // PSOC6_ROW) * PSOC6_ROW
+    return FlashMap(
+        name=f"fleet-{slot_size // KIB}k-{Strategy.SWAP_STATUS.value}",
+        flash_size=2 * slot_size + status + SWAP_STATUS_SCRATCH,
+        sector_size=PSOC6_ROW,
+        write_align=PSOC6_ROW,
+        areas=(
+            Area("primary", 0, slot_size, image=0),
+            Area("secondary", slot_size, slot_size, image=0),
+            Area("status", 2 * slot_size, status, image=0),
+            Area("scratch", 2 * slot_size + status, SWAP_STATUS_SCRATCH),
+        ),
+        max_sectors=max(1, rows),
+        strategy=Strategy.SWAP_STATUS,
+        erased_value=0x00,
+        write_mode="replace",
     )
 
 
@@ -292,6 +328,7 @@ class FleetConfig:
     concurrency: int = 64  # requests on the wire at once (and pooled connections)
     chunk_size: int = 64 * KIB
     strategy: Strategy | None = None  # None: overwrite, or swap-scratch with broken devices
+    # (any MCUboot mode: swap-status lays the slots out in PSoC 6 rows, see fleet_flashmap)
     slot_size: int = 512 * KIB
     sector_size: int = 4 * KIB
     until_updated: str | None = None  # stop once every device runs this version (or newer)
@@ -339,6 +376,16 @@ class FleetConfig:
                 "do; use --strategy swap-scratch (the default with --broken)",
                 value=self.strategy.value,
             )
+        try:
+            fleet_flashmap(
+                self.chosen_strategy, slot_size=self.slot_size, sector_size=self.sector_size
+            )
+        except FlashMapError as exc:
+            raise UsageError(
+                f"--strategy {self.chosen_strategy.value} with --slot-size {self.slot_size}: "
+                f"{exc.message}",
+                value=self.slot_size,
+            ) from None
         if self.mqtt is not None and not (self.mqtt.sessions >= 1 and 0 < self.mqtt.port < 65536):
             raise UsageError("the MQTT broker needs a port from 1 to 65535 and sessions >= 1")
         FirmwareVersion.parse(self.version)
@@ -836,7 +883,9 @@ class Fleet:
         )
         self.pool = SectorPool()
         self._erased = bytes([self.map.erased_value]) * self.map.sector_size
-        self._factory = factory + b"\xff" * (-len(factory) % self.map.write_align)
+        self._factory = factory + bytes([self.map.erased_value]) * (
+            -len(factory) % self.map.write_align
+        )
         self.target = FirmwareVersion.parse(config.until_updated) if config.until_updated else None
         profiles = fault_profiles(config)
         width = max(6, len(str(config.devices - 1)))

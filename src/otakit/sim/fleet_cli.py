@@ -215,8 +215,9 @@ def fleet(
         str | None,
         typer.Option(
             "--strategy",
-            help="Bootloader: overwrite or swap-scratch (default: overwrite; swap-scratch "
-            "with --broken, which needs a way back).",
+            help="MCUboot mode: overwrite, swap-scratch, swap-move, swap-offset or swap-status "
+            "(PSoC 6 rows, slots up to about 2M) (default: overwrite; swap-scratch with --broken, "
+            "which needs a way back).",
             metavar="NAME",
         ),
     ] = None,
