@@ -1,9 +1,10 @@
-"""A flash area seen on its own (offsets from its start), and the MCUboot trailer of a slot.
+"""A flash area seen on its own (offsets from its start): a slot, the scratch area, a status
+partition.
 
 :class:`FlashArea` is a :class:`~otakit.image.source.ByteSource`, so an image is verified
-straight from flash, chunk by chunk. :class:`Slot` adds a read-only view of the trailer fields
-(:mod:`otakit.image.trailer`). The bootloader writes trailers only through its mode's trailer
-store (:mod:`otakit.device.boot_status`), never through a slot.
+straight from flash, chunk by chunk. Trailers are read and written only through the bootloader
+mode's trailer store (:mod:`otakit.device.boot_status`): where they live depends on the mode
+(the end of the slot, or swap-status's partition).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from otakit.device.flash import Flash
 from otakit.device.flashmap import Area
 from otakit.errors import FlashError
-from otakit.image.trailer import TRAILER_FIXED_SIZE, TrailerState
 
 
 class FlashArea:
@@ -55,7 +55,4 @@ class FlashArea:
 
 
 class Slot(FlashArea):
-    """A primary or secondary slot with its trailer at the end."""
-
-    def trailer(self) -> TrailerState:
-        return TrailerState.read(self.read_at(self.size - TRAILER_FIXED_SIZE, TRAILER_FIXED_SIZE))
+    """A primary or secondary slot."""
