@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from .mcuboot_host import HARNESS
 from .server_harness import IN_CI, postgres_database
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -109,8 +110,10 @@ def test_flash_wear(runs: Runs) -> None:
         "swap-offset",
         "swap-status",
     }
-    # every row was measured against MCUboot's own code for the same update
-    assert all(row["mcuboot_ops"] for row in rows)
+    # every row was measured against MCUboot's own code for the same update (the harness is
+    # optional outside CI, as for the tests that use it)
+    if IN_CI or (HARNESS / "host" / "build.sh").exists():
+        assert all(row["mcuboot_ops"] for row in rows)
 
 
 def test_agent_bench(runs: Runs) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 
+import otakit
 from otakit import errors
 
 # protocols.md §8: the original middleware's error names.
@@ -43,6 +46,11 @@ ORIGINAL_NAMES = set(
 
 
 def _all_errors() -> list[type[errors.OtakitError]]:
+    """Every OtakitError subclass in otakit, wherever it is defined (every module is imported,
+    so the result does not depend on what other tests imported first)."""
+    for module in pkgutil.walk_packages(otakit.__path__, "otakit."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
     found = [errors.OtakitError]
     for cls in found:
         found.extend(cls.__subclasses__())

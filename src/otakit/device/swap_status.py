@@ -151,6 +151,8 @@ class McubootAbort(OtakitError):
     """MCUboot would stop here: an ``assert()`` fails (the program aborts) or it panics (loops
     forever). Only reachable from flash states that no single power cut produces."""
 
+    code = "MCUBOOT_PANIC"
+
 
 # --- CRC-32C (crc32c.c: reflected Castagnoli, initial and final XOR 0xFFFFFFFF) ---------------
 
