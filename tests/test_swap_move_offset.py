@@ -1,12 +1,13 @@
-"""swap-move against MCUboot's own ``swap_move.c`` (the mcuboot-host-swap-move harness).
+"""swap-move and swap-offset against MCUboot's own ``swap_move.c`` and ``swap_offset.c`` (the
+mcuboot-host-swap-move and -swap-offset harnesses).
 
 For the same starting flash, otakit's bootloader and MCUboot must write the same bytes with the
 same number of flash operations, and after a power cut after any operation N (clean, or torn
 half as the harness tears) they must leave the same flash and each must finish the other's
 interrupted update exactly as it finishes its own. The small layouts (4 KiB sectors, 5-6
 sectors per slot, MCUBOOT_MAX_IMG_SECTORS 8) try every cut point of an upgrade and of a revert.
-
-The helpers here are shared with ``test_swap_offset.py``.
+swap-move's layouts have a primary slot one sector larger than the secondary; swap-offset's the
+reverse, with the update image starting one sector into the secondary.
 """
 
 from __future__ import annotations
@@ -334,59 +335,103 @@ def check_max_image_size(bench: Bench) -> None:
     assert both(bench, fits, "an image just under app_max_size").version == V2
 
 
-# --- swap-move ---------------------------------------------------------------------------------
+# --- the layouts ---------------------------------------------------------------------------------
 
-MOVE_MAPS = {
-    # primary one sector larger than the secondary (the optimal swap-move layout)
-    "small": lambda: small_map(Strategy.SWAP_MOVE, primary_sectors=6, secondary_sectors=5),
-    # PSoC 6-like cells: erased 0x00, row writes replace
-    "small-00": lambda: small_map(
-        Strategy.SWAP_MOVE,
-        primary_sectors=6,
-        secondary_sectors=5,
-        erased=0x00,
-        write_mode="replace",
-    ),
-    # 4-byte writes (nRF52-style), status entries of 4 bytes, fields still 8 apart
-    "small-a4": lambda: small_map(
-        Strategy.SWAP_MOVE, primary_sectors=6, secondary_sectors=5, write_align=4
-    ),
-    # equal slots (MCUboot allows them) with a 3120-byte trailer (MAX_IMG_SECTORS 128)
-    "equal-128": lambda: small_map(
-        Strategy.SWAP_MOVE, primary_sectors=6, secondary_sectors=6, max_sectors=128
-    ),
+
+def _layouts(strategy: Strategy, primary: int, secondary: int) -> dict[str, Callable[[], FlashMap]]:
+    """The small layouts of a mode with ``primary`` and ``secondary`` sectors per slot."""
+    return {
+        "small": lambda: small_map(strategy, primary_sectors=primary, secondary_sectors=secondary),
+        # PSoC 6-like cells: erased 0x00, row writes replace
+        "small-00": lambda: small_map(
+            strategy,
+            primary_sectors=primary,
+            secondary_sectors=secondary,
+            erased=0x00,
+            write_mode="replace",
+        ),
+        # 4-byte writes (nRF52-style): status entries of 4 bytes, fields still 8 apart
+        "small-a4": lambda: small_map(
+            strategy, primary_sectors=primary, secondary_sectors=secondary, write_align=4
+        ),
+    }
+
+
+MAPS: dict[str, dict[str, Callable[[], FlashMap]]] = {
+    # primary one sector larger than the secondary (the optimal swap-move layout), and equal
+    # slots (MCUboot allows them) with a 3120-byte trailer (MAX_IMG_SECTORS 128)
+    "swap-move": _layouts(Strategy.SWAP_MOVE, 6, 5)
+    | {
+        "equal-128": lambda: small_map(
+            Strategy.SWAP_MOVE, primary_sectors=6, secondary_sectors=6, max_sectors=128
+        )
+    },
+    # secondary one sector larger than the primary (the swap-offset layout), and a 2104-byte
+    # trailer (MAX_IMG_SECTORS 128)
+    "swap-offset": _layouts(Strategy.SWAP_OFFSET, 5, 6)
+    | {
+        "small-128": lambda: small_map(
+            Strategy.SWAP_OFFSET, primary_sectors=6, secondary_sectors=7, max_sectors=128
+        )
+    },
 }
+# how many cuts into the resumed upgrade are tried after each first cut
+RESUME_CUTS = {"swap-move": 5, "swap-offset": 4}
+# a running image larger than the update that still fits the small layout's primary slot
+LARGE_OLD_IMAGE = {"swap-move": 15000, "swap-offset": 14000}
+LAYOUT_IDS = [f"{mode}/{layout}" for mode in MAPS for layout in MAPS[mode]]
 
 
-@pytest.fixture(params=sorted(MOVE_MAPS))
-def move_bench(
+def _map(layout_id: str) -> FlashMap:
+    mode, layout = layout_id.split("/")
+    return MAPS[mode][layout]()
+
+
+@pytest.fixture(params=LAYOUT_IDS)
+def any_bench(
     request: pytest.FixtureRequest,
     mcuboot_host: McubootHost,
     imgtool: Callable[..., Run],
     key_dir: Path,
     tmp_path: Path,
 ) -> Bench:
-    return Bench(mcuboot_host, imgtool, key_dir, tmp_path, MOVE_MAPS[request.param]())
+    return Bench(mcuboot_host, imgtool, key_dir, tmp_path, _map(request.param))
+
+
+@pytest.fixture(params=list(MAPS))
+def small(
+    request: pytest.FixtureRequest,
+    mcuboot_host: McubootHost,
+    imgtool: Callable[..., Run],
+    key_dir: Path,
+    tmp_path: Path,
+) -> Bench:
+    return Bench(mcuboot_host, imgtool, key_dir, tmp_path, _map(f"{request.param}/small"))
 
 
 @pytest.fixture
-def small_move(
+def small_offset(
     mcuboot_host: McubootHost, imgtool: Callable[..., Run], key_dir: Path, tmp_path: Path
 ) -> Bench:
-    return Bench(mcuboot_host, imgtool, key_dir, tmp_path, MOVE_MAPS["small"]())
+    return Bench(mcuboot_host, imgtool, key_dir, tmp_path, _map("swap-offset/small"))
 
 
-def test_upgrade_revert_and_idle_boot_match_mcuboot(move_bench: Bench) -> None:
-    check_upgrade_revert(move_bench)
+# --- both modes ------------------------------------------------------------------------------------
 
 
-def test_confirm_on_mcuboot_flash_keeps_the_upgrade(move_bench: Bench) -> None:
-    check_confirm(move_bench)
+def test_upgrade_revert_and_idle_boot_match_mcuboot(any_bench: Bench) -> None:
+    check_upgrade_revert(any_bench)
+
+
+def test_confirm_on_mcuboot_flash_keeps_the_upgrade(any_bench: Bench) -> None:
+    check_confirm(any_bench)
 
 
 @pytest.mark.parametrize("torn", [False, True], ids=["clean", "torn"])
 @pytest.mark.parametrize("kind", ["upgrade", "revert"])
-@pytest.mark.parametrize("layout", ["small", "small-00", "small-a4"])
+@pytest.mark.parametrize(
+    "layout", [f"{mode}/{layout}" for mode in MAPS for layout in ("small", "small-00", "small-a4")]
+)
 def test_every_cut_point_matches_mcuboot(
     mcuboot_host: McubootHost,
     imgtool: Callable[..., Run],
@@ -397,48 +442,65 @@ def test_every_cut_point_matches_mcuboot(
     kind: str,
     torn: bool,
 ) -> None:
-    bench = Bench(mcuboot_host, imgtool, key_dir, tmp_path, MOVE_MAPS[layout]())
+    bench = Bench(mcuboot_host, imgtool, key_dir, tmp_path, _map(layout))
     check_cut_sweep(bench, kind, torn, report)
 
 
 def test_default_config_finishes_interrupted_reverts(
-    small_move: Bench, report: Callable[[str], None]
+    small: Bench, report: Callable[[str], None]
 ) -> None:
-    check_default_config_finishes_reverts(small_move, report)
+    check_default_config_finishes_reverts(small, report)
 
 
 def test_cuts_during_a_resumed_upgrade_match_mcuboot(
-    small_move: Bench, report: Callable[[str], None]
+    small: Bench, report: Callable[[str], None]
 ) -> None:
-    check_cuts_during_resume(small_move, 5, report)
+    check_cuts_during_resume(small, RESUME_CUTS[str(small.map.strategy)], report)
 
 
-def test_wrong_key_is_refused_like_mcuboot(small_move: Bench, key_dir: Path) -> None:
-    check_wrong_keys(small_move, key_dir)
+def test_wrong_key_is_refused_like_mcuboot(small: Bench, key_dir: Path) -> None:
+    check_wrong_keys(small, key_dir)
 
 
-def test_tampered_image_is_refused_like_mcuboot(small_move: Bench) -> None:
-    check_tampered(small_move)
+def test_tampered_image_is_refused_like_mcuboot(small: Bench) -> None:
+    check_tampered(small)
 
 
-def test_image_size_limit_is_mcuboots(small_move: Bench) -> None:
-    check_max_image_size(small_move)
+def test_image_size_limit_is_mcuboots(small: Bench) -> None:
+    check_max_image_size(small)
 
 
-def test_larger_old_image_sets_the_swap_size(small_move: Bench) -> None:
+def test_larger_old_image_sets_the_swap_size(small: Bench) -> None:
     """swap_size is the larger of the two images: here the running one."""
-    start = small_move.start(v1_size=15000, v2_size=3000)
-    upgraded = both(small_move, start, "upgrade to a smaller image")
+    start = small.start(v1_size=LARGE_OLD_IMAGE[str(small.map.strategy)], v2_size=3000)
+    upgraded = both(small, start, "upgrade to a smaller image")
     assert upgraded.version == V2
-    assert both(small_move, upgraded.data, "revert to the larger image").version == V1
+    assert both(small, upgraded.data, "revert to the larger image").version == V1
 
 
-def test_no_upgrade_into_an_empty_primary(small_move: Bench) -> None:
-    """swap-move reads the primary header with a boot status: no header there is an error
-    (boot_read_image_header returns -1) and MCUboot does not touch the flash."""
-    out = both(small_move, small_move.start(primary=False), "pending image, empty primary")
+def test_no_upgrade_into_an_empty_primary(small: Bench) -> None:
+    """swap-move and swap-offset read the primary header with a boot status: no header there is
+    an error (boot_read_image_header returns -1) and MCUboot does not touch the flash."""
+    out = both(small, small.start(primary=False), "pending image, empty primary")
     assert out.ops == 0
     assert out.version is None
+
+
+# --- one mode ------------------------------------------------------------------------------------
+
+
+def test_update_at_the_start_of_the_secondary_is_refused(small_offset: Bench) -> None:
+    """swap-offset: an update written at offset 0 instead of one sector in. MCUboot finds its
+    header there (boot_read_image_header looks in both places) and refuses it as uploaded to
+    the wrong address."""
+    fmap = small_offset.map
+    sec = fmap.secondary(0)
+    right = small_offset.start()
+    wrong = bytearray(right)
+    image = right[sec.offset + fmap.image_offset(0) : sec.end]
+    erased = bytes([fmap.erased_value])
+    wrong[sec.offset : sec.end] = image + erased * (sec.size - len(image))
+    check_refused(small_offset, bytes(wrong), "an update at the start of the secondary")
 
 
 def test_zephyr_nrf52840_preset_matches_mcuboot(
