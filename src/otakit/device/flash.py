@@ -169,6 +169,11 @@ class FlashStats:
         return max((s.erases for s in self.sectors.values()), default=0)
 
 
+def _check_erased_value(value: int) -> None:
+    if value not in ERASED_VALUES:
+        raise FlashError(f"erased value 0x{value:02x} must be 0xff or 0x00", value=value)
+
+
 class Flash:
     """A flash of ``size`` bytes made of ``sector_size`` sectors (see the module docstring).
 
@@ -197,10 +202,7 @@ class Flash:
                 f"write alignment {write_align} must divide the sector size {sector_size}",
                 value=write_align,
             )
-        if erased_value not in ERASED_VALUES:
-            raise FlashError(
-                f"erased value 0x{erased_value:02x} must be 0xff or 0x00", value=erased_value
-            )
+        _check_erased_value(erased_value)
         if write_mode not in WRITE_MODES:
             raise FlashError(
                 f"write mode {write_mode!r} must be one of {', '.join(WRITE_MODES)}",
@@ -237,10 +239,7 @@ class Flash:
         widen_erases: bool = False,
     ) -> Flash:
         """A flash kept in the file ``path`` (created erased with ``erased_value`` if missing)."""
-        if erased_value not in ERASED_VALUES:
-            raise FlashError(
-                f"erased value 0x{erased_value:02x} must be 0xff or 0x00", value=erased_value
-            )
+        _check_erased_value(erased_value)
         return cls(
             size,
             sector_size,
