@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from otakit.server.dashboard import SECURITY_HEADERS
-from otakit.server.rollout import bucket
+from otakit.server.service.rollouts import bucket
 
 from .server_harness import IN_CI, Server, start_server
 from .test_server import KEY, image

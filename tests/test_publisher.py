@@ -37,7 +37,6 @@ import pytest
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
-from otakit.server.context import ServerSettings
 from otakit.server.publisher import (
     Broker as BrokerSettings,
 )
@@ -49,6 +48,7 @@ from otakit.server.publisher import (
     PublisherConfig,
     boards_match,
 )
+from otakit.server.settings import ServerSettings
 
 from .mqtt_harness import Broker, start_broker
 from .server_harness import Server, start_server

@@ -34,12 +34,12 @@ from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
 from otakit.protocol.jobdoc import NO_UPDATE_AVAILABLE, UPDATE_AVAILABLE, parse_job_document
-from otakit.server import rollout as rollouts
 from otakit.server.app import initialise, serving_app
-from otakit.server.context import ServerSettings
 from otakit.server.database import database_url
 from otakit.server.models import RolloutEvent
-from otakit.server.rollout import Phase, RolloutEngine, bucket, check_phases, parse_window
+from otakit.server.service import rollouts
+from otakit.server.service.rollouts import Phase, RolloutEngine, bucket, check_phases, parse_window
+from otakit.server.settings import ServerSettings
 from otakit.server.tokens import Role, add_token
 from otakit.sim.agent import run
 from otakit.sim.device import Identity, SimDevice

@@ -29,8 +29,8 @@ from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
 from otakit.protocol.jobdoc import UPDATE_AVAILABLE, parse_job_document
 from otakit.server.database import alembic_config, create_engine, database_url
-from otakit.server.deployments import Offer, select_for_products, select_offer
 from otakit.server.models import Artifact, Deployment, Device
+from otakit.server.service.offers import Offer, select_for_products, select_offer
 from otakit.server.targeting import product_group_condition
 
 from .server_harness import BIN, Server, postgres_database, start_server

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from otakit.errors import UsageError
-from otakit.server.deployments import Offer, select_offer, wanted
 from otakit.server.models import Artifact, Deployment, Device
-from otakit.server.targeting import matches, parse_condition, product_group_condition
+from otakit.server.service.offers import Offer, select_offer
+from otakit.server.targeting import matches, parse_condition, product_group_condition, wanted
 from otakit.server.tokens import new_token, secret_matches, split_token
 from otakit.server.urls import check_signature, new_signing_key, sign_path
 
@@ -58,6 +58,10 @@ def test_conditions() -> None:
             parse_condition(bad)
 
 
+def _parts(offer: Offer) -> tuple[Deployment, Artifact]:
+    return offer.deployment, offer.artifact
+
+
 def _offer(
     version: str,
     *,
@@ -82,11 +86,11 @@ def test_offer_selection() -> None:
         version="1.2.0",
         tags={"productType": "p", "deviceGroup": "g"},
     )
-    assert wanted(_offer("1.2.1"), "1.2.0")
-    assert not wanted(_offer("1.2.0"), "1.2.0")
-    assert not wanted(_offer("1.1.9"), "1.2.0")
-    assert wanted(_offer("1.1.9", downgrade=True), "1.2.0")
-    assert wanted(_offer("3"), None)
+    assert wanted(*_parts(_offer("1.2.1")), "1.2.0")
+    assert not wanted(*_parts(_offer("1.2.0")), "1.2.0")
+    assert not wanted(*_parts(_offer("1.1.9")), "1.2.0")
+    assert wanted(*_parts(_offer("1.1.9", downgrade=True)), "1.2.0")
+    assert wanted(*_parts(_offer("3")), None)
     offers = [
         _offer("2.0.0", board="OTHER"),
         _offer("1.0.0"),

@@ -434,6 +434,98 @@ class BlobNotFoundError(BlobStoreError):
     code = "BLOB_NOT_FOUND"
 
 
+# What the server's rules refuse. The HTTP adapters turn these into answers in one place
+# (server/app.py: HTTP_STATUS); the service layer raises them and knows nothing of HTTP.
+
+
+class NotFoundError(ServerError):
+    """The named product, artifact, device, deployment, rollout or token does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class ConflictError(ServerError):
+    """The request contradicts the current state (a rollout already aborted, a key in use)."""
+
+    code = "CONFLICT"
+
+
+class DeployedError(ConflictError):
+    """The artifact is still deployed."""
+
+    code = "DEPLOYED"
+
+
+class RegisteredError(ConflictError):
+    """The serial is already registered: the device must use its token."""
+
+    code = "REGISTERED"
+
+
+class TooManyTokensError(ConflictError):
+    """A device has as many tokens as it may have."""
+
+    code = "TOO_MANY_TOKENS"
+
+
+class NoBoardError(ConflictError):
+    """A job document needs a board and neither the artifact nor its product names one."""
+
+    code = "NO_BOARD"
+
+
+class AmbiguousError(ConflictError):
+    """A path without a product, while more than one product allows anonymous devices."""
+
+    code = "AMBIGUOUS"
+
+
+class UnauthorizedError(ServerError):
+    """No credentials, or credentials the server does not know (or revoked, or expired)."""
+
+    code = "UNAUTHORIZED"
+
+
+class ForbiddenError(ServerError):
+    """The credentials are known but not allowed to do this."""
+
+    code = "FORBIDDEN"
+
+
+class NotOfferedError(ForbiddenError):
+    """A device reported about, or asked for, an update that was not offered to it."""
+
+    code = "NOT_OFFERED"
+
+
+class TooLargeError(ServerError):
+    """A request body or upload is larger than the server accepts."""
+
+    code = "TOO_LARGE"
+
+
+class UnprocessableError(UsageError):
+    """A value that is well-formed but cannot be used (a name too long for a job document)."""
+
+    code = "INVALID_VALUE"
+
+
+class UploadRefusedError(UnprocessableError):
+    """An upload that is well-formed but not acceptable (raw files not allowed, bad version)."""
+
+    code = "UPLOAD_REFUSED"
+
+
+class UnavailableError(ServerError):
+    """A service the server needs (database, blob store) does not answer; try again later."""
+
+    code = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: int = 5, value: object = None) -> None:
+        super().__init__(message, value=value)
+        self.retry_after = retry_after
+
+
 class ApiError(OtakitError):
     """A call to an otakit server failed; ``status`` is the HTTP status."""
 

@@ -17,7 +17,7 @@ from datetime import datetime
 from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from otakit.server import deployments
+from otakit.protocol import states
 from otakit.server.database import insert
 from otakit.server.models import AnonymousDevice
 
@@ -88,14 +88,14 @@ async def _cap(session: AsyncSession, keep: int) -> None:
 async def counts(session: AsyncSession, deployment_id: int) -> dict[str, int]:
     """Anonymous devices per state label in a deployment, ``Offered`` for those that only
     fetched the job so far."""
-    result = {"Offered": 0, **deployments.empty_counts()}
+    result = {"Offered": 0, **states.empty_counts()}
     rows = await session.execute(
         select(AnonymousDevice.status, func.count())
         .where(AnonymousDevice.deployment_id == deployment_id)
         .group_by(AnonymousDevice.status)
     )
     for state, count in rows:
-        result["Offered" if state is None else deployments.label_of(state)] += count
+        result["Offered" if state is None else states.label_of(state)] += count
     return result
 
 

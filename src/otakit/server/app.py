@@ -33,10 +33,11 @@ from otakit.server import dashboard, metrics
 from otakit.server.api import device, management, original
 from otakit.server.blobs import open_blob_store
 from otakit.server.body_limits import BodyLimits
-from otakit.server.context import HttpError, ServerSettings, ServerState
+from otakit.server.context import ServerState, http_answer
 from otakit.server.database import create_engine, migrate, sessionmaker
 from otakit.server.downloads import SignedDownloads, signed_openapi
 from otakit.server.models import Setting, Token
+from otakit.server.settings import ServerSettings
 from otakit.server.tokens import Role, add_token
 from otakit.server.urls import new_signing_key
 
@@ -158,12 +159,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
-    @app.exception_handler(HttpError)
-    async def _http_error(_request: Request, exc: HttpError) -> JSONResponse:
-        return JSONResponse(
-            {"error": exc.http_code, "message": exc.message}, status_code=exc.status
-        )
-
     @app.exception_handler(StarletteHTTPException)
     async def _framework_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         """The framework's own errors (no such route, wrong method, unparsable body) in the
@@ -184,8 +179,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(OtakitError)
     async def _otakit_error(_request: Request, exc: OtakitError) -> JSONResponse:
-        status = 400 if exc.exit_status == 2 else 422
-        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=status)
+        status, body, headers = http_answer(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     return app
 

@@ -17,9 +17,9 @@ from otakit.errors import UsageError
 from otakit.server.tokens import Role
 
 if TYPE_CHECKING:
-    from otakit.server.context import ServerSettings
     from otakit.server.models import Token
     from otakit.server.publisher import ImageSource, PublisherConfig
+    from otakit.server.settings import ServerSettings
 
 # The server stack (FastAPI, SQLAlchemy, Alembic, uvicorn) is imported inside the commands, so
 # that every other `otakit` command starts fast.
@@ -93,8 +93,8 @@ def serve(
     import uvicorn
 
     from otakit.server.app import initialise
-    from otakit.server.context import SETTINGS_ENV, ServerSettings
     from otakit.server.database import database_url, redacted
+    from otakit.server.settings import SETTINGS_ENV, ServerSettings
 
     if workers < 1:
         raise UsageError("--workers must be at least 1", value=workers)
@@ -478,7 +478,7 @@ def publisher(
     settings.tls_context()  # unreadable or unusable TLS files: an error now, not at connect
 
     if deployments:
-        from otakit.server.context import ServerSettings
+        from otakit.server.settings import ServerSettings
 
         folder = (data or DEFAULT_DATA).resolve()
         # the server's own database (checked and migrated as for `otakit token`)

@@ -7,50 +7,31 @@ of the wrong role or for another device is 403.
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from otakit.errors import OtakitError
+from otakit.errors import (
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    OtakitError,
+    TooLargeError,
+    UnauthorizedError,
+    UnavailableError,
+    UnprocessableError,
+    UsageError,
+)
 from otakit.server.blobs import BlobStore
 from otakit.server.models import Token, utcnow
+from otakit.server.service.rollouts import RolloutEngine
+from otakit.server.settings import ServerSettings
 from otakit.server.tokens import Role, secret_matches, split_token, usable
-
-SETTINGS_ENV = "OTAKIT_SERVER_SETTINGS"
-DEFAULT_URL_DAYS = 1
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    data_dir: Path
-    database_url: str  # async SQLAlchemy URL
-    blob_url: str | None = None
-    max_upload: int = 512 * 1024 * 1024
-    url_days: float = DEFAULT_URL_DAYS  # lifetime of signed download URLs in job documents
-    direct_downloads: bool = False  # hand out S3 pre-signed URLs instead of the server's own
-    rollout_interval: float = 5.0  # seconds between background rollout evaluations; 0: off
-    history_per_device: int = 200  # status reports kept per device (the newest)
-    history_days: float = 90  # status reports older than this are deleted
-    anonymous_history: int = 1000  # reports kept from devices that do not identify themselves
-    api_docs: bool = False  # serve the interactive API pages at /docs (scripts from a CDN)
-
-    def to_env(self) -> str:
-        data = asdict(self)
-        data["data_dir"] = str(self.data_dir)
-        return json.dumps(data)
-
-    @classmethod
-    def from_env(cls) -> ServerSettings:
-        data: dict[str, Any] = json.loads(os.environ[SETTINGS_ENV])
-        data["data_dir"] = Path(data["data_dir"])
-        return cls(**data)
 
 
 class ErrorBody(BaseModel):
@@ -78,16 +59,27 @@ _DESCRIPTIONS = {
 }
 
 
-class HttpError(OtakitError):
-    """An error with an HTTP status, raised by handlers; ``http_code`` is the code in the
-    response body."""
+# Domain errors (otakit.errors) as HTTP answers: the one place where a status is chosen. The most
+# specific class listed wins; any other UsageError is 400, any other OtakitError 422.
+HTTP_STATUS: dict[type[OtakitError], int] = {
+    NotFoundError: 404,
+    ConflictError: 409,
+    UnauthorizedError: 401,
+    ForbiddenError: 403,
+    TooLargeError: 413,
+    UnprocessableError: 422,
+    UnavailableError: 503,
+    UsageError: 400,
+}
 
-    code = "HTTP"
 
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.http_code = code
+def http_answer(exc: OtakitError) -> tuple[int, dict[str, str], dict[str, str]]:
+    """The status, JSON body and extra headers that answer ``exc``."""
+    status = next((HTTP_STATUS[c] for c in type(exc).__mro__ if c in HTTP_STATUS), 422)
+    headers = {}
+    if isinstance(exc, UnavailableError):
+        headers["retry-after"] = str(exc.retry_after)
+    return status, {"error": exc.code, "message": exc.message}, headers
 
 
 @dataclass
@@ -120,13 +112,13 @@ async def caller(request: Request, db: Db) -> Token | None:
     scheme, _, value = header.partition(" ")
     parts = split_token(value) if scheme.lower() == "bearer" else None
     if parts is None:
-        raise HttpError(401, "UNAUTHORIZED", "expected 'Authorization: Bearer otk_...'")
+        raise UnauthorizedError("expected 'Authorization: Bearer otk_...'")
     token = await db.get(Token, parts[0])
     if token is None or not secret_matches(parts[1], token.secret_hash):
-        raise HttpError(401, "UNAUTHORIZED", "unknown or revoked token")
+        raise UnauthorizedError("unknown or revoked token")
     if not usable(token, utcnow()):
         why = "revoked" if token.revoked_at is not None else "expired"
-        raise HttpError(401, "UNAUTHORIZED", f"this token has {why}")
+        raise UnauthorizedError(f"this token has {why}")
     return token
 
 
@@ -135,10 +127,35 @@ Caller = Annotated[Token | None, Depends(caller)]
 
 async def admin(token: Caller) -> Token:
     if token is None:
-        raise HttpError(401, "UNAUTHORIZED", "this call needs an admin token")
+        raise UnauthorizedError("this call needs an admin token")
     if token.role != Role.ADMIN:
-        raise HttpError(403, "FORBIDDEN", "this call needs an admin token")
+        raise ForbiddenError("this call needs an admin token")
     return token
 
 
 Admin = Annotated[Token, Depends(admin)]
+
+
+# --- the rollout engine, one per process ------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def rollout_engine(app: FastAPI) -> AsyncIterator[None]:
+    """Run one engine per server process (the management router brings this lifespan, inside
+    the app's own, which has set up ``app.state.otakit``)."""
+    state: ServerState = app.state.otakit
+    engine = RolloutEngine(state.sessions, state.settings)
+    app.state.otakit_rollouts = engine
+    engine.start()
+    try:
+        yield
+    finally:
+        await engine.stop()
+
+
+def engine_of(request: Request) -> RolloutEngine:
+    engine: RolloutEngine = request.app.state.otakit_rollouts
+    return engine
+
+
+Rollouts = Annotated[RolloutEngine, Depends(engine_of)]

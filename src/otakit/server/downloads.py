@@ -35,9 +35,9 @@ from fastapi import Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from otakit.errors import BlobStoreError
+from otakit.errors import BlobStoreError, ForbiddenError, NotFoundError, OtakitError
 from otakit.server.blobs import BlobStore
-from otakit.server.context import HttpError
+from otakit.server.context import http_answer
 from otakit.server.urls import check_signature
 
 INLINE_READ = 2 * 1024 * 1024  # ranges up to this size are read without leaving the event loop
@@ -69,7 +69,7 @@ async def blob(store: BlobStore, key: str) -> Blob:
         path = await store.local_path(key)
         size = (await anyio.Path(path).stat()).st_size
     except (BlobStoreError, OSError):
-        raise HttpError(404, "NOT_FOUND", "no such file") from None
+        raise NotFoundError("no such file") from None
     found = _known[key] = Blob(key, path, size)
     return found
 
@@ -170,7 +170,7 @@ def reply(method: str, found: Blob, range_header: str | None, if_range: str | No
         return Reply(206, headers, _read(found.path, first, length))
     except OSError:
         forget(found.key)  # deleted since we looked: another worker removed the artifact
-        raise HttpError(404, "NOT_FOUND", "no such file") from None
+        raise NotFoundError("no such file") from None
 
 
 async def send(request: Request, found: Blob) -> Response:
@@ -243,9 +243,10 @@ class SignedDownloads:
                 scope, receive, send
             )
             return
-        except HttpError as exc:
-            body = json.dumps({"error": exc.http_code, "message": exc.message}).encode()
-            answer = Reply(exc.status, {"content-type": "application/json"}, body)
+        except OtakitError as exc:
+            status, error, headers = http_answer(exc)
+            body = json.dumps(error).encode()
+            answer = Reply(status, {"content-type": "application/json", **headers}, body)
             answer.headers["content-length"] = str(len(body))
         if answer.status == 416:
             answer.headers["content-length"] = "0"
@@ -267,7 +268,7 @@ class SignedDownloads:
         st = self.state()
         parts = path.split("/")
         if len(parts) != 4 or not parts[2] or not parts[3]:
-            raise HttpError(404, "NOT_FOUND", "no such file")
+            raise NotFoundError("no such file")
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         problem = check_signature(
             st.signing_key,
@@ -276,7 +277,7 @@ class SignedDownloads:
             (query.get("sig") or [None])[0],
         )
         if problem is not None:
-            raise HttpError(403, "FORBIDDEN", problem)
+            raise ForbiddenError(problem)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         found = await blob(st.blobs, parts[2])
         range_header = headers.get("range")

@@ -23,9 +23,8 @@ from urllib.parse import quote
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
-from otakit.errors import MalformedJobDocError
+from otakit.errors import MalformedJobDocError, UnprocessableError
 from otakit.protocol.jobdoc import MAX_VALUE_BYTES, check_stored_value
-from otakit.server.context import HttpError
 
 NAME_RE = re.compile(r"[A-Za-z0-9._:-]+")
 NAME_CHARS = "letters, digits and . _ : -"
@@ -53,10 +52,10 @@ def problem(key: str, value: str) -> str | None:
 
 
 def check(field: str, key: str, value: str) -> str:
-    """``value``, or HttpError 422 naming ``field`` if it cannot be the job document's ``key``."""
+    """``value``, or UnprocessableError naming ``field`` if it cannot be the job document's ``key``."""
     reason = problem(key, value)
     if reason is not None:
-        raise HttpError(422, "BADARG", f"{field}: {reason}")
+        raise UnprocessableError(f"{field}: {reason}")
     return value
 
 
@@ -80,14 +79,12 @@ def job_files(artifact_id: str, name: str, product: str | None) -> list[str]:
 
 
 def check_job_files(artifact_id: str, name: str, product: str | None) -> None:
-    """HttpError 422 if a job for this artifact (deployed to ``product``, if known) would name
+    """UnprocessableError if a job for this artifact (deployed to ``product``, if known) would name
     a File longer than the device's buffer: the artifact name is too long for it."""
     for path in job_files(artifact_id, name, product):
         reason = problem("File", path)
         if reason is not None:
-            raise HttpError(
-                422,
-                "BADARG",
+            raise UnprocessableError(
                 f"name: artifact name {name!r} is too long for a job's File {path!r}: {reason}",
             )
 

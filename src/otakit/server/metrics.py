@@ -44,10 +44,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otakit import __version__
-from otakit.server import deployments
-from otakit.server.context import Db, HttpError, caller
+from otakit.errors import ForbiddenError, UnauthorizedError
+from otakit.protocol import states
+from otakit.server.context import Db, caller
 from otakit.server.models import Artifact, Deployment, DeploymentDevice, Device, Rollout, utcnow
-from otakit.server.rollout import STATES as ROLLOUT_STATES
+from otakit.server.service.rollouts import STATES as ROLLOUT_STATES
 from otakit.server.tokens import Role
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ DEVICE_STATUSES = (
     "applied",
     "error",
     "invalid",
-    deployments.UNKNOWN,
+    states.DeviceState.UNKNOWN,
 )
 
 # Counters: name -> help. Every one is a Prometheus counter (``_total``).
@@ -376,7 +377,7 @@ async def database_gauges(db: AsyncSession, now: datetime) -> list[Family]:
 
     active = (Deployment.cancelled_at.is_(None)) & (Deployment.expires_at > now)
     active_ids = list(await db.scalars(select(Deployment.id).where(active)))
-    per_deployment: dict[int, dict[str, int]] = {i: deployments.empty_counts() for i in active_ids}
+    per_deployment: dict[int, dict[str, int]] = {i: states.empty_counts() for i in active_ids}
     rows = await db.execute(
         select(DeploymentDevice.deployment_id, DeploymentDevice.status, func.count())
         .join(Deployment, Deployment.id == DeploymentDevice.deployment_id)
@@ -384,8 +385,8 @@ async def database_gauges(db: AsyncSession, now: datetime) -> list[Family]:
         .group_by(DeploymentDevice.deployment_id, DeploymentDevice.status)
     )
     for deployment_id, status, count in rows:
-        counts = per_deployment.setdefault(deployment_id, deployments.empty_counts())
-        counts[deployments.label_of(status)] += int(count)
+        counts = per_deployment.setdefault(deployment_id, states.empty_counts())
+        counts[states.label_of(status)] += int(count)
     devices_in = Family(
         "otakit_deployment_devices",
         "gauge",
@@ -475,9 +476,9 @@ async def scraper(request: Request, db: Db) -> None:
         return
     token = await caller(request, db)
     if token is None:
-        raise HttpError(401, "UNAUTHORIZED", "metrics need an admin token or the metrics token")
+        raise UnauthorizedError("metrics need an admin token or the metrics token")
     if token.role != Role.ADMIN:
-        raise HttpError(403, "FORBIDDEN", "metrics need an admin token or the metrics token")
+        raise ForbiddenError("metrics need an admin token or the metrics token")
 
 
 router = APIRouter(include_in_schema=False)

@@ -77,9 +77,9 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from otakit.server.blobs import BlobStore
-    from otakit.server.context import ServerSettings
-    from otakit.server.deployments import Offer
     from otakit.server.models import Device
+    from otakit.server.service.offers import Offer
+    from otakit.server.settings import ServerSettings
 
 log = logging.getLogger("otakit.publisher")
 T = TypeVar("T")
@@ -524,16 +524,17 @@ class DeploymentSource:
         return source
 
     async def _decide(self, db: AsyncSession, request: Request, *, explicit: bool) -> Offer | None:
-        from otakit.server import deployments
+        from otakit.server import targeting
         from otakit.server.api.original import _anonymous_products
         from otakit.server.models import Device
+        from otakit.server.service import offers
 
-        offers = [
-            o for o in await deployments.active(db) if boards_match(o.artifact.board, request.board)
+        candidates = [
+            o for o in await offers.active(db) if boards_match(o.artifact.board, request.board)
         ]
         pinned = _artifact_of(request.file) if explicit else None
         if pinned is not None:
-            offers = [o for o in offers if o.artifact.id == pinned]
+            candidates = [o for o in candidates if o.artifact.id == pinned]
         device = await db.get(Device, request.serial) if request.serial else None
         if device is not None:
             if not explicit:
@@ -547,20 +548,20 @@ class DeploymentSource:
                 version=version,
                 board=None,
             )
-            standing = await deployments.standing_of(db, device.serial)
-            return deployments.select_offer(probe, offers, standing=standing)
+            standing = await offers.standing_of(db, device.serial)
+            return offers.select_offer(probe, candidates, standing=standing)
         products = await _anonymous_products(db)
         if request.product:
             products &= {request.product}
         version = None if explicit else (request.version or None)
-        return deployments.select_for_products(
-            products, [o for o in offers if deployments.wanted(o, version)]
+        return offers.select_for_products(
+            products, [o for o in candidates if targeting.wanted(o.deployment, o.artifact, version)]
         )
 
     async def offer(
         self, request: Request, *, explicit: bool, session: str | None = None
     ) -> Release | None:
-        from otakit.server import deployments
+        from otakit.server import targeting
         from otakit.server.api.original import _product_board
 
         async with self._sessions() as db:
@@ -569,8 +570,8 @@ class DeploymentSource:
             if offer is not None:
                 board = offer.artifact.board or await _product_board(db, offer)
                 if boards_match(board, request.board):
-                    version = deployments.version_of(offer.artifact.version)
-                    assert version is not None  # deployments.wanted offers only readable versions
+                    version = targeting.version_of(offer.artifact.version)
+                    assert version is not None  # targeting.wanted offers only readable versions
                     artifact = offer.artifact
                     release = Release(
                         key=artifact.id,
@@ -673,8 +674,8 @@ class DeploymentSource:
         result on a topic with no session (never answered, replaced or expired), or after an
         answer that offered nothing ("No Update Available", after which the original device
         ends in INVALID_VERSION), is not recorded."""
-        from otakit.server import deployments
         from otakit.server.models import MqttSession, utcnow
+        from otakit.server.service import reports
 
         if session is None:
             return ResultNote(Fate.UNKNOWN_TOPIC, "not recorded: it names no unique topic")
@@ -692,7 +693,7 @@ class DeploymentSource:
                     f"not recorded: {serial} was answered {row.answer!r} on this topic, so no "
                     "update is under way",
                 )
-            await deployments.record_status(
+            await reports.record_status(
                 db,
                 serial=serial,
                 deployment_id=deployment_id,
@@ -712,18 +713,19 @@ class DeploymentSource:
 async def _check_in(db: AsyncSession, device: Device, request: Request) -> None:
     """A registered device asked: note when (at the device API's resolution), and the version
     it says it runs."""
-    from otakit.server import deployments
+    from otakit.server import targeting
     from otakit.server.api.device import LAST_SEEN_RESOLUTION
     from otakit.server.models import utcnow
+    from otakit.server.service import reports
 
     now = utcnow()
     if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
         device.last_seen = now
-    if request.version and deployments.version_of(request.version) != deployments.version_of(
+    if request.version and targeting.version_of(request.version) != targeting.version_of(
         device.version
     ):
         device.version = request.version
-        await deployments.mark_applied_if_running(db, device)
+        await reports.mark_applied_if_running(db, device)
 
 
 def _artifact_of(file: str) -> str | None:

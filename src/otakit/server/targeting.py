@@ -1,4 +1,7 @@
-"""Which devices a deployment targets: tag conditions as in the cloud reference design.
+"""Which devices a deployment targets: its tag condition, the artifact's board, the version the
+device runs (:func:`targets`).
+
+Tag conditions as in the cloud reference design.
 
 A condition is one or more ``tags.NAME='VALUE'`` terms joined by ``AND`` (case-insensitive
 keyword), e.g. ``tags.productType='X' AND tags.deviceGroup='Y'``, the form protocols.md §7
@@ -9,8 +12,13 @@ uses; ``product`` + ``group`` are shorthand for exactly that. A device's ``produ
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-from otakit.errors import UsageError
+from otakit.errors import OtakitError, UsageError
+from otakit.protocol.version import FirmwareVersion
+
+if TYPE_CHECKING:
+    from otakit.server.models import Artifact, Deployment, Device
 
 PRODUCT_TAG = "productType"
 GROUP_TAG = "deviceGroup"
@@ -52,3 +60,48 @@ def parse_condition(text: str) -> dict[str, str]:
 
 def matches(required: dict[str, str], tags: dict[str, str]) -> bool:
     return all(tags.get(name) == value for name, value in required.items())
+
+
+def version_of(text: str | None) -> FirmwareVersion | None:
+    """``text`` as a version, or None when it is empty or not a version."""
+    if not text:
+        return None
+    try:
+        return FirmwareVersion.parse(text)
+    except OtakitError:
+        return None
+
+
+def device_tags(device: Device) -> dict[str, str]:
+    """The device's tags, with ``productType`` from its product unless set explicitly."""
+    tags = dict(device.tags or {})
+    if device.product and PRODUCT_TAG not in tags:
+        tags[PRODUCT_TAG] = device.product
+    return tags
+
+
+def wanted(deployment: Deployment, artifact: Artifact, version: str | None) -> bool:
+    """Whether a device at ``version`` should get the deployment's artifact (never an older
+    one unless the deployment allows a downgrade)."""
+    new, current = version_of(artifact.version), version_of(version)
+    if new is None:
+        return False
+    if current is None:
+        return True
+    return new != current if deployment.downgrade else new > current
+
+
+def board_fits(artifact: Artifact, device: Device) -> bool:
+    return not (artifact.board and device.board and artifact.board != device.board)
+
+
+def targets(
+    deployment: Deployment, artifact: Artifact, device: Device, required: dict[str, str]
+) -> bool:
+    """Whether the deployment (its parsed condition ``required``) targets ``device`` now:
+    its tags match, its board fits and it wants the version."""
+    return (
+        matches(required, device_tags(device))
+        and board_fits(artifact, device)
+        and wanted(deployment, artifact, device.version)
+    )

@@ -13,9 +13,9 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from otakit.server import deployments
 from otakit.server.context import ServerState
 from otakit.server.models import Artifact, Device
+from otakit.server.service import offers
 from otakit.server.urls import sign_path
 
 SECONDS_PER_DAY = 86400
@@ -59,7 +59,7 @@ def _version_value(text: str) -> int | str:
 
 
 async def twin_of(db: AsyncSession, st: ServerState, device: Device, base_url: str) -> Twin:
-    offer = await deployments.offer_for(db, device)
+    offer = await offers.offer_for(db, device)
     desired: dict[str, Any] = {}
     if offer is not None:
         url, _, sas = download_url(st, offer.artifact, base_url).partition("?")

@@ -22,11 +22,20 @@ from pydantic import BaseModel, Field
 from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from otakit.errors import (
+    ForbiddenError,
+    NotFoundError,
+    NotOfferedError,
+    RegisteredError,
+    TooManyTokensError,
+    UnauthorizedError,
+)
+from otakit.protocol import states
 from otakit.protocol.fwinfo import FwStatus
-from otakit.server import deployments, identity
-from otakit.server import rollout as rollouts
-from otakit.server.context import Caller, Db, HttpError, State, error_responses
+from otakit.server import identity
+from otakit.server.context import Caller, Db, Rollouts, State, error_responses
 from otakit.server.models import DeploymentDevice, Device, Product, Rollout, Token, utcnow
+from otakit.server.service import offers, reports, rollouts
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 from otakit.server.tokens import (
     MAX_LIVE_DEVICE_TOKENS,
@@ -121,9 +130,9 @@ def _str(value: Any) -> str | None:
 
 def _device_of(token: Token | None) -> str:
     if token is None:
-        raise HttpError(401, "UNAUTHORIZED", "this call needs a device token")
+        raise UnauthorizedError("this call needs a device token")
     if token.role != Role.DEVICE or not token.device_serial:
-        raise HttpError(403, "FORBIDDEN", "this call needs a device token")
+        raise ForbiddenError("this call needs a device token")
     return token.device_serial
 
 
@@ -131,20 +140,20 @@ async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, s
     """The calling device, registering it (and minting its token) when allowed."""
     if token is not None and token.role == Role.DEVICE:
         if token.device_serial != body.serial:
-            raise HttpError(403, "FORBIDDEN", "a device token can only check in for its device")
+            raise ForbiddenError("a device token can only check in for its device")
         device = await db.get(Device, body.serial)
         if device is None:
-            raise HttpError(404, "NOT_FOUND", f"device {body.serial!r} is not registered")
+            raise NotFoundError(f"device {body.serial!r} is not registered")
         return device, None
     if token is not None and token.role == Role.ENROLL:
         product, group = token.product, token.group
     elif token is None:
         product_row = await db.get(Product, body.product) if body.product else None
         if product_row is None or not product_row.self_register:
-            raise HttpError(401, "UNAUTHORIZED", "this call needs a device or enrollment token")
+            raise UnauthorizedError("this call needs a device or enrollment token")
         product, group = product_row.name, None
     else:
-        raise HttpError(403, "FORBIDDEN", "admin tokens cannot check in as a device")
+        raise ForbiddenError("admin tokens cannot check in as a device")
     existing = await db.get(Device, body.serial)
     if existing is not None:
         # serials are one namespace across products: another product's token (or a leaked
@@ -155,9 +164,7 @@ async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, s
             product,
             existing.product,
         )
-        raise HttpError(
-            409, "REGISTERED", f"device {body.serial!r} is already registered; use its token"
-        )
+        raise RegisteredError(f"device {body.serial!r} is already registered; use its token")
     identity.check("serial", "SerialNumber", body.serial)  # the job documents carry it
     tags = {PRODUCT_TAG: product} if product else {}
     if group:
@@ -208,7 +215,7 @@ async def checkin(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> CheckInResult | Response:
     """Report identity and version; get the job to do, or 204 when there is none."""
     device, device_token = await _enroll(db, body, token)
@@ -225,9 +232,9 @@ async def checkin(
     if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
         device.last_seen = now  # at most one write a minute for a device that only polls
     changed: set[int] = set()
-    if version_changed or device.status in deployments.UNDECIDED or body.boots is not None:
-        changed = await deployments.note_checkin(db, device, boots=body.boots, now=now)
-    offer = await deployments.offer_for(db, device, now)
+    if version_changed or device.status in states.UNDECIDED or body.boots is not None:
+        changed = await reports.note_checkin(db, device, boots=body.boots, now=now)
+    offer = await offers.offer_for(db, device, now)
     job = None
     abort = None
     if offer is not None:
@@ -259,7 +266,7 @@ async def report_status(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> Response:
     """Report progress with the states and error strings of the reference design (§7).
 
@@ -279,23 +286,21 @@ async def report_status(
     now = engine.now()
     device = await db.get(Device, serial)
     if device is None:
-        raise HttpError(404, "NOT_FOUND", f"device {serial!r} is not registered")
+        raise NotFoundError(f"device {serial!r} is not registered")
     if deployment_id is None:
-        deployment_id = await deployments.attribute(db, device, now)
+        deployment_id = await offers.attribute(db, device, now)
     else:
-        allowed = await deployments.reportable(db, device, deployment_id)
+        allowed = await offers.reportable(db, device, deployment_id)
         if allowed is None:
-            raise HttpError(404, "NOT_FOUND", f"deployment {deployment_id} not found")
+            raise NotFoundError(f"deployment {deployment_id} not found")
         if not allowed:
             log.warning(
                 "refused a report from device %r about deployment %d, which was not offered to it",
                 serial,
                 deployment_id,
             )
-            raise HttpError(
-                403, "NOT_OFFERED", f"deployment {deployment_id} was not offered to this device"
-            )
-    changed = await deployments.record_status(
+            raise NotOfferedError(f"deployment {deployment_id} was not offered to this device")
+    changed = await reports.record_status(
         db,
         serial=serial,
         deployment_id=deployment_id,
@@ -316,7 +321,7 @@ async def own_twin(request: Request, db: Db, st: State, token: Caller) -> Twin:
     """This device's desired and reported state."""
     device = await db.get(Device, _device_of(token))
     if device is None:
-        raise HttpError(404, "NOT_FOUND", "device not registered")
+        raise NotFoundError("device not registered")
     return await twin_of(db, st, device, str(request.base_url))
 
 
@@ -335,9 +340,7 @@ async def rotate_token(db: Db, token: Caller) -> NewToken:
     assert token is not None
     now = utcnow()
     if await live_device_tokens(db, serial, now) >= MAX_LIVE_DEVICE_TOKENS:
-        raise HttpError(
-            409,
-            "TOO_MANY_TOKENS",
+        raise TooManyTokensError(
             f"this device already has {MAX_LIVE_DEVICE_TOKENS} live tokens; "
             "rotate again when the old ones have expired",
         )

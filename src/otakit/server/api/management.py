@@ -20,13 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from otakit.errors import OtakitError
+from otakit.errors import (
+    ConflictError,
+    DeployedError,
+    NotFoundError,
+    TooLargeError,
+    UploadRefusedError,
+    UsageError,
+)
 from otakit.image.keys import PublicKey
 from otakit.protocol.version import FirmwareVersion
-from otakit.server import anonymous, deployments, downloads, identity
-from otakit.server import rollout as rollouts
+from otakit.server import anonymous, downloads, identity, targeting
 from otakit.server.artifacts import inspect_upload
-from otakit.server.context import Admin, Db, HttpError, State, error_responses
+from otakit.server.context import Admin, Db, Rollouts, State, error_responses, rollout_engine
 from otakit.server.models import (
     Artifact,
     Deployment,
@@ -38,6 +44,7 @@ from otakit.server.models import (
     TrustedKey,
     utcnow,
 )
+from otakit.server.service import offers, reports, rollouts
 from otakit.server.targeting import (
     GROUP_TAG,
     PRODUCT_TAG,
@@ -51,7 +58,7 @@ router = APIRouter(
     prefix="/api/v1",
     tags=["management"],
     responses=error_responses(400, 401, 403, 404, 409, 413, 422),
-    lifespan=rollouts.lifespan,
+    lifespan=rollout_engine,
 )
 
 BINARY_BODY: dict[str, Any] = {
@@ -68,8 +75,8 @@ PEM_BODY: dict[str, Any] = {
 }
 
 
-def not_found(what: str) -> HttpError:
-    return HttpError(404, "NOT_FOUND", f"{what} not found")
+def not_found(what: str) -> NotFoundError:
+    return NotFoundError(f"{what} not found")
 
 
 # --- products ----------------------------------------------------------------------------------
@@ -137,7 +144,7 @@ async def add_key(request: Request, db: Db, _admin: Admin) -> KeyOut:
     """Trust a public key (PEM; a private key is reduced to its public part)."""
     body = await request.body()
     if len(body) > 64 * 1024:
-        raise HttpError(413, "TOO_LARGE", "a PEM key is at most 64 KiB")
+        raise TooLargeError("a PEM key is at most 64 KiB")
     key = PublicKey.from_pem(body)
     row = await db.get(TrustedKey, key.fingerprint)
     if row is None:
@@ -249,7 +256,7 @@ async def upload_artifact(
             response.status_code = 200
             return _artifact(existing)
         if size == 0:
-            raise HttpError(400, "BADARG", "the upload is empty")
+            raise UsageError("the upload is empty")
         keys = await trusted_keys(db)
         try:
             inspected = await anyio.to_thread.run_sync(
@@ -260,8 +267,8 @@ async def upload_artifact(
                     version=version,
                 )
             )
-        except OtakitError as exc:
-            raise HttpError(422, exc.code, exc.message) from None
+        except UsageError as exc:  # well-formed, not acceptable: 422 like an image refused
+            raise UploadRefusedError(exc.message, value=exc.value) from None
         # a job names the version as major.minor.build, in the device's Version buffer
         identity.check("version", "Version", FirmwareVersion.parse(inspected.version).short)
         identity.check_job_files(digest, name, product)
@@ -293,7 +300,7 @@ async def _receive(request: Request, fd: int, limit: int) -> tuple[str, int]:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise HttpError(413, "TOO_LARGE", f"uploads are limited to {limit} bytes")
+                raise TooLargeError(f"uploads are limited to {limit} bytes")
             hasher.update(chunk)
             await out.write(chunk)
     return hasher.hexdigest(), size
@@ -319,8 +326,8 @@ async def delete_artifact(artifact_id: str, db: Db, st: State, _admin: Admin) ->
     artifact = await db.get(Artifact, artifact_id)
     if artifact is None:
         raise not_found(f"artifact {artifact_id!r}")
-    if any(o.artifact.id == artifact_id for o in await deployments.active(db)):
-        raise HttpError(409, "DEPLOYED", "the artifact is deployed; cancel its deployments first")
+    if any(o.artifact.id == artifact_id for o in await offers.active(db)):
+        raise DeployedError("the artifact is deployed; cancel its deployments first")
     old = select(Deployment.id).where(Deployment.artifact_id == artifact_id)
     await db.execute(delete(DeploymentDevice).where(DeploymentDevice.deployment_id.in_(old)))
     await db.execute(delete(Deployment).where(Deployment.artifact_id == artifact_id))
@@ -363,7 +370,7 @@ def device_out(d: Device) -> DeviceOut:
         board=d.board,
         manufacturer=d.manufacturer,
         manufacturer_id=d.manufacturer_id,
-        tags=deployments.device_tags(d),
+        tags=targeting.device_tags(d),
         version=d.version,
         last_seen=d.last_seen,
         status=d.status,
@@ -397,7 +404,7 @@ async def get_device(serial: str, db: Db, _admin: Admin) -> DeviceOut:
 
 @router.put("/devices/{serial}", response_model=DeviceOut)
 async def put_device(
-    serial: identity.Serial, body: DeviceIn, db: Db, _admin: Admin, engine: rollouts.Rollouts
+    serial: identity.Serial, body: DeviceIn, db: Db, _admin: Admin, engine: Rollouts
 ) -> DeviceOut:
     """Register a device or update its identity and tags. A new version counts as a check-in
     with it: a device given a deployment's version has applied it."""
@@ -418,7 +425,7 @@ async def put_device(
     changed: set[int] = set()
     if version_changed:
         await db.flush()
-        changed = await deployments.note_checkin(db, device, now=engine.now(), source="admin")
+        changed = await reports.note_checkin(db, device, now=engine.now(), source="admin")
     await db.commit()
     await engine.changed(changed)
     return device_out(device)
@@ -463,7 +470,7 @@ async def device_history(
     """The device's status reports, newest first (page with ``before``)."""
     if await db.get(Device, serial) is None:
         raise not_found(f"device {serial!r}")
-    rows = await deployments.history(db, serial, limit=limit, before=before)
+    rows = await reports.history(db, serial, limit=limit, before=before)
     return [
         HistoryEntry(
             id=r.id,
@@ -529,7 +536,7 @@ class DeploymentOut(BaseModel):
 async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
     artifact = await db.get(Artifact, d.artifact_id)
     rollout_id = await db.scalar(select(Rollout.id).where(Rollout.deployment_id == d.id))
-    counts = await deployments.counts(db, d.id)
+    counts = await reports.counts(db, d.id)
     reverted = counts.pop("Reverted")
     counts["Error"] += reverted
     return DeploymentOut(
@@ -566,12 +573,9 @@ async def _new_deployment(db: Db, body: DeploymentIn) -> Deployment:
     if artifact is None:
         raise not_found(f"artifact {body.artifact_id!r}")
     if (body.condition is None) == (body.product is None):
-        raise HttpError(400, "BADARG", "give either product (and group) or condition")
+        raise UsageError("give either product (and group) or condition")
     condition = body.condition or product_group_condition(body.product or "", body.group)
-    try:
-        required = parse_condition(condition)
-    except OtakitError as exc:
-        raise HttpError(400, exc.code, exc.message) from None
+    required = parse_condition(condition)
     identity.check_job_files(artifact.id, artifact.name, required.get(PRODUCT_TAG))
     now = utcnow()
     deployment = Deployment(
@@ -688,7 +692,7 @@ class _RolloutSpec(BaseModel):
     )
     frozen: bool = Field(default=False, description="Only the devices targeted at the start.")
     confirm_timeout: Seconds | None = Field(
-        default=rollouts.DEFAULT_CONFIRM_TIMEOUT,
+        default=reports.DEFAULT_CONFIRM_TIMEOUT,
         description="Seconds from 'applying' to running the new version; 0 or null: no limit.",
     )
     max_boots: int | None = Field(
@@ -812,7 +816,7 @@ async def create_rollout(
     body: RolloutOfDeployment | RolloutWithDeployment,
     db: Db,
     admin: Admin,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> RolloutOut:
     """Phase a deployment (``deployment_id``), or create a deployment phased from the start
     (``deployment``). It starts at ``start_at`` (or now)."""
@@ -825,12 +829,10 @@ async def create_rollout(
             raise not_found(f"deployment {body.deployment_id}")
         deployment = found
         if deployment.cancelled_at is not None or deployment.expires_at <= now:
-            raise HttpError(409, "CONFLICT", f"deployment {deployment.id} is not active")
+            raise ConflictError(f"deployment {deployment.id} is not active")
         existing = await db.scalar(select(Rollout.id).where(Rollout.deployment_id == deployment.id))
         if existing is not None:
-            raise HttpError(
-                409, "CONFLICT", f"deployment {deployment.id} already has rollout {existing}"
-            )
+            raise ConflictError(f"deployment {deployment.id} already has rollout {existing}")
     phases = [rollouts.Phase(**p.model_dump()) for p in body.phases]
     rollout = rollouts.new_rollout(
         db,
@@ -851,9 +853,7 @@ async def create_rollout(
         await db.commit()
     except IntegrityError:
         await db.rollback()
-        raise HttpError(
-            409, "CONFLICT", f"deployment {deployment.id} already has a rollout"
-        ) from None
+        raise ConflictError(f"deployment {deployment.id} already has a rollout") from None
     await engine.evaluate(rollout.id)
     return await _rollout_out(db, engine, rollout.id)
 
@@ -862,7 +862,7 @@ async def create_rollout(
 async def list_rollouts(
     db: Db,
     _admin: Admin,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     state: Literal["scheduled", "running", "paused", "aborted", "completed"] | None = None,
 ) -> list[RolloutOut]:
     """Rollouts, newest first, with their per-phase counts."""
@@ -873,9 +873,7 @@ async def list_rollouts(
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutOut)
-async def get_rollout(
-    rollout_id: RolloutId, db: Db, _admin: Admin, engine: rollouts.Rollouts
-) -> RolloutOut:
+async def get_rollout(rollout_id: RolloutId, db: Db, _admin: Admin, engine: Rollouts) -> RolloutOut:
     """State, current phase and per-phase counts."""
     return await _rollout_out(db, engine, rollout_id)
 
@@ -910,7 +908,7 @@ async def pause_rollout(
     rollout_id: RolloutId,
     db: Db,
     admin: Admin,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     body: ActionIn | None = None,
 ) -> RolloutOut:
     """Stop new offers (downloads under way may finish); 409 once aborted or completed."""
@@ -923,7 +921,7 @@ async def resume_rollout(
     rollout_id: RolloutId,
     db: Db,
     admin: Admin,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     body: ActionIn | None = None,
 ) -> RolloutOut:
     """Offer again; the failures seen so far are acknowledged (the error thresholds count
@@ -937,7 +935,7 @@ async def abort_rollout(
     rollout_id: RolloutId,
     db: Db,
     admin: Admin,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     body: ActionIn | None = None,
 ) -> RolloutOut:
     """Stop for good: the deployment is cancelled, downloads under way are told to stop."""
@@ -950,7 +948,7 @@ async def approve_rollout(
     rollout_id: RolloutId,
     db: Db,
     admin: Admin,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     body: ApproveIn | None = None,
 ) -> RolloutOut:
     """Advance the current phase now (the only way past a manual phase)."""

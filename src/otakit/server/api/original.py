@@ -40,17 +40,27 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sqlalchemy import select
 
-from otakit.errors import OtakitError
+from otakit.errors import (
+    AmbiguousError,
+    ConflictError,
+    ForbiddenError,
+    NoBoardError,
+    NotFoundError,
+    OtakitError,
+    UnauthorizedError,
+    UsageError,
+)
+from otakit.protocol import states
 from otakit.protocol.jobdoc import (
     NO_UPDATE_AVAILABLE,
     RESULT_RECEIVED,
     UPDATE_AVAILABLE,
     JobDocument,
 )
-from otakit.server import anonymous, deployments, downloads, identity
-from otakit.server import rollout as rollouts
-from otakit.server.context import Caller, Db, HttpError, State, error_responses
+from otakit.server import anonymous, downloads, identity, targeting
+from otakit.server.context import Caller, Db, Rollouts, State, error_responses
 from otakit.server.models import Artifact, Device, Product, Token
+from otakit.server.service import offers, reports, rollouts
 from otakit.server.targeting import PRODUCT_TAG, matches, parse_condition
 from otakit.server.tokens import Role
 
@@ -109,7 +119,7 @@ def _connection(request: Request) -> str:
 
 def _job(
     request: Request,
-    offer: deployments.Offer | None,
+    offer: offers.Offer | None,
     device: Device | None,
     file: str,
     board: str | None,
@@ -124,7 +134,7 @@ def _job(
     )
     if offer is None:
         return identity
-    version = deployments.version_of(offer.artifact.version)
+    version = targeting.version_of(offer.artifact.version)
     assert version is not None
     return replace(
         identity,
@@ -138,7 +148,7 @@ def _job(
     )
 
 
-async def _product_board(db: Db, offer: deployments.Offer | None) -> str | None:
+async def _product_board(db: Db, offer: offers.Offer | None) -> str | None:
     if offer is None:
         return None
     name = parse_condition(offer.deployment.condition).get(PRODUCT_TAG) or offer.artifact.product
@@ -148,15 +158,13 @@ async def _product_board(db: Db, offer: deployments.Offer | None) -> str | None:
 
 def _job_response(request: Request, doc: JobDocument) -> Response:
     if doc.message == UPDATE_AVAILABLE and not doc.board:
-        raise HttpError(
-            409,
-            "NO_BOARD",
+        raise NoBoardError(
             "the deployed artifact names no board: set it on upload (?board=) or on the product",
         )
     try:
         body = doc.to_json()
     except OtakitError as exc:
-        raise HttpError(409, exc.code, f"cannot build the job document: {exc.message}") from None
+        raise ConflictError(f"cannot build the job document: {exc.message}") from None
     return downloads.send_document(request, body, "application/json")
 
 
@@ -167,13 +175,13 @@ async def _device_for(db: Db, token: Token | None, serial: str) -> Device:
         if token.role == Role.ADMIN:
             pass
         elif token.role != Role.DEVICE or token.device_serial != serial:
-            raise HttpError(403, "FORBIDDEN", "a device can only read its own jobs")
+            raise ForbiddenError("a device can only read its own jobs")
     else:
         product = await db.get(Product, device.product) if device and device.product else None
         if product is None or not product.anonymous:
-            raise HttpError(401, "UNAUTHORIZED", "this device needs its token")
+            raise UnauthorizedError("this device needs its token")
     if device is None:
-        raise HttpError(404, "NOT_FOUND", f"device {serial!r} is not registered")
+        raise NotFoundError(f"device {serial!r} is not registered")
     return device
 
 
@@ -184,25 +192,21 @@ async def _anonymous_product(db: Db, name: str | None) -> str:
     if name is not None:
         product = await db.get(Product, name)
         if product is None or not product.anonymous:
-            raise HttpError(
-                401, "UNAUTHORIZED", f"product {name!r} does not allow anonymous devices"
-            )
+            raise UnauthorizedError(f"product {name!r} does not allow anonymous devices")
         return name
     products = sorted(await _anonymous_products(db))
     if not products:
-        raise HttpError(401, "UNAUTHORIZED", "no product allows anonymous devices; send a token")
+        raise UnauthorizedError("no product allows anonymous devices; send a token")
     if len(products) > 1:
-        raise HttpError(
-            409,
-            "AMBIGUOUS",
+        raise AmbiguousError(
             f"{len(products)} products allow anonymous devices ({', '.join(products[:4])}): "
             "configure the device with /products/NAME/ota_update.json (or /ota-update.bin)",
         )
     return products[0]
 
 
-async def _anonymous_offer(db: Db, product: str, now: datetime) -> deployments.Offer | None:
-    return deployments.select_for_products({product}, await deployments.active(db, now), now)
+async def _anonymous_offer(db: Db, product: str, now: datetime) -> offers.Offer | None:
+    return offers.select_for_products({product}, await offers.active(db, now), now)
 
 
 async def _trace(
@@ -210,7 +214,7 @@ async def _trace(
     db: Db,
     st: State,
     product: str,
-    offer: deployments.Offer | None,
+    offer: offers.Offer | None,
     now: datetime,
     status: str | None = None,
     error: str | None = None,
@@ -230,7 +234,7 @@ async def _trace(
 
 
 async def _anonymous_job(
-    request: Request, db: Db, st: State, engine: rollouts.Rollouts, name: str | None
+    request: Request, db: Db, st: State, engine: Rollouts, name: str | None
 ) -> Response:
     product = await _anonymous_product(db, name)
     now = engine.now()
@@ -244,7 +248,7 @@ async def _anonymous_job(
 
 @router.get("/ota_update.json", responses={200: {"content": JSON_DOC}}, response_class=Response)
 async def plain_job(
-    request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+    request: Request, db: Db, st: State, token: Caller, engine: Rollouts
 ) -> Response:
     """The job document at the original device's default path: with a device token, that
     device's job; without one, the job of the one product that allows anonymous devices."""
@@ -259,7 +263,7 @@ async def plain_job(
     response_class=Response,
 )
 async def product_job(
-    product: str, request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+    product: str, request: Request, db: Db, st: State, token: Caller, engine: Rollouts
 ) -> Response:
     """The job document for the anonymous devices of one product."""
     if token is not None and token.role == Role.DEVICE and token.device_serial:
@@ -273,13 +277,13 @@ async def product_job(
     response_class=Response,
 )
 async def device_job(
-    serial: str, request: Request, db: Db, token: Caller, engine: rollouts.Rollouts
+    serial: str, request: Request, db: Db, token: Caller, engine: Rollouts
 ) -> Response:
     """One device's job document."""
     device = await _device_for(db, token, serial)
     now = engine.now()
     device.last_seen = now
-    offer = await deployments.offer_for(db, device, now)
+    offer = await offers.offer_for(db, device, now)
     file = identity.device_file(serial, offer.artifact.id, offer.artifact.name) if offer else ""
     board = await _product_board(db, offer)
     await db.commit()
@@ -296,7 +300,7 @@ async def _serve(request: Request, st: State, artifact: Artifact) -> Response:
 async def _artifact(db: Db, artifact_id: str, name: str) -> Artifact:
     artifact = await db.get(Artifact, artifact_id)
     if artifact is None or artifact.name != name:
-        raise HttpError(404, "NOT_FOUND", "no such file")
+        raise NotFoundError("no such file")
     return artifact
 
 
@@ -313,7 +317,7 @@ async def _anonymous_file(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     product: str,
     artifact: Artifact | None,
 ) -> Response:
@@ -324,9 +328,9 @@ async def _anonymous_file(
     if artifact is not None and token is not None and token.role == Role.ADMIN:
         return await _serve(request, st, artifact)
     if offer is None:
-        raise HttpError(404, "NOT_FOUND", f"no file is deployed to {product}'s anonymous devices")
+        raise NotFoundError(f"no file is deployed to {product}'s anonymous devices")
     if artifact is not None and offer.artifact.id != artifact.id:
-        raise HttpError(403, "FORBIDDEN", f"this file is not offered to {product}'s devices")
+        raise ForbiddenError(f"this file is not offered to {product}'s devices")
     if _starts_download(request):
         await _trace(request, db, st, product, offer, now, "downloading")
         await db.commit()
@@ -335,12 +339,12 @@ async def _anonymous_file(
 
 async def _product_of(db: Db, artifact: Artifact, now: datetime) -> str:
     """The anonymous product whose offer ``artifact`` is (the paths without a product)."""
-    offers = await deployments.active(db, now)
+    candidates = await offers.active(db, now)
     for product in sorted(await _anonymous_products(db)):
-        offer = deployments.select_for_products({product}, offers, now)
+        offer = offers.select_for_products({product}, candidates, now)
         if offer is not None and offer.artifact.id == artifact.id:
             return product
-    raise HttpError(403, "FORBIDDEN", "this file is not deployed to anonymous devices")
+    raise ForbiddenError("this file is not deployed to anonymous devices")
 
 
 @router.api_route(
@@ -357,7 +361,7 @@ async def product_file(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> Response:
     """A file offered to a product's anonymous devices (their job document points here)."""
     artifact = await _artifact(db, artifact_id, name)
@@ -379,7 +383,7 @@ async def anonymous_file(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> Response:
     """A file deployed to anonymous devices (the path of earlier job documents)."""
     artifact = await _artifact(db, artifact_id, name)
@@ -403,21 +407,23 @@ async def device_file(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> Response:
     """A file deployed to this device (and, when phased, offered to it or being downloaded)."""
     device = await _device_for(db, token, serial)
     artifact = await _artifact(db, artifact_id, name)
     now = engine.now()
-    offers = [o for o in await deployments.active(db, now) if o.artifact.id == artifact.id]
-    tags = deployments.device_tags(device)
-    offers = [o for o in offers if matches(parse_condition(o.deployment.condition), tags)]
-    if not offers:
-        raise HttpError(403, "FORBIDDEN", "this file is not deployed to this device")
-    if all(o.rollout is not None for o in offers):
-        standing = await deployments.standing_of(db, device.serial)
-        if not any(rollouts.may_download(o.rollout, device, standing) for o in offers if o.rollout):
-            raise HttpError(403, "FORBIDDEN", "this file is not offered to this device yet")
+    candidates = [o for o in await offers.active(db, now) if o.artifact.id == artifact.id]
+    tags = targeting.device_tags(device)
+    candidates = [o for o in candidates if matches(parse_condition(o.deployment.condition), tags)]
+    if not candidates:
+        raise ForbiddenError("this file is not deployed to this device")
+    if all(o.rollout is not None for o in candidates):
+        standing = await offers.standing_of(db, device.serial)
+        if not any(
+            rollouts.may_download(o.rollout, device, standing) for o in candidates if o.rollout
+        ):
+            raise ForbiddenError("this file is not offered to this device yet")
     return await _serve(request, st, artifact)
 
 
@@ -425,7 +431,7 @@ async def device_file(
     "/ota-update.bin", methods=["GET", "HEAD"], responses=FILE_RESPONSES, response_class=Response
 )
 async def direct_file(
-    request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+    request: Request, db: Db, st: State, token: Caller, engine: Rollouts
 ) -> Response:
     """The direct flow's file: what the one anonymous product is offered."""
     product = await _anonymous_product(db, None)
@@ -439,7 +445,7 @@ async def direct_file(
     response_class=Response,
 )
 async def product_direct_file(
-    product: str, request: Request, db: Db, st: State, token: Caller, engine: rollouts.Rollouts
+    product: str, request: Request, db: Db, st: State, token: Caller, engine: Rollouts
 ) -> Response:
     """The direct flow's file for one product's anonymous devices."""
     name = await _anonymous_product(db, product)
@@ -454,18 +460,18 @@ async def _result(request: Request) -> tuple[str, str | None]:
     happened, is ``unknown``: the device finished, the outcome is not said."""
     raw = await request.body()
     if not raw.strip():
-        return deployments.UNKNOWN, None
+        return states.DeviceState.UNKNOWN, None
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise HttpError(400, "BADARG", "the result body is not JSON") from None
+        raise UsageError("the result body is not JSON") from None
     message = body.get("Message") if isinstance(body, dict) else None
     if message == "Success":
         return "applying", None
     if message == "Failure":
         reason = body.get("Reason") or body.get("Error")
         return "error", str(reason)[:64] if reason else "MCU Download fail"
-    raise HttpError(400, "BADARG", "the result Message must be 'Success' or 'Failure'")
+    raise UsageError("the result Message must be 'Success' or 'Failure'")
 
 
 def _received() -> Response:
@@ -486,15 +492,15 @@ async def device_result(
     db: Db,
     st: State,
     token: Caller,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> Response:
     """The device's result for the file it downloaded."""
     device = await _device_for(db, token, serial)
     artifact = await _artifact(db, artifact_id, name)
     status, error = await _result(request)
     now = engine.now()
-    deployment_id = await deployments.attribute(db, device, now, artifact_id=artifact.id)
-    changed = await deployments.record_status(
+    deployment_id = await offers.attribute(db, device, now, artifact_id=artifact.id)
+    changed = await reports.record_status(
         db,
         serial=device.serial,
         deployment_id=deployment_id,
@@ -512,7 +518,7 @@ async def _anonymous_result(
     request: Request,
     db: Db,
     st: State,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
     product: str,
     artifact: Artifact | None,
 ) -> Response:
@@ -523,7 +529,7 @@ async def _anonymous_result(
     offer = await _anonymous_offer(db, product, now)
     if offer is not None and artifact is not None and offer.artifact.id != artifact.id:
         offer = None
-    await deployments.record_status(
+    await reports.record_status(
         db,
         serial=None,
         deployment_id=offer.deployment.id if offer else None,
@@ -551,7 +557,7 @@ async def product_result(
     request: Request,
     db: Db,
     st: State,
-    engine: rollouts.Rollouts,
+    engine: Rollouts,
 ) -> Response:
     """A result from one of a product's anonymous devices."""
     artifact = await _artifact(db, artifact_id, name)
@@ -566,7 +572,7 @@ async def product_result(
     response_class=Response,
 )
 async def anonymous_result(
-    artifact_id: str, name: str, request: Request, db: Db, st: State, engine: rollouts.Rollouts
+    artifact_id: str, name: str, request: Request, db: Db, st: State, engine: Rollouts
 ) -> Response:
     """A result posted to the file path of earlier job documents."""
     artifact = await _artifact(db, artifact_id, name)
@@ -580,7 +586,7 @@ async def anonymous_result(
     responses={200: {"content": JSON_DOC}},
     response_class=Response,
 )
-async def direct_result(request: Request, db: Db, st: State, engine: rollouts.Rollouts) -> Response:
+async def direct_result(request: Request, db: Db, st: State, engine: Rollouts) -> Response:
     """The direct flow's result."""
     product = await _anonymous_product(db, None)
     return await _anonymous_result(request, db, st, engine, product, None)
@@ -593,7 +599,7 @@ async def direct_result(request: Request, db: Db, st: State, engine: rollouts.Ro
     response_class=Response,
 )
 async def product_direct_result(
-    product: str, request: Request, db: Db, st: State, engine: rollouts.Rollouts
+    product: str, request: Request, db: Db, st: State, engine: Rollouts
 ) -> Response:
     """The direct flow's result from one product's anonymous devices."""
     name = await _anonymous_product(db, product)

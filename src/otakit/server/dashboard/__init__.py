@@ -19,7 +19,7 @@ from importlib import resources
 
 from fastapi import APIRouter, Request, Response
 
-from otakit.server.context import HttpError
+from otakit.errors import NotFoundError
 
 ASSETS = {
     "index.html": "text/html; charset=utf-8",
@@ -74,5 +74,5 @@ async def index(request: Request) -> Response:
 async def static(name: str, request: Request) -> Response:
     """The dashboard's script and stylesheet."""
     if name not in ASSETS or name == "index.html":
-        raise HttpError(404, "NOT_FOUND", f"no dashboard file {name!r}")
+        raise NotFoundError(f"no dashboard file {name!r}")
     return _answer(request, name)

@@ -46,20 +46,18 @@ import hashlib
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Annotated, Any, cast
+from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from fastapi import Depends, FastAPI, Request
 from sqlalchemy import CursorResult, delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from otakit.errors import UsageError
-from otakit.server import deployments
-from otakit.server.context import HttpError, ServerSettings, ServerState
+from otakit.errors import ConflictError, NotFoundError, UsageError
+from otakit.protocol.states import empty_counts, label_of
 from otakit.server.models import (
     Artifact,
     Deployment,
@@ -71,7 +69,10 @@ from otakit.server.models import (
     StatusReport,
     utcnow,
 )
-from otakit.server.targeting import GROUP_TAG, matches, parse_condition
+from otakit.server.service import reports
+from otakit.server.service.reports import DEFAULT_CONFIRM_TIMEOUT
+from otakit.server.settings import ServerSettings
+from otakit.server.targeting import GROUP_TAG, device_tags, matches, parse_condition, wanted
 
 log = logging.getLogger("otakit.rollout")
 
@@ -90,7 +91,6 @@ ON_ERROR = ("pause", "abort")
 MAX_PHASES = 20
 BUCKETS = 10_000
 DEFAULT_SUCCESS = 90.0
-DEFAULT_CONFIRM_TIMEOUT = 3600  # seconds; also the window in which boots are counted
 
 # device statuses in a deployment (deployment_devices.status)
 DOWNLOADING_STATES = ("downloading", "interrupted")
@@ -364,16 +364,14 @@ def _status(rollout: Rollout, standing: Standing | None) -> tuple[str | None, st
 def _phase_open(rollout: Rollout, device: Device, standing: Standing | None) -> bool:
     if rollout.frozen and (standing is None or rollout.id not in standing.members):
         return False
-    number = phase_of(
-        phases_of(rollout), rollout.deployment_id, device.serial, deployments.device_tags(device)
-    )
+    number = phase_of(phases_of(rollout), rollout.deployment_id, device.serial, device_tags(device))
     return number is not None and (rollout.state == COMPLETED or number <= rollout.phase)
 
 
 def admits(rollout: Rollout, device: Device, standing: Standing | None, now: datetime) -> bool:
     """Whether the rollout lets ``device`` be offered its deployment at ``now``.
 
-    Without ``standing`` (what deployments.standing_of loads), a frozen rollout admits nobody
+    Without ``standing`` (what offers.standing_of loads), a frozen rollout admits nobody
     and a download in progress gets no special treatment."""
     status, error = _status(rollout, standing)
     if status == "reverted" or rollout.state == ABORTED:
@@ -409,32 +407,6 @@ def admits_anonymous(rollout: Rollout, now: datetime) -> bool:
 # --- health ------------------------------------------------------------------------------------
 
 
-def is_revert(status: str, error: str | None) -> bool:
-    """A report that the device went back to its old image (the agent reports
-    ``{"status": "error", "error": "reverted: ..."}``)."""
-    return status in ("error", "invalid") and (error or "").strip().lower().startswith("revert")
-
-
-def boot_loop(
-    row: DeploymentDevice, rollout: Rollout | None, boots: int | None, now: datetime
-) -> str | None:
-    """The failure to record when ``boots`` shows the device booting too often since it
-    applied, else None. Keeps the boot counter on ``row``."""
-    if boots is None or row.status != "applied":
-        return None
-    row.boots = boots
-    if row.boots_at_apply is None or boots < row.boots_at_apply:
-        row.boots_at_apply = boots  # first count after applying (or the counter was reset)
-        return None
-    if rollout is None or rollout.max_boots is None:
-        return None
-    window = timedelta(seconds=rollout.confirm_timeout or DEFAULT_CONFIRM_TIMEOUT)
-    if row.applied_at is not None and now - row.applied_at > window:
-        return None
-    extra = boots - row.boots_at_apply
-    return f"boot loop: {extra} boots" if extra > rollout.max_boots else None
-
-
 # --- counting ----------------------------------------------------------------------------------
 
 
@@ -444,7 +416,7 @@ class PhaseCount:
     targeted: int = 0
     succeeded: int = 0
     failed: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: deployments.empty_counts())
+    counts: dict[str, int] = field(default_factory=lambda: empty_counts())
 
 
 @dataclass
@@ -479,11 +451,11 @@ async def _load(db: AsyncSession, rollout_id: int, *, lock: bool) -> Loaded | No
 def _is_target(device: Device, loaded: Loaded, required: Mapping[str, str]) -> bool:
     """Whether the deployment targets ``device`` now (tags, board, version)."""
     board = loaded.artifact.board
-    if not matches(dict(required), deployments.device_tags(device)):
+    if not matches(dict(required), device_tags(device)):
         return False
     if board and device.board and board != device.board:
         return False
-    return deployments.wanted(deployments.Offer(loaded.deployment, loaded.artifact), device.version)
+    return wanted(loaded.deployment, loaded.artifact, device.version)
 
 
 async def _targeted(db: AsyncSession, loaded: Loaded) -> list[str]:
@@ -520,14 +492,14 @@ async def census(db: AsyncSession, loaded: Loaded, now: datetime) -> list[PhaseC
             or not _is_target(device, loaded, required)
         ):
             continue
-        number = phase_of(phases, deployment.id, device.serial, deployments.device_tags(device))
+        number = phase_of(phases, deployment.id, device.serial, device_tags(device))
         if number is None:
             continue
         count = stats[number - 1]
         count.targeted += 1
         if row is None:
             continue
-        count.counts[deployments.label_of(row.status)] += 1
+        count.counts[label_of(row.status)] += 1
         if row.status == "applied" and (row.applied_at is None or row.applied_at <= soaked):
             count.succeeded += 1
         elif row.status in FAILED_STATES:
@@ -599,7 +571,7 @@ def operator_step(
     phase: int | None = None,
     reason: str | None = None,
 ) -> Step | None:
-    """The transition an operator asks for; None when it is already so; HttpError 409 when
+    """The transition an operator asks for; None when it is already so; ConflictError when
     it cannot be done."""
     rollout = loaded.rollout
     state, current = rollout.state, rollout.phase
@@ -630,13 +602,9 @@ def operator_step(
         return Step(ABORTED, current, "aborted", why, why, cancel=True)
     if action == "approve":
         if state != RUNNING:
-            raise HttpError(
-                409, "CONFLICT", f"rollout {rollout.id} is {state}; only a running rollout advances"
-            )
+            raise ConflictError(f"rollout {rollout.id} is {state}; only a running rollout advances")
         if phase is not None and phase != current:
-            raise HttpError(
-                409,
-                "CONFLICT",
+            raise ConflictError(
                 f"rollout {rollout.id} is in phase {current}, not {phase} (already approved?)",
             )
         count = stats[current - 1]
@@ -645,10 +613,8 @@ def operator_step(
     raise UsageError(f"unknown rollout action {action!r}", value=action)
 
 
-def _conflict(rollout: Rollout, what: str) -> HttpError:
-    return HttpError(
-        409, "CONFLICT", f"rollout {rollout.id} is {rollout.state} and cannot be {what}"
-    )
+def _conflict(rollout: Rollout, what: str) -> ConflictError:
+    return ConflictError(f"rollout {rollout.id} is {rollout.state} and cannot be {what}")
 
 
 # --- the engine --------------------------------------------------------------------------------
@@ -764,13 +730,13 @@ class RolloutEngine:
         phase: int | None = None,
         reason: str | None = None,
     ) -> None:
-        """An operator's pause, resume, abort or approve (HttpError 404/409 when impossible)."""
+        """An operator's pause, resume, abort or approve (NotFoundError, ConflictError when impossible)."""
         for _ in range(10):
             async with self.sessions() as db:
                 now = self.now()
                 loaded = await _load(db, rollout_id, lock=True)
                 if loaded is None:
-                    raise HttpError(404, "NOT_FOUND", f"rollout {rollout_id} not found")
+                    raise NotFoundError(f"rollout {rollout_id} not found")
                 stats = await census(db, loaded, now)
                 step = operator_step(loaded, action, stats, now, phase=phase, reason=reason)
                 if step is None or await self._apply(db, loaded, step, actor, now):
@@ -1039,7 +1005,7 @@ async def view(db: AsyncSession, rollout_id: int, now: datetime) -> RolloutView 
         updated_at=rollout.updated_at,
         phase_started_at=rollout.phase_started_at,
         targeted=sum(c.targeted for c in stats),
-        counts=await deployments.counts(db, rollout.deployment_id),
+        counts=await reports.counts(db, rollout.deployment_id),
         phases=views,
     )
 
@@ -1088,28 +1054,3 @@ def created_event(rollout: Rollout, actor: str, now: datetime) -> RolloutEvent:
     return RolloutEvent(
         rollout_id=rollout.id, at=now, kind="created", phase=1, actor=actor[:64], detail=plan
     )
-
-
-# --- wiring ------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run one engine per server process (the management router brings this lifespan, inside
-    the app's own, which has set up ``app.state.otakit``)."""
-    state: ServerState = app.state.otakit
-    engine = RolloutEngine(state.sessions, state.settings)
-    app.state.otakit_rollouts = engine
-    engine.start()
-    try:
-        yield
-    finally:
-        await engine.stop()
-
-
-def engine_of(request: Request) -> RolloutEngine:
-    engine: RolloutEngine = request.app.state.otakit_rollouts
-    return engine
-
-
-Rollouts = Annotated[RolloutEngine, Depends(engine_of)]

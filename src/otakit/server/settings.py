@@ -1,0 +1,38 @@
+"""The server's settings: one frozen record, passed to uvicorn workers through the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SETTINGS_ENV = "OTAKIT_SERVER_SETTINGS"
+DEFAULT_URL_DAYS = 1
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    data_dir: Path
+    database_url: str  # async SQLAlchemy URL
+    blob_url: str | None = None
+    max_upload: int = 512 * 1024 * 1024
+    url_days: float = DEFAULT_URL_DAYS  # lifetime of signed download URLs in job documents
+    direct_downloads: bool = False  # hand out S3 pre-signed URLs instead of the server's own
+    rollout_interval: float = 5.0  # seconds between background rollout evaluations; 0: off
+    history_per_device: int = 200  # status reports kept per device (the newest)
+    history_days: float = 90  # status reports older than this are deleted
+    anonymous_history: int = 1000  # reports kept from devices that do not identify themselves
+    api_docs: bool = False  # serve the interactive API pages at /docs (scripts from a CDN)
+
+    def to_env(self) -> str:
+        data = asdict(self)
+        data["data_dir"] = str(self.data_dir)
+        return json.dumps(data)
+
+    @classmethod
+    def from_env(cls) -> ServerSettings:
+        data: dict[str, Any] = json.loads(os.environ[SETTINGS_ENV])
+        data["data_dir"] = Path(data["data_dir"])
+        return cls(**data)
