@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,11 +222,14 @@ class Running:
 
 
 @contextmanager
-def otakit_server(data: Path, database_url: str | None, workers: int) -> Iterator[Running]:
+def otakit_server(
+    data: Path, database_url: str | None, workers: int, extra: Sequence[str] = ()
+) -> Iterator[Running]:
+    """``otakit serve`` on a free loopback port (``extra``: more of its options)."""
     first_start = not data.exists()
     port = free_port()
     argv = [str(BIN / "otakit"), "serve", "--data", str(data), "--port", str(port)]
-    argv += ["--workers", str(workers)]
+    argv += ["--workers", str(workers), *extra]
     if database_url:
         argv += ["--database-url", database_url]
     env = {**os.environ, "COLUMNS": "200"}
@@ -265,6 +268,13 @@ def otakit_server(data: Path, database_url: str | None, workers: int) -> Iterato
                 raise BenchError("otakit serve printed no admin token on its first start")
             if line.startswith("otk_"):
                 server.admin = line.strip()
+
+        def keep_log() -> None:  # the server's later lines too (the last 200), for error reports
+            while (line := errs.get()) is not None:
+                server.log.append(line)
+                del server.log[:-200]
+
+        threading.Thread(target=keep_log, daemon=True).start()
         yield server
     finally:
         _stop(proc)

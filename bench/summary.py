@@ -1,9 +1,9 @@
 """One page of every benchmark's figures, each next to the reference measured in the same run.
 
-Reads ``bench/results/*.json`` (``flash_wear``, ``agent``, ``mqtt``, ``server``, ``fleet*``)
-and writes ``bench/results/summary.md``: one markdown table per benchmark, the ratio to the
-reference in its own column, and for each the file it came from, when that file was written and
-the machine it names. Of ``server.json`` and ``server-quick.json`` (and of ``mqtt.json`` and
+Reads ``bench/results/*.json`` (``flash_wear``, ``agent``, ``mqtt``, ``server``, ``fleet*``,
+``scale*``) and writes ``bench/results/summary.md``: one markdown table per benchmark, the ratio
+to the reference in its own column, and for each the file it came from, when that file was
+written and the machine it names. Of ``server.json`` and ``server-quick.json`` (and of ``mqtt.json`` and
 ``mqtt-quick.json``) the newer one is shown; every fleet file is shown, one row each. A missing
 file leaves its section out, with a line saying which command makes it.
 
@@ -362,12 +362,96 @@ def fleet(results: Path) -> list[str]:
     ]
 
 
+SCALE_COLUMNS = (
+    ("status_report", "report"),
+    ("idle_checkin_waiting", "idle check-in (waiting)"),
+    ("idle_checkin_current", "idle check-in (current)"),
+    ("rollout_view", "`GET /rollouts/{id}`"),
+    ("dashboard_refresh", "dashboard refresh"),
+    ("dashboard_devices", "devices page"),
+)
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:,.2f}" if value is not None else "-"
+
+
+def scale(results: Path) -> list[str]:
+    files = sorted(results.glob("scale*.json"))
+    if not files:
+        return ["*No scale results: run `bench/scale_bench.py`.*"]
+    lines = [
+        "Server CPU (ms) per request of `otakit serve` (one worker) by registered devices "
+        "(inserted in bulk) with a 3-phase rollout, and its CPU with no traffic; nginx "
+        "answering the same check-ins with `return 204` in the same run. Aims: report and idle "
+        "check-in flat within 1.5x, background < 2% of a core, rollout view and dashboard "
+        "refresh < 20 ms, idle check-in <= 0.5 ms.",
+    ]
+    for path in files:
+        data = json.loads(path.read_text())
+        reference = data.get("reference")
+        nginx = reference["server_cpu_ms_per_request"] if reference else None
+        rows = []
+        for database, sizes in data["databases"].items():
+            for size in sorted(sizes.values(), key=lambda x: x["registered"]):
+                rows.append(
+                    [
+                        database,
+                        _num(size["registered"]),
+                        *(_ms(size[key]["server_cpu_ms_per_request"]) for key, _ in SCALE_COLUMNS),
+                        f"{size['background']['percent_of_core']:.2f}%",
+                        _x(
+                            _ratio(
+                                size["idle_checkin_waiting"]["server_cpu_ms_per_request"], nginx
+                            ),
+                            0,
+                        ),
+                    ]
+                )
+        head = [
+            "database",
+            "registered",
+            *(title for _, title in SCALE_COLUMNS),
+            "background",
+            "idle check-in vs nginx",
+        ]
+        lines += [
+            "",
+            f"{_source(path, data)}; otakit from `{data['machine'].get('otakit_from', '?')}`; "
+            f"nginx `return 204`: {nginx if nginx is not None else '-'} ms per check-in.",
+            "",
+            *_table(head, rows),
+        ]
+        for database, sizes in data["databases"].items():
+            for size in sizes.values():
+                if "fleet" in size:
+                    f = size["fleet"]
+                    lines += [
+                        "",
+                        f"{database}, fleet simulator at {_num(size['registered'])} registered: "
+                        f"{f['updated']} of {f['devices']} devices updated, "
+                        f"{f['server_cpu_ms_per_device']} ms of server CPU per device, "
+                        f"{f['errors']} errors{', timed out' if f['timed_out'] else ''}.",
+                    ]
+        for database, r in data.get("ratios", {}).items():
+            missed = [aim for aim, met in r["aims"].items() if not met]
+            lines += [
+                "",
+                f"{database}, {_num(r['largest'])} vs {_num(r['smallest'])} devices: report "
+                f"{_x(r['status_report_largest_vs_smallest'])}, idle check-in "
+                f"{_x(r['idle_checkin_waiting_largest_vs_smallest'])}; aims not met: "
+                f"{', '.join(missed) if missed else 'none'}.",
+            ]
+    return lines
+
+
 SECTIONS: list[tuple[str, Callable[[Path], list[str]]]] = [
     ("Flash wear per upgrade", flash_wear),
     ("Device agent: CPU and memory per MiB downloaded", agent),
     ("MQTT: 1 MiB to 1 and to 100 devices", mqtt),
     ("Update server vs nginx", server),
     ("Fleet against one server", fleet),
+    ("Registry scale: CPU per request at 1k-100k devices", scale),
 ]
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -203,9 +204,30 @@ S3_ENV = {
 }
 
 
+@dataclass
+class S3Service:
+    """A moto S3 server with one bucket ``ota``; :meth:`stop` takes it away mid-test (S3 down)."""
+
+    blob_url: str
+    server: Any
+    stopped: bool = False
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.server.stop()
+
+
 @contextmanager
 def s3_bucket() -> Iterator[str]:
     """A bucket on a moto S3 server on loopback; yields the otakit blob URL."""
+    with s3_service() as service:
+        yield service.blob_url
+
+
+@contextmanager
+def s3_service() -> Iterator[S3Service]:
+    """A bucket on a moto S3 server on loopback, with a handle to stop the server."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -213,6 +235,7 @@ def s3_bucket() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    service = S3Service(f"s3://ota/artifacts?endpoint={endpoint}&region=us-east-1", server)
     try:
         client = boto3.client(
             "s3",
@@ -222,6 +245,6 @@ def s3_bucket() -> Iterator[str]:
             region_name=S3_ENV["AWS_DEFAULT_REGION"],
         )
         client.create_bucket(Bucket="ota")
-        yield f"s3://ota/artifacts?endpoint={endpoint}&region=us-east-1"
+        yield service
     finally:
-        server.stop()
+        service.stop()

@@ -34,14 +34,16 @@ SMOKE = {  # script: its arguments besides --results, and the JSON files it writ
     "mqtt_bench.py": (["--smoke"], ["mqtt-quick.json"]),
     "server_bench.py": (["--smoke"], ["server-quick.json"]),
     "fleet_bench.py": (["--smoke"], ["fleet-quick.json"]),
+    "scale_bench.py": (["--smoke"], ["scale-quick.json"]),
 }
 TOOLS = {
     "agent_bench.py": ["curl"],
     "mqtt_bench.py": ["mosquitto"],
     "server_bench.py": ["nginx", "wrk"],
     "fleet_bench.py": ["nginx"],
+    "scale_bench.py": ["nginx"],
 }
-NEEDS_POSTGRES = {"server_bench.py"}
+NEEDS_POSTGRES = {"server_bench.py", "scale_bench.py"}
 
 
 def _which(name: str) -> str | None:
@@ -142,6 +144,26 @@ def test_fleet_bench(runs: Runs) -> None:
     assert result["reference"] is not None, result.get("reference_missing")  # nginx ran
 
 
+def test_scale_bench(runs: Runs) -> None:
+    """Both databases at both registry sizes, every window answered as expected, the
+    background measured and nginx's reference run."""
+    result = runs.smoke("scale_bench.py")
+    assert result["settings"]["smoke"] is True
+    assert result["reference"] is not None, result.get("reference_missing")  # nginx ran
+    assert result["reference"]["errors"] == 0
+    assert set(result["databases"]) == {"sqlite", "postgresql"}
+    for sizes in result["databases"].values():
+        assert [s["registered"] for s in sizes.values()] == result["settings"]["scales"]
+        for size in sizes.values():
+            for key in ("status_report", "idle_checkin_waiting", "rollout_view"):
+                assert size[key]["requests"] > 0, size[key]
+                assert size[key]["errors"] == 0, size[key]
+            assert size["background"]["wall_s"] > 0
+        largest = sizes[str(max(result["settings"]["scales"]))]
+        assert largest["fleet"]["updated"] == largest["fleet"]["devices"] == 3, largest["fleet"]
+    assert set(result["ratios"]) == {"sqlite", "postgresql"}
+
+
 def test_summary(runs: Runs) -> None:
     """summary.py on the smoke runs' files (running those not run yet): every section filled."""
     for script in SMOKE:
@@ -150,14 +172,15 @@ def test_summary(runs: Runs) -> None:
     assert done.returncode == 0, f"summary.py exited {done.returncode}:\n{done.stderr[-3000:]}"
     page = (runs.results / "summary.md").read_text()
     assert "*No " not in page, page  # a section without its file says "*No `x.json`: ...*"
-    for title in ("Flash wear", "Device agent", "MQTT", "Update server", "Fleet"):
+    for title in ("Flash wear", "Device agent", "MQTT", "Update server", "Fleet", "Registry"):
         assert f"## {title}" in page
 
 
 def test_smoke_needs_a_results_folder() -> None:
     """A smoke run's numbers mean nothing: without --results (bench/results/, the recorded
     runs) the script stops before doing anything."""
-    for script in ("agent_bench.py", "mqtt_bench.py", "server_bench.py", "fleet_bench.py"):
+    scripts = ("agent_bench.py", "mqtt_bench.py", "server_bench.py", "fleet_bench.py")
+    for script in (*scripts, "scale_bench.py"):
         done = subprocess.run(
             [sys.executable, str(BENCH / script), "--smoke"],
             capture_output=True,

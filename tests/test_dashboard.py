@@ -597,3 +597,50 @@ def test_a_revoked_token_signs_out(dash_server: Server, browser: Any) -> None:
     assert revoked.returncode == 0, revoked.stderr
     page.wait(lambda: page.visible("login-view"), "the sign-in form after revoking")
     assert "no longer accepts this token" in page.text("login-error")
+
+
+def test_devices_are_paged_by_the_server(dash_server: Server, browser: Any) -> None:
+    """A product with more devices than a page: the table shows one page of 100, the summary
+    the server's counts, and Next/Previous walk the pages (each a request of one page)."""
+    from selenium.webdriver.support.ui import Select
+
+    product = f"pager-{uuid.uuid4().hex[:6]}"
+    admin = dash_server.admin_client()
+    serials = [f"{product}-{n:03d}" for n in range(230)]
+    for serial in serials:
+        put = admin.put(f"/api/v1/devices/{serial}", json={"product": product, "group": "g"})
+        assert put.status_code == 200, put.text
+    admin.put(f"/api/v1/products/{product}", json={}).raise_for_status()
+    page = Page(browser)
+    sign_in(page, dash_server, dash_server.admin)
+    page.click("nav-devices")
+    page.wait(lambda: product in page.text("filter-product"), "the new product to filter on")
+    Select(page.find("filter-product")).select_by_value(product)
+
+    def shown() -> list[str]:
+        return [str(r.get_attribute("data-testid")) for r in page.all("#device-rows tr")]
+
+    def rows(low: int, high: int) -> list[str]:
+        return [f"device-row-{s}" for s in serials[low:high]]
+
+    page.wait(lambda: shown() == rows(0, 100), "the first page")
+    page.wait(
+        lambda: page.text("device-summary") == "230 matching devices. Showing 1\u2013100.",
+        "the first page's summary",
+    )
+    assert not page.visible("devices-prev")
+    assert page.visible("devices-next")
+    page.click("devices-next")
+    page.wait(lambda: shown() == rows(100, 200), "the second page")
+    page.click("devices-next")
+    page.wait(lambda: shown() == rows(200, 230), "the last page")
+    page.wait(lambda: not page.visible("devices-next"), "no page after the last")
+    assert "Showing 201\u2013230." in page.text("device-summary")
+    page.click("devices-prev")
+    page.wait(lambda: shown() == rows(100, 200), "the second page again")
+    # a filter starts again from the first page; the serial filter matches from the start
+    page.find("filter-serial").send_keys(f"{product}-21")
+    page.wait(lambda: shown() == rows(210, 220), "the serials starting with -21")
+    assert page.text("device-summary") == "10 matching devices."
+    assert not page.visible("devices-prev")
+    assert not page.visible("devices-next")

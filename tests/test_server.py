@@ -263,9 +263,21 @@ def test_enrollment_checkin_signed_download_and_status(fleet: Fleet) -> None:
     job = body["job"]
     assert job["sha256"] == hashlib.sha256(v15).hexdigest()
     assert job["size"] == len(v15)
-    # a second enrollment of the same serial is refused; the device token works from now on
+    # the first answer lost: enrolling again with the same token gives a fresh device token,
+    # and the first one stops working
+    again = fleet.server.client(enroll).post("/api/v1/device/checkin", json=identity)
+    assert again.status_code == 200, again.text
+    lost, device_token = device_token, again.json()["device_token"]
+    assert device_token != lost
     assert (
-        fleet.server.client(enroll).post("/api/v1/device/checkin", json=identity).status_code == 409
+        fleet.server.client(lost).post("/api/v1/device/checkin", json=identity).status_code == 401
+    )
+    history = fleet.admin.get(f"/api/v1/devices/{serial}/history").json()
+    assert [(h["status"], h["source"]) for h in history] == [("re-enrolled", "enroll")]
+    # another enrollment token (another product's, or a leaked one) never takes it over
+    other = fleet.server.token("enroll", "--product", fleet.product, "--group", "other")
+    assert (
+        fleet.server.client(other).post("/api/v1/device/checkin", json=identity).status_code == 409
     )
     device = fleet.server.client(device_token)
     assert device.post("/api/v1/device/checkin", json=identity).json()["device_token"] is None
@@ -302,6 +314,7 @@ def test_enrollment_checkin_signed_download_and_status(fleet: Fleet) -> None:
         "Applying": 0,
         "Applied": 1,
         "Error": 0,
+        "Reverted": 0,
         "Unknown": 0,
     }
     bad = device.post("/api/v1/device/status", json={"status": "exploded"})

@@ -3,7 +3,7 @@
 Uploads the file (with a progress bar) to the server's management API, checks that the server
 read the version the operator meant, and deploys it to the product and group with an expiry in
 days. The reference design uses the version as priority; otakit's server orders deployments by
-version itself (server/deployments.py ``rank``), so the priority is left at 0 unless the operator
+version itself (server/service/offers.py ``rank``), so the priority is left at 0 unless the operator
 overrides it with ``--priority``. The product is created if it does not exist yet (allowing raw
 files when FILE is not a signed image or package).
 """
@@ -61,6 +61,20 @@ class ManagementClient:
                 status=response.status_code,
             )
         return response
+
+    def pages(
+        self, path: str, params: dict[str, Any] | None = None, *, page_size: int = 100
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The pages of a paged list (GET), following each answer's ``X-Next-Cursor``: a list
+        is never asked for whole, and the caller may stop after the pages it needs."""
+        query = {**(params or {}), "limit": page_size}
+        while True:
+            response = self.request("GET", path, params=query)
+            yield list(response.json())
+            cursor = response.headers.get("x-next-cursor")
+            if not cursor:
+                return
+            query["cursor"] = cursor
 
 
 def _signed_kind(path: Path) -> bool:

@@ -414,16 +414,26 @@ def list_rollouts(
     state: Annotated[
         str | None, typer.Option("--state", help="Only these: " + ", ".join(STATES) + ".")
     ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", min=1, help="Show at most this many (the newest).")
+    ] = 50,
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Rollouts, newest first."""
+    """Rollouts, newest first (read a page at a time, up to --limit)."""
     if state is not None and state not in STATES:
         raise UsageError(f"--state must be one of {', '.join(STATES)}", value=state)
-    found = _call(
-        server, token, "GET", "/api/v1/rollouts", params={"state": state} if state else {}
-    )
+    found: list[dict[str, Any]] = []
+    client = _client(server, token)
+    try:
+        params = {"state": state} if state else {}
+        for page in client.pages("/api/v1/rollouts", params, page_size=min(limit, 100)):
+            found += page[: limit - len(found)]
+            if len(found) >= limit:
+                break
+    finally:
+        client.close()
     if as_json:
         out.print_json(json.dumps(found))
         return

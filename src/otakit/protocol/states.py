@@ -51,6 +51,23 @@ UNDECIDED: tuple[str, ...] = (*IN_FLIGHT, DeviceState.UNKNOWN)  # a check-in may
 FAILED: tuple[str, ...] = (DeviceState.ERROR, DeviceState.INVALID, DeviceState.REVERTED)
 
 
+# The original middleware's result (HTTP POST to the file, MQTT on publish_notify) as a state:
+# "Success" means the image was received and verified (the device applies it on reboot).
+RESULT_STATES: dict[str, str] = {"Success": DeviceState.APPLYING, "Failure": DeviceState.ERROR}
+RESULT_FAILURE = "MCU Download fail"  # the error of a "Failure" that gives no reason
+
+
+def of_result(message: str, reason: object = None) -> tuple[str, str | None] | None:
+    """(state, error) of an original device's result ``message`` (``reason``: the ``Reason``
+    or ``Error`` it gave with a Failure), or None for a message that is not a result."""
+    state = RESULT_STATES.get(message)
+    if state is None:
+        return None
+    if state == DeviceState.ERROR:
+        return state, str(reason)[:64] if reason else RESULT_FAILURE
+    return state, None
+
+
 def label_of(state: str | None) -> str:
     """The count label of ``state`` (anything unknown counts as Error)."""
     return LABEL.get(state or "", "Error")

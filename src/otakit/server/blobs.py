@@ -125,6 +125,23 @@ class BlobStore(Protocol):
         """
         ...
 
+    async def evict(self, key: str) -> None:
+        """Remove this server's local copy of the blob, if the store keeps one (S3's cache);
+        the blob itself stays. Raises :class:`~otakit.errors.BlobStoreError` for a bad key or
+        a copy that cannot be removed."""
+        ...
+
+    def cached_keys(self) -> list[str]:
+        """The keys this server holds a local copy of apart from the store itself (none for a
+        filesystem store)."""
+        ...
+
+    async def check(self) -> None:
+        """Raise :class:`~otakit.errors.BlobStoreError` when the store cannot be used now
+        (folder missing and not creatable, not writable; bucket unreachable or refused), in a
+        few seconds at most. For health reports."""
+        ...
+
     def presigned_url(self, key: str, expires_in: int, filename: str | None = None) -> str | None:
         """A URL that lets anyone GET the blob for ``expires_in`` seconds, or ``None``.
 
@@ -226,6 +243,21 @@ def _remove(path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _check_writable(root: Path) -> None:
+    folder = root
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise BlobStoreError(f"blob folder {root} is not a writable folder", value=str(root))
+
+
+def _cached_keys(root: Path) -> list[str]:
+    try:
+        return [p.name for p in root.glob("??/*") if _KEY.fullmatch(p.name) and p.is_file()]
+    except OSError:
+        return []
+
+
 def _mismatch(source: str, actual: str, expected: str, what: str) -> BlobStoreError:
     return BlobStoreError(f"{source} has SHA-256 {actual}, not {expected}; {what}", value=expected)
 
@@ -306,6 +338,19 @@ class FilesystemBlobStore:
         """
         await anyio.to_thread.run_sync(_remove, self.path_for(key))
 
+    async def evict(self, key: str) -> None:
+        """Nothing to do: the blob's file is the only copy. Raises BlobStoreError for a bad key."""
+        check_key(key)
+
+    def cached_keys(self) -> list[str]:
+        """Always empty: no copies besides the blobs."""
+        return []
+
+    async def check(self) -> None:
+        """Raise BlobStoreError unless the folder (or the nearest existing parent, where it
+        will be created) is a writable folder."""
+        await anyio.to_thread.run_sync(_check_writable, self.root)
+
     def presigned_url(self, key: str, expires_in: int, filename: str | None = None) -> str | None:
         """Always ``None``: the server serves the file itself. Raises BlobStoreError for a bad key."""
         check_key(key)
@@ -375,6 +420,7 @@ class S3BlobStore:
         self.cache_dir = Path(cache_dir)
         self._client_lock = threading.Lock()
         self._s3: S3Client | None = None
+        self._probe: S3Client | None = None  # one try, short timeouts: for check()
         self._transfer = TransferConfig(
             multipart_threshold=MULTIPART_THRESHOLD,
             multipart_chunksize=MULTIPART_CHUNK,
@@ -593,6 +639,46 @@ class S3BlobStore:
             raise _s3_error("delete", f"s3://{self.bucket}/{name}", exc) from None
         self._verified.pop(key, None)
         _remove(self.cache_path(key))
+
+    async def evict(self, key: str) -> None:
+        """Remove the cached copy of ``key`` (the object stays).
+
+        Raises :class:`~otakit.errors.BlobStoreError` for a bad key or a copy that cannot be
+        removed.
+        """
+        path = self.cache_path(key)
+        self._verified.pop(key, None)
+        await anyio.to_thread.run_sync(_remove, path)
+
+    def cached_keys(self) -> list[str]:
+        """The keys with a copy in the cache folder."""
+        return _cached_keys(self.cache_dir)
+
+    async def check(self) -> None:
+        """Raise BlobStoreError unless the bucket answers (HEAD, one try, a few seconds)."""
+        await anyio.to_thread.run_sync(self._check)
+
+    def _check(self) -> None:
+        with self._client_lock:
+            if self._probe is None:
+                config = Config(
+                    signature_version="s3v4",
+                    s3={"addressing_style": "path"} if self.endpoint_url else {},
+                    retries={"max_attempts": 1, "mode": "standard"},
+                    connect_timeout=2,
+                    read_timeout=3,
+                )
+                try:
+                    self._probe = boto3.session.Session().client(
+                        "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+                    )
+                except (BotoCoreError, ValueError) as exc:
+                    raise _s3_error("connect to", self.location, exc) from None
+            probe = self._probe
+        try:
+            probe.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise _s3_error("reach", self.location, exc) from None
 
     # direct downloads -----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -88,6 +88,32 @@ def serve(
             "--api-docs", help="Serve interactive API pages at /docs (they load a public CDN)."
         ),
     ] = False,
+    pool_size: Annotated[
+        int,
+        typer.Option(
+            "--pool-size", help="Database connections per worker (as many again for bursts)."
+        ),
+    ] = 10,
+    pool_timeout: Annotated[
+        float,
+        typer.Option(
+            "--pool-timeout", help="Seconds a request waits for a database connection (then 503)."
+        ),
+    ] = 10.0,
+    statement_timeout: Annotated[
+        float,
+        typer.Option(
+            "--statement-timeout",
+            help="PostgreSQL: seconds before a statement is cancelled (then 503); 0: no limit.",
+        ),
+    ] = 30.0,
+    keep_alive: Annotated[
+        int,
+        typer.Option(
+            "--keep-alive",
+            help="Seconds an idle HTTP connection is kept open (longer than a load balancer's).",
+        ),
+    ] = 5,
 ) -> None:
     """Run the update server (device API, management API)."""
     import uvicorn
@@ -110,6 +136,16 @@ def serve(
         raise UsageError(
             "--history-per-device, --history-days and --anonymous-history must be positive"
         )
+    if pool_size < 1:
+        raise UsageError("--pool-size must be at least 1", value=pool_size)
+    if pool_timeout <= 0:
+        raise UsageError("--pool-timeout must be positive", value=pool_timeout)
+    if keep_alive < 1:
+        raise UsageError("--keep-alive must be at least 1 (second)", value=keep_alive)
+    if statement_timeout < 0:
+        raise UsageError(
+            "--statement-timeout must be 0 (no limit) or more", value=statement_timeout
+        )
     data = data.resolve()
     os.umask(0o077)  # every file the server writes (blobs, uploads, counters) is private
     settings = ServerSettings(
@@ -123,6 +159,9 @@ def serve(
         history_days=history_days,
         anonymous_history=anonymous_history,
         api_docs=api_docs,
+        pool_size=pool_size,
+        pool_timeout=pool_timeout,
+        statement_timeout=statement_timeout,
     )
     first = initialise(settings)
     if first.admin_token:
@@ -143,8 +182,21 @@ def serve(
         ssl_keyfile=str(tls_key) if tls_key else None,
         access_log=access_log,
         log_level="info",
+        log_config=_log_config(),
         server_header=False,
+        timeout_keep_alive=keep_alive,
     )
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, with otakit's own lines (one per failed request) in the same form."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config: dict[str, Any] = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["otakit"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 token_app = typer.Typer(help="API tokens: admin, enrollment (product/group) and device tokens.")
@@ -421,6 +473,13 @@ def publisher(
             help="Shared subscription group: publishers of one group split the requests.",
         ),
     ] = None,
+    history_per_device: Annotated[
+        int,
+        typer.Option(
+            "--history-per-device",
+            help="Status reports kept per device (with deployments; as `otakit serve`).",
+        ),
+    ] = 200,
 ) -> None:
     """Serve MQTT devices (protocols.md §3): job documents, images, chunks, results.
 
@@ -482,8 +541,13 @@ def publisher(
 
         folder = (data or DEFAULT_DATA).resolve()
         # the server's own database (checked and migrated as for `otakit token`)
+        if history_per_device < 1:
+            raise UsageError("--history-per-device must be 1 or more", value=history_per_device)
         server = ServerSettings(
-            data_dir=folder, database_url=_url(folder, database), blob_url=blob_url
+            data_dir=folder,
+            database_url=_url(folder, database),
+            blob_url=blob_url,
+            history_per_device=history_per_device,
         )
         _publisher_logging(debug)
         _run_publisher(config, lambda: _deployment_source(server))

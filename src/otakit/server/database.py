@@ -4,10 +4,19 @@ The default is SQLite in WAL mode in the data folder; ``postgresql://`` URLs use
 schema is managed by Alembic (``otakit/server/migrations``); :func:`migrate` brings any database
 to the latest revision and is safe to run from several hosts at once on PostgreSQL (an advisory
 lock serialises them).
+
+:func:`server_engine` is the engine a server process runs with: a bounded pool (``pool_size``
+connections, waiting at most ``pool_timeout`` seconds for one), connections checked before use,
+and on PostgreSQL a ``statement_timeout``. :func:`unavailable` tells a database that does not
+answer (refused or lost connections, a pool with no free connection, a statement cancelled by
+the timeout, SQLite locked) from a bug: the HTTP adapters answer the first with 503 and
+``Retry-After``.
 """
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +25,13 @@ from alembic.config import Config
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -24,7 +39,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from otakit.errors import UsageError
+from otakit.errors import UnavailableError, UsageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x07A_C17  # pg_advisory_xact_lock key
@@ -67,6 +82,86 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
             cursor.close()
 
     return engine
+
+
+def server_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    pool_timeout: float = 10.0,
+    statement_timeout: float = 0.0,
+) -> AsyncEngine:
+    """The engine of a server process: at most ``pool_size`` connections (plus as many again
+    for bursts), waiting ``pool_timeout`` seconds for a free one, each checked with a ping
+    before use (a restarted database costs one failed request at most, not one per pooled
+    connection); on PostgreSQL every statement is cancelled after ``statement_timeout``
+    seconds (0: no limit)."""
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_timeout": pool_timeout,
+    }
+    if make_url(url).get_backend_name() == "postgresql":
+        settings = {"statement_timeout": str(round(statement_timeout * 1000))}
+        # asyncpg: a connection attempt that hangs fails like a refused one
+        kwargs["connect_args"] = {"server_settings": settings, "timeout": pool_timeout}
+    return create_engine(url, **kwargs)
+
+
+# SQLSTATE classes of a database that is there but cannot answer now: 08 connection exception,
+# 53 insufficient resources (too many connections), 57 operator intervention (shut down,
+# starting, statement timeout); 55000 "database is not currently accepting connections".
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+_UNAVAILABLE_STATES = frozenset({"55000", "55006"})
+
+
+def unavailable(exc: BaseException) -> UnavailableError | None:
+    """The UnavailableError that ``exc`` means, or None when it is not about reaching the
+    database (a constraint violation, a bug)."""
+    if isinstance(exc, PoolTimeoutError):
+        return UnavailableError(
+            "the database has no free connection; try again", retry_after=1, value="pool timeout"
+        )
+    if isinstance(exc, DBAPIError):
+        orig = exc.orig
+        state = str(getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or "")
+        if (
+            exc.connection_invalidated
+            or isinstance(exc, (OperationalError, InterfaceError))
+            or state.startswith(_UNAVAILABLE_CLASSES)
+            or state in _UNAVAILABLE_STATES
+            or (orig is not None and _network(orig))
+        ):
+            return _unavailable(orig if orig is not None else exc)
+        return None
+    if _network(exc):
+        return _unavailable(exc)  # asyncpg's own, raised while connecting
+    state = str(getattr(exc, "sqlstate", "") or "")
+    if type(exc).__module__.startswith("asyncpg") and (
+        state.startswith(_UNAVAILABLE_CLASSES) or state in _UNAVAILABLE_STATES or not state
+    ):
+        return _unavailable(exc)
+    return None
+
+
+_NETWORK_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)
+
+
+def _network(exc: BaseException) -> bool:
+    """A connection that could not be made or was lost (not a full disk, not a missing file)."""
+    return isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)) or (
+        isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS
+    )
+
+
+def _unavailable(cause: BaseException) -> UnavailableError:
+    """The answer for clients says what, not why (the driver's text may name hosts and
+    databases); ``value`` keeps the driver's reason for the log."""
+    detail = " ".join(str(cause).split())[:200] or type(cause).__name__
+    return UnavailableError("the database is unavailable; try again", retry_after=5, value=detail)
 
 
 def insert(session: AsyncSession, model: Any) -> postgresql.Insert | sqlite.Insert:

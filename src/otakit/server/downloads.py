@@ -16,12 +16,21 @@ Job documents are answered the same way (:func:`send_document`): the original de
 ``Range: bytes=0-`` with every GET, the job's too.
 
 Blobs are content-addressed and never change, so where a blob lives and how big it is are
-remembered per process; that is a cache of immutable facts, not state.
+remembered per process; that is a cache of immutable facts, not state. Whether the artifact
+still exists is not: a signed download asks the database (one primary-key lookup) every time,
+so an artifact deleted through any server stops being served by all of them at once, and a
+server that finds it gone drops its own cached copy. When the database does not answer, a
+signed URL is still served (nothing can be deleted then).
+
+A blob store that cannot be reached (S3 down with no cached copy) is 503 with Retry-After, not
+404: the artifact exists, it cannot be fetched now.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Callable
@@ -35,10 +44,21 @@ from fastapi import Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from otakit.errors import BlobStoreError, ForbiddenError, NotFoundError, OtakitError
+from otakit.errors import (
+    BlobNotFoundError,
+    BlobStoreError,
+    ForbiddenError,
+    NotFoundError,
+    OtakitError,
+    UnavailableError,
+)
 from otakit.server.blobs import BlobStore
 from otakit.server.context import http_answer
+from otakit.server.database import unavailable
+from otakit.server.service import artifacts
 from otakit.server.urls import check_signature
+
+log = logging.getLogger("otakit.server")
 
 INLINE_READ = 2 * 1024 * 1024  # ranges up to this size are read without leaving the event loop
 STREAM_CHUNK = 1024 * 1024
@@ -68,7 +88,11 @@ async def blob(store: BlobStore, key: str) -> Blob:
     try:
         path = await store.local_path(key)
         size = (await anyio.Path(path).stat()).st_size
-    except (BlobStoreError, OSError):
+    except BlobNotFoundError:
+        raise NotFoundError("no such file") from None
+    except BlobStoreError as exc:  # S3 unreachable, cache folder unwritable
+        raise UnavailableError(f"the blob store is unavailable: {exc.message}") from None
+    except OSError:  # removed between the two calls
         raise NotFoundError("no such file") from None
     found = _known[key] = Blob(key, path, size)
     return found
@@ -218,13 +242,17 @@ class SignedDownloads:
     """ASGI layer that answers ``GET|HEAD /dl/{id}/{name}?expires=..&sig=..`` itself.
 
     The signature covers the path (the content address and the name), so no routing,
-    authentication or database is needed: each range costs one ``pread``. Everything else goes
-    to ``app``. ``state`` returns the server state once the app has started.
+    authentication is needed: each range costs one ``pread`` and one primary-key read (the
+    artifact must still exist). Everything else goes to ``app``. ``state`` returns the server
+    state and ``presence`` the artifact checker once the app has started.
     """
 
-    def __init__(self, app: ASGIApp, state: Callable[[], Any]) -> None:
+    def __init__(
+        self, app: ASGIApp, state: Callable[[], Any], presence: Callable[[], artifacts.Presence]
+    ) -> None:
         self.app = app
         self.state = state
+        self.presence = presence
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -245,6 +273,8 @@ class SignedDownloads:
             return
         except OtakitError as exc:
             status, error, headers = http_answer(exc)
+            if status >= 500:  # one line (S3 down); 4xx are the client's business
+                log.warning("%s %s: %s %s", scope["method"], path, status, exc.message)
             body = json.dumps(error).encode()
             answer = Reply(status, {"content-type": "application/json", **headers}, body)
             answer.headers["content-length"] = str(len(body))
@@ -279,11 +309,29 @@ class SignedDownloads:
         if problem is not None:
             raise ForbiddenError(problem)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if not await _still_there(self.presence(), st.blobs, parts[2]):
+            raise NotFoundError("no such file")
         found = await blob(st.blobs, parts[2])
         range_header = headers.get("range")
         if range_header and "," in range_header:
             raise _Multipart(found)
         return reply(scope["method"], found, range_header, headers.get("if-range"))
+
+
+async def _still_there(presence: artifacts.Presence, store: BlobStore, key: str) -> bool:
+    """Whether the artifact ``key`` exists; if not, forget it and drop the cached copy."""
+    try:
+        if await presence.exists(key):
+            return True
+    except Exception as exc:
+        if unavailable(exc) is None:
+            raise
+        return True  # no database: serve what the signature allows
+    forget(key)
+    # not a blob key (the 404 says enough), or a copy the next sweep removes
+    with contextlib.suppress(BlobStoreError):
+        await store.evict(key)
+    return False
 
 
 class _Multipart(Exception):

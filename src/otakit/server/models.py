@@ -111,6 +111,8 @@ class Device(Base):
     error: Mapped[str | None] = mapped_column(String(64))
     status_version: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # the enrollment token that registered it: the same token may enroll it again (a lost answer)
+    enrolled_by: Mapped[str | None] = mapped_column(String(32))
 
 
 class Artifact(Base):
@@ -242,6 +244,9 @@ class Rollout(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     phase_started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    # when the registry's devices got their rollout_devices rows (service/phases.py: at
+    # creation for a scheduled rollout, again at the start); None: not yet
+    seeded_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
 
     __table_args__ = (Index("ix_rollouts_state", "state"),)
 
@@ -279,16 +284,52 @@ class RolloutEvent(Base):
     )
 
 
-class RolloutTarget(Base):
-    """The devices of a frozen rollout, taken when it started."""
+class RolloutDevice(Base):
+    """One device's place in one rollout (service/phases.py): the phase it fell into when it was
+    first targeted (at the rollout's start, or when first seen after it: the snapshot of a
+    frozen rollout is the rows taken at its start) and its status in the deployment (None until
+    it reports). ``soak_until``: applied, but counted as succeeded only from then (the rollout's
+    ``soak``). ``updated_at``: when ``status`` last changed."""
 
-    __tablename__ = "rollout_targets"
+    __tablename__ = "rollout_devices"
     rollout_id: Mapped[int] = mapped_column(
         ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
     )
     device_serial: Mapped[str] = mapped_column(String(64), primary_key=True)
+    phase: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str | None] = mapped_column(String(16))
+    soak_until: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
-    __table_args__ = (Index("ix_rollout_targets_serial", "device_serial"),)
+    __table_args__ = (
+        Index("ix_rollout_devices_serial", "device_serial"),
+        Index("ix_rollout_devices_status", "rollout_id", "status", "updated_at"),
+        Index("ix_rollout_devices_soak", "rollout_id", "soak_until"),
+    )
+
+
+class RolloutCount(Base):
+    """How many devices of one rollout phase stand where (service/phases.py): ``key`` is
+    ``targeted``, ``succeeded`` (applied and soaked) or a status; updated in the transaction
+    that changes a device's row, so reading a rollout's counts never reads its devices."""
+
+    __tablename__ = "rollout_phase_counts"
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    phase: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(16), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Revision(Base):
+    """Counters that change whenever what devices are offered may change (service/revision.py):
+    one row, ``offers``, read on every check-in to know whether a process's cached offers are
+    still good."""
+
+    __tablename__ = "revisions"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class MqttSession(Base):

@@ -70,6 +70,7 @@ from otakit.protocol.jobdoc import (
     result_received,
     update_available,
 )
+from otakit.protocol.states import of_result
 from otakit.protocol.version import FirmwareVersion, job_version
 from otakit.tls import client_context
 
@@ -78,7 +79,7 @@ if TYPE_CHECKING:
 
     from otakit.server.blobs import BlobStore
     from otakit.server.models import Device
-    from otakit.server.service.offers import Offer
+    from otakit.server.service.rollouts import RolloutEngine
     from otakit.server.settings import ServerSettings
 
 log = logging.getLogger("otakit.publisher")
@@ -95,9 +96,6 @@ IMAGE_CACHE_BYTES = 256 * 1024 * 1024  # images kept in memory, by content hash
 DEFAULT_KIT = "CY8CPROTO_062_4343W"  # the original publisher's default board
 MAX_PAYLOADS = 0xFFFF  # the chunk header counts payloads in a u16
 
-SUCCESS_STATUS = "applying"  # what the HTTP result endpoint records for "Success"
-FAILURE_STATUS = "error"
-FAILURE_ERROR = "MCU Download fail"
 # A device's result names only its unique topic; what was answered there is kept this long
 # (the original device's data timeout is 1200 s, protocols.md §8; verification and the
 # result follow the download) and expired answers are deleted at most every SESSION_SWEEP_S.
@@ -476,14 +474,17 @@ class _ImageCache:
 class DeploymentSource:
     """The update server's deployments: same database and blob store as ``otakit serve``.
 
-    Targeting is the HTTP device API's (:mod:`otakit.server.deployments`): a registered device
+    The rules are the HTTP device API's, from the same service functions
+    (:func:`otakit.server.service.checkin.mqtt_request` and ``report``): a registered device
     (its ``SerialNumber``) gets the best active deployment that matches its tags, board and
     version; a device the server does not know gets what is deployed to the products that
     allow anonymous devices (its ``ProductID``, if it names one). A registered device's
     reported ``Version`` is kept, so a device that comes back running the deployed version
     counts as applied. What a registered device is answered on its unique topic ("Update
     Availability", "Request Update") is kept in ``mqtt_sessions``; its result, which names
-    only that topic, is recorded from there like the HTTP result endpoint records one.
+    only that topic, is recorded from there like the HTTP result endpoint records one: with the
+    rollout engine's clock, the server's ``history_per_device``, and the rollout evaluated
+    after it (the engine is built here, not started).
     The job's ``File`` is ``/files/<sha256>/<name>``; a request naming it gets that artifact
     while it is still deployed to the device.
     """
@@ -493,14 +494,16 @@ class DeploymentSource:
         engine: AsyncEngine,
         sessions: async_sessionmaker[AsyncSession],
         blobs: BlobStore,
-        *,
-        history_per_device: int | None = None,
+        rollouts: RolloutEngine,
     ) -> None:
         self._engine = engine
         self._sessions = sessions
         self._blobs = blobs
         self._cache = _ImageCache()
-        self._keep = history_per_device
+        # the HTTP servers' clock, rules and history limit: the engine is not started here
+        # (each `otakit serve` process runs one); a result asks it to evaluate the rollout
+        self._rollouts = rollouts
+        self._keep = rollouts.settings.history_per_device
         self._swept = -math.inf  # when expired sessions were last deleted (time.monotonic)
         self.description = f"deployments ({blobs.name} blobs)"
 
@@ -509,13 +512,15 @@ class DeploymentSource:
         """Open the database and blob store ``settings`` name (nothing is contacted yet)."""
         from otakit.server.blobs import open_blob_store
         from otakit.server.database import create_engine, redacted, sessionmaker
+        from otakit.server.service.rollouts import RolloutEngine
 
         engine = create_engine(settings.database_url, pool_pre_ping=True)
+        sessions = sessionmaker(engine)
         source = cls(
             engine,
-            sessionmaker(engine),
+            sessions,
             open_blob_store(settings.blob_url, settings.data_dir),
-            history_per_device=settings.history_per_device,
+            RolloutEngine(sessions, settings),
         )
         source.description = (
             f"deployments in {redacted(settings.database_url)}, "
@@ -523,66 +528,39 @@ class DeploymentSource:
         )
         return source
 
-    async def _decide(self, db: AsyncSession, request: Request, *, explicit: bool) -> Offer | None:
-        from otakit.server import targeting
-        from otakit.server.api.original import _anonymous_products
-        from otakit.server.models import Device
-        from otakit.server.service import offers
-
-        candidates = [
-            o for o in await offers.active(db) if boards_match(o.artifact.board, request.board)
-        ]
-        pinned = _artifact_of(request.file) if explicit else None
-        if pinned is not None:
-            candidates = [o for o in candidates if o.artifact.id == pinned]
-        device = await db.get(Device, request.serial) if request.serial else None
-        if device is not None:
-            if not explicit:
-                await _check_in(db, device, request)
-            version = None if explicit else (request.version or device.version)
-            # the board was matched above, with or without APP_; the rest is select_offer's
-            probe = Device(
-                serial=device.serial,
-                product=device.product,
-                tags=dict(device.tags or {}),
-                version=version,
-                board=None,
-            )
-            standing = await offers.standing_of(db, device.serial)
-            return offers.select_offer(probe, candidates, standing=standing)
-        products = await _anonymous_products(db)
-        if request.product:
-            products &= {request.product}
-        version = None if explicit else (request.version or None)
-        return offers.select_for_products(
-            products, [o for o in candidates if targeting.wanted(o.deployment, o.artifact, version)]
-        )
-
     async def offer(
         self, request: Request, *, explicit: bool, session: str | None = None
     ) -> Release | None:
         from otakit.server import targeting
-        from otakit.server.api.original import _product_board
+        from otakit.server.service import checkin
 
         async with self._sessions() as db:
-            offer = await self._decide(db, request, explicit=explicit)
+            found = await checkin.mqtt_request(
+                db,
+                self._rollouts.now(),
+                serial=request.serial,
+                product=request.product,
+                version=request.version,
+                explicit=explicit,
+                artifact_id=_artifact_of(request.file) if explicit else None,
+                fits=lambda board: boards_match(board, request.board),
+            )
             release = None
-            if offer is not None:
-                board = offer.artifact.board or await _product_board(db, offer)
-                if boards_match(board, request.board):
-                    version = targeting.version_of(offer.artifact.version)
-                    assert version is not None  # targeting.wanted offers only readable versions
-                    artifact = offer.artifact
-                    release = Release(
-                        key=artifact.id,
-                        file=f"/files/{artifact.id}/{artifact.name}",
-                        version=version,
-                        board=board,
-                        deployment_id=offer.deployment.id,
-                    )
-            if session is not None:
-                await self._remember(db, session, request, release, explicit=explicit)
+            if found.offer is not None:
+                version = targeting.version_of(found.offer.artifact.version)
+                assert version is not None  # targeting.wanted offers only readable versions
+                artifact = found.offer.artifact
+                release = Release(
+                    key=artifact.id,
+                    file=f"/files/{artifact.id}/{artifact.name}",
+                    version=version,
+                    board=found.board,
+                    deployment_id=found.offer.deployment.id,
+                )
+            if session is not None and found.device is not None:
+                await self._remember(db, session, request, found.device, release, explicit=explicit)
             await db.commit()
+        await self._rollouts.changed(found.changed)
         return release
 
     async def _remember(
@@ -590,6 +568,7 @@ class DeploymentSource:
         db: AsyncSession,
         topic: str,
         request: Request,
+        device: Device,
         release: Release | None,
         *,
         explicit: bool,
@@ -601,11 +580,8 @@ class DeploymentSource:
         from sqlalchemy import delete
 
         from otakit.server.database import insert
-        from otakit.server.models import Device, MqttSession, utcnow
+        from otakit.server.models import MqttSession
 
-        device = await db.get(Device, request.serial) if request.serial else None
-        if device is None:
-            return
         if request.message == mqtt.REQUEST_DATA_CHUNK:
             noted = await db.get(MqttSession, topic)
             if noted is not None:
@@ -621,7 +597,7 @@ class DeploymentSource:
             answer = Answer.IMAGE if release is not None else Answer.NO_IMAGE
         else:
             answer = Answer.UPDATE_AVAILABLE if release is not None else Answer.NO_UPDATE_AVAILABLE
-        now = utcnow()
+        now = self._rollouts.now()
         await self._sweep(db, now)
         await db.execute(
             delete(MqttSession).where(
@@ -674,14 +650,15 @@ class DeploymentSource:
         result on a topic with no session (never answered, replaced or expired), or after an
         answer that offered nothing ("No Update Available", after which the original device
         ends in INVALID_VERSION), is not recorded."""
-        from otakit.server.models import MqttSession, utcnow
-        from otakit.server.service import reports
+        from otakit.server.models import MqttSession
+        from otakit.server.service import checkin
 
         if session is None:
             return ResultNote(Fate.UNKNOWN_TOPIC, "not recorded: it names no unique topic")
+        now = self._rollouts.now()
         async with self._sessions() as db:
             row = await db.get(MqttSession, session)
-            if row is None or utcnow() - row.answered_at > SESSION_TTL:
+            if row is None or now - row.answered_at > SESSION_TTL:
                 return ResultNote(
                     Fate.UNKNOWN_TOPIC,
                     f"not recorded: no session on {session} (never answered, or expired)",
@@ -693,39 +670,24 @@ class DeploymentSource:
                     f"not recorded: {serial} was answered {row.answer!r} on this topic, so no "
                     "update is under way",
                 )
-            await reports.record_status(
+            changed = await checkin.report(
                 db,
-                serial=serial,
-                deployment_id=deployment_id,
+                serial,
+                now,
                 status=status,
                 error=error,
+                deployment_id=deployment_id,
+                offered=True,  # the session holds what it was answered
                 keep=self._keep,
             )
             await db.commit()
+        await self._rollouts.changed([changed])
         return ResultNote(
             Fate.RECORDED, f"recorded as {status} for {serial} in deployment {deployment_id}"
         )
 
     async def close(self) -> None:
         await self._engine.dispose()
-
-
-async def _check_in(db: AsyncSession, device: Device, request: Request) -> None:
-    """A registered device asked: note when (at the device API's resolution), and the version
-    it says it runs."""
-    from otakit.server import targeting
-    from otakit.server.api.device import LAST_SEEN_RESOLUTION
-    from otakit.server.models import utcnow
-    from otakit.server.service import reports
-
-    now = utcnow()
-    if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
-        device.last_seen = now
-    if request.version and targeting.version_of(request.version) != targeting.version_of(
-        device.version
-    ):
-        device.version = request.version
-        await reports.mark_applied_if_running(db, device)
 
 
 def _artifact_of(file: str) -> str | None:
@@ -1177,11 +1139,10 @@ class Publisher:
         )
 
     async def _result(self, client: aiomqtt.Client, request: Request) -> None:
-        if request.message == mqtt.SUCCESS:
-            status, error = SUCCESS_STATUS, None
-        else:
-            reason = request.doc.get("Reason") or request.doc.get("Error")
-            status, error = FAILURE_STATUS, (reason[:64] if reason else FAILURE_ERROR)
+        reason = request.doc.get("Reason") or request.doc.get("Error")
+        result = of_result(request.message, reason)
+        assert result is not None  # _answer sends only mqtt.RESULTS here
+        status, error = result
         session = self._reply_topic(request, required=False)
         note = await self.source.result(request, status, error, session=session)
         self.stats[f"results {note.fate.value}"] += 1

@@ -25,6 +25,9 @@ class ServerSettings:
     history_days: float = 90  # status reports older than this are deleted
     anonymous_history: int = 1000  # reports kept from devices that do not identify themselves
     api_docs: bool = False  # serve the interactive API pages at /docs (scripts from a CDN)
+    pool_size: int = 10  # database connections per worker (as many again for bursts)
+    pool_timeout: float = 10.0  # seconds a request waits for a connection before 503
+    statement_timeout: float = 30.0  # PostgreSQL: seconds before a statement is cancelled; 0: none
 
     def to_env(self) -> str:
         data = asdict(self)

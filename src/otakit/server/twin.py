@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from otakit.protocol.states import DeviceState
 from otakit.server.context import ServerState
 from otakit.server.models import Artifact, Device
 from otakit.server.service import offers
@@ -73,7 +74,7 @@ async def twin_of(db: AsyncSession, st: ServerState, device: Device, base_url: s
     reported: dict[str, Any] = {}
     if device.status:
         info: dict[str, Any] = {"Status": device.status, "Error": device.error or "None"}
-        if device.status == "applied" and device.version:
+        if device.status == DeviceState.APPLIED and device.version:
             info["Version"] = _version_value(device.version)
         reported["extFwInfo"] = info
     return Twin(serial=device.serial, desired=desired, reported=reported)

@@ -2,10 +2,13 @@
 
 A device authenticates with its own token. On its first check-in a new device may use an
 enrollment token (bound to a product and group) or, if its product allows self-registration,
-no token at all; the response then carries its device token, which it keeps from then on.
+no token at all; the response then carries its device token, which it keeps from then on. A
+device whose answer was lost checks in again with the same enrollment token and gets a fresh
+device token (earlier ones stop working).
 
-Offers go through the rollout engine (server/rollout.py): a phased deployment is offered only
-when the device's phase is open and the clock is inside the window. When the rollout of a
+The rules live in the service layer (service/enrollment.py, service/checkin.py); these routes
+parse, call and format. Offers go through the rollout engine (service/rollouts.py): a phased
+deployment is offered only when the device's phase is open and the clock is inside the window. When the rollout of a
 download the device has under way is aborted, the check-in answers ``{"job": null, "abort":
 {...}}`` once: stop and discard that download. Check-ins and reports may carry ``boots`` (the
 device's boot counter) for the health gate.
@@ -15,38 +18,24 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.errors import (
     ForbiddenError,
     NotFoundError,
     NotOfferedError,
-    RegisteredError,
     TooManyTokensError,
     UnauthorizedError,
 )
-from otakit.protocol import states
 from otakit.protocol.fwinfo import FwStatus
-from otakit.server import identity
 from otakit.server.context import Caller, Db, Rollouts, State, error_responses
-from otakit.server.models import DeploymentDevice, Device, Product, Rollout, Token, utcnow
-from otakit.server.service import offers, reports, rollouts
-from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
-from otakit.server.tokens import (
-    MAX_LIVE_DEVICE_TOKENS,
-    Role,
-    add_token,
-    live_device_tokens,
-    rotate,
-)
+from otakit.server.models import Device, Token, utcnow
+from otakit.server.service import checkin as checkin_service
+from otakit.server.service import enrollment
+from otakit.server.tokens import MAX_LIVE_DEVICE_TOKENS, Role, live_device_tokens, rotate
 from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
-
-LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 
 log = logging.getLogger("otakit.server")
 
@@ -55,11 +44,6 @@ router = APIRouter(
     tags=["device"],
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
-
-
-# Check-in fields kept for the device's job documents, and their keys there. They are checked
-# (identity.check) once the caller is known, so a device without a token learns it needs one.
-JOB_FIELDS = {"board": "Board", "manufacturer": "Manufacturer", "manufacturer_id": "ManufacturerId"}
 
 
 class CheckIn(BaseModel):
@@ -124,84 +108,12 @@ class GatewayReport(BaseModel):
     extFwInfo: ExtFwInfo
 
 
-def _str(value: Any) -> str | None:
-    return None if value is None else str(value)[:64]
-
-
 def _device_of(token: Token | None) -> str:
     if token is None:
         raise UnauthorizedError("this call needs a device token")
     if token.role != Role.DEVICE or not token.device_serial:
         raise ForbiddenError("this call needs a device token")
     return token.device_serial
-
-
-async def _enroll(db: Db, body: CheckIn, token: Token | None) -> tuple[Device, str | None]:
-    """The calling device, registering it (and minting its token) when allowed."""
-    if token is not None and token.role == Role.DEVICE:
-        if token.device_serial != body.serial:
-            raise ForbiddenError("a device token can only check in for its device")
-        device = await db.get(Device, body.serial)
-        if device is None:
-            raise NotFoundError(f"device {body.serial!r} is not registered")
-        return device, None
-    if token is not None and token.role == Role.ENROLL:
-        product, group = token.product, token.group
-    elif token is None:
-        product_row = await db.get(Product, body.product) if body.product else None
-        if product_row is None or not product_row.self_register:
-            raise UnauthorizedError("this call needs a device or enrollment token")
-        product, group = product_row.name, None
-    else:
-        raise ForbiddenError("admin tokens cannot check in as a device")
-    existing = await db.get(Device, body.serial)
-    if existing is not None:
-        # serials are one namespace across products: another product's token (or a leaked
-        # one) never takes over a registered device
-        log.warning(
-            "refused to enroll serial %r for product %r: already registered (product %r)",
-            body.serial,
-            product,
-            existing.product,
-        )
-        raise RegisteredError(f"device {body.serial!r} is already registered; use its token")
-    identity.check("serial", "SerialNumber", body.serial)  # the job documents carry it
-    tags = {PRODUCT_TAG: product} if product else {}
-    if group:
-        tags[GROUP_TAG] = group
-    device = Device(serial=body.serial, product=product, tags=tags)
-    db.add(device)
-    token_text = add_token(
-        db, Role.DEVICE, product=product, group=group, device_serial=body.serial, label="enrolled"
-    )
-    return device, token_text
-
-
-async def _abort_notice(db: AsyncSession, device: Device) -> Abort | None:
-    """The download under way whose rollout was aborted, if any; told once."""
-    if device.status not in rollouts.DOWNLOADING_STATES:
-        return None
-    found = (
-        await db.execute(
-            select(DeploymentDevice, Rollout)
-            .join(Rollout, Rollout.deployment_id == DeploymentDevice.deployment_id)
-            .where(
-                DeploymentDevice.device_serial == device.serial,
-                DeploymentDevice.status.in_(rollouts.DOWNLOADING_STATES),
-                or_(
-                    DeploymentDevice.error.is_(None),
-                    DeploymentDevice.error != rollouts.ABORTED_ERROR,
-                ),
-                Rollout.state == rollouts.ABORTED,
-            )
-        )
-    ).first()
-    if found is None:
-        return None
-    row, rollout = found
-    row.status, row.error = "interrupted", rollouts.ABORTED_ERROR
-    device.status, device.error = "interrupted", rollouts.ABORTED_ERROR
-    return Abort(deployment_id=row.deployment_id, reason=rollout.reason or "rollout aborted")
 
 
 @router.post(
@@ -218,26 +130,22 @@ async def checkin(
     engine: Rollouts,
 ) -> CheckInResult | Response:
     """Report identity and version; get the job to do, or 204 when there is none."""
-    device, device_token = await _enroll(db, body, token)
-    for field, key in JOB_FIELDS.items():
-        value = getattr(body, field)
-        if value is not None:
-            identity.check(field, key, value)
-    version_changed = body.version is not None and body.version != device.version
-    for field in ("board", "manufacturer", "manufacturer_id", "version"):
-        value = getattr(body, field)
-        if value is not None and getattr(device, field) != value:
-            setattr(device, field, value)
     now = engine.now()
-    if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
-        device.last_seen = now  # at most one write a minute for a device that only polls
-    changed: set[int] = set()
-    if version_changed or device.status in states.UNDECIDED or body.boots is not None:
-        changed = await reports.note_checkin(db, device, boots=body.boots, now=now)
-    offer = await offers.offer_for(db, device, now)
+    enrolled = await enrollment.enroll(db, body.serial, token, body.product, now)
+    visit = await checkin_service.check_in(
+        db,
+        enrolled.device,
+        now,
+        at=enrolled.revision,
+        version=body.version,
+        board=body.board,
+        manufacturer=body.manufacturer,
+        manufacturer_id=body.manufacturer_id,
+        boots=body.boots,
+    )
     job = None
-    abort = None
-    if offer is not None:
+    if visit.offer is not None:
+        offer = visit.offer
         lifetime = timedelta(seconds=int(st.settings.url_days * SECONDS_PER_DAY))
         job = Job(
             deployment_id=offer.deployment.id,
@@ -251,13 +159,14 @@ async def checkin(
             url=download_url(st, offer.artifact, str(request.base_url)),
             url_expires=now + lifetime,
         )
-    else:
-        abort = await _abort_notice(db, device)
+    abort = None
+    if visit.abort is not None:
+        abort = Abort(deployment_id=visit.abort.deployment_id, reason=visit.abort.reason)
     await db.commit()
-    await engine.changed(changed)
-    if job is None and device_token is None and abort is None:
+    await engine.changed(visit.changed)
+    if job is None and enrolled.device_token is None and abort is None:
         return Response(status_code=204)
-    return CheckInResult(job=job, device_token=device_token, abort=abort)
+    return CheckInResult(job=job, device_token=enrolled.device_token, abort=abort)
 
 
 @router.post("/status", status_code=204)
@@ -283,34 +192,25 @@ async def report_status(
     else:
         status, error = body.status, body.error
         version, deployment_id, boots = body.version, body.deployment_id, body.boots
-    now = engine.now()
-    device = await db.get(Device, serial)
-    if device is None:
-        raise NotFoundError(f"device {serial!r} is not registered")
-    if deployment_id is None:
-        deployment_id = await offers.attribute(db, device, now)
-    else:
-        allowed = await offers.reportable(db, device, deployment_id)
-        if allowed is None:
-            raise NotFoundError(f"deployment {deployment_id} not found")
-        if not allowed:
-            log.warning(
-                "refused a report from device %r about deployment %d, which was not offered to it",
-                serial,
-                deployment_id,
-            )
-            raise NotOfferedError(f"deployment {deployment_id} was not offered to this device")
-    changed = await reports.record_status(
-        db,
-        serial=serial,
-        deployment_id=deployment_id,
-        status=status,
-        error=error,
-        version=version,
-        boots=boots,
-        now=now,
-        keep=st.settings.history_per_device,
-    )
+    try:
+        changed = await checkin_service.report(
+            db,
+            serial,
+            engine.now(),
+            status=status,
+            error=error,
+            version=version,
+            boots=boots,
+            deployment_id=deployment_id,
+            keep=st.settings.history_per_device,
+        )
+    except NotOfferedError:
+        log.warning(
+            "refused a report from device %r about deployment %d, which was not offered to it",
+            serial,
+            deployment_id,
+        )
+        raise
     await db.commit()
     await engine.changed([changed])
     return Response(status_code=204)

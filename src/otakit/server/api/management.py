@@ -1,42 +1,36 @@
 """Management API (``/api/v1``, admin token): products, trusted keys, artifacts, devices and
 their status history, deployments, rollouts.
 
-The router also brings the rollout engine's lifespan (server/rollout.py): one engine per server
-process, evaluating rollouts in the background.
+The router also brings the rollout engine's lifespan (context.rollout_engine; the engine is
+service/rollouts.py): one engine per server process, evaluating rollouts in the background.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tempfile
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from otakit.errors import (
     ConflictError,
-    DeployedError,
     NotFoundError,
     TooLargeError,
-    UploadRefusedError,
-    UsageError,
 )
 from otakit.image.keys import PublicKey
-from otakit.protocol.version import FirmwareVersion
 from otakit.server import anonymous, downloads, identity, targeting
-from otakit.server.artifacts import inspect_upload
 from otakit.server.context import Admin, Db, Rollouts, State, error_responses, rollout_engine
 from otakit.server.models import (
     Artifact,
     Deployment,
-    DeploymentDevice,
     Device,
     Product,
     Rollout,
@@ -44,12 +38,12 @@ from otakit.server.models import (
     TrustedKey,
     utcnow,
 )
-from otakit.server.service import offers, reports, rollouts
+from otakit.server.service import artifacts as artifact_service
+from otakit.server.service import deployments as deployment_service
+from otakit.server.service import listings, reports, revision, rollouts
 from otakit.server.targeting import (
     GROUP_TAG,
     PRODUCT_TAG,
-    parse_condition,
-    product_group_condition,
 )
 from otakit.server.tokens import revoke_device_tokens
 from otakit.server.twin import Twin, twin_of
@@ -112,6 +106,7 @@ async def put_product(
     for key, value in settings.model_dump().items():
         setattr(product, key, value)
     db.add(product)
+    await revision.bump(db)  # its board and anonymous access are part of what is offered
     await db.commit()
     return _product(product)
 
@@ -242,52 +237,17 @@ async def upload_artifact(
     The body is streamed to disk; the artifact is identified by its SHA-256, so uploading the
     same bytes again returns the existing record (200).
     """
-    product_row = await db.get(Product, product) if product else None
-    if product and product_row is None:
-        raise not_found(f"product {product!r}")
+    await artifact_service.product_of(db, product)  # before receiving the body
     tmp_dir = st.settings.data_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
     tmp = Path(tmp_name)
     try:
         digest, size = await _receive(request, fd, st.settings.max_upload)
-        existing = await db.get(Artifact, digest)
-        if existing is not None:
+        upload = artifact_service.Upload(name, version, board, product, container)
+        artifact, created = await artifact_service.add(db, st.blobs, tmp, digest, size, upload)
+        if not created:
             response.status_code = 200
-            return _artifact(existing)
-        if size == 0:
-            raise UsageError("the upload is empty")
-        keys = await trusted_keys(db)
-        try:
-            inspected = await anyio.to_thread.run_sync(
-                lambda: inspect_upload(
-                    tmp,
-                    keys,
-                    raw_allowed=bool(product_row and product_row.allow_raw),
-                    version=version,
-                )
-            )
-        except UsageError as exc:  # well-formed, not acceptable: 422 like an image refused
-            raise UploadRefusedError(exc.message, value=exc.value) from None
-        # a job names the version as major.minor.build, in the device's Version buffer
-        identity.check("version", "Version", FirmwareVersion.parse(inspected.version).short)
-        identity.check_job_files(digest, name, product)
-        await st.blobs.put_file(tmp, digest)
-        artifact = Artifact(
-            id=digest,
-            name=name,
-            container=container,
-            kind=inspected.kind,
-            version=inspected.version,
-            size=size,
-            board=board or (product_row.board if product_row else None),
-            product=product,
-            signature=inspected.signature,
-            signed_by=inspected.signed_by,
-            details=inspected.details,
-        )
-        db.add(artifact)
-        await db.commit()
         return _artifact(artifact)
     finally:
         tmp.unlink(missing_ok=True)
@@ -306,10 +266,56 @@ async def _receive(request: Request, fd: int, limit: int) -> tuple[str, int]:
     return hasher.hexdigest(), size
 
 
-@router.get("/artifacts", response_model=list[ArtifactOut])
-async def list_artifacts(db: Db, _admin: Admin) -> list[ArtifactOut]:
-    rows = await db.scalars(select(Artifact).order_by(Artifact.created_at.desc()))
-    return [_artifact(a) for a in rows]
+# --- paging: a list answers one page; the next page's cursor is in the headers ------------------
+
+Limit = Annotated[int, Query(ge=1, le=listings.MAX_LIMIT, description="Items per page.")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=512, description="The X-Next-Cursor of the page before (opaque)."),
+]
+PAGED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "headers": {
+            "X-Next-Cursor": {
+                "description": "The cursor of the next page; absent on the last page.",
+                "schema": {"type": "string"},
+            },
+            "Link": {
+                "description": 'The next page, rel="next"; absent on the last page.',
+                "schema": {"type": "string"},
+            },
+        }
+    }
+}
+
+
+def paged(request: Request, response: Response, next_cursor: str | None) -> None:
+    """Name the next page in the answer's headers (the body stays a plain JSON list)."""
+    if next_cursor is None:
+        return
+    url = request.url.include_query_params(cursor=next_cursor)
+    response.headers["X-Next-Cursor"] = next_cursor
+    response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+
+
+@router.get("/artifacts", response_model=list[ArtifactOut], responses=PAGED)
+async def list_artifacts(
+    request: Request,
+    response: Response,
+    db: Db,
+    _admin: Admin,
+    product: str | None = Query(default=None, max_length=64),
+    board: str | None = Query(default=None, max_length=48),
+    name: str | None = Query(default=None, max_length=identity.MAX_ARTIFACT_NAME),
+    version: str | None = Query(default=None, max_length=32, description="Starts with."),
+    limit: Limit = listings.DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> list[ArtifactOut]:
+    """Artifacts, newest first, one page at a time."""
+    where = listings.ArtifactFilter(product=product, board=board, name=name, version=version)
+    found = await listings.artifacts(db, where, limit=limit, cursor=cursor)
+    paged(request, response, found.next)
+    return [_artifact(a) for a in found.items]
 
 
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactOut)
@@ -323,17 +329,7 @@ async def get_artifact(artifact_id: str, db: Db, _admin: Admin) -> ArtifactOut:
 @router.delete("/artifacts/{artifact_id}", status_code=204)
 async def delete_artifact(artifact_id: str, db: Db, st: State, _admin: Admin) -> Response:
     """Delete an artifact; refused (409) while an active deployment uses it."""
-    artifact = await db.get(Artifact, artifact_id)
-    if artifact is None:
-        raise not_found(f"artifact {artifact_id!r}")
-    if any(o.artifact.id == artifact_id for o in await offers.active(db)):
-        raise DeployedError("the artifact is deployed; cancel its deployments first")
-    old = select(Deployment.id).where(Deployment.artifact_id == artifact_id)
-    await db.execute(delete(DeploymentDevice).where(DeploymentDevice.deployment_id.in_(old)))
-    await db.execute(delete(Deployment).where(Deployment.artifact_id == artifact_id))
-    await db.delete(artifact)
-    await db.commit()
-    await st.blobs.delete(artifact_id)
+    await artifact_service.remove(db, st.blobs, artifact_id)
     downloads.forget(artifact_id)
     return Response(status_code=204)
 
@@ -378,20 +374,53 @@ def device_out(d: Device) -> DeviceOut:
     )
 
 
-@router.get("/devices", response_model=list[DeviceOut])
+def _device_filter(
+    product: str | None = Query(default=None, max_length=64),
+    group: str | None = Query(default=None, max_length=64),
+    status: Annotated[
+        listings.DeviceStatus | None,
+        Query(description="A device state (protocol/states.py) or none (never reported)."),
+    ] = None,
+    version: str | None = Query(default=None, max_length=32, description="Starts with."),
+    q: str | None = Query(default=None, max_length=64, description="The serial starts with."),
+) -> listings.DeviceFilter:
+    return listings.DeviceFilter(product, group, status, version, q)
+
+
+DeviceFilter = Annotated[listings.DeviceFilter, Depends(_device_filter)]
+
+
+@router.get("/devices", response_model=list[DeviceOut], responses=PAGED)
 async def list_devices(
+    request: Request,
+    response: Response,
     db: Db,
     _admin: Admin,
-    product: str | None = None,
-    group: str | None = None,
+    where: DeviceFilter,
+    sort: listings.DeviceSort = "serial",
+    limit: Limit = listings.DEFAULT_LIMIT,
+    cursor: Cursor = None,
 ) -> list[DeviceOut]:
-    query = select(Device).order_by(Device.serial)
-    if product:
-        query = query.where(Device.product == product)
-    rows = [d for d in await db.scalars(query)]
-    if group:
-        rows = [d for d in rows if (d.tags or {}).get(GROUP_TAG) == group]
-    return [device_out(d) for d in rows]
+    """Registered devices matching every filter given, one page at a time (``sort``: a leading
+    ``-`` sorts descending; devices never seen sort as the oldest)."""
+    found = await listings.devices(db, where, sort=sort, limit=limit, cursor=cursor)
+    paged(request, response, found.next)
+    return [device_out(d) for d in found.items]
+
+
+class DeviceCountsOut(BaseModel):
+    total: int = Field(description="Devices matching the filters other than status.")
+    statuses: dict[str, int] = Field(
+        description="Of those, per status (a device state, or none: never reported)."
+    )
+
+
+@router.get("/device-counts", response_model=DeviceCountsOut)
+async def device_counts(db: Db, _admin: Admin, where: DeviceFilter) -> DeviceCountsOut:
+    """How many devices match the filters (``status`` aside), and how many per status: one
+    grouped count, for the dashboard's summary next to a page."""
+    found = await listings.device_counts(db, where)
+    return DeviceCountsOut(total=found.total, statuses=found.statuses)
 
 
 @router.get("/devices/{serial}", response_model=DeviceOut)
@@ -439,6 +468,7 @@ async def delete_device(serial: str, db: Db, _admin: Admin) -> Response:
     if device is None:
         raise not_found(f"device {serial!r}")
     await revoke_device_tokens(db, serial, utcnow())
+    await rollouts.forget_device(db, serial)  # it leaves the rollouts' counts
     await db.delete(device)
     await db.commit()
     return Response(status_code=204)
@@ -459,18 +489,24 @@ class HistoryEntry(BaseModel):
     source: str
 
 
-@router.get("/devices/{serial}/history", response_model=list[HistoryEntry])
+@router.get("/devices/{serial}/history", response_model=list[HistoryEntry], responses=PAGED)
 async def device_history(
     serial: str,
+    request: Request,
+    response: Response,
     db: Db,
     _admin: Admin,
-    limit: int = Query(default=100, ge=1, le=1000),
+    limit: Limit = listings.DEFAULT_LIMIT,
+    cursor: Cursor = None,
     before: int | None = Query(default=None, ge=1, le=2**63 - 1, description="Older than this id."),
 ) -> list[HistoryEntry]:
-    """The device's status reports, newest first (page with ``before``)."""
+    """The device's status reports, newest first, one page at a time (``cursor``, or
+    ``before``: older than that entry)."""
     if await db.get(Device, serial) is None:
         raise not_found(f"device {serial!r}")
-    rows = await reports.history(db, serial, limit=limit, before=before)
+    found = await listings.history(db, serial, limit=limit, cursor=cursor, before=before)
+    paged(request, response, found.next)
+    rows = found.items
     return [
         HistoryEntry(
             id=r.id,
@@ -520,11 +556,10 @@ class DeploymentOut(BaseModel):
     cancelled_at: datetime | None
     active: bool
     counts: dict[str, int] = Field(
-        description="Devices per §7 state: Downloading, Interrupted, Applying, Applied, Error "
-        "(a device that reverted reported an error and is counted there too), and Unknown "
-        "(the device posted an empty result, as the original middleware does)."
+        description="Devices per state: Downloading, Interrupted, Applying, Applied, Error "
+        "(error or invalid), Reverted (ran the version and went back) and Unknown (the device "
+        "posted an empty result, as the original middleware does); each device counts once."
     )
-    reverted: int = Field(default=0, description="Devices that ran the version and went back.")
     anonymous: dict[str, int] = Field(
         default_factory=dict,
         description="Devices that send no token (told apart by address and User-Agent), per "
@@ -533,28 +568,12 @@ class DeploymentOut(BaseModel):
     rollout_id: int | None = None
 
 
-async def _deployment(db: Db, d: Deployment) -> DeploymentOut:
-    artifact = await db.get(Artifact, d.artifact_id)
-    rollout_id = await db.scalar(select(Rollout.id).where(Rollout.deployment_id == d.id))
-    counts = await reports.counts(db, d.id)
-    reverted = counts.pop("Reverted")
-    counts["Error"] += reverted
-    return DeploymentOut(
-        id=d.id,
-        artifact_id=d.artifact_id,
-        version=artifact.version if artifact else "",
-        condition=d.condition,
-        priority=d.priority,
-        downgrade=d.downgrade,
-        created_at=d.created_at,
-        expires_at=d.expires_at,
-        cancelled_at=d.cancelled_at,
-        active=d.cancelled_at is None and d.expires_at > utcnow(),
-        counts=counts,
-        reverted=reverted,
-        anonymous={k: v for k, v in (await anonymous.counts(db, d.id)).items() if v},
-        rollout_id=rollout_id,
-    )
+def _deployment(view: deployment_service.DeploymentView) -> DeploymentOut:
+    return DeploymentOut.model_validate(view, from_attributes=True)
+
+
+def _spec(body: DeploymentIn) -> deployment_service.DeploymentSpec:
+    return deployment_service.DeploymentSpec(**body.model_dump())
 
 
 @router.post("/deployments", response_model=DeploymentOut, status_code=201)
@@ -563,57 +582,37 @@ async def create_deployment(body: DeploymentIn, db: Db, _admin: Admin) -> Deploy
 
     It is offered at once to every targeted device; to phase it, create it with its rollout
     (``POST /rollouts`` with ``deployment``)."""
-    deployment = await _new_deployment(db, body)
-    await db.commit()
-    return await _deployment(db, deployment)
+    return _deployment(await deployment_service.deploy(db, _spec(body)))
 
 
-async def _new_deployment(db: Db, body: DeploymentIn) -> Deployment:
-    artifact = await db.get(Artifact, body.artifact_id)
-    if artifact is None:
-        raise not_found(f"artifact {body.artifact_id!r}")
-    if (body.condition is None) == (body.product is None):
-        raise UsageError("give either product (and group) or condition")
-    condition = body.condition or product_group_condition(body.product or "", body.group)
-    required = parse_condition(condition)
-    identity.check_job_files(artifact.id, artifact.name, required.get(PRODUCT_TAG))
-    now = utcnow()
-    deployment = Deployment(
-        artifact_id=artifact.id,
-        condition=condition,
-        priority=body.priority,
-        downgrade=body.downgrade,
-        created_at=now,
-        expires_at=now + timedelta(days=body.expiry_days),
+@router.get("/deployments", response_model=list[DeploymentOut], responses=PAGED)
+async def list_deployments(
+    request: Request,
+    response: Response,
+    db: Db,
+    _admin: Admin,
+    active: bool | None = Query(default=None, description="Only active (or only finished)."),
+    artifact: str | None = Query(default=None, max_length=64, description="Of this artifact."),
+    limit: Limit = listings.DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> list[DeploymentOut]:
+    """Deployments, newest first, with their counts, one page at a time."""
+    found = await deployment_service.listing(
+        db, active=active, artifact_id=artifact, limit=limit, cursor=cursor
     )
-    db.add(deployment)
-    await db.flush()
-    return deployment
-
-
-@router.get("/deployments", response_model=list[DeploymentOut])
-async def list_deployments(db: Db, _admin: Admin) -> list[DeploymentOut]:
-    rows = await db.scalars(select(Deployment).order_by(Deployment.id.desc()))
-    return [await _deployment(db, d) for d in rows]
+    paged(request, response, found.next)
+    return [_deployment(v) for v in found.items]
 
 
 @router.get("/deployments/{deployment_id}", response_model=DeploymentOut)
 async def get_deployment(deployment_id: int, db: Db, _admin: Admin) -> DeploymentOut:
-    deployment = await db.get(Deployment, deployment_id)
-    if deployment is None:
-        raise not_found(f"deployment {deployment_id}")
-    return await _deployment(db, deployment)
+    return _deployment(await deployment_service.get(db, deployment_id))
 
 
 @router.post("/deployments/{deployment_id}/cancel", response_model=DeploymentOut)
 async def cancel_deployment(deployment_id: int, db: Db, _admin: Admin) -> DeploymentOut:
-    deployment = await db.get(Deployment, deployment_id)
-    if deployment is None:
-        raise not_found(f"deployment {deployment_id}")
-    if deployment.cancelled_at is None:
-        deployment.cancelled_at = utcnow()
-        await db.commit()
-    return await _deployment(db, deployment)
+    """Stop offering the deployment (devices that got it keep it)."""
+    return _deployment(await deployment_service.cancel(db, deployment_id))
 
 
 # --- rollouts ----------------------------------------------------------------------------------
@@ -822,7 +821,7 @@ async def create_rollout(
     (``deployment``). It starts at ``start_at`` (or now)."""
     now = engine.now()
     if isinstance(body, RolloutWithDeployment):
-        deployment = await _new_deployment(db, body.deployment)
+        deployment = await deployment_service.new_deployment(db, _spec(body.deployment))
     else:
         found = await db.get(Deployment, body.deployment_id)
         if found is None:
@@ -850,6 +849,7 @@ async def create_rollout(
     try:
         await db.flush()
         db.add(rollouts.created_event(rollout, _actor(admin), now))
+        await revision.bump(db)
         await db.commit()
     except IntegrityError:
         await db.rollback()
@@ -858,18 +858,32 @@ async def create_rollout(
     return await _rollout_out(db, engine, rollout.id)
 
 
-@router.get("/rollouts", response_model=list[RolloutOut])
+@router.get("/rollouts", response_model=list[RolloutOut], responses=PAGED)
 async def list_rollouts(
+    request: Request,
+    response: Response,
     db: Db,
     _admin: Admin,
     engine: Rollouts,
     state: Literal["scheduled", "running", "paused", "aborted", "completed"] | None = None,
+    limit: Limit = listings.DEFAULT_LIMIT,
+    cursor: Cursor = None,
 ) -> list[RolloutOut]:
-    """Rollouts, newest first, with their per-phase counts."""
-    query = select(Rollout.id).order_by(Rollout.id.desc())
+    """Rollouts, newest first, with their per-phase counts, one page at a time."""
+    query = select(Rollout)
     if state is not None:
         query = query.where(Rollout.state == state)
-    return [await _rollout_out(db, engine, i) for i in await db.scalars(query)]
+    found = await listings.page(
+        db,
+        query,
+        kind="rollouts",
+        keys=[listings.Key(Rollout.id)],
+        descending=True,
+        limit=limit,
+        cursor=cursor,
+    )
+    paged(request, response, found.next)
+    return [await _rollout_out(db, engine, r.id) for r in found.items]
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutOut)

@@ -23,10 +23,11 @@ signed download URLs of the JSON API.
 
 A device with nothing newer gets a "No Update Available" document of the same shape; so does a
 device whose rollout phase is not open yet, outside the rollout's maintenance window, or after
-the rollout was paused or aborted (server/rollout.py). A file is served only to a device its
+the rollout was paused or aborted (service/rollouts.py). A file is served only to a device its
 deployment is offered to (or that is in the middle of downloading it); an aborted rollout's
 files to nobody. Devices that do not identify themselves get a phased deployment only once its
-rollout has completed.
+rollout has completed. The rules are the service layer's (service/checkin.py, offers.py), the
+same as for the JSON device API and the MQTT publisher; these routes parse, call and format.
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from sqlalchemy import select
 
 from otakit.errors import (
-    AmbiguousError,
     ConflictError,
     ForbiddenError,
     NoBoardError,
@@ -57,11 +56,10 @@ from otakit.protocol.jobdoc import (
     UPDATE_AVAILABLE,
     JobDocument,
 )
-from otakit.server import anonymous, downloads, identity, targeting
+from otakit.server import downloads, identity, targeting
 from otakit.server.context import Caller, Db, Rollouts, State, error_responses
-from otakit.server.models import Artifact, Device, Product, Token
-from otakit.server.service import offers, reports, rollouts
-from otakit.server.targeting import PRODUCT_TAG, matches, parse_condition
+from otakit.server.models import Artifact, Device, Token
+from otakit.server.service import checkin, offers
 from otakit.server.tokens import Role
 
 router = APIRouter(
@@ -100,10 +98,6 @@ RESULT_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-async def _anonymous_products(db: Db) -> set[str]:
-    return set(await db.scalars(select(Product.name).where(Product.anonymous.is_(True))))
 
 
 def _connection(request: Request) -> str:
@@ -148,14 +142,6 @@ def _job(
     )
 
 
-async def _product_board(db: Db, offer: offers.Offer | None) -> str | None:
-    if offer is None:
-        return None
-    name = parse_condition(offer.deployment.condition).get(PRODUCT_TAG) or offer.artifact.product
-    product = await db.get(Product, name) if name else None
-    return product.board if product else None
-
-
 def _job_response(request: Request, doc: JobDocument) -> Response:
     if doc.message == UPDATE_AVAILABLE and not doc.board:
         raise NoBoardError(
@@ -168,79 +154,40 @@ def _job_response(request: Request, doc: JobDocument) -> Response:
     return downloads.send_document(request, body, "application/json")
 
 
-async def _device_for(db: Db, token: Token | None, serial: str) -> Device:
-    """A device whose jobs the caller may read: its own token, or an anonymous product."""
-    device = await db.get(Device, serial)
+async def _device_for(db: Db, token: Token | None, serial: str) -> tuple[Device, int]:
+    """A device whose jobs the caller may read (its own token, or an anonymous product), and
+    the offers revision read with it."""
+    device, at = await checkin.load(db, serial)
     if token is not None:
         if token.role == Role.ADMIN:
             pass
         elif token.role != Role.DEVICE or token.device_serial != serial:
             raise ForbiddenError("a device can only read its own jobs")
     else:
-        product = await db.get(Product, device.product) if device and device.product else None
-        if product is None or not product.anonymous:
+        products = (await offers.catalogue(db, at=at)).anonymous_products
+        if device is None or device.product not in products:
             raise UnauthorizedError("this device needs its token")
     if device is None:
         raise NotFoundError(f"device {serial!r} is not registered")
-    return device
+    return device, at
 
 
-async def _anonymous_product(db: Db, name: str | None) -> str:
-    """The product whose anonymous devices a request is for: ``name`` (from a
-    ``/products/NAME/...`` path), or, at the top-level paths, the one product that allows
-    anonymous devices (with several, a device could get another product's image: refused)."""
-    if name is not None:
-        product = await db.get(Product, name)
-        if product is None or not product.anonymous:
-            raise UnauthorizedError(f"product {name!r} does not allow anonymous devices")
-        return name
-    products = sorted(await _anonymous_products(db))
-    if not products:
-        raise UnauthorizedError("no product allows anonymous devices; send a token")
-    if len(products) > 1:
-        raise AmbiguousError(
-            f"{len(products)} products allow anonymous devices ({', '.join(products[:4])}): "
-            "configure the device with /products/NAME/ota_update.json (or /ota-update.bin)",
-        )
-    return products[0]
-
-
-async def _anonymous_offer(db: Db, product: str, now: datetime) -> offers.Offer | None:
-    return offers.select_for_products({product}, await offers.active(db, now), now)
-
-
-async def _trace(
-    request: Request,
-    db: Db,
-    st: State,
-    product: str,
-    offer: offers.Offer | None,
-    now: datetime,
-    status: str | None = None,
-    error: str | None = None,
-) -> None:
-    """Keep the trace of an anonymous device (server/anonymous.py)."""
-    await anonymous.seen(
-        db,
+def _visitor(request: Request, product: str) -> checkin.Visitor:
+    return checkin.Visitor(
         product=product,
         address=request.client.host if request.client else "",
         user_agent=request.headers.get("user-agent", ""),
-        deployment_id=offer.deployment.id if offer else None,
-        now=now,
-        keep=st.settings.anonymous_history,
-        status=status,
-        error=error,
     )
 
 
 async def _anonymous_job(
     request: Request, db: Db, st: State, engine: Rollouts, name: str | None
 ) -> Response:
-    product = await _anonymous_product(db, name)
     now = engine.now()
-    offer = await _anonymous_offer(db, product, now)
-    await _trace(request, db, st, product, offer, now)
-    board = await _product_board(db, offer)
+    product = await checkin.anonymous_product(db, name, now)
+    offer, board = await checkin.anonymous_check_in(
+        db, _visitor(request, product), now, keep=st.settings.anonymous_history
+    )
     await db.commit()
     file = identity.product_file(product, offer.artifact.id, offer.artifact.name) if offer else ""
     return _job_response(request, _job(request, offer, None, file, board))
@@ -280,13 +227,14 @@ async def device_job(
     serial: str, request: Request, db: Db, token: Caller, engine: Rollouts
 ) -> Response:
     """One device's job document."""
-    device = await _device_for(db, token, serial)
+    device, at = await _device_for(db, token, serial)
     now = engine.now()
-    device.last_seen = now
-    offer = await offers.offer_for(db, device, now)
+    visit = await checkin.check_in(db, device, now, at=at)
+    offer = visit.offer
     file = identity.device_file(serial, offer.artifact.id, offer.artifact.name) if offer else ""
-    board = await _product_board(db, offer)
+    board = (await offers.catalogue(db, now, at=at)).product_board(offer)
     await db.commit()
+    await engine.changed(visit.changed)
     return _job_response(request, _job(request, offer, device, file, board))
 
 
@@ -323,28 +271,26 @@ async def _anonymous_file(
 ) -> Response:
     """The file a product's anonymous devices are offered (``artifact`` None: whichever it is,
     the direct flow); an administrator may read any."""
-    now = engine.now()
-    offer = await _anonymous_offer(db, product, now)
     if artifact is not None and token is not None and token.role == Role.ADMIN:
         return await _serve(request, st, artifact)
-    if offer is None:
-        raise NotFoundError(f"no file is deployed to {product}'s anonymous devices")
-    if artifact is not None and offer.artifact.id != artifact.id:
-        raise ForbiddenError(f"this file is not offered to {product}'s devices")
-    if _starts_download(request):
-        await _trace(request, db, st, product, offer, now, "downloading")
-        await db.commit()
+    offer = await checkin.anonymous_fetch(
+        db,
+        _visitor(request, product),
+        engine.now(),
+        artifact_id=artifact.id if artifact is not None else None,
+        starts=_starts_download(request),
+        keep=st.settings.anonymous_history,
+    )
+    await db.commit()
     return await _serve(request, st, offer.artifact)
 
 
 async def _product_of(db: Db, artifact: Artifact, now: datetime) -> str:
     """The anonymous product whose offer ``artifact`` is (the paths without a product)."""
-    candidates = await offers.active(db, now)
-    for product in sorted(await _anonymous_products(db)):
-        offer = offers.select_for_products({product}, candidates, now)
-        if offer is not None and offer.artifact.id == artifact.id:
-            return product
-    raise ForbiddenError("this file is not deployed to anonymous devices")
+    product = await offers.product_of(db, artifact.id, now)
+    if product is None:
+        raise ForbiddenError("this file is not deployed to anonymous devices")
+    return product
 
 
 @router.api_route(
@@ -365,9 +311,8 @@ async def product_file(
 ) -> Response:
     """A file offered to a product's anonymous devices (their job document points here)."""
     artifact = await _artifact(db, artifact_id, name)
-    return await _anonymous_file(
-        request, db, st, token, engine, await _anonymous_product(db, product), artifact
-    )
+    name = await checkin.anonymous_product(db, product, engine.now())
+    return await _anonymous_file(request, db, st, token, engine, name, artifact)
 
 
 @router.api_route(
@@ -410,20 +355,11 @@ async def device_file(
     engine: Rollouts,
 ) -> Response:
     """A file deployed to this device (and, when phased, offered to it or being downloaded)."""
-    device = await _device_for(db, token, serial)
+    device, _at = await _device_for(db, token, serial)
     artifact = await _artifact(db, artifact_id, name)
-    now = engine.now()
-    candidates = [o for o in await offers.active(db, now) if o.artifact.id == artifact.id]
-    tags = targeting.device_tags(device)
-    candidates = [o for o in candidates if matches(parse_condition(o.deployment.condition), tags)]
-    if not candidates:
-        raise ForbiddenError("this file is not deployed to this device")
-    if all(o.rollout is not None for o in candidates):
-        standing = await offers.standing_of(db, device.serial)
-        if not any(
-            rollouts.may_download(o.rollout, device, standing) for o in candidates if o.rollout
-        ):
-            raise ForbiddenError("this file is not offered to this device yet")
+    refused = await offers.may_fetch(db, device, artifact.id, engine.now())
+    if refused is not None:
+        raise ForbiddenError(refused)
     return await _serve(request, st, artifact)
 
 
@@ -434,7 +370,7 @@ async def direct_file(
     request: Request, db: Db, st: State, token: Caller, engine: Rollouts
 ) -> Response:
     """The direct flow's file: what the one anonymous product is offered."""
-    product = await _anonymous_product(db, None)
+    product = await checkin.anonymous_product(db, None, engine.now())
     return await _anonymous_file(request, db, st, token, engine, product, None)
 
 
@@ -448,7 +384,7 @@ async def product_direct_file(
     product: str, request: Request, db: Db, st: State, token: Caller, engine: Rollouts
 ) -> Response:
     """The direct flow's file for one product's anonymous devices."""
-    name = await _anonymous_product(db, product)
+    name = await checkin.anonymous_product(db, product, engine.now())
     return await _anonymous_file(request, db, st, token, engine, name, None)
 
 
@@ -466,12 +402,12 @@ async def _result(request: Request) -> tuple[str, str | None]:
     except (ValueError, RecursionError):
         raise UsageError("the result body is not JSON") from None
     message = body.get("Message") if isinstance(body, dict) else None
-    if message == "Success":
-        return "applying", None
-    if message == "Failure":
-        reason = body.get("Reason") or body.get("Error")
-        return "error", str(reason)[:64] if reason else "MCU Download fail"
-    raise UsageError("the result Message must be 'Success' or 'Failure'")
+    result = None
+    if isinstance(body, dict) and isinstance(message, str):
+        result = states.of_result(message, body.get("Reason") or body.get("Error"))
+    if result is None:
+        raise UsageError("the result Message must be 'Success' or 'Failure'")
+    return result
 
 
 def _received() -> Response:
@@ -495,18 +431,16 @@ async def device_result(
     engine: Rollouts,
 ) -> Response:
     """The device's result for the file it downloaded."""
-    device = await _device_for(db, token, serial)
+    device, _at = await _device_for(db, token, serial)
     artifact = await _artifact(db, artifact_id, name)
     status, error = await _result(request)
-    now = engine.now()
-    deployment_id = await offers.attribute(db, device, now, artifact_id=artifact.id)
-    changed = await reports.record_status(
+    changed = await checkin.report(
         db,
-        serial=device.serial,
-        deployment_id=deployment_id,
+        device.serial,
+        engine.now(),
         status=status,
         error=error,
-        now=now,
+        artifact_id=artifact.id,
         keep=st.settings.history_per_device,
     )
     await db.commit()
@@ -525,21 +459,15 @@ async def _anonymous_result(
     """A result from a device that did not identify itself: kept as an anonymous report and in
     the device's trace; it counts for no rollout."""
     status, error = await _result(request)
-    now = engine.now()
-    offer = await _anonymous_offer(db, product, now)
-    if offer is not None and artifact is not None and offer.artifact.id != artifact.id:
-        offer = None
-    await reports.record_status(
+    await checkin.anonymous_report(
         db,
-        serial=None,
-        deployment_id=offer.deployment.id if offer else None,
+        _visitor(request, product),
+        engine.now(),
         status=status,
         error=error,
-        now=now,
+        artifact_id=artifact.id if artifact is not None else None,
         keep=st.settings.anonymous_history,
     )
-    if offer is not None:
-        await _trace(request, db, st, product, offer, now, status, error)
     await db.commit()
     return _received()
 
@@ -561,7 +489,7 @@ async def product_result(
 ) -> Response:
     """A result from one of a product's anonymous devices."""
     artifact = await _artifact(db, artifact_id, name)
-    name = await _anonymous_product(db, product)
+    name = await checkin.anonymous_product(db, product, engine.now())
     return await _anonymous_result(request, db, st, engine, name, artifact)
 
 
@@ -588,7 +516,7 @@ async def anonymous_result(
 )
 async def direct_result(request: Request, db: Db, st: State, engine: Rollouts) -> Response:
     """The direct flow's result."""
-    product = await _anonymous_product(db, None)
+    product = await checkin.anonymous_product(db, None, engine.now())
     return await _anonymous_result(request, db, st, engine, product, None)
 
 
@@ -602,5 +530,5 @@ async def product_direct_result(
     product: str, request: Request, db: Db, st: State, engine: Rollouts
 ) -> Response:
     """The direct flow's result from one product's anonymous devices."""
-    name = await _anonymous_product(db, product)
+    name = await checkin.anonymous_product(db, product, engine.now())
     return await _anonymous_result(request, db, st, engine, name, None)

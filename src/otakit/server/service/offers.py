@@ -11,28 +11,37 @@ A deployment with a rollout (rollouts.py) is offered only to the devices its rol
 the time: its phase is open, the rollout runs, the clock is inside its maintenance window.
 :func:`offer_for` is the one call for "what does this device get now"; it loads what the rollout
 needs to know about the device (:class:`rollouts.Standing`).
+
+What is offered changes rarely and is asked for on every check-in, so each process keeps the
+active offers and the products in memory (:func:`catalogue`), tagged with the offers revision
+(revision.py) they were read at; a check-in reads the revision (one row) and reloads only when
+it moved. A device's standing (its statuses and rollout rows) is loaded only when some active
+offer targets it, so the common "nothing for you" answer costs no query of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
+from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from otakit.protocol.states import UNDECIDED
+from otakit.protocol.states import UNDECIDED, DeviceState
 from otakit.server.models import (
     Artifact,
     Deployment,
     DeploymentDevice,
     Device,
+    Product,
     Rollout,
-    RolloutTarget,
     utcnow,
 )
-from otakit.server.service import rollouts
+from otakit.server.service import revision, rollouts
 from otakit.server.targeting import (
     GROUP_TAG,
     PRODUCT_TAG,
@@ -70,7 +79,8 @@ def best_first(offers: Iterable[Offer]) -> list[Offer]:
 
 async def active(session: AsyncSession, now: datetime | None = None) -> list[Offer]:
     """Active deployments with their artifacts and rollouts, best first (:func:`rank`; there
-    are few active deployments, so they are ordered here rather than by the database)."""
+    are few active deployments, so they are ordered here rather than by the database). Read
+    from the database each time: check-ins use :func:`catalogue`."""
     now = now or utcnow()
     rows = await session.execute(
         select(Deployment, Artifact, Rollout)
@@ -79,6 +89,105 @@ async def active(session: AsyncSession, now: datetime | None = None) -> list[Off
         .where(Deployment.cancelled_at.is_(None), Deployment.expires_at > now)
     )
     return best_first(Offer(d, a, r) for d, a, r in rows)
+
+
+@dataclass(frozen=True)
+class ProductInfo:
+    board: str | None
+    anonymous: bool
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What every device's offer is chosen from, as of one offers revision: the deployments
+    active when it was read (best first) and the products. Shared by the requests of one
+    process: its rows are copies that belong to no database session; never change them."""
+
+    revision: int
+    loaded_at: datetime
+    offers: tuple[Offer, ...]
+    products: Mapping[str, ProductInfo] = field(default_factory=dict)
+
+    def active(self, now: datetime) -> list[Offer]:
+        """The offers still active at ``now`` (one may have expired since it was read)."""
+        return [o for o in self.offers if o.deployment.expires_at > now]
+
+    @property
+    def anonymous_products(self) -> set[str]:
+        return {name for name, p in self.products.items() if p.anonymous}
+
+    def product_board(self, offer: Offer | None) -> str | None:
+        """The board of the product an offer is for (the job's Board when the artifact names
+        none)."""
+        if offer is None:
+            return None
+        name = _required(offer.deployment.condition).get(PRODUCT_TAG) or offer.artifact.product
+        product = self.products.get(name) if name else None
+        return product.board if product else None
+
+
+# one catalogue per database engine in this process (tests run several servers in one process)
+_catalogues: weakref.WeakKeyDictionary[Any, Catalogue] = weakref.WeakKeyDictionary()
+
+_Row = TypeVar("_Row", Deployment, Artifact, Rollout)
+
+
+def _copy(row: _Row) -> _Row:
+    """A copy of ``row``'s columns that no session holds (so no rollback or commit of the
+    session that read it can expire it, and no request changes the shared copy)."""
+    mapper = inspect(type(row))
+    return type(row)(**{a.key: getattr(row, a.key) for a in mapper.column_attrs})
+
+
+async def catalogue(
+    session: AsyncSession, now: datetime | None = None, *, at: int | None = None
+) -> Catalogue:
+    """The catalogue of the current offers revision (``at``: the revision the caller already
+    read, e.g. with the device: :func:`revision.column`). Reads the database only when the
+    revision moved since this process last read it."""
+    now = now or utcnow()
+    current = at if at is not None else await revision.current(session)
+    key = session.get_bind()
+    cached = _catalogues.get(key)
+    if cached is not None and cached.revision == current and cached.loaded_at <= now:
+        return cached
+    rows = await session.execute(
+        select(Deployment, Artifact, Rollout)
+        .join(Artifact, Artifact.id == Deployment.artifact_id)
+        .outerjoin(Rollout, Rollout.deployment_id == Deployment.id)
+        .where(Deployment.cancelled_at.is_(None), Deployment.expires_at > now)
+    )
+    found = best_first(
+        Offer(_copy(d), _copy(a), _copy(r) if r is not None else None) for d, a, r in rows
+    )
+    products = {
+        name: ProductInfo(board, bool(anonymous))
+        for name, board, anonymous in await session.execute(
+            select(Product.name, Product.board, Product.anonymous)
+        )
+    }
+    loaded = Catalogue(current, now, tuple(found), products)
+    _catalogues[key] = loaded
+    return loaded
+
+
+@lru_cache(maxsize=1024)
+def _required(condition: str) -> dict[str, str]:
+    """A deployment's parsed condition (do not change the dict: it is shared)."""
+    return parse_condition(condition)
+
+
+def targeting(device: Device, offers: Iterable[Offer]) -> list[Offer]:
+    """The offers that target ``device`` before rollouts have their say: the condition matches
+    its tags, the board fits, the version is wanted."""
+    tags = device_tags(device)
+    return [
+        o
+        for o in offers
+        if matches(_required(o.deployment.condition), tags)
+        and board_fits(o.artifact, device)
+        and wanted(o.deployment, o.artifact, device.version)
+    ]
 
 
 def select_offer(
@@ -95,7 +204,7 @@ def select_offer(
     tags = device_tags(device)
     now = now or utcnow()
     for offer in best_first(offers):
-        if not matches(parse_condition(offer.deployment.condition), tags):
+        if not matches(_required(offer.deployment.condition), tags):
             continue
         if standing is not None and _reverted(standing, offer.deployment.id):
             continue
@@ -110,33 +219,36 @@ def select_offer(
 
 
 def _reverted(standing: rollouts.Standing, deployment_id: int) -> bool:
-    return standing.statuses.get(deployment_id, (None, None))[0] == "reverted"
+    return standing.statuses.get(deployment_id, (None, None))[0] == DeviceState.REVERTED
 
 
-async def standing_of(session: AsyncSession, serial: str) -> rollouts.Standing:
-    """The device's status in each deployment, and the frozen rollouts that hold it."""
-    rows = await session.execute(
-        select(
-            DeploymentDevice.deployment_id, DeploymentDevice.status, DeploymentDevice.error
-        ).where(DeploymentDevice.device_serial == serial)
-    )
-    members = await session.scalars(
-        select(RolloutTarget.rollout_id).where(RolloutTarget.device_serial == serial)
-    )
-    return rollouts.Standing({d: (s, e) for d, s, e in rows}, frozenset(members))
+def _phased(offers: Iterable[Offer]) -> list[tuple[Deployment, Artifact, Rollout]]:
+    return [(o.deployment, o.artifact, o.rollout) for o in offers if o.rollout is not None]
 
 
 async def offer_for(
-    session: AsyncSession, device: Device, now: datetime | None = None
+    session: AsyncSession,
+    device: Device,
+    now: datetime | None = None,
+    *,
+    among: Callable[[Offer], bool] | None = None,
+    known: Catalogue | None = None,
 ) -> Offer | None:
-    """What ``device`` is offered now."""
+    """What ``device`` is offered now (``among``: only offers this accepts; ``known``: the
+    catalogue the caller already has). Its standing is loaded only when some offer targets
+    it."""
     now = now or utcnow()
-    offers = await active(session, now)
-    standing = await standing_of(session, device.serial) if offers else None
-    return select_offer(device, offers, standing=standing, now=now)
+    found = known or await catalogue(session, now)
+    candidates = targeting(device, (o for o in found.active(now) if among is None or among(o)))
+    if not candidates:
+        return None
+    standing = await rollouts.standing_of(session, device, _phased(candidates), now)
+    return select_offer(device, candidates, standing=standing, now=now)
 
 
-async def reportable(session: AsyncSession, device: Device, deployment_id: int) -> bool | None:
+async def reportable(
+    session: AsyncSession, device: Device, deployment_id: int, now: datetime | None = None
+) -> bool | None:
     """Whether ``device`` may report about deployment ``deployment_id`` (None: no such
     deployment). It may when it already stands in it, or when the deployment targets it (its
     condition matches the device's tags, its board fits) and, if phased, the rollout has opened
@@ -155,13 +267,16 @@ async def reportable(session: AsyncSession, device: Device, deployment_id: int) 
     deployment, artifact, rollout = found
     if await session.get(DeploymentDevice, (deployment_id, device.serial)) is not None:
         return True
-    if not matches(parse_condition(deployment.condition), device_tags(device)):
+    if not matches(_required(deployment.condition), device_tags(device)):
         return False
     if artifact.board and device.board and artifact.board != device.board:
         return False
     if rollout is None:
         return True
-    return rollouts.may_download(rollout, device, await standing_of(session, device.serial))
+    standing = await rollouts.standing_of(
+        session, device, [(deployment, artifact, rollout)], now or utcnow()
+    )
+    return rollouts.may_download(rollout, device, standing)
 
 
 async def attribute(
@@ -182,7 +297,7 @@ async def attribute(
         .join(Deployment, Deployment.id == DeploymentDevice.deployment_id)
         .where(
             DeploymentDevice.device_serial == device.serial,
-            DeploymentDevice.status.in_((*UNDECIDED, "applied")),
+            DeploymentDevice.status.in_((*UNDECIDED, DeviceState.APPLIED)),
         )
         .order_by(DeploymentDevice.updated_at.desc())
         .limit(1)
@@ -199,9 +314,64 @@ def select_for_products(
     of ``products`` (a phased deployment only once its rollout completed)."""
     now = now or utcnow()
     for offer in best_first(offers):
-        required = parse_condition(offer.deployment.condition)
+        required = _required(offer.deployment.condition)
         if required.get(PRODUCT_TAG) in products and set(required) <= {PRODUCT_TAG, GROUP_TAG}:
             if offer.rollout is not None and not rollouts.admits_anonymous(offer.rollout, now):
                 continue
             return offer
+    return None
+
+
+async def anonymous_offer(
+    session: AsyncSession,
+    products: set[str],
+    now: datetime,
+    *,
+    version: str | None = None,
+    among: Callable[[Offer], bool] | None = None,
+    known: Catalogue | None = None,
+) -> Offer | None:
+    """What the anonymous devices of ``products`` are offered (``version``: the one the
+    device says it runs, when it says)."""
+    found = known or await catalogue(session, now)
+    candidates = [
+        o
+        for o in found.active(now)
+        if (among is None or among(o)) and wanted(o.deployment, o.artifact, version)
+    ]
+    return select_for_products(products & found.anonymous_products, candidates, now)
+
+
+async def product_of(session: AsyncSession, artifact_id: str, now: datetime) -> str | None:
+    """The anonymous product whose offer ``artifact_id`` is (the file paths without a product),
+    or None."""
+    found = await catalogue(session, now)
+    for product in sorted(found.anonymous_products):
+        offer = select_for_products({product}, found.active(now), now)
+        if offer is not None and offer.artifact.id == artifact_id:
+            return product
+    return None
+
+
+async def may_fetch(
+    session: AsyncSession, device: Device, artifact_id: str, now: datetime
+) -> str | None:
+    """Why ``device`` may not fetch the artifact's file, or None when it may: a deployment of
+    it targets the device and, when every such deployment is phased, one of their rollouts
+    lets the device download (it was offered it, or is downloading it)."""
+    found = await catalogue(session, now)
+    tags = device_tags(device)
+    candidates = [
+        o
+        for o in found.active(now)
+        if o.artifact.id == artifact_id and matches(_required(o.deployment.condition), tags)
+    ]
+    if not candidates:
+        return "this file is not deployed to this device"
+    if all(o.rollout is not None for o in candidates):
+        standing = await rollouts.standing_of(session, device, _phased(candidates), now)
+        if not any(
+            rollouts.may_download(o.rollout, device, standing) for o in candidates if o.rollout
+        ):
+            return "this file is not offered to this device yet"
     return None

@@ -3,6 +3,8 @@ follow from them.
 
 States are the one vocabulary of protocol/states.py. Every report is kept as history, capped per
 device; a device's standing in each deployment it was offered is one ``deployment_devices`` row.
+Every change of a standing goes through :func:`set_standing`, which also moves the device in its
+rollout's per-phase counts (phases.py) in the same transaction.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from otakit.server.models import (
     StatusReport,
     utcnow,
 )
-from otakit.server.targeting import version_of
+from otakit.server.service import phases
+from otakit.server.targeting import device_tags, version_of
 
 DEFAULT_CONFIRM_TIMEOUT = 3600  # seconds; also the window in which boots are counted
 
@@ -107,29 +110,41 @@ async def record_status(
     if deployment_id is None:
         return None
     standing = "reverted" if is_revert(state, error) else state
+    rollout = await session.scalar(select(Rollout).where(Rollout.deployment_id == deployment_id))
     row = await session.get(DeploymentDevice, (deployment_id, serial))
     if row is None:
         row = DeploymentDevice(deployment_id=deployment_id, device_serial=serial)
         session.add(row)
-    _set(row, standing, error, now, boots)
+    tags = device_tags(device) if device is not None else None
+    await set_standing(session, row, standing, error, now, boots, rollout=rollout, tags=tags)
     if boots is not None:
-        rollout = await session.scalar(
-            select(Rollout).where(Rollout.deployment_id == deployment_id)
-        )
         failure = boot_loop(row, rollout, boots, now)
         if failure is not None:
-            _set(row, "error", failure, now, boots)
+            await set_standing(session, row, "error", failure, now, boots, rollout=rollout)
     return deployment_id
 
 
-def _set(
-    row: DeploymentDevice, state: str, error: str | None, now: datetime, boots: int | None
+async def set_standing(
+    session: AsyncSession,
+    row: DeploymentDevice,
+    state: str,
+    error: str | None,
+    now: datetime,
+    boots: int | None,
+    *,
+    rollout: Rollout | None,
+    tags: dict[str, str] | None = None,
 ) -> None:
+    """THE place where a device's standing in a deployment changes: the row, and the device's
+    place in the counts of the deployment's ``rollout`` (if any; ``tags``: the device's, so
+    that a device without a rollout row gets one)."""
     if state == "applied" and row.status != "applied":
         row.applied_at, row.boots_at_apply = now, boots
     row.status, row.error, row.updated_at = state, error, now
     if boots is not None:
         row.boots = boots
+    if rollout is not None:
+        await phases.note(session, rollout, row.device_serial, tags, state, row.applied_at, now)
 
 
 async def _cap_history(session: AsyncSession, serial: str | None, keep: int) -> None:
@@ -176,7 +191,9 @@ async def note_checkin(
     )
     running = version_of(device.version)
     changed: set[int] = set()
-    for row, artifact, deployment, rollout in rows:
+    tags = device_tags(device)
+    # in deployment order: concurrent check-ins lock the rollouts' counts in the same order
+    for row, artifact, deployment, rollout in sorted(rows, key=lambda r: r[0].deployment_id):
         target = version_of(artifact.version)
         state, error = None, None
         if row.status in UNDECIDED and running is not None and running == target:
@@ -190,11 +207,11 @@ async def note_checkin(
         ):
             state, error = "reverted", f"reverted to {device.version}"[:64]
         if state is not None:
-            _set(row, state, error, now, boots)
+            await set_standing(session, row, state, error, now, boots, rollout=rollout, tags=tags)
         failure = boot_loop(row, rollout, boots, now)
         if failure is not None:
             state, error = "error", failure
-            _set(row, state, error, now, boots)
+            await set_standing(session, row, state, error, now, boots, rollout=rollout, tags=tags)
         if state is None:
             continue
         changed.add(row.deployment_id)

@@ -29,9 +29,13 @@ the new version within ``confirm_timeout`` (``not confirmed in time``), or when 
 (the optional ``boots`` field of check-ins and reports) climbs by more than ``max_boots`` within
 ``confirm_timeout`` of applying (``boot loop``).
 
+Each device's phase and status in a rollout, and the per-phase counts, are rows kept up to date
+by every report and check-in (phases.py), so deciding, viewing and the background round read a
+few rows per rollout and never the devices.
+
 The engine keeps nothing in memory that matters: it evaluates a rollout after every report that
 changes a device's standing in it, and every ``rollout_interval`` seconds in the background (for
-time-based rules: start time, confirm timeout). Every transition is a compare-and-set on
+time-based rules: start time, confirm timeout, soak). Every transition is a compare-and-set on
 ``rollouts.revision`` made under ``SELECT ... FOR UPDATE`` (PostgreSQL; SQLite serialises
 writers), and the ``rollout_events`` table refuses a second start/advance/complete/abort of one
 phase, so several server processes on one database never apply a transition twice.
@@ -42,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import random
 import re
@@ -52,27 +55,65 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import CursorResult, delete, select, update
+from sqlalchemy import (
+    CursorResult,
+    Integer,
+    Result,
+    String,
+    delete,
+    literal,
+    null,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from otakit.errors import ConflictError, NotFoundError, UsageError
-from otakit.protocol.states import empty_counts, label_of
+from otakit.protocol.states import FAILED, empty_counts
+from otakit.server.database import unavailable
 from otakit.server.models import (
     Artifact,
     Deployment,
     DeploymentDevice,
     Device,
     Rollout,
+    RolloutDevice,
     RolloutEvent,
-    RolloutTarget,
     StatusReport,
     utcnow,
 )
-from otakit.server.service import reports
+from otakit.server.service import phases as phasing
+from otakit.server.service import revision
+from otakit.server.service.phases import (
+    BUCKETS,
+    DEFAULT_SUCCESS,
+    MAX_PHASES,
+    ON_ERROR,
+    Phase,
+    PhaseCount,
+    bucket,
+    check_phases,
+    phase_of,
+    phases_of,
+)
 from otakit.server.service.reports import DEFAULT_CONFIRM_TIMEOUT
 from otakit.server.settings import ServerSettings
-from otakit.server.targeting import GROUP_TAG, device_tags, matches, parse_condition, wanted
+from otakit.server.targeting import device_tags, parse_condition, targets
+
+__all__ = [  # the phase specs live in phases.py; their names are kept here for callers
+    "BUCKETS",
+    "DEFAULT_SUCCESS",
+    "MAX_PHASES",
+    "ON_ERROR",
+    "Phase",
+    "PhaseCount",
+    "bucket",
+    "check_phases",
+    "phase_of",
+    "phases_of",
+]
 
 log = logging.getLogger("otakit.rollout")
 
@@ -87,136 +128,15 @@ COMPLETED = "completed"
 STATES = (SCHEDULED, RUNNING, PAUSED, ABORTED, COMPLETED)
 LIVE = (SCHEDULED, RUNNING, PAUSED)  # the engine still has work to do
 
-ON_ERROR = ("pause", "abort")
-MAX_PHASES = 20
-BUCKETS = 10_000
-DEFAULT_SUCCESS = 90.0
 
 # device statuses in a deployment (deployment_devices.status)
 DOWNLOADING_STATES = ("downloading", "interrupted")
-FAILED_STATES = ("error", "invalid", "reverted")
+FAILED_STATES = FAILED
 ABORTED_ERROR = "aborted"  # the error a download gets when its rollout is aborted
 NOT_CONFIRMED = "not confirmed in time"
 
 MAX_STEPS = MAX_PHASES + 8  # transitions one evaluation may make (several phases may be due)
-
-
-# --- phases ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One phase: which devices it admits and when it is done."""
-
-    percent: float | None = None  # cumulative share of the targeted devices, 0 < p <= 100
-    group: str | None = None  # or: the devices of this group (deviceGroup tag)
-    success: float = DEFAULT_SUCCESS  # percent of the phase's devices applied and healthy
-    manual: bool = False  # advance only on approval
-    max_errors: int | None = None  # failures allowed (count); more pauses or aborts
-    max_errors_percent: float | None = None  # failures allowed (percent of the phase)
-    on_error: str = "pause"  # or "abort"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "percent": self.percent,
-            "group": self.group,
-            "success": self.success,
-            "manual": self.manual,
-            "max_errors": self.max_errors,
-            "max_errors_percent": self.max_errors_percent,
-            "on_error": self.on_error,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Phase:
-        return cls(
-            percent=data.get("percent"),
-            group=data.get("group"),
-            success=float(data.get("success", DEFAULT_SUCCESS)),
-            manual=bool(data.get("manual", False)),
-            max_errors=data.get("max_errors"),
-            max_errors_percent=data.get("max_errors_percent"),
-            on_error=str(data.get("on_error", "pause")),
-        )
-
-    @property
-    def label(self) -> str:
-        return f"{self.percent:g}%" if self.percent is not None else f"group {self.group}"
-
-    def exceeded(self, failed: int, targeted: int) -> bool:
-        """Whether ``failed`` devices of ``targeted`` are more than this phase allows."""
-        if self.max_errors is not None and failed > self.max_errors:
-            return True
-        return (
-            self.max_errors_percent is not None
-            and targeted > 0
-            and failed * 100 > self.max_errors_percent * targeted
-        )
-
-    def succeeded(self, succeeded: int, targeted: int) -> bool:
-        """Whether the phase is done. A phase that targets no device is never done by itself
-        (a mistyped group would otherwise pass at once and open the next phases): it waits
-        until a device falls into it, or an operator approves it."""
-        return targeted > 0 and succeeded * 100 >= self.success * targeted
-
-
-def check_phases(phases: Sequence[Phase]) -> None:
-    """Raise UsageError unless ``phases`` make a rollout."""
-    if not phases:
-        raise UsageError("a rollout needs at least one phase")
-    if len(phases) > MAX_PHASES:
-        raise UsageError(f"a rollout has at most {MAX_PHASES} phases", value=len(phases))
-    last = 0.0
-    groups: set[str] = set()
-    for number, phase in enumerate(phases, 1):
-        where = f"phase {number}"
-        if (phase.percent is None) == (phase.group is None):
-            raise UsageError(f"{where}: give either a percentage or a group")
-        if phase.percent is not None:
-            if not 0 < phase.percent <= 100:
-                raise UsageError(f"{where}: {phase.percent}% is not in (0, 100]", value=phase)
-            if phase.percent <= last:
-                raise UsageError(
-                    f"{where}: percentages are cumulative and must grow "
-                    f"({phase.percent:g}% after {last:g}%)",
-                    value=phase.percent,
-                )
-            last = phase.percent
-        if phase.group is not None:
-            if not phase.group or phase.group in groups:
-                raise UsageError(f"{where}: group {phase.group!r} is empty or repeated")
-            groups.add(phase.group)
-        if not 0 <= phase.success <= 100:
-            raise UsageError(f"{where}: success {phase.success}% is not in [0, 100]")
-        if phase.max_errors is not None and phase.max_errors < 0:
-            raise UsageError(f"{where}: max_errors cannot be negative")
-        if phase.max_errors_percent is not None and not 0 <= phase.max_errors_percent <= 100:
-            raise UsageError(f"{where}: max_errors_percent is not in [0, 100]")
-        if phase.on_error not in ON_ERROR:
-            raise UsageError(f"{where}: on_error must be 'pause' or 'abort'", value=phase.on_error)
-
-
-def phases_of(rollout: Rollout) -> list[Phase]:
-    return [Phase.from_json(p) for p in rollout.phases]
-
-
-def bucket(deployment_id: int, serial: str) -> int:
-    """The device's stable place (0..9999) in one deployment's percentage phases."""
-    digest = hashlib.sha256(f"{deployment_id}:{serial}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % BUCKETS
-
-
-def phase_of(
-    phases: Sequence[Phase], deployment_id: int, serial: str, tags: Mapping[str, str]
-) -> int | None:
-    """The first phase (from 1) that admits the device, or None (beyond the last percentage)."""
-    place = bucket(deployment_id, serial)
-    for number, phase in enumerate(phases, 1):
-        if phase.group is not None and tags.get(GROUP_TAG) == phase.group:
-            return number
-        if phase.percent is not None and place < round(phase.percent * BUCKETS / 100):
-            return number
-    return None
+ACT_ATTEMPTS = 10  # compare-and-set attempts of an operator's action
 
 
 # --- maintenance windows -----------------------------------------------------------------------
@@ -349,10 +269,12 @@ def parse_window(text: str) -> Window:
 @dataclass(frozen=True)
 class Standing:
     """What the server knows about one device in the rollouts: its status in each deployment
-    (``deployment_devices``) and the frozen rollouts whose snapshot holds it."""
+    (``deployment_devices``), the rollouts that hold a row for it (for a frozen rollout: its
+    snapshot) and its phase in each of them (rollout id -> phase)."""
 
     statuses: Mapping[int, tuple[str, str | None]] = field(default_factory=dict)
     members: frozenset[int] = frozenset()
+    phases: Mapping[int, int] = field(default_factory=dict)
 
 
 def _status(rollout: Rollout, standing: Standing | None) -> tuple[str | None, str | None]:
@@ -362,16 +284,82 @@ def _status(rollout: Rollout, standing: Standing | None) -> tuple[str | None, st
 
 
 def _phase_open(rollout: Rollout, device: Device, standing: Standing | None) -> bool:
-    if rollout.frozen and (standing is None or rollout.id not in standing.members):
-        return False
-    number = phase_of(phases_of(rollout), rollout.deployment_id, device.serial, device_tags(device))
+    number = standing.phases.get(rollout.id) if standing is not None else None
+    if number is None:
+        if rollout.frozen and (standing is None or rollout.id not in standing.members):
+            return False  # not in the snapshot
+        tags = device_tags(device)
+        number = phase_of(phases_of(rollout), rollout.deployment_id, device.serial, tags)
     return number is not None and (rollout.state == COMPLETED or number <= rollout.phase)
+
+
+def joins(rollout: Rollout) -> bool:
+    """Whether devices first seen now get a row in the rollout: it is not aborted and, if
+    frozen, has not started (its snapshot is taken then)."""
+    return rollout.state != ABORTED and not (rollout.frozen and phasing.started(rollout))
+
+
+async def standing_of(
+    db: AsyncSession,
+    device: Device,
+    candidates: Sequence[tuple[Deployment, Artifact, Rollout]],
+    now: datetime,
+) -> Standing:
+    """The device's standing (one query), after giving it its row in each rollout of
+    ``candidates`` (active phased deployments) that it joins now: a dynamic rollout that has
+    started and whose deployment targets the device. A row of a dynamic rollout whose
+    deployment no longer targets the device, which never reported about it, is removed (it no
+    longer counts in the phase). Rows are written in the caller's transaction."""
+    serial = device.serial
+    found: Result[int, int, str | None, str | None, int | None] = await db.execute(
+        union_all(
+            select(
+                literal(0).label("kind"),
+                DeploymentDevice.deployment_id.label("id"),
+                DeploymentDevice.status.label("status"),
+                DeploymentDevice.error.label("error"),
+                null().cast(Integer).label("phase"),
+            ).where(DeploymentDevice.device_serial == serial),
+            select(
+                literal(1),
+                RolloutDevice.rollout_id,
+                null().cast(String),
+                null().cast(String),
+                RolloutDevice.phase,
+            ).where(RolloutDevice.device_serial == serial),
+        )
+    )
+    statuses: dict[int, tuple[str, str | None]] = {}
+    rows: dict[int, int] = {}
+    for kind, key, status, error, phase in found:
+        if kind == 0 and status is not None:
+            statuses[key] = (status, error)
+        elif kind == 1 and phase is not None:
+            rows[key] = phase
+    for deployment, artifact, rollout in candidates:
+        if not joins(rollout):
+            continue
+        targeted = targets(deployment, artifact, device, parse_condition(deployment.condition))
+        if rollout.id in rows:
+            if not targeted and deployment.id not in statuses:
+                await phasing.forget(db, serial, rollout.id)
+                del rows[rollout.id]
+            continue
+        if not targeted:
+            continue
+        phase = phase_of(phases_of(rollout), deployment.id, serial, device_tags(device))
+        if phase is None:
+            continue
+        status = statuses.get(deployment.id, (None, None))[0]
+        await phasing.place(db, rollout, serial, phase, now, status=status)
+        rows[rollout.id] = phase
+    return Standing(statuses, frozenset(rows), rows)
 
 
 def admits(rollout: Rollout, device: Device, standing: Standing | None, now: datetime) -> bool:
     """Whether the rollout lets ``device`` be offered its deployment at ``now``.
 
-    Without ``standing`` (what offers.standing_of loads), a frozen rollout admits nobody
+    Without ``standing`` (what :func:`standing_of` loads), a frozen rollout admits nobody
     and a download in progress gets no special treatment."""
     status, error = _status(rollout, standing)
     if status == "reverted" or rollout.state == ABORTED:
@@ -404,19 +392,12 @@ def admits_anonymous(rollout: Rollout, now: datetime) -> bool:
     )
 
 
-# --- health ------------------------------------------------------------------------------------
+async def forget_device(db: AsyncSession, serial: str) -> None:
+    """A deleted device leaves every rollout's rows and counts (in the caller's transaction)."""
+    await phasing.forget(db, serial)
 
 
 # --- counting ----------------------------------------------------------------------------------
-
-
-@dataclass
-class PhaseCount:
-    number: int
-    targeted: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: empty_counts())
 
 
 @dataclass
@@ -427,84 +408,26 @@ class Loaded:
 
 
 async def _load(db: AsyncSession, rollout_id: int, *, lock: bool) -> Loaded | None:
-    query = select(Rollout).where(Rollout.id == rollout_id)
+    """The rollout with its deployment and artifact (one query; ``lock``: the rollout's row
+    lock on PostgreSQL)."""
+    query = (
+        select(Rollout, Deployment, Artifact)
+        .join(Deployment, Deployment.id == Rollout.deployment_id)
+        .join(Artifact, Artifact.id == Deployment.artifact_id)
+        .where(Rollout.id == rollout_id)
+    )
     if lock:
-        query = query.with_for_update()
-    rollout = (
-        await db.execute(query.execution_options(populate_existing=True))
-    ).scalar_one_or_none()
-    if rollout is None:
-        return None
-    row = (
-        await db.execute(
-            select(Deployment, Artifact)
-            .join(Artifact, Artifact.id == Deployment.artifact_id)
-            .where(Deployment.id == rollout.deployment_id)
-            .execution_options(populate_existing=True)
-        )
-    ).one_or_none()
+        query = query.with_for_update(of=Rollout)
+    row = (await db.execute(query.execution_options(populate_existing=True))).one_or_none()
     if row is None:
         return None
-    return Loaded(rollout, row[0], row[1])
+    return Loaded(row[0], row[1], row[2])
 
 
-def _is_target(device: Device, loaded: Loaded, required: Mapping[str, str]) -> bool:
-    """Whether the deployment targets ``device`` now (tags, board, version)."""
-    board = loaded.artifact.board
-    if not matches(dict(required), device_tags(device)):
-        return False
-    if board and device.board and board != device.board:
-        return False
-    return wanted(loaded.deployment, loaded.artifact, device.version)
-
-
-async def _targeted(db: AsyncSession, loaded: Loaded) -> list[str]:
-    """Serials of the devices the deployment targets now, whatever their phase."""
-    required = parse_condition(loaded.deployment.condition)
-    return [d.serial for d in await db.scalars(select(Device)) if _is_target(d, loaded, required)]
-
-
-async def census(db: AsyncSession, loaded: Loaded, now: datetime) -> list[PhaseCount]:
-    """Per phase: the devices it targets and where they stand. A device counts in a phase when
-    the deployment targets it now or it has reported about the deployment."""
-    rollout, deployment = loaded.rollout, loaded.deployment
-    phases = phases_of(rollout)
-    required = parse_condition(deployment.condition)
-    stats = [PhaseCount(n) for n in range(1, len(phases) + 1)]
-    rows = {
-        r.device_serial: r
-        for r in await db.scalars(
-            select(DeploymentDevice).where(DeploymentDevice.deployment_id == deployment.id)
-        )
-    }
-    members: set[str] | None = None
-    if rollout.frozen and rollout.state != SCHEDULED:
-        members = set(
-            await db.scalars(
-                select(RolloutTarget.device_serial).where(RolloutTarget.rollout_id == rollout.id)
-            )
-        )
-    soaked = now - timedelta(seconds=rollout.soak or 0)
-    for device in await db.scalars(select(Device)):
-        row = rows.get(device.serial)
-        if row is None and (
-            (members is not None and device.serial not in members)
-            or not _is_target(device, loaded, required)
-        ):
-            continue
-        number = phase_of(phases, deployment.id, device.serial, device_tags(device))
-        if number is None:
-            continue
-        count = stats[number - 1]
-        count.targeted += 1
-        if row is None:
-            continue
-        count.counts[label_of(row.status)] += 1
-        if row.status == "applied" and (row.applied_at is None or row.applied_at <= soaked):
-            count.succeeded += 1
-        elif row.status in FAILED_STATES:
-            count.failed += 1
-    return stats
+async def tally(db: AsyncSession, loaded: Loaded, now: datetime) -> list[PhaseCount]:
+    """Per phase: the devices it targets and where they stand (phases.tally: the counters,
+    never the devices)."""
+    return await phasing.tally(db, loaded.rollout, now)
 
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -660,12 +583,17 @@ class RolloutEngine:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("rollout evaluation failed")
+            except Exception as exc:
+                down = unavailable(exc)
+                if down is None:
+                    log.exception("rollout evaluation failed")
+                else:  # one line per tick while the database is away, not a traceback
+                    log.warning("rollout evaluation failed: %s (%s)", down.message, down.value)
 
     async def tick(self) -> None:
-        """One round: time-based health rules and transitions of every live rollout, and the
-        status history's retention."""
+        """One round: time-based health rules (confirm timeouts, soaks ending) and transitions
+        of every live rollout, and the status history's retention. With no traffic it reads a
+        few rows per live rollout, never its devices."""
         async with self.sessions() as db:
             ids = list(
                 await db.scalars(
@@ -687,19 +615,35 @@ class RolloutEngine:
                 loaded = await _load(db, rollout_id, lock=False)
                 if loaded is None or loaded.rollout.state not in LIVE:
                     return
-                if decide(loaded, await census(db, loaded, now), now) is None:
+                if decide(loaded, await tally(db, loaded, now), now) is None:
+                    if loaded.rollout.seeded_at is None:
+                        await self._seed(db, loaded, now)  # a new rollout that waits
                     return
                 await db.rollback()
                 # something is due: look again under the row lock, then compare-and-set
                 loaded = await _load(db, rollout_id, lock=True)
                 if loaded is None:
                     return
-                step = decide(loaded, await census(db, loaded, now), now)
+                step = decide(loaded, await tally(db, loaded, now), now)
                 if step is None:
                     await db.rollback()
                     return
                 await self._apply(db, loaded, step, "engine", now)
         log.warning("rollout %s: more than %s transitions in one evaluation", rollout_id, MAX_STEPS)
+
+    async def _seed(self, db: AsyncSession, loaded: Loaded, now: datetime) -> None:
+        """Rows for the devices registered now, so that a scheduled rollout shows what its
+        phases hold; the start adds the devices registered since (rows are made once,
+        whoever makes them)."""
+        rollout = loaded.rollout
+        await phasing.seed(db, rollout, loaded.deployment, loaded.artifact, now)
+        await db.execute(
+            update(Rollout)
+            .where(Rollout.id == rollout.id)
+            .values(seeded_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        await db.commit()
 
     async def changed(self, deployment_ids: Iterable[int | None]) -> None:
         """Devices' standing changed in these deployments: evaluate their rollouts. Never
@@ -730,17 +674,26 @@ class RolloutEngine:
         phase: int | None = None,
         reason: str | None = None,
     ) -> None:
-        """An operator's pause, resume, abort or approve (NotFoundError, ConflictError when impossible)."""
-        for _ in range(10):
+        """An operator's pause, resume, abort or approve. Raises NotFoundError, and
+        ConflictError when it is impossible, or when it could not be applied after
+        ``ACT_ATTEMPTS`` tries (other transitions kept winning, or the transition was
+        already recorded): never a silent success."""
+        for _ in range(ACT_ATTEMPTS):
             async with self.sessions() as db:
                 now = self.now()
                 loaded = await _load(db, rollout_id, lock=True)
                 if loaded is None:
                     raise NotFoundError(f"rollout {rollout_id} not found")
-                stats = await census(db, loaded, now)
+                stats = await tally(db, loaded, now)
                 step = operator_step(loaded, action, stats, now, phase=phase, reason=reason)
                 if step is None or await self._apply(db, loaded, step, actor, now):
                     break
+        else:
+            raise ConflictError(
+                f"rollout {rollout_id}: the {action} could not be applied after "
+                f"{ACT_ATTEMPTS} attempts (another change kept getting there first); "
+                "look at the rollout and try again"
+            )
         await self.evaluate(rollout_id)
 
     async def _apply(
@@ -748,6 +701,7 @@ class RolloutEngine:
     ) -> bool:
         """Compare-and-set the transition; False when another process got there first."""
         rollout = loaded.rollout
+        rollout_id, phase = rollout.id, rollout.phase  # a rollback expires the row
         values: dict[str, Any] = {
             "state": step.state,
             "phase": step.phase,
@@ -757,6 +711,8 @@ class RolloutEngine:
         }
         if step.phase != rollout.phase or step.kind == "started":
             values["phase_started_at"] = now
+        if step.kind == "started":
+            values["seeded_at"] = now
         if step.acknowledged is not None:
             values["acknowledged"] = step.acknowledged
         try:
@@ -782,9 +738,10 @@ class RolloutEngine:
                     detail=(step.detail or None) and step.detail[:256],
                 )
             )
-            if step.kind == "started" and rollout.frozen:
-                for serial in await _targeted(db, loaded):
-                    db.add(RolloutTarget(rollout_id=rollout.id, device_serial=serial))
+            if step.kind == "started":
+                # the devices registered now get their rows (a frozen rollout's snapshot);
+                # later ones join at their first check-in (phases.py)
+                await phasing.seed(db, rollout, loaded.deployment, loaded.artifact, now)
             if step.cancel:
                 await db.execute(
                     update(Deployment)
@@ -794,26 +751,27 @@ class RolloutEngine:
                     .values(cancelled_at=now)
                     .execution_options(synchronize_session=False)
                 )
+            await revision.bump(db)  # offers cached by every process change with this
             await db.commit()
         except IntegrityError:
             # the unique (rollout, kind, phase) event: another process already did this
             await db.rollback()
             log.warning(
                 "rollout %s: %s of phase %s was already recorded",
-                rollout.id,
+                rollout_id,
                 step.kind,
-                rollout.phase,
+                phase,
             )
             return False
         except OperationalError as exc:  # SQLite: another writer's snapshot won
             await db.rollback()
-            log.info("rollout %s: transition retried after %s", rollout.id, exc.orig)
+            log.info("rollout %s: transition retried after %s", rollout_id, exc.orig)
             return False
         log.info(
             "rollout %s: %s (phase %s -> %s, %s) by %s%s",
-            rollout.id,
+            rollout_id,
             step.kind,
-            rollout.phase,
+            phase,
             step.phase,
             step.state,
             actor,
@@ -825,42 +783,50 @@ class RolloutEngine:
 
     async def sweep_unconfirmed(self, rollout_id: int) -> None:
         """Devices that reported ``applying`` longer than ``confirm_timeout`` ago and never
-        checked in with the new version fail (``not confirmed in time``)."""
+        checked in with the new version fail (``not confirmed in time``); applied devices
+        whose soak has ended count as succeeded."""
         async with self.sessions() as db:
             rollout = await db.get(Rollout, rollout_id)
-            if rollout is None or not rollout.confirm_timeout:
+            if rollout is None:
                 return
             now = self.now()
+            if rollout.soak and await phasing.promote(db, rollout, now):
+                await db.commit()
+            if not rollout.confirm_timeout:
+                return
             cutoff = now - timedelta(seconds=rollout.confirm_timeout)
+            # the rollout's rows that went to applying before the cutoff (an index range:
+            # the devices that are late, not all of them)
             late = list(
                 await db.scalars(
-                    select(DeploymentDevice).where(
-                        DeploymentDevice.deployment_id == rollout.deployment_id,
-                        DeploymentDevice.status == "applying",
-                        DeploymentDevice.updated_at < cutoff,
+                    select(RolloutDevice.device_serial).where(
+                        RolloutDevice.rollout_id == rollout.id,
+                        RolloutDevice.status == "applying",
+                        RolloutDevice.updated_at < cutoff,
                     )
                 )
             )
-            for row in late:
+            for serial in late:
                 result = cast(
                     "CursorResult[Any]",
                     await db.execute(
                         update(DeploymentDevice)
                         .where(
-                            DeploymentDevice.deployment_id == row.deployment_id,
-                            DeploymentDevice.device_serial == row.device_serial,
+                            DeploymentDevice.deployment_id == rollout.deployment_id,
+                            DeploymentDevice.device_serial == serial,
                             DeploymentDevice.status == "applying",
-                            DeploymentDevice.updated_at == row.updated_at,
+                            DeploymentDevice.updated_at < cutoff,
                         )
                         .values(status="error", error=NOT_CONFIRMED, updated_at=now)
                         .execution_options(synchronize_session=False)
                     ),
                 )
                 if result.rowcount == 1:
+                    await phasing.note(db, rollout, serial, None, "error", None, now)
                     db.add(
                         StatusReport(
-                            device_serial=row.device_serial,
-                            deployment_id=row.deployment_id,
+                            device_serial=serial,
+                            deployment_id=rollout.deployment_id,
                             status="error",
                             error=NOT_CONFIRMED,
                             created_at=now,
@@ -936,7 +902,7 @@ async def view(db: AsyncSession, rollout_id: int, now: datetime) -> RolloutView 
     if loaded is None:
         return None
     rollout = loaded.rollout
-    stats = await census(db, loaded, now)
+    stats = await tally(db, loaded, now)
     events = list(
         await db.scalars(
             select(RolloutEvent)
@@ -1005,9 +971,17 @@ async def view(db: AsyncSession, rollout_id: int, now: datetime) -> RolloutView 
         updated_at=rollout.updated_at,
         phase_started_at=rollout.phase_started_at,
         targeted=sum(c.targeted for c in stats),
-        counts=await reports.counts(db, rollout.deployment_id),
+        counts=_summed(stats),
         phases=views,
     )
+
+
+def _summed(stats: Sequence[PhaseCount]) -> dict[str, int]:
+    total = empty_counts()
+    for count in stats:
+        for label, n in count.counts.items():
+            total[label] += n
+    return total
 
 
 def new_rollout(

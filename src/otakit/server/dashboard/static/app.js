@@ -9,9 +9,10 @@
   const TOKEN_KEY = "otakit.adminToken";
   const POLL_MS = 1500; // live progress: deployments, rollouts and devices are polled this often
   const PAGE = 25; // deployments shown before "Show more"
-  const MAX_DEVICE_ROWS = 500;
+  const DEVICE_PAGE = 100; // devices per page: the registry is never loaded whole
+  const ARTIFACT_PAGE = 100; // artifacts per page (and the choices when deploying)
   const LIVE_STATES = ["scheduled", "running", "paused"];
-  const COUNT_ORDER = ["Applied", "Applying", "Unknown", "Downloading", "Interrupted", "Error"];
+  const COUNT_ORDER = ["Applied", "Applying", "Unknown", "Downloading", "Interrupted", "Error", "Reverted"];
   const VIEWS = ["deployments", "devices", "artifacts"];
 
   const $ = (id) => document.getElementById(id);
@@ -80,7 +81,7 @@
     }
   }
 
-  async function api(method, path, body, token) {
+  async function api(method, path, body, token, pageOf) {
     const bearer = token || sessionStorage.getItem(TOKEN_KEY);
     const headers = { accept: "application/json" };
     if (bearer) headers.authorization = `Bearer ${bearer}`;
@@ -112,7 +113,16 @@
       const message = (data && data.message) || response.statusText || "the call failed";
       throw new ApiError(call, response.status, code, message);
     }
+    if (pageOf) pageOf.next = response.headers.get("x-next-cursor");
     return data;
+  }
+
+  // One page of a paged list (GET): its items and the cursor of the next page (null: the last).
+  async function apiPage(path, params) {
+    const query = new URLSearchParams(Object.entries(params).filter(([, v]) => v !== "" && v !== null && v !== undefined));
+    const found = { next: null };
+    const items = await api("GET", `${path}?${query}`, undefined, undefined, found);
+    return { items, next: found.next };
   }
 
   // --- messages ---------------------------------------------------------------------------------
@@ -167,6 +177,10 @@
     artifacts: [],
     products: [],
     devices: [],
+    deviceCounts: null, // { total, statuses } of the devices matching the filters but status
+    devicePages: { key: null, cursors: [null], next: null }, // cursors of the pages seen so far
+    artifactPages: { cursors: [null], next: null },
+    moreDeployments: false,
     drawer: null, // { serial, older: bool, last: id }
     pollTimer: null,
     polling: false,
@@ -211,6 +225,8 @@
     state.deployments = [];
     state.rollouts.clear();
     state.devices = [];
+    state.devicePages = { key: null, cursors: [null], next: null };
+    state.artifactPages = { cursors: [null], next: null };
     $("deployment-list").replaceChildren();
     $("device-rows").replaceChildren();
     $("artifact-rows").replaceChildren();
@@ -284,10 +300,10 @@
     try {
       const [products, artifacts] = await Promise.all([
         api("GET", "/api/v1/products"),
-        api("GET", "/api/v1/artifacts"),
+        apiPage("/api/v1/artifacts", { limit: ARTIFACT_PAGE }),
       ]);
       state.products = products;
-      state.artifacts = artifacts;
+      state.artifacts = artifacts.items;
       fillProducts();
       fillArtifactChoices();
     } catch (err) {
@@ -323,11 +339,17 @@
   // --- deployments ------------------------------------------------------------------------------
 
   function countsKey(d) {
-    return JSON.stringify([d.counts, d.reverted, d.active, d.cancelled_at]);
+    return JSON.stringify([d.counts, d.active, d.cancelled_at]);
   }
 
   async function refreshDeployments() {
-    const deployments = await api("GET", "/api/v1/deployments");
+    // one page: as many as are shown (and one more, to know whether to offer "Show more")
+    const found = await apiPage("/api/v1/deployments", {
+      limit: state.shown,
+      active: $("show-finished").checked ? "" : "true",
+    });
+    const deployments = found.items;
+    state.moreDeployments = found.next !== null;
     const visible = visibleDeployments(deployments);
     // A rollout is read again while it can change by itself, or when its devices moved.
     const stale = visible.filter((d) => {
@@ -375,7 +397,7 @@
       }
     }
     show($("deployments-empty"), state.deployments.length === 0);
-    show($("deployments-more"), all.length > visible.length);
+    show($("deployments-more"), all.length > visible.length || Boolean(state.moreDeployments));
   }
 
   function newCard(d) {
@@ -481,7 +503,6 @@
           el("strong", { text: String(counts[name] || 0) }),
         ),
       ),
-      d.reverted ? el("li", { "data-testid": `${prefix}-Reverted`, text: `(${d.reverted} reverted)` }) : null,
       anonymousCount(d) ? el("li", { "data-testid": `${prefix}-anonymous`, text: `(${anonymousCount(d)} anonymous)` }) : null,
     );
   }
@@ -805,43 +826,67 @@
 
   // --- devices ----------------------------------------------------------------------------------
 
+  // The filters are applied by the server, which answers one page and the counts: a refresh
+  // costs one page and one grouped count whatever the size of the fleet.
+  function deviceFilters() {
+    return {
+      product: $("f-product").value,
+      group: $("f-group").value.trim(),
+      status: $("f-status").value,
+      version: $("f-version").value.trim(),
+      q: $("f-serial").value.trim(),
+    };
+  }
+
   async function refreshDevices() {
-    const params = new URLSearchParams();
-    const product = $("f-product").value;
-    const group = $("f-group").value.trim();
-    if (product) params.set("product", product);
-    if (group) params.set("group", group);
-    const query = params.toString();
-    const devices = await api("GET", `/api/v1/devices${query ? `?${query}` : ""}`);
-    state.devices = devices;
+    const filters = deviceFilters();
+    const key = JSON.stringify(filters);
+    if (state.devicePages.key !== key) state.devicePages = { key, cursors: [null] };
+    const pages = state.devicePages;
+    const cursor = pages.cursors[pages.cursors.length - 1];
+    const [found, counts] = await Promise.all([
+      apiPage("/api/v1/devices", { ...filters, limit: DEVICE_PAGE, cursor }),
+      apiPage("/api/v1/device-counts", { ...filters, status: "" }),
+    ]);
+    if (state.devicePages !== pages) return; // the filters changed meanwhile
+    state.devices = found.items;
+    pages.next = found.next;
+    state.deviceCounts = counts.items;
     renderDevices();
     if (state.drawer && !state.drawer.older) await loadHistory(false);
   }
 
-  function deviceMatches(device) {
-    const status = $("f-status").value;
-    const version = $("f-version").value.trim();
-    if (status === "none" && device.status) return false;
-    if (status && status !== "none" && device.status !== status) return false;
-    if (version && !(device.version || "").startsWith(version)) return false;
-    return true;
-  }
-
   function renderDevices() {
-    const matching = state.devices.filter(deviceMatches);
-    const rows = matching.slice(0, MAX_DEVICE_ROWS);
+    const rows = state.devices;
     const signature = JSON.stringify([rows, Math.floor(Date.now() / 10000)]);
     const body = $("device-rows");
     if (body.dataset.signature !== signature) {
       body.dataset.signature = signature;
       keepFocus(body, () => body.replaceChildren(...rows.map(deviceRow)));
     }
-    const summary =
-      matching.length > rows.length
-        ? `Showing the first ${rows.length} of ${matching.length} matching devices.`
-        : `${matching.length} matching device${matching.length === 1 ? "" : "s"}` +
-          (matching.length !== state.devices.length ? ` (of ${state.devices.length}).` : ".");
+    const counts = state.deviceCounts || { total: 0, statuses: {} };
+    const status = $("f-status").value;
+    const matching = status ? counts.statuses[status] || 0 : counts.total;
+    const pages = state.devicePages;
+    const first = (pages.cursors.length - 1) * DEVICE_PAGE;
+    let summary =
+      `${matching} matching device${matching === 1 ? "" : "s"}` +
+      (matching !== counts.total ? ` (of ${counts.total}).` : ".");
+    if (rows.length && (first > 0 || pages.next)) {
+      summary += ` Showing ${first + 1}–${first + rows.length}.`;
+    }
     $("device-summary").textContent = summary;
+    show($("devices-prev"), pages.cursors.length > 1);
+    show($("devices-next"), Boolean(pages.next));
+  }
+
+  function turnDevicePage(forward) {
+    const pages = state.devicePages;
+    if (forward && pages.next) pages.cursors.push(pages.next);
+    else if (!forward && pages.cursors.length > 1) pages.cursors.pop();
+    else return;
+    $("device-rows").dataset.signature = "";
+    poll();
   }
 
   function deviceRow(device) {
@@ -960,7 +1005,15 @@
   // --- artifacts --------------------------------------------------------------------------------
 
   async function refreshArtifacts() {
-    state.artifacts = await api("GET", "/api/v1/artifacts");
+    const pages = state.artifactPages;
+    const found = await apiPage("/api/v1/artifacts", {
+      limit: ARTIFACT_PAGE,
+      cursor: pages.cursors[pages.cursors.length - 1],
+    });
+    pages.next = found.next;
+    state.artifacts = found.items;
+    show($("artifacts-prev"), pages.cursors.length > 1);
+    show($("artifacts-next"), Boolean(pages.next));
     fillArtifactChoices();
     const signature = JSON.stringify(state.artifacts);
     const body = $("artifact-rows");
@@ -969,6 +1022,14 @@
       body.replaceChildren(...state.artifacts.map(artifactRow));
     }
     show($("artifacts-empty"), state.artifacts.length === 0);
+  }
+
+  function turnArtifactPage(forward) {
+    const pages = state.artifactPages;
+    if (forward && pages.next) pages.cursors.push(pages.next);
+    else if (!forward && pages.cursors.length > 1) pages.cursors.pop();
+    else return;
+    poll();
   }
 
   function artifactRow(a) {
@@ -1031,6 +1092,10 @@
     $("device-filters").addEventListener("input", filtersChanged);
     $("device-filters").addEventListener("change", filtersChanged);
     $("device-filters").addEventListener("submit", (event) => event.preventDefault());
+    $("devices-next").addEventListener("click", () => turnDevicePage(true));
+    $("devices-prev").addEventListener("click", () => turnDevicePage(false));
+    $("artifacts-next").addEventListener("click", () => turnArtifactPage(true));
+    $("artifacts-prev").addEventListener("click", () => turnArtifactPage(false));
     $("drawer-close").addEventListener("click", closeDrawer);
     $("history-more").addEventListener("click", () => act(() => loadHistory(true)));
     document.addEventListener("keydown", (event) => {

@@ -1,0 +1,22 @@
+"""Loaded by a server process whose PYTHONPATH starts with this folder (tests/test_device_flows.py):
+every SQL statement any SQLAlchemy engine of the process sends is appended, one line each, to
+the file ``OTAKIT_SQL_LOG`` names, so a test can count the statements a request costs in a
+real ``otakit serve`` process."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_PATH = os.environ.get("OTAKIT_SQL_LOG")
+
+if _PATH:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def _log(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        assert _PATH is not None
+        with open(_PATH, "a", encoding="utf-8") as out:
+            out.write(" ".join(statement.split())[:300] + "\n")
+
+    event.listen(Engine, "before_cursor_execute", _log)
