@@ -47,6 +47,12 @@ bench-mqtt: $(STAMP)
 bench-fleet: $(STAMP)
 	$(BIN)/python bench/fleet_bench.py
 
+# 1k, 10k and 100k registered devices with a 3-phase rollout, SQLite and PostgreSQL: server CPU per
+# report, idle check-in, rollout view and dashboard refresh, next to nginx (~15 min).
+.PHONY: bench-scale
+bench-scale: $(STAMP) services
+	$(BIN)/python bench/scale_bench.py
+
 services:
 	scripts/ensure-services.sh
 

@@ -14,10 +14,9 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from otakit.protocol import states
 from otakit.server.database import insert
 from otakit.server.models import AnonymousDevice
 
@@ -83,20 +82,6 @@ async def _cap(session: AsyncSession, keep: int) -> None:
         await session.execute(
             delete(AnonymousDevice).where(AnonymousDevice.last_seen < oldest_kept)
         )
-
-
-async def counts(session: AsyncSession, deployment_id: int) -> dict[str, int]:
-    """Anonymous devices per state label in a deployment, ``Offered`` for those that only
-    fetched the job so far."""
-    result = {"Offered": 0, **states.empty_counts()}
-    rows = await session.execute(
-        select(AnonymousDevice.status, func.count())
-        .where(AnonymousDevice.deployment_id == deployment_id)
-        .group_by(AnonymousDevice.status)
-    )
-    for state, count in rows:
-        result["Offered" if state is None else states.label_of(state)] += count
-    return result
 
 
 async def listing(

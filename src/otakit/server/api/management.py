@@ -167,11 +167,6 @@ async def delete_key(fingerprint: str, db: Db, _admin: Admin) -> Response:
     return Response(status_code=204)
 
 
-async def trusted_keys(db: Db) -> list[PublicKey]:
-    rows = await db.scalars(select(TrustedKey))
-    return [PublicKey.from_pem(k.pem.encode()) for k in rows]
-
-
 # --- artifacts ---------------------------------------------------------------------------------
 
 

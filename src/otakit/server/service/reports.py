@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.errors import UsageError
-from otakit.protocol.states import REPORTED, UNDECIDED, DeviceState, empty_counts, label_of
+from otakit.protocol.states import REPORTED, UNDECIDED, DeviceState
 from otakit.server.models import (
     Artifact,
     Deployment,
@@ -229,30 +229,3 @@ async def note_checkin(
             )
         )
     return changed
-
-
-async def mark_applied_if_running(session: AsyncSession, device: Device) -> None:
-    """A device that checks in running a deployment's version has applied it."""
-    await note_checkin(session, device)
-
-
-async def counts(session: AsyncSession, deployment_id: int) -> dict[str, int]:
-    result = empty_counts()
-    rows = await session.execute(
-        select(DeploymentDevice.status, func.count())
-        .where(DeploymentDevice.deployment_id == deployment_id)
-        .group_by(DeploymentDevice.status)
-    )
-    for state, count in rows:
-        result[label_of(state)] += count
-    return result
-
-
-async def history(
-    session: AsyncSession, serial: str, *, limit: int = 100, before: int | None = None
-) -> list[StatusReport]:
-    """The device's reports, newest first (``before``: only those with a smaller id)."""
-    query = select(StatusReport).where(StatusReport.device_serial == serial)
-    if before is not None:
-        query = query.where(StatusReport.id < before)
-    return list(await session.scalars(query.order_by(StatusReport.id.desc()).limit(limit)))
