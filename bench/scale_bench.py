@@ -27,6 +27,8 @@ the window in which the requests ran, divided by the number of requests:
   device's standing (and the rollout's counts);
 - **idle check-in, waiting**: a device of a phase not yet open checks in (204);
 - **idle check-in, current**: a device already on the new version checks in (204);
+- **idle check-in, again**: current devices that checked in moments ago check in again (204):
+  a poll less than a minute apart, nothing to write (the idle fast path, server/api/idle.py);
 - **rollout view**: ``GET /api/v1/rollouts/{id}``;
 - **dashboard refresh**: what one poll of the dashboard's default view costs
   (``dashboard/static/app.js``: ``GET /api/v1/deployments`` and ``GET /api/v1/rollouts/{id}``
@@ -67,6 +69,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import itertools
 import json
 import os
 import platform
@@ -499,6 +502,20 @@ async def measure_requests(
                 pid, idle, send, opt.requests, opt.cpu_budget, "204"
             )
 
+        # idle check-ins again: current devices that checked in moments ago ask again (a poll
+        # less than checkin.LAST_SEEN_RESOLUTION apart: nothing to write, nothing targets them)
+        again = registry.current[: max(1, min(len(registry.current), opt.requests))]
+        await fire(client, [checkin(i) for i in again], opt.concurrency)  # their visit, written
+        turn = itertools.cycle(again)
+
+        async def repeat(n: int) -> list[Req]:
+            return [checkin(next(turn)) for _ in range(n)]
+
+        print("  idle check-ins (again, within the minute)", file=sys.stderr)
+        out["idle_checkin_again"] = await measure(
+            pid, repeat, send, opt.requests, opt.cpu_budget, "204"
+        )
+
         async def same(n: int, req: Req | None = None) -> int:
             return n
 
@@ -684,6 +701,7 @@ PER_REQUEST = (
     "status_report",
     "idle_checkin_waiting",
     "idle_checkin_current",
+    "idle_checkin_again",
     "rollout_view",
     "dashboard_refresh",
     "dashboard_devices",
@@ -708,7 +726,7 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
         r["rollout_view_ms_largest"] = large["rollout_view"]["server_cpu_ms_per_request"]
         r["dashboard_refresh_ms_largest"] = large["dashboard_refresh"]["server_cpu_ms_per_request"]
         r["dashboard_devices_ms_largest"] = large["dashboard_devices"]["server_cpu_ms_per_request"]
-        for kind in ("waiting", "current"):
+        for kind in ("waiting", "current", "again"):
             ms = large[f"idle_checkin_{kind}"]["server_cpu_ms_per_request"]
             r[f"idle_checkin_{kind}_ms_largest"] = ms
             r[f"idle_checkin_{kind}_vs_nginx"] = (
@@ -741,8 +759,8 @@ def table(results: dict[str, Any]) -> str:
         f"{results['machine']['otakit_from']}; load average {results['load_average']}",
         "",
         "| database | registered | offer check-in | report | idle waiting | idle current | "
-        "rollout view | dashboard refresh | devices page | background % core |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "idle again | rollout view | dashboard refresh | devices page | background % core |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for database, sizes in results["databases"].items():
         for s in sorted(sizes.values(), key=lambda s: s["registered"]):
@@ -767,7 +785,8 @@ def table(results: dict[str, Any]) -> str:
             f"{r['status_report_largest_vs_smallest']}x, idle check-in "
             f"{r['idle_checkin_waiting_largest_vs_smallest']}x; idle check-in vs nginx "
             f"{r['idle_checkin_waiting_vs_nginx']}x (waiting), "
-            f"{r['idle_checkin_current_vs_nginx']}x (current); aims: "
+            f"{r['idle_checkin_current_vs_nginx']}x (current), "
+            f"{r['idle_checkin_again_vs_nginx']}x (again); aims: "
             + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in r["aims"].items())
         )
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """Loaded by a server process whose PYTHONPATH starts with this folder (tests/test_device_flows.py):
-every SQL statement any SQLAlchemy engine of the process sends is appended, one line each, to
-the file ``OTAKIT_SQL_LOG`` names, so a test can count the statements a request costs in a
-real ``otakit serve`` process."""
+every SQL statement any SQLAlchemy engine of the process sends, and every one it sends without
+SQLAlchemy (database.RawReader: the idle check-in, signed downloads), is appended, one line
+each, to the file ``OTAKIT_SQL_LOG`` names, so a test can count the statements a request costs
+in a real ``otakit serve`` process."""
 
 from __future__ import annotations
 
@@ -14,9 +15,25 @@ if _PATH:
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
-    def _log(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+    def _write(statement: str) -> None:
         assert _PATH is not None
         with open(_PATH, "a", encoding="utf-8") as out:
             out.write(" ".join(statement.split())[:300] + "\n")
 
+    def _log(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        _write(statement)
+
     event.listen(Engine, "before_cursor_execute", _log)
+
+    try:
+        from otakit.server.database import RawReader
+    except ImportError:  # a server without it (an earlier checkout)
+        pass
+    else:
+        _fetchone = RawReader.fetchone
+
+        async def _traced(self: RawReader, query: str, *args: Any) -> tuple[Any, ...] | None:
+            _write(query)
+            return await _fetchone(self, query, *args)
+
+        RawReader.fetchone = _traced  # type: ignore[method-assign]

@@ -6,7 +6,7 @@ workers and hosts share it) and, on the very first start, an admin token that is
 printed once. :func:`create_app` builds the FastAPI app: the device and management APIs, the
 dashboard at ``/`` (server/dashboard) and Prometheus metrics at ``/metrics`` (server/metrics.py).
 :func:`serving_app` puts the layers a worker runs in front of it: metrics counting, one log line
-per failed request, then signed downloads.
+per failed request, idle check-ins (api/idle.py), then signed downloads.
 
 A database that does not answer is 503 with ``Retry-After`` and the usual JSON error body
 (database.unavailable decides what counts as "does not answer"; context.http_answer makes the
@@ -42,10 +42,12 @@ from otakit import __version__
 from otakit.errors import BlobStoreError, OtakitError, UnavailableError, UsageError
 from otakit.server import dashboard, downloads, metrics
 from otakit.server.api import device, management, original
+from otakit.server.api.idle import IdleCheckins
 from otakit.server.blobs import BlobStore, open_blob_store
 from otakit.server.body_limits import BodyLimits
 from otakit.server.context import ServerState, http_answer
 from otakit.server.database import (
+    RawReader,
     create_engine,
     migrate,
     server_engine,
@@ -174,6 +176,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         blobs = open_blob_store(settings.blob_url, settings.data_dir)
         app.state.otakit = ServerState(settings, sessions, blobs, key)
         app.state.otakit_presence = presence = artifacts.Presence(settings.database_url)
+        app.state.otakit_idle = idle = RawReader(settings.database_url)
         sweeping = asyncio.create_task(_sweep_cache(sessions, blobs))
         try:
             async with counters.flushing():
@@ -183,6 +186,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeping
             await presence.close()
+            await idle.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -394,12 +398,13 @@ def _with_signed_downloads(app: FastAPI) -> None:
 
 
 def serving_app(settings: ServerSettings) -> metrics.Metered:
-    """The ASGI app a worker runs: metrics counting, signed downloads, then the FastAPI app
-    (its ``app`` attribute)."""
+    """The ASGI app a worker runs: metrics counting, idle check-ins, signed downloads, then the
+    FastAPI app (its ``app`` attribute)."""
     app = create_app(settings)
     _with_signed_downloads(app)
     signed = SignedDownloads(app, lambda: app.state.otakit, lambda: app.state.otakit_presence)
-    return metrics.Metered(Guarded(signed), app, app.state.otakit_metrics)
+    idle = IdleCheckins(signed, lambda: app.state)
+    return metrics.Metered(Guarded(idle), app, app.state.otakit_metrics)
 
 
 def app_from_env() -> metrics.Metered:

@@ -77,18 +77,20 @@ class BodyLimits:
                     send, 413, "TOO_LARGE", f"the request body is larger than {limit} bytes"
                 )
                 return
-        await self.app(scope, _replay(bytes(body), receive), send)
+        await self.app(scope, replay(bytes(body), receive), send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive, *, more: bool = False) -> Receive:
+    """``receive`` of a request whose first ``body`` bytes were read already (``more``: the
+    rest is still to be received from ``receive``)."""
     sent = False
 
     async def replay() -> Message:
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # after the body: wait for the disconnect
+            return {"type": "http.request", "body": body, "more_body": more}
+        return await receive()  # the rest of the body, then the disconnect
 
     return replay
 

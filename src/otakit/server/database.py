@@ -15,11 +15,14 @@ the timeout, SQLite locked) from a bug: the HTTP adapters answer the first with 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event
@@ -185,3 +188,55 @@ def alembic_config(url: str) -> Config:
 def migrate(url: str) -> None:
     """Create or upgrade the schema (call from synchronous code, not inside an event loop)."""
     command.upgrade(alembic_config(url), "head")
+
+
+class RawReader:
+    """Reads one row at a time without SQLAlchemy, for the requests so frequent that a session
+    from the pool would cost more than the answer (the idle check-in): SQLite through a
+    read-only connection of its own (a read in WAL mode never waits); PostgreSQL through one
+    asyncpg connection of its own (a prepared statement, one round trip), opened again after
+    a failure. Queries use ``?`` placeholders. Raises what the driver raises when the database
+    cannot be reached (:func:`unavailable` tells those apart)."""
+
+    def __init__(self, url: str) -> None:
+        self._url = make_url(url)
+        self.sqlite = self._url.get_backend_name() == "sqlite"
+        self._sqlite: sqlite3.Connection | None = None
+        self._connection: Any = None  # asyncpg.Connection (asyncpg has no type hints)
+        self._lock = asyncio.Lock()
+        self._numbered: dict[str, str] = {}
+
+    async def fetchone(self, query: str, *args: Any) -> tuple[Any, ...] | None:
+        if self.sqlite:
+            if self._sqlite is None:
+                path = Path(self._url.database or "").resolve()
+                self._sqlite = sqlite3.connect(
+                    f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False
+                )
+                self._sqlite.execute("PRAGMA busy_timeout=1000")
+            row: tuple[Any, ...] | None = self._sqlite.execute(query, args).fetchone()
+            return row
+        numbered = self._numbered.get(query)
+        if numbered is None:
+            parts = query.split("?")
+            numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+            self._numbered[query] = numbered
+        async with self._lock:
+            if self._connection is None or self._connection.is_closed():
+                dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+                self._connection = await asyncpg.connect(dsn, timeout=10)
+            try:
+                found = await self._connection.fetchrow(numbered, *args)
+            except BaseException:
+                broken, self._connection = self._connection, None
+                broken.terminate()
+                raise
+        return tuple(found) if found is not None else None
+
+    async def close(self) -> None:
+        if self._sqlite is not None:
+            self._sqlite.close()
+            self._sqlite = None
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None

@@ -97,7 +97,12 @@ def add_token(
 
 def usable(token: Token, now: datetime) -> bool:
     """Neither revoked nor expired."""
-    return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)
+    return live(token.revoked_at, token.expires_at, now)
+
+
+def live(revoked_at: datetime | None, expires_at: datetime | None, now: datetime) -> bool:
+    """A token with these dates is neither revoked nor expired at ``now``."""
+    return revoked_at is None and (expires_at is None or expires_at > now)
 
 
 def rotate(db: AsyncSession, old: Token, now: datetime) -> tuple[str, datetime | None]:

@@ -10,16 +10,11 @@ that still holds a cached copy drops it when it next looks (blobs.BlobStore.evic
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import anyio.to_thread
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import delete, select
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,6 +23,7 @@ from otakit.image.keys import PublicKey
 from otakit.protocol.version import FirmwareVersion
 from otakit.server import identity
 from otakit.server.blobs import BlobStore
+from otakit.server.database import RawReader
 from otakit.server.models import Artifact, Deployment, DeploymentDevice, Product, TrustedKey
 from otakit.server.service import offers, revision
 from otakit.server.service.uploads import inspect_upload
@@ -136,54 +132,23 @@ async def exists(db: AsyncSession, artifact_id: str) -> bool:
 
 class Presence:
     """Whether an artifact is recorded, asked once per signed download range, so as cheaply as
-    the database allows (a session from the pool costs several times the range itself): SQLite
-    through a read-only connection of its own (a primary-key read in WAL mode never waits);
-    PostgreSQL through one asyncpg connection of its own (a prepared statement, one round
-    trip; a pool would add a reset query per use), opened again after a failure.
+    the database allows (a session from the pool costs several times the range itself): a
+    primary-key read through database.RawReader (SQLite: a read-only connection of its own;
+    PostgreSQL: one asyncpg connection of its own, a prepared statement, one round trip).
 
     Raises what the database driver raises when the database cannot be reached
     (database.unavailable tells those apart)."""
 
-    _QUERY = "SELECT 1 FROM artifacts WHERE id = {}"
+    _QUERY = "SELECT 1 FROM artifacts WHERE id = ?"
 
     def __init__(self, url: str) -> None:
-        self._url = make_url(url)
-        self._sqlite: sqlite3.Connection | None = None
-        self._connection: Any = None  # asyncpg.Connection (asyncpg has no type hints)
-        self._lock = asyncio.Lock()
+        self._reader = RawReader(url)
 
     async def exists(self, artifact_id: str) -> bool:
-        if self._url.get_backend_name() == "sqlite":
-            return self._sqlite_exists(artifact_id)
-        async with self._lock:
-            if self._connection is None or self._connection.is_closed():
-                dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
-                self._connection = await asyncpg.connect(dsn, timeout=10)
-            try:
-                found = await self._connection.fetchval(self._QUERY.format("$1"), artifact_id)
-            except BaseException:
-                broken, self._connection = self._connection, None
-                broken.terminate()
-                raise
-        return found is not None
-
-    def _sqlite_exists(self, artifact_id: str) -> bool:
-        if self._sqlite is None:
-            path = Path(self._url.database or "").resolve()
-            self._sqlite = sqlite3.connect(
-                f"{path.as_uri()}?mode=ro", uri=True, check_same_thread=False
-            )
-            self._sqlite.execute("PRAGMA busy_timeout=1000")
-        row = self._sqlite.execute(self._QUERY.format("?"), (artifact_id,)).fetchone()
-        return row is not None
+        return await self._reader.fetchone(self._QUERY, artifact_id) is not None
 
     async def close(self) -> None:
-        if self._sqlite is not None:
-            self._sqlite.close()
-            self._sqlite = None
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
+        await self._reader.close()
 
 
 async def stale_copies(db: AsyncSession, keys: list[str]) -> list[str]:

@@ -55,9 +55,14 @@ async def load(db: AsyncSession, serial: str) -> tuple[Device | None, int]:
     return row[0], row[1] or 0
 
 
+def seen_due(last_seen: datetime | None, now: datetime) -> bool:
+    """Whether a visit at ``now`` is to be written (:data:`LAST_SEEN_RESOLUTION`)."""
+    return last_seen is None or now - last_seen > LAST_SEEN_RESOLUTION
+
+
 def seen(device: Device, now: datetime) -> None:
     """Note the device's visit, at most once per :data:`LAST_SEEN_RESOLUTION`."""
-    if device.last_seen is None or now - device.last_seen > LAST_SEEN_RESOLUTION:
+    if seen_due(device.last_seen, now):
         device.last_seen = now
 
 
@@ -118,6 +123,37 @@ async def check_in(
     found = await offers.offer_for(db, device, now, among=among, known=known)
     abort = await _abort_notice(db, device, now) if found is None else None
     return CheckedIn(found, abort, changed)
+
+
+def quiet(
+    device: Device,
+    known: offers.Catalogue,
+    now: datetime,
+    *,
+    version: str | None = None,
+    board: str | None = None,
+    manufacturer: str | None = None,
+    manufacturer_id: str | None = None,
+    boots: int | None = None,
+) -> bool:
+    """Whether :func:`check_in` of ``device`` (as stored) with what it says would change
+    nothing and answer nothing: what it says is what is stored, its visit needs no write, the
+    check-in shows no end of an update (reports.note_checkin), no abort notice can be due and
+    no active offer of ``known`` targets it. False means "ask check_in" (the idle fast path,
+    api/idle.py, decides only the True case itself)."""
+    told = {"board": board, "manufacturer": manufacturer, "manufacturer_id": manufacturer_id}
+    for name, value in told.items():
+        if value is not None and (
+            getattr(device, name) != value or identity.problem(JOB_FIELDS[name], value)
+        ):
+            return False
+    if version is not None and version != device.version:
+        return False
+    if seen_due(device.last_seen, now) or boots is not None:
+        return False
+    if device.status in states.UNDECIDED or device.status in states.DOWNLOADING:
+        return False
+    return not offers.targeting(device, known.active(now))
 
 
 async def _abort_notice(db: AsyncSession, device: Device, now: datetime) -> Abort | None:

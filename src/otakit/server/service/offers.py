@@ -139,6 +139,16 @@ def _copy(row: _Row) -> _Row:
     return type(row)(**{a.key: getattr(row, a.key) for a in mapper.column_attrs})
 
 
+def cached(bind: Any, at: int, now: datetime) -> Catalogue | None:
+    """This process's catalogue of engine ``bind`` (a session's ``get_bind()``) when it is of
+    offers revision ``at`` (and was read before ``now``), else None: :func:`catalogue` reads
+    it then."""
+    found = _catalogues.get(bind)
+    if found is not None and found.revision == at and found.loaded_at <= now:
+        return found
+    return None
+
+
 async def catalogue(
     session: AsyncSession, now: datetime | None = None, *, at: int | None = None
 ) -> Catalogue:
@@ -148,9 +158,9 @@ async def catalogue(
     now = now or utcnow()
     current = at if at is not None else await revision.current(session)
     key = session.get_bind()
-    cached = _catalogues.get(key)
-    if cached is not None and cached.revision == current and cached.loaded_at <= now:
-        return cached
+    found_cached = cached(key, current, now)
+    if found_cached is not None:
+        return found_cached
     rows = await session.execute(
         select(Deployment, Artifact, Rollout)
         .join(Artifact, Artifact.id == Deployment.artifact_id)
