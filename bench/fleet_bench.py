@@ -387,6 +387,11 @@ def main() -> int:
     return 0
 
 
+def _per_core(devices: int | None) -> str:
+    """A capacity figure, or why there is none (no reference run, or CPU below /proc's tick)."""
+    return f"{devices:,}" if devices else "-"
+
+
 def table(results: dict[str, Any]) -> str:
     u, i, r = results["update"], results["idle"], results["reference"]
     c = results["capacity"]
@@ -415,14 +420,10 @@ def table(results: dict[str, Any]) -> str:
         "",
         "| implied devices per server core, 30-minute poll | otakit | nginx (reference) |",
         "|---|---|---|",
-        f"| polling only | {c['devices_per_core_polling_every_30min']:,} | "
-        + (
-            f"{c['nginx_devices_per_core_polling_every_30min']:,} |"
-            if c["nginx_devices_per_core_polling_every_30min"]
-            else "- |"
-        ),
+        f"| polling only | {_per_core(c['devices_per_core_polling_every_30min'])} | "
+        f"{_per_core(c['nginx_devices_per_core_polling_every_30min'])} |",
         f"| every device also takes one full update | "
-        f"{c['devices_per_core_each_updating_within_30min']:,} | - |",
+        f"{_per_core(c['devices_per_core_each_updating_within_30min'])} | - |",
         "",
         f"Fleet process: {u['fleet_cpu_s']} CPU s ({u['fleet_cpu_ms_per_device']} ms per device), "
         f"peak RSS {u['memory']['peak_rss_kib'] / 1024:.0f} MiB, "

@@ -6,16 +6,22 @@ engines)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
+
+from otakit.server.database import create_engine, database_url
+from otakit.server.models import Device, utcnow
 
 from .mqtt_harness import Broker
 from .server_harness import Server, postgres_database, start_server
@@ -127,6 +133,42 @@ def test_idle_checkin_costs_one_statement(traced: tuple[Server, Path]) -> None:
     assert len(selects) <= 2 * rounds, "\n".join(legacy[:12])
     assert len(writes) <= 1, writes  # last_seen, once the minute has passed
     assert any("revisions" in s for s in selects)
+
+
+def test_a_poll_after_a_long_while_costs_two_statements(traced: tuple[Server, Path]) -> None:
+    """A real fleet polls every few minutes or more: each such JSON check-in has its visit to
+    write. That is the fast path's SELECT and one conditional UPDATE of ``last_seen``
+    (api/idle.py), not the route (it was the route's six statements)."""
+    srv, log = traced
+    fleet = setup(srv)
+    fleet.deploy(fleet.upload("1.2.0"))
+    serial, token = fleet.device(srv, "1.2.0")
+    device = srv.client(token)
+    checkin = {"serial": serial, "version": "1.2.0", "board": "B1"}
+    assert device.post("/api/v1/device/checkin", json=checkin).status_code == 204  # warm
+
+    async def long_ago() -> None:
+        engine = create_engine(database_url(srv.database_url, srv.data))
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    update(Device)
+                    .where(Device.serial == serial)
+                    .values(last_seen=utcnow() - timedelta(minutes=30))
+                )
+        finally:
+            await engine.dispose()
+
+    for _ in range(3):
+        asyncio.run(long_ago())
+        before = len(statements(log))
+        assert device.post("/api/v1/device/checkin", json=checkin).status_code == 204
+        sent = statements(log)[before:]
+        assert len(sent) == 2, sent
+        assert sent[0].startswith(IDLE_QUERY), sent
+        assert sent[1].startswith("UPDATE devices SET last_seen"), sent
+        seen = fleet.admin.get(f"/api/v1/devices/{serial}").json()["last_seen"]
+        assert utcnow() - datetime.fromisoformat(seen) < timedelta(minutes=1), seen
 
 
 def test_offers_follow_changes_made_through_another_server(tmp_path: Path) -> None:

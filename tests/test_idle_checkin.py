@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import sqlite3
+import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 
 from otakit.server.database import create_engine, database_url
-from otakit.server.models import Token, utcnow
+from otakit.server.models import Device, Token, utcnow
 
 from .server_harness import Server, postgres_database, start_server
 from .test_device_flows import IDLE_QUERY, QUIET, Setup, setup, statements, traced_env
@@ -52,6 +55,9 @@ class Traced:
         return answer, statements(self.log)[before:]
 
 
+SEEN_UPDATE = "UPDATE devices SET last_seen"  # api/idle.py's write of a due visit
+
+
 def fast(sent: list[str]) -> bool:
     """The fast path answered: its one statement and nothing else."""
     return len(sent) == 1 and sent[0].startswith(IDLE_QUERY)
@@ -76,6 +82,53 @@ def change_token(srv: Server, token: str, column: str, value: object) -> None:
             await engine.dispose()
 
     asyncio.run(run())
+
+
+def set_last_seen(srv: Server, values: dict[str, datetime | None]) -> None:
+    """Set devices' ``last_seen`` through the ORM, as another process."""
+
+    async def run() -> None:
+        engine = create_engine(database_url(srv.database_url, srv.data))
+        try:
+            async with engine.begin() as conn:
+                for serial, when in values.items():
+                    await conn.execute(
+                        update(Device).where(Device.serial == serial).values(last_seen=when)
+                    )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def stored_last_seen(srv: Server, serial: str) -> tuple[datetime | None, object, list[str]]:
+    """A device's ``last_seen`` as the ORM reads it, as the column holds it (raw), and the
+    serials of the devices seen after a minute ago (an ORM comparison)."""
+
+    async def run() -> tuple[datetime | None, object, list[str]]:
+        engine = create_engine(database_url(srv.database_url, srv.data))
+        try:
+            async with engine.connect() as conn:
+                orm = (
+                    await conn.execute(select(Device.last_seen).where(Device.serial == serial))
+                ).scalar_one()
+                raw = (
+                    await conn.execute(
+                        text("SELECT last_seen FROM devices WHERE serial = :s"), {"s": serial}
+                    )
+                ).scalar_one()
+                recent = (
+                    await conn.execute(
+                        select(Device.serial).where(
+                            Device.last_seen > utcnow() - timedelta(minutes=1)
+                        )
+                    )
+                ).scalars()
+                return orm, raw, sorted(recent)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
 
 
 def idle_device(srv: Server, traced: Traced) -> tuple[Setup, str, str, dict[str, str]]:
@@ -236,3 +289,106 @@ def test_an_offer_made_through_another_server_is_seen_at_once(tmp_path: Path) ->
                 two.stop()
         finally:
             one.stop()
+
+
+def test_a_due_visit_is_written_by_the_fast_path(traced: tuple[Server, Path]) -> None:
+    """A device that polls less often than once a minute (checkin.LAST_SEEN_RESOLUTION) has
+    its visit written by the fast path itself: the read and one conditional UPDATE, stored as
+    the ORM stores it (read back, compared and sorted by the ORM); within the minute the next
+    check-in writes nothing."""
+    srv, log = traced
+    t = Traced(srv, log)
+    fleet, serial, token, body = idle_device(srv, t)
+    before, after = fleet.device(srv, "1.2.0")[0], fleet.device(srv, "1.2.0")[0]
+    start = utcnow()
+    set_last_seen(
+        srv,
+        {
+            serial: start - timedelta(minutes=30),
+            before: start - timedelta(seconds=20),  # seen after serial's last visit...
+            after: start + timedelta(minutes=5),  # ...and after its visit to come
+        },
+    )
+    answer, sent = t.post(token, body)
+    assert answer.status_code == 204, (answer.text, sent)
+    assert len(sent) == 2, sent
+    assert sent[0].startswith(IDLE_QUERY), sent
+    assert sent[1].startswith(SEEN_UPDATE), sent
+    seen = fleet.admin.get(f"/api/v1/devices/{serial}").json()["last_seen"]
+    written = datetime.fromisoformat(seen)
+    assert written.tzinfo is not None
+    assert start <= written <= utcnow(), (start, seen)
+    orm, raw, recent = stored_last_seen(srv, serial)
+    assert orm == written
+    assert serial in recent
+    assert before in recent
+    if isinstance(raw, str):  # SQLite: SQLAlchemy's text, UTC without a zone
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", raw), raw
+        assert raw == written.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    newest = fleet.admin.get("/api/v1/devices", params={"sort": "-last_seen", "limit": 500})
+    order = [d["serial"] for d in newest.json() if d["serial"] in (serial, before, after)]
+    assert order == [after, serial, before], newest.json()
+
+    # within the minute: nothing to write, the one statement
+    answer, sent = t.post(token, body)
+    assert answer.status_code == 204, (answer.text, sent)
+    assert fast(sent), sent
+    assert fleet.admin.get(f"/api/v1/devices/{serial}").json()["last_seen"] == seen
+
+    # never seen: written too
+    set_last_seen(srv, {serial: None})
+    answer, sent = t.post(token, body)
+    assert answer.status_code == 204
+    assert [s[:12] for s in sent] == [IDLE_QUERY[:12], SEEN_UPDATE[:12]], sent
+    assert fleet.admin.get(f"/api/v1/devices/{serial}").json()["last_seen"] is not None
+
+    # due, and something else to write: the route, as before
+    set_last_seen(srv, {serial: start - timedelta(minutes=30)})
+    answer, sent = t.post(token, {**body, "version": "1.2.1"})
+    assert answer.status_code == 204
+    assert routed(sent), sent
+    assert not any(s.startswith(SEEN_UPDATE) for s in sent), sent
+
+
+def test_a_locked_sqlite_database_sends_the_due_visit_to_the_route(tmp_path: Path) -> None:
+    """Another writer holds SQLite's write lock: the fast path does not wait for it (it would
+    hold up the event loop) and hands the check-in to the route, which waits its turn."""
+    log = tmp_path / "sql.log"
+    srv = start_server(tmp_path / "data", env=traced_env(log), extra=QUIET)
+    try:
+        t = Traced(srv, log)
+        fleet, serial, token, body = idle_device(srv, t)
+        set_last_seen(srv, {serial: utcnow() - timedelta(minutes=30)})
+        lock = sqlite3.connect(srv.data / "otakit.db", isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")
+        released = False
+        answers: list[tuple[httpx.Response, list[str]]] = []
+        poster = threading.Thread(target=lambda: answers.append(t.post(token, body)))
+        try:
+            before = len(statements(log))
+            poster.start()
+            # the fast path tried its UPDATE and the route began: release the lock then
+            deadline = utcnow() + timedelta(seconds=20)
+            while utcnow() < deadline:
+                sent = statements(log)[before:]
+                tried = [i for i, s in enumerate(sent) if s.startswith(SEEN_UPDATE)]
+                if tried and len(sent) > tried[0] + 1:
+                    break
+                poster.join(0.01)
+            lock.execute("ROLLBACK")
+            released = True
+        finally:
+            if not released:
+                lock.execute("ROLLBACK")
+            lock.close()
+            poster.join(30)
+        answer, sent = answers[0]
+        assert answer.status_code == 204, (answer.text, sent)
+        assert sent[1].startswith(SEEN_UPDATE), sent
+        assert routed(sent[2:]), sent
+        seen = datetime.fromisoformat(
+            fleet.admin.get(f"/api/v1/devices/{serial}").json()["last_seen"]
+        )
+        assert utcnow() - seen < timedelta(minutes=1)
+    finally:
+        srv.stop()

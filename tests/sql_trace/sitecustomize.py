@@ -37,3 +37,13 @@ if _PATH:
             return await _fetchone(self, query, *args)
 
         RawReader.fetchone = _traced  # type: ignore[method-assign]
+
+        _rawwrite = getattr(RawReader, "write", None)
+        if _rawwrite is not None:
+
+            async def _traced_write(self: RawReader, query: str, *args: Any) -> int:
+                _write(query)
+                result: int = await _rawwrite(self, query, *args)
+                return result
+
+            RawReader.write = _traced_write  # type: ignore[method-assign]

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import socket
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from otakit.errors import UnavailableError, UsageError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 MIGRATION_LOCK = 0x07A_C17  # pg_advisory_xact_lock key
+# how SQLAlchemy's SQLite dialect writes a DateTime (models.UtcDateTime, always UTC)
+_SQLITE_DATETIME: Any = sqlite.DATETIME().bind_processor(sqlite.dialect())  # type: ignore[no-untyped-call]
 
 
 def database_url(url: str | None, data_dir: Path) -> str:
@@ -196,12 +199,22 @@ class RawReader:
     read-only connection of its own (a read in WAL mode never waits); PostgreSQL through one
     asyncpg connection of its own (a prepared statement, one round trip), opened again after
     a failure. Queries use ``?`` placeholders. Raises what the driver raises when the database
-    cannot be reached (:func:`unavailable` tells those apart)."""
+    cannot be reached (:func:`unavailable` tells those apart).
+
+    :meth:`write` runs one statement that changes rows and commits it (the idle check-in's
+    ``last_seen``): on PostgreSQL on the same connection (autocommit), on SQLite through a
+    read-write connection of its own with the engine's settings (:func:`create_engine`: WAL,
+    ``synchronous=NORMAL``, foreign keys) except that it never waits for the write lock
+    (``busy_timeout=0``: the sqlite3 call would block the event loop); a database that is
+    locked raises ``sqlite3.OperationalError`` at once and the caller hands the request to
+    the route, whose session waits in its own thread. :meth:`timestamp` is a datetime as the
+    ORM's UtcDateTime column binds it (SQLite: UTC text in SQLAlchemy's format)."""
 
     def __init__(self, url: str) -> None:
         self._url = make_url(url)
         self.sqlite = self._url.get_backend_name() == "sqlite"
         self._sqlite: sqlite3.Connection | None = None
+        self._sqlite_writer: sqlite3.Connection | None = None
         self._connection: Any = None  # asyncpg.Connection (asyncpg has no type hints)
         self._lock = asyncio.Lock()
         self._numbered: dict[str, str] = {}
@@ -233,10 +246,50 @@ class RawReader:
                 raise
         return tuple(found) if found is not None else None
 
+    def timestamp(self, value: datetime) -> Any:
+        """``value`` as UtcDateTime stores it: aware UTC (PostgreSQL), or SQLite's text."""
+        utc = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        if not self.sqlite:
+            return utc
+        return _SQLITE_DATETIME(utc)
+
+    async def write(self, query: str, *args: Any) -> int:
+        """Run one statement that changes rows, committed; the number of rows it changed."""
+        if self.sqlite:
+            if self._sqlite_writer is None:
+                path = Path(self._url.database or "").resolve()
+                writer = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+                writer.execute("PRAGMA journal_mode=WAL")
+                writer.execute("PRAGMA synchronous=NORMAL")
+                writer.execute("PRAGMA busy_timeout=0")
+                writer.execute("PRAGMA foreign_keys=ON")
+                self._sqlite_writer = writer
+            return self._sqlite_writer.execute(query, args).rowcount
+        numbered = self._numbered.get(query)
+        if numbered is None:
+            parts = query.split("?")
+            numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
+            self._numbered[query] = numbered
+        async with self._lock:
+            if self._connection is None or self._connection.is_closed():
+                dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
+                self._connection = await asyncpg.connect(dsn, timeout=10)
+            try:
+                status = await self._connection.execute(numbered, *args)
+            except BaseException:
+                broken, self._connection = self._connection, None
+                broken.terminate()
+                raise
+        count = str(status).rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else 0
+
     async def close(self) -> None:
         if self._sqlite is not None:
             self._sqlite.close()
             self._sqlite = None
+        if self._sqlite_writer is not None:
+            self._sqlite_writer.close()
+            self._sqlite_writer = None
         if self._connection is not None:
             await self._connection.close()
             self._connection = None

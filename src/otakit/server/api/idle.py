@@ -4,12 +4,16 @@ Most check-ins of a fleet are a device that runs what it should asking again: th
 and nothing is written. :class:`IdleCheckins` answers exactly that case of ``POST
 /api/v1/device/checkin`` itself, with one SQL statement on a connection of its own
 (database.RawReader: the device token, the device and the offers revision together) and the
-process's cached offers (offers.cached); the decision is service/checkin.quiet's. Everything
+process's cached offers (offers.cached); the decision is service/checkin.quiet's. A device
+whose visit is due (``last_seen`` older than checkin.LAST_SEEN_RESOLUTION, the usual poll of
+a real fleet) and that needs nothing else (checkin.quiet_but_seen) costs one more statement:
+the conditional UPDATE of ``last_seen`` (:data:`SEEN`, RawReader.write), committed; if it
+fails (SQLite locked by another writer, anything) the route answers instead. Everything
 else -- no or another kind of token, a revoked or expired one, a body that does not validate,
-something the device says that differs from what is stored, a visit to be written, an update
-under way, an offer that targets the device, offers not cached at the revision just read, a
-database that does not answer -- goes on, unchanged (the body it read is handed on), to the
-FastAPI route (api/device.py), which decides and answers as always.
+something the device says that differs from what is stored, an update under way, an offer
+that targets the device, offers not cached at the revision just read, a database that does
+not answer -- goes on, unchanged (the body it read is handed on), to the FastAPI route
+(api/device.py), which decides and answers as always.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ QUERY = (
     "d.status, (SELECT r.value FROM revisions r WHERE r.name = 'offers') "
     "FROM tokens t LEFT JOIN devices d ON d.serial = ? WHERE t.id = ?"
 )
+# the visit, when it is due (checkin.quiet_but_seen; checkin.seen_due's rule, in SQL)
+SEEN = "UPDATE devices SET last_seen = ? WHERE serial = ? AND (last_seen IS NULL OR last_seen < ?)"
 _JSON = re.compile(r"application/json\s*(;.*)?", re.IGNORECASE)
 
 
@@ -95,7 +101,8 @@ class IdleCheckins:
         await self.app(scope, replay(bytes(body), receive), send)
 
     async def _idle(self, body: bytes, token_id: str, secret: str) -> bool:
-        """Whether the check-in is idle: the route would answer 204 and write nothing."""
+        """Whether the check-in is idle: the route would answer 204 and write nothing, or only
+        the visit (``last_seen``), which is then written here."""
         try:
             told = CheckIn.model_validate(json.loads(body))
         except (ValueError, ValidationError):
@@ -138,13 +145,21 @@ class IdleCheckins:
             last_seen=_when(last_seen),
             status=status,
         )
-        return checkin.quiet(
-            stored,
-            known,
-            now,
-            version=told.version,
-            board=told.board,
-            manufacturer=told.manufacturer,
-            manufacturer_id=told.manufacturer_id,
-            boots=told.boots,
-        )
+        said: dict[str, Any] = {
+            "version": told.version,
+            "board": told.board,
+            "manufacturer": told.manufacturer,
+            "manufacturer_id": told.manufacturer_id,
+            "boots": told.boots,
+        }
+        if checkin.quiet(stored, known, now, **said):
+            return True
+        if not checkin.quiet_but_seen(stored, known, now, **said):
+            return False
+        try:  # the visit, written as check_in would (checkin.seen); the route on any failure
+            await reader.write(
+                SEEN, reader.timestamp(now), serial, reader.timestamp(checkin.seen_cutoff(now))
+            )
+        except Exception:
+            return False
+        return True

@@ -141,6 +141,63 @@ def quiet(
     check-in shows no end of an update (reports.note_checkin), no abort notice can be due and
     no active offer of ``known`` targets it. False means "ask check_in" (the idle fast path,
     api/idle.py, decides only the True case itself)."""
+    return not seen_due(device.last_seen, now) and _nothing_but_the_visit(
+        device,
+        known,
+        now,
+        version=version,
+        board=board,
+        manufacturer=manufacturer,
+        manufacturer_id=manufacturer_id,
+        boots=boots,
+    )
+
+
+def quiet_but_seen(
+    device: Device,
+    known: offers.Catalogue,
+    now: datetime,
+    *,
+    version: str | None = None,
+    board: str | None = None,
+    manufacturer: str | None = None,
+    manufacturer_id: str | None = None,
+    boots: int | None = None,
+) -> bool:
+    """Whether :func:`check_in` would answer nothing and change only ``last_seen`` (to
+    ``now``, :func:`seen`): everything :func:`quiet` requires except that the visit is due.
+    The idle fast path writes that one column itself (``UPDATE devices SET last_seen = now
+    WHERE serial = ... AND (last_seen IS NULL OR last_seen < now - LAST_SEEN_RESOLUTION)``:
+    :func:`seen_due`'s rule, so a concurrent writer's visit is not written twice)."""
+    return seen_due(device.last_seen, now) and _nothing_but_the_visit(
+        device,
+        known,
+        now,
+        version=version,
+        board=board,
+        manufacturer=manufacturer,
+        manufacturer_id=manufacturer_id,
+        boots=boots,
+    )
+
+
+def seen_cutoff(now: datetime) -> datetime:
+    """A visit at ``now`` is due when ``last_seen`` is before this (:func:`seen_due`)."""
+    return now - LAST_SEEN_RESOLUTION
+
+
+def _nothing_but_the_visit(
+    device: Device,
+    known: offers.Catalogue,
+    now: datetime,
+    *,
+    version: str | None,
+    board: str | None,
+    manufacturer: str | None,
+    manufacturer_id: str | None,
+    boots: int | None,
+) -> bool:
+    """:func:`check_in` would write nothing but ``last_seen`` and answer nothing."""
     told = {"board": board, "manufacturer": manufacturer, "manufacturer_id": manufacturer_id}
     for name, value in told.items():
         if value is not None and (
@@ -149,7 +206,7 @@ def quiet(
             return False
     if version is not None and version != device.version:
         return False
-    if seen_due(device.last_seen, now) or boots is not None:
+    if boots is not None:
         return False
     if device.status in states.UNDECIDED or device.status in states.DOWNLOADING:
         return False
