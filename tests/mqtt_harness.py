@@ -158,6 +158,7 @@ class Broker:
         return path
 
     def start(self) -> Broker:
+        _traversable(self.folder)
         lines: queue.Queue[str | None] = queue.Queue()
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.config())],
@@ -202,6 +203,16 @@ class Broker:
         self.start()
 
 
+def _traversable(folder: Path) -> None:
+    """Mosquitto started as root runs as its own user: it must be able to read the certificates,
+    so the folders on the way (pytest's private temporary folders included) must be traversable.
+    Done at every start: another pytest run may have made pytest's base folder private again."""
+    for part in (folder, *folder.parents):
+        if part == Path(tempfile.gettempdir()) or part == Path("/"):
+            break
+        part.chmod(part.stat().st_mode | 0o755)
+
+
 def start_broker(folder: Path) -> Broker:
     """A running broker; skips (fails under CI=true) when Mosquitto is not installed."""
     if not os.path.exists(MOSQUITTO):
@@ -210,12 +221,6 @@ def start_broker(folder: Path) -> Broker:
             pytest.fail(message)
         pytest.skip(message)
     folder.mkdir(parents=True, exist_ok=True)
-    # Mosquitto started as root runs as its own user: it must be able to read the certificates,
-    # so the folders on the way (pytest's private temporary folders included) must be traversable.
-    for part in (folder, *folder.parents):
-        if part == Path(tempfile.gettempdir()) or part == Path("/"):
-            break
-        part.chmod(part.stat().st_mode | 0o755)
     broker = Broker(
         folder=folder,
         port=free_port(),

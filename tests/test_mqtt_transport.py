@@ -44,7 +44,7 @@ from otakit.protocol.jobdoc import (
     update_available,
 )
 from otakit.protocol.version import FirmwareVersion
-from otakit.sim.agent import JOURNAL_FILE, run
+from otakit.sim.agent import JOURNAL_FILE, SIMULATOR, run
 from otakit.sim.device import Identity, SimDevice
 
 from .mqtt_harness import Broker, running_broker
@@ -388,13 +388,19 @@ def test_malformed_chunks_are_named(
     assert (failure.message, failure.get("Error")) == ("Failure", "NOT_A_HEADER")
 
 
-def test_an_older_version_in_the_chunks_is_refused(
-    broker: Broker, company: str, publisher: Publisher, tmp_path: Path
+@pytest.mark.parametrize(
+    ("version", "fragment"),
+    [("1.0.0", "not newer than the running 1.0.0"), ("1.2.0", "the job says 1.1.0")],
+    ids=["older", "not-the-jobs"],
+)
+def test_chunks_of_another_version_than_the_jobs_are_refused(
+    broker: Broker, company: str, publisher: Publisher, tmp_path: Path, version: str, fragment: str
 ) -> None:
-    publisher.chunk_version = FirmwareVersion.parse("1.0.0")  # the job says 1.1.0
+    publisher.chunk_version = FirmwareVersion.parse(version)  # the job says 1.1.0
     device = new_device(tmp_path)
     report = run(device.dir, None, mqtt=settings(broker, company))
     assert (report.result.outcome, report.result.error) == (Outcome.FAILED, "INVALID_VERSION")
+    assert fragment in (report.result.message or "")
     assert slot_is_clean(device)
 
 
@@ -657,7 +663,8 @@ def test_agent_service_asks_the_mqtt_publisher(
             },
         }
     )
-    result = AgentService(config, callback=lambda event: None).run(threading.Event(), once=True)
+    service = AgentService(config, callback=lambda event: None, simulator=SIMULATOR)
+    result = service.run(threading.Event(), once=True)
     assert result is not None
     assert result.outcome is Outcome.UPDATED, result
     assert device.status()["slots"][0]["running"] == "1.1.0+0"

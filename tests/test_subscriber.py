@@ -22,13 +22,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from otakit.device.core.assembly import ChunkAssembly
 from otakit.errors import (
     ChunkHeaderError,
     ImageTooLargeError,
     InvalidVersionError,
     TransferError,
 )
-from otakit.host.subscriber import Reassembly, Verdict
+from otakit.host.subscriber import ImageFile, Verdict
 from otakit.protocol import mqtt as wire
 from otakit.protocol.jobdoc import (
     NO_UPDATE_AVAILABLE,
@@ -500,7 +501,7 @@ def test_bad_arguments_are_one_line_usage_errors(
     one_line_error(result, code, status=2)
 
 
-# --- reassembly --------------------------------------------------------------------------------
+# --- the image file the core writes to ---------------------------------------------------------
 
 V = FirmwareVersion(1, 2, 0)
 
@@ -509,79 +510,88 @@ def chunks_of(image: bytes, version: FirmwareVersion = V, size: int = 4096) -> l
     return list(wire.range_chunks(image, version, 0, -1, size))
 
 
-def feed(reassembly: Reassembly, payload: bytes) -> bool:
-    return reassembly.add(*wire.parse_chunk(payload))
+def assembly_into(storage: ImageFile, version: FirmwareVersion | None = V) -> ChunkAssembly:
+    """The core as the subscriber sets it up."""
+    return ChunkAssembly(
+        storage,
+        source="mqtt://test",
+        version=version,
+        running=FirmwareVersion(0),
+        resume=False,
+        read=storage.read,
+    )
 
 
-def test_reassembly_in_any_order_with_duplicates() -> None:
+def test_the_image_file_appears_only_when_whole(tmp_path: Path) -> None:
     image = os.urandom(5 * 4096 + 10)
+    out = tmp_path / "image.bin"
+    storage = ImageFile(out)
+    a = assembly_into(storage)
     chunks = chunks_of(image)
-    r = Reassembly(device_version=FirmwareVersion(0), job_version=V)
-    assert r.missing(4096) == []
-    for i in (5, 0, 3, 3, 1):
-        feed(r, chunks[i])
-    assert (r.chunks, r.duplicates) == (4, 1)
-    assert not r.complete
-    assert r.missing(4096) == [(2 * 4096, 4096), (4 * 4096, 4096)]
-    assert r.covers(0, 8192)
-    assert not r.covers(0, 8193)
-    assert r.covers(5 * 4096, 10**9)  # clipped to the image
-    with pytest.raises(TransferError):
-        r.image()
-    feed(r, chunks[4])
-    feed(r, chunks[2])
-    assert r.complete
-    assert r.image() == image
-    assert r.version == V
-    assert r.largest == 4096
+    for i in (5, 0, 3, 3, 1, 4):
+        a.chunk(chunks[i])
+    assert a.missing(split=4096) == [(2 * 4096, 4096)]
+    with pytest.raises(TransferError, match="not complete"):
+        storage.verify()
+    assert not out.exists()
+    a.chunk(chunks[2])
+    assert a.done
+    assert storage.verify() == "1.2.0"
+    storage.set_pending(permanent=True)
+    assert out.read_bytes() == image
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.bin"]  # no temporary file left
+    storage.abort()  # after the hand-over: nothing to remove
+    assert out.read_bytes() == image
 
 
-def test_reassembly_of_overlapping_unaligned_pieces() -> None:
+def test_an_aborted_image_file_leaves_nothing(tmp_path: Path) -> None:
+    storage = ImageFile(tmp_path / "image.bin")
+    a = assembly_into(storage)
+    a.chunk(chunks_of(os.urandom(9000))[0])
+    assert len(list(tmp_path.iterdir())) == 1  # the temporary file
+    storage.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_image_file_without_a_path(tmp_path: Path) -> None:
     image = os.urandom(10_000)
-    r = Reassembly(device_version=FirmwareVersion(0))
-    for offset, size in ((0, 3000), (2000, 3000), (9000, -1), (4000, 6000)):
+    storage = ImageFile(None)
+    a = assembly_into(storage)
+    for offset, size in ((0, 3000), (2000, 3000), (9000, -1), (4000, 6000)):  # overlapping
         for payload in wire.range_chunks(image, V, offset, size):
-            feed(r, payload)
-    assert r.complete
-    assert r.image() == image
+            a.chunk(payload)
+    assert a.done
+    assert storage.read(0, 10_000) == image
+    storage.set_pending(permanent=True)
 
 
-def test_missing_pieces_split_on_the_chunk_size() -> None:
-    image = os.urandom(20_000)
-    r = Reassembly(device_version=FirmwareVersion(0))
-    feed(r, next(wire.range_chunks(image, V, 100, 50)))
-    assert r.missing(4096) == [
-        (0, 100), (150, 4096 - 150), (4096, 4096), (8192, 4096), (12288, 4096),
-        (16384, 20_000 - 16384),
-    ]  # fmt: skip
-    assert r.missing(8192) == [(0, 100), (150, 8192 - 150), (8192, 8192), (16384, 20_000 - 16384)]
-
-
-def test_reassembly_refuses_inconsistent_chunks() -> None:
+def test_a_chunk_changing_bytes_received_before_is_refused(tmp_path: Path) -> None:
     image = os.urandom(3 * 4096)
+    a = assembly_into(ImageFile(tmp_path / "image.bin"))
     chunks = chunks_of(image)
-    r = Reassembly(device_version=FirmwareVersion(0))
-    feed(r, chunks[0])
-    with pytest.raises(ChunkHeaderError, match="earlier chunks said"):
-        feed(r, chunks_of(image + b"x")[1])
-    with pytest.raises(ChunkHeaderError, match=r"version 1\.2\.1"):
-        feed(r, chunks_of(image, FirmwareVersion(1, 2, 1))[1])
+    a.chunk(chunks[0])
     tampered = bytearray(chunks[0])
     tampered[-1] ^= 1
     with pytest.raises(TransferError, match="changes bytes"):
-        feed(r, bytes(tampered))
+        a.chunk(bytes(tampered))
 
 
-def test_reassembly_checks_versions_and_size() -> None:
-    chunk = chunks_of(os.urandom(100))[0]
-    with pytest.raises(InvalidVersionError, match="not newer"):
-        feed(Reassembly(device_version=V), chunk)
-    with pytest.raises(ChunkHeaderError, match=r"differs from the job's 1\.3\.0"):
-        feed(
-            Reassembly(device_version=FirmwareVersion(0), job_version=FirmwareVersion(1, 3)), chunk
-        )
-    with pytest.raises(ImageTooLargeError):
-        feed(Reassembly(device_version=FirmwareVersion(0), max_size=99), chunk)
+def test_chunks_that_disagree_are_refused(tmp_path: Path) -> None:
+    image = os.urandom(3 * 4096)
+    a = assembly_into(ImageFile(None), version=None)
+    a.chunk(chunks_of(image)[0])
+    with pytest.raises(ChunkHeaderError, match="earlier chunks said"):
+        a.chunk(chunks_of(image + b"x")[1])
+    with pytest.raises(ChunkHeaderError, match=r"version 1\.2\.1"):
+        a.chunk(chunks_of(image, FirmwareVersion(1, 2, 1))[1])
+    with pytest.raises(InvalidVersionError, match=r"the job says 1\.3\.0"):
+        assembly_into(ImageFile(None), version=FirmwareVersion(1, 3)).chunk(chunks_of(image)[0])
+
+
+def test_the_image_file_has_a_size_limit() -> None:
+    a = assembly_into(ImageFile(None, max_size=99))
+    with pytest.raises(ImageTooLargeError, match="limit of 99"):
+        a.chunk(chunks_of(os.urandom(100))[0])
 
 
 def test_verdict_line() -> None:

@@ -15,10 +15,13 @@ It speaks the device side of the original middleware's MQTT flows, once, and pri
 With ``-c SIZE`` the image is fetched piece by piece with "Request Data Chunk" instead of
 "Request Update" / "Send Direct Update", like the original subscriber's ``-c``.
 
-Every chunk goes through :func:`otakit.protocol.mqtt.parse_chunk`; the chunks must agree on the
-image size and version, the version must be newer than the pretend device's (and equal the job's),
-and overlapping chunks must carry the same bytes. A chunk the publisher skipped is asked for again
-as soon as the last chunk has arrived, then again after ``--chunk-wait`` seconds without a new one.
+The chunks are put together by :class:`~otakit.device.core.assembly.ChunkAssembly`, the device
+core that the agent and the fleet simulator run, into an :class:`ImageFile`: every chunk goes
+through :func:`otakit.protocol.mqtt.parse_chunk`, the chunks must agree on the image size, their
+version must be newer than the pretend device's (and equal the job's), and overlapping chunks must
+carry the same bytes (they are read back from the file). A chunk the publisher skipped is asked for
+again as soon as the last chunk has arrived, then again after ``--chunk-wait`` seconds without a
+new one.
 
 Success prints one line on stdout and exits 0::
 
@@ -31,21 +34,25 @@ Anything else raises an :class:`~otakit.errors.OtakitError` that the CLI prints 
 
 from __future__ import annotations
 
-import bisect
 import logging
+import os
 import queue
 import secrets
 import socket
 import ssl
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
 import typer
 
+from otakit.device.core.assembly import MIN_HELD_COST, ChunkAssembly
+from otakit.device.core.job import check_job
+from otakit.device.journal import Download, JournalRecord
 from otakit.errors import (
     BrokerDroppedError,
     BrokerError,
@@ -63,14 +70,13 @@ from otakit.errors import (
     UsageError,
     WrongBoardError,
 )
-from otakit.files import write_atomic
+from otakit.files import fsync_dir
 from otakit.protocol import mqtt as wire
 from otakit.protocol.jobdoc import (
     NO_UPDATE_AVAILABLE,
     RESULT_RECEIVED,
     UPDATE_AVAILABLE,
     JobDocument,
-    check_job,
     parse_job_document,
 )
 from otakit.protocol.version import FirmwareVersion
@@ -81,7 +87,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("otakit.subscriber")
 
 KIT = "CY8CPROTO_062_4343W"  # the original subscriber's default kit
-MAX_IMAGE_SIZE = 64 * 1024 * 1024  # largest image the subscriber will assemble in memory
+MAX_IMAGE_SIZE = 64 * 1024 * 1024  # largest image the subscriber takes (and may hold early)
 PUBLIC_BROKERS = {  # the original's -b names; "amazon" was Infineon's own AWS IoT endpoint
     "m": "test.mosquitto.org",
     "mosquitto": "test.mosquitto.org",
@@ -151,130 +157,111 @@ class Verdict:
         )
 
 
-# --- reassembly --------------------------------------------------------------------------------
+# --- where the image goes ------------------------------------------------------------------------
 
 
-class Reassembly:
-    """The image as its chunks arrive, in any order, with duplicates and gaps.
+class ImageFile:
+    """Where ``otakit subscriber`` puts the image: the :class:`~otakit.device.storage.Storage`
+    that :class:`~otakit.device.core.assembly.ChunkAssembly` writes to.
 
-    Raises :class:`ChunkHeaderError` when a chunk disagrees with the first one about the image
-    size or version, or with the job's version; :class:`InvalidVersionError` when the version is
-    not newer than the device's; :class:`TransferError` when a chunk changes bytes already
-    received; :class:`ImageTooLargeError` beyond ``max_size``.
+    The bytes go to a temporary file next to ``path`` (an anonymous one without ``path``), which
+    :meth:`set_pending` renames to ``path`` once the image is whole; :meth:`abort` removes it, so
+    a failed session leaves no image. There is no journal: every session starts at byte 0.
+    :meth:`open` raises :class:`ImageTooLargeError` for an image larger than ``max_size``;
+    :class:`InputFileError` is raised when the file cannot be written.
     """
 
-    def __init__(
-        self,
-        *,
-        device_version: FirmwareVersion,
-        job_version: FirmwareVersion | None = None,
-        max_size: int = MAX_IMAGE_SIZE,
-    ) -> None:
-        self.device_version = device_version
-        self.job_version = job_version
+    def __init__(self, path: Path | None, *, max_size: int = MAX_IMAGE_SIZE) -> None:
+        self.path = path
         self.max_size = max_size
-        self.total: int | None = None
-        self.version: FirmwareVersion | None = None
-        self.chunks = 0  # chunks that brought new bytes
-        self.duplicates = 0  # chunks that brought none
-        self.largest = 0  # largest data size seen: the publisher's chunk size
-        self._buffer = bytearray()
-        # received [start, end) pieces, sorted, merged when they touch: starts and ends apart,
-        # so that bisect finds the ones a chunk touches in O(log n)
-        self._starts: list[int] = []
-        self._ends: list[int] = []
+        self.download: Download | None = None
+        self.stored = 0  # bytes committed
+        self._file: BinaryIO | None = None
+        self._tmp: Path | None = None
 
-    def add(self, header: wire.ChunkHeader, data: bytes) -> bool:
-        """Take one parsed chunk; True if it brought bytes not received before."""
-        version = header.firmware_version
-        if self.total is None:
-            if not version > self.device_version:
-                raise InvalidVersionError(
-                    f"chunk version {version} is not newer than the device's {self.device_version}",
-                    value=str(version),
-                )
-            if self.job_version is not None and version != self.job_version:
-                raise ChunkHeaderError(
-                    f"chunk version {version} differs from the job's {self.job_version}",
-                    value=str(version),
-                )
-            if header.total_size > self.max_size:
-                raise ImageTooLargeError(
-                    f"image of {header.total_size} bytes is larger than the subscriber's "
-                    f"limit of {self.max_size}",
-                    value=header.total_size,
-                )
-            self.total, self.version = header.total_size, version
-            self._buffer = bytearray(header.total_size)
-        elif header.total_size != self.total:
-            raise ChunkHeaderError(
-                f"chunk {header.index} says the image is {header.total_size} bytes, "
-                f"earlier chunks said {self.total}",
-                value=header.total_size,
+    def progress(self) -> JournalRecord | None:
+        return None
+
+    def open(self, download: Download) -> int:
+        if download.size > self.max_size:
+            raise ImageTooLargeError(
+                f"image of {download.size} bytes is larger than the subscriber's "
+                f"limit of {self.max_size}",
+                value=download.size,
             )
-        elif version != self.version:
-            raise ChunkHeaderError(
-                f"chunk {header.index} has version {version}, earlier chunks {self.version}",
-                value=str(version),
-            )
-        start, end = header.offset, header.end
-        self.largest = max(self.largest, header.data_size)
-        # the pieces this chunk overlaps or touches: ends[i] >= start and starts[i] <= end
-        first = bisect.bisect_left(self._ends, start)
-        after = bisect.bisect_right(self._starts, end)
-        seen = 0
-        for a, b in zip(self._starts[first:after], self._ends[first:after], strict=True):
-            lo, hi = max(a, start), min(b, end)
-            if lo < hi:
-                if self._buffer[lo:hi] != data[lo - start : hi - start]:
-                    raise TransferError(
-                        f"chunk {header.index} changes bytes {lo}-{hi} received before",
-                        value=lo,
-                    )
-                seen += hi - lo
-        if seen == end - start:
-            self.duplicates += 1
-            return False
-        self._buffer[start:end] = data
-        if first < after:  # merged with the pieces it touches
-            start, end = min(start, self._starts[first]), max(end, self._ends[after - 1])
-        self._starts[first:after] = [start]
-        self._ends[first:after] = [end]
-        self.chunks += 1
-        return True
+        self.abort()
+        try:
+            if self.path is None:  # closed (and so removed) by set_pending() or abort()
+                self._file = tempfile.TemporaryFile()  # noqa: SIM115
+            else:
+                fd, name = tempfile.mkstemp(
+                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+                )
+                self._tmp = Path(name)
+                self._file = os.fdopen(fd, "w+b")
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.download, self.stored = download, 0
+        return 0
 
-    @property
-    def complete(self) -> bool:
-        return self.total is not None and self._starts == [0] and self._ends == [self.total]
+    def write(self, offset: int, data: bytes) -> None:
+        f = self._opened()
+        try:
+            f.seek(offset)
+            f.write(data)
+        except OSError as exc:
+            raise self._error(exc) from None
 
-    def covers(self, start: int, end: int) -> bool:
-        """Whether bytes ``start`` to ``end`` (clipped to the image) have all arrived."""
-        if self.total is None:
-            return False
-        end = min(end, self.total)
-        if start >= end:
-            return True
-        piece = bisect.bisect_right(self._starts, start) - 1  # the last piece from <= start
-        return piece >= 0 and end <= self._ends[piece]
+    def commit(self, end: int) -> None:
+        self.stored = end
 
-    def missing(self, piece: int) -> list[tuple[int, int]]:
-        """``(offset, size)`` of the bytes still missing, split on multiples of ``piece``."""
-        if self.total is None:
-            return []
-        gaps, position = [], 0
-        for a, b in [*zip(self._starts, self._ends, strict=True), (self.total, self.total)]:
-            offset = position
-            while offset < a:
-                stop = min(a, (offset // piece + 1) * piece)
-                gaps.append((offset, stop - offset))
-                offset = stop
-            position = b
-        return gaps
+    def read(self, offset: int, size: int) -> bytes:
+        """Bytes written before, for the core to compare a repeated chunk with."""
+        f = self._opened()
+        f.seek(offset)
+        return f.read(size)
 
-    def image(self) -> bytes:
-        if not self.complete:
-            raise TransferError("the image is not complete")
-        return bytes(self._buffer)
+    def verify(self) -> str:
+        """The image's version, once every byte is stored; TransferError before."""
+        download = self.download
+        if download is None or self.stored < download.size:
+            raise TransferError("the image is not complete", value=self.stored)
+        return download.version
+
+    def set_pending(self, *, permanent: bool) -> None:
+        """Hand the image over: rename the file to ``path`` (synced)."""
+        f = self._opened()
+        try:
+            f.flush()
+            if self._tmp is not None and self.path is not None:
+                os.fsync(f.fileno())
+                f.close()
+                os.chmod(self._tmp, 0o644)
+                os.replace(self._tmp, self.path)
+                self._tmp = None
+                fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise self._error(exc) from None
+        finally:
+            f.close()
+            self._file = None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+        self.download, self.stored = None, 0
+
+    def _opened(self) -> BinaryIO:
+        assert self._file is not None, "open() first"
+        return self._file
+
+    def _error(self, exc: OSError) -> InputFileError:
+        where = str(self.path) if self.path is not None else "a temporary file"
+        return InputFileError(f"cannot write {where}: {exc.strerror or exc}", value=where)
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -298,6 +285,8 @@ class Subscriber:
         self.topics = config.topics
         self.unique = self.topics.unique(secrets.randbelow(10**9))
         self.re_requested = 0
+        self.chunks = 0  # chunk messages that brought new bytes
+        self.largest = 0  # the largest chunk seen: the publisher's chunk size
         self._events: queue.Queue[_Event] = queue.Queue()
         self._pending: deque[_Event] = deque()
         self._subscribed: set[str] = set()
@@ -333,31 +322,46 @@ class Subscriber:
             job = self._await_job()
             if not job.unique_topic_name:  # no unique topic: the image comes on the direct one
                 self._subscribe([self.topics.direct])
-        reassembly = Reassembly(
-            device_version=cfg.version, job_version=job.firmware_version if job else None
+        storage = ImageFile(cfg.output)
+        assembly = ChunkAssembly(
+            storage,
+            source=f"mqtt://{cfg.host}:{cfg.broker_port}/{self.topics.direct}",
+            version=job.firmware_version if job else None,
+            running=cfg.version,
+            resume=False,
+            # as much held past a gap as the image may be: a publisher's order is its own
+            max_early=MAX_IMAGE_SIZE // MIN_HELD_COST,
+            max_early_bytes=MAX_IMAGE_SIZE,
+            read=storage.read,
         )
         filename = job.file if job else ""
         started = time.monotonic()
         try:
-            if cfg.chunk_size is not None:
-                self._fetch_in_pieces(reassembly, filename, cfg.chunk_size)
-            else:
-                ask = wire.SEND_DIRECT_UPDATE if cfg.direct else wire.REQUEST_UPDATE
-                self._send(self._message(ask))
-                self._receive_all(reassembly, filename, ask)
-        except (ChunkHeaderError, InvalidVersionError, TransferError, ImageTooLargeError) as exc:
-            self._report_failure(exc)
-            raise
-        seconds = time.monotonic() - started
-        image = reassembly.image()
-        if cfg.output is not None:
-            write_atomic(cfg.output, image)
+            try:
+                if cfg.chunk_size is not None:
+                    self._fetch_in_pieces(assembly, filename, cfg.chunk_size)
+                else:
+                    ask = wire.SEND_DIRECT_UPDATE if cfg.direct else wire.REQUEST_UPDATE
+                    self._send(self._message(ask))
+                    self._receive_all(assembly, filename, ask)
+            except (
+                ChunkHeaderError,
+                InvalidVersionError,
+                TransferError,
+                ImageTooLargeError,
+            ) as exc:
+                self._report_failure(exc)
+                raise
+            seconds = time.monotonic() - started
+            storage.verify()
+            storage.set_pending(permanent=True)  # the image file is in place
+        finally:
+            storage.abort()  # after set_pending: nothing left to remove
         self._send(JobDocument(message=wire.SUCCESS, unique_topic_name=self.unique))
         self._await_result()
-        assert reassembly.version is not None
-        return Verdict(
-            len(image), seconds, reassembly.chunks, self.re_requested, reassembly.version
-        )
+        assert assembly.total is not None
+        assert assembly.version is not None
+        return Verdict(assembly.total, seconds, self.chunks, self.re_requested, assembly.version)
 
     def _await_job(self) -> JobDocument:
         cfg = self.config
@@ -408,58 +412,58 @@ class Subscriber:
                 value=doc.unique_topic_name,
             )
 
-    def _receive_all(self, reassembly: Reassembly, filename: str, ask: str) -> None:
+    def _receive_all(self, assembly: ChunkAssembly, filename: str, ask: str) -> None:
         """Chunks of the whole image; re-request what is missing once the last chunk has come,
         then after every ``chunk_wait`` seconds without a new chunk."""
         cfg = self.config
         progress_by = time.monotonic() + cfg.timeout
         rerequest_at: float | None = None  # armed once the image size is known
         end_handled = False
-        while not reassembly.complete:
+        while not assembly.done:
             wake = progress_by if rerequest_at is None else min(progress_by, rerequest_at)
             event = self._next(wake)
             now = time.monotonic()
             if event is not None:
-                taken = self._take(event, reassembly)
-                if taken is None:
+                new = self._take(event, assembly)
+                if new is None:
                     continue
-                header, new = taken
                 if new:
                     progress_by, rerequest_at = now + cfg.timeout, now + cfg.chunk_wait
-                if reassembly.complete:
+                if assembly.done:
                     break
+                header = assembly.header
+                assert header is not None
                 if header.end == header.total_size and not end_handled:
                     end_handled = True
-                    self._rerequest(reassembly, filename)
+                    self._rerequest(assembly, filename)
                     rerequest_at = now + cfg.chunk_wait
                 continue
             if now >= progress_by:
-                raise self._stalled(reassembly, ask)
+                raise self._stalled(assembly, ask)
             if rerequest_at is not None and now >= rerequest_at:
-                self._rerequest(reassembly, filename)
+                self._rerequest(assembly, filename)
                 rerequest_at = now + cfg.chunk_wait
 
-    def _fetch_in_pieces(self, reassembly: Reassembly, filename: str, size: int) -> None:
+    def _fetch_in_pieces(self, assembly: ChunkAssembly, filename: str, size: int) -> None:
         """The original subscriber's ``-c``: one "Request Data Chunk" at a time."""
         cfg = self.config
         offset = 0
-        while reassembly.total is None or offset < reassembly.total:
-            if reassembly.covers(offset, offset + size):  # the publisher sent more than asked
+        while assembly.total is None or offset < assembly.total:
+            if _stored(assembly, offset + size):  # the publisher sent more than asked
                 offset += size
                 continue
             self._request_chunk(offset, size, filename)
             progress_by = time.monotonic() + cfg.timeout
             resend_at = time.monotonic() + cfg.chunk_wait
-            while not reassembly.covers(offset, offset + size):
+            while not _stored(assembly, offset + size):
                 event = self._next(min(progress_by, resend_at))
                 now = time.monotonic()
                 if event is not None:
-                    taken = self._take(event, reassembly)
-                    if taken is not None and taken[1]:
+                    if self._take(event, assembly):
                         progress_by, resend_at = now + cfg.timeout, now + cfg.chunk_wait
                     continue
                 if now >= progress_by:
-                    raise self._stalled(reassembly, wire.REQUEST_DATA_CHUNK)
+                    raise self._stalled(assembly, wire.REQUEST_DATA_CHUNK)
                 if now >= resend_at:
                     self.re_requested += 1
                     self._request_chunk(offset, size, filename)
@@ -492,9 +496,9 @@ class Subscriber:
 
     # -- chunks
 
-    def _take(self, event: _Event, reassembly: Reassembly) -> tuple[wire.ChunkHeader, bool] | None:
-        """A chunk from an image topic, added, and whether it brought new bytes; None for
-        anything else."""
+    def _take(self, event: _Event, assembly: ChunkAssembly) -> bool | None:
+        """A chunk from an image topic, handed to the assembly: whether it brought new bytes;
+        None for anything else."""
         if event.kind != "message" or event.topic not in self._subscribed:
             return None
         if _is_json(event.payload):
@@ -503,8 +507,11 @@ class Subscriber:
                 raise self._no_update()
             log.debug("ignored %r on %s during the transfer", doc.message, event.topic)
             return None
-        header, data = wire.parse_chunk(event.payload)
-        new = reassembly.add(header, data)
+        new = assembly.chunk(event.payload)
+        header = assembly.header
+        assert header is not None
+        self.chunks += new
+        self.largest = max(self.largest, header.data_size)
         log.debug(
             "chunk %d of %d: bytes %d-%d of %d%s on %s",
             header.index,
@@ -515,10 +522,10 @@ class Subscriber:
             "" if new else " (duplicate)",
             event.topic,
         )
-        return header, new
+        return new
 
-    def _rerequest(self, reassembly: Reassembly, filename: str) -> None:
-        for offset, size in reassembly.missing(reassembly.largest or wire.CHUNK_SIZE):
+    def _rerequest(self, assembly: ChunkAssembly, filename: str) -> None:
+        for offset, size in assembly.missing(split=self.largest or wire.CHUNK_SIZE):
             self.re_requested += 1
             self._request_chunk(offset, size, filename)
 
@@ -532,18 +539,18 @@ class Subscriber:
             )
         )
 
-    def _stalled(self, reassembly: Reassembly, ask: str) -> TransferError:
+    def _stalled(self, assembly: ChunkAssembly, ask: str) -> TransferError:
         timeout = self.config.timeout
-        if reassembly.total is None:
+        if assembly.total is None:
             return TransferError(
                 f"no image chunk arrived within {timeout:g} s after {ask!r}", value=ask
             )
-        gaps = reassembly.missing(reassembly.largest or wire.CHUNK_SIZE)
+        gaps = assembly.missing(split=self.largest or wire.CHUNK_SIZE)
         where = ", ".join(str(offset) for offset, _ in gaps[:5]) + (
             ", ..." if len(gaps) > 5 else ""
         )
         return TransferError(
-            f"no new chunk for {timeout:g} s; {len(gaps)} piece(s) of the {reassembly.total}-byte "
+            f"no new chunk for {timeout:g} s; {len(gaps)} piece(s) of the {assembly.total}-byte "
             f"image still missing (offsets {where})",
             value=len(gaps),
         )
@@ -745,6 +752,12 @@ class Subscriber:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._events.put(_Event("message", topic=message.topic, payload=bytes(message.payload)))
+
+
+def _stored(assembly: ChunkAssembly, end: int) -> bool:
+    """Whether the bytes up to ``end`` (clipped to the image) are stored."""
+    total = assembly.total
+    return total is not None and assembly.offset >= min(end, total)
 
 
 def _is_json(payload: bytes) -> bool:

@@ -4,13 +4,16 @@ does them (protocols.md §1-2), made resumable.
 - Job: ``GET job_path`` (``/ota_update.json``) with ``User-Agent: ota-http-client``, read up to
   its 1024-byte limit (§1) and parsed strictly (the agent then checks board and version). An
   empty Server/Port means the server the job came from; another server is followed.
-- Data: ``Range: bytes=a-b`` requests of ``chunk_size`` bytes; the total comes from the first
-  ``Content-Range``. Each answer must be the bytes asked for (its Content-Range starts at ``a``,
-  ends at most at ``b``, names the first answer's total) and is read no further than that. Each
-  range is tried ``download_tries`` times, on a fresh connection after a failure. After every
-  range the bytes are committed to storage, so an interrupted download continues from the last
+- Data: ``Range: bytes=a-b`` requests of ``chunk_size`` bytes, driven by
+  :class:`~otakit.device.core.download.RangedDownload`, which holds the rules (the same core
+  the fleet simulator drives): the total comes from the first ``Content-Range``; each answer
+  must be the bytes asked for (its Content-Range starts at ``a``, ends at most at ``b``, names
+  the first answer's total); each range is tried ``download_tries`` times; after every range
+  the bytes are committed to storage, so an interrupted download continues from the last
   durable byte, with ``If-Range`` and the ETag: a changed image on the server (200 instead of
-  206) restarts cleanly from zero.
+  206) restarts cleanly from zero. This module does the I/O around it: streamed GETs whose body
+  is read no further than the Content-Range, a fresh connection after a failed one, and the
+  ``data_timeout`` deadline for the whole download.
 - Result: ``POST`` to the file path with ``{"Message": "Success"|"Failure", "File": ..., "Error":
   ..., "Reason": ...}``; a server that does not answer counts as success. Its answer is not read.
 
@@ -29,17 +32,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from otakit.device.journal import Download
+from otakit.device.core.download import RangedDownload, RangeRequest, content_range, header
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Progress
 from otakit.errors import (
@@ -138,16 +140,6 @@ class HttpSettings:
                 value=str(target),
             )
         return target == home or target in {origin(o) for o in self.trusted_origins}
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """A range request's answer: its status, headers and (for 206) body and total size."""
-
-    status: int
-    headers: httpx.Headers
-    data: bytes
-    total: int = 0
 
 
 class HttpTransport:
@@ -249,116 +241,69 @@ class HttpTransport:
 
     # --- data ----------------------------------------------------------------------------------
 
-    def _range(
-        self, url: str, first: int, last: int, etag: str | None, total: int | None
-    ) -> _Answer:
-        """Bytes ``first``-``last`` of ``url``; ``total`` is the size the first answer gave.
+    def _range(self, url: str, request: RangeRequest, download: RangedDownload) -> bool:
+        """One try of ``request``: the answer is handed to ``download``, a 206's body read no
+        further than its Content-Range and a 200 not at all. A connection error or timeout
+        reconnects and counts a failed try. True when bytes were stored.
 
-        A 206 must be those bytes (:func:`_check_range`) and is read no further than its
-        Content-Range; a 200 (no ranges, or the image changed) is not read at all.
+        Raises TransferError (from ``download``) when the answer is fatal or the range's tries
+        are used up, and what ``read_body`` raises for a body longer than announced.
         """
-        headers = {"range": f"bytes={first}-{last}"}
-        if etag:
-            headers["if-range"] = etag
-        asked = f"bytes {first}-{last}"
-        failure, status = "", None
-        for _ in range(max(1, self.settings.download_tries)):
-            try:
-                # streamed, and a kept Response would hold its body in a reference cycle with
-                # its stream, so every range would stay in memory until a GC pass
-                with self._client_for(url).stream("GET", url, headers=headers) as response:
-                    status = response.status_code
-                    log.debug("GET %s %s: %d", _path(url), asked, status)
-                    if status == 200:  # the whole file: not read, the caller starts over
-                        return _Answer(status, response.headers, b"")
-                    if status == 206:
-                        start, end, size = _check_range(response.headers, first, last, total)
-                        want = end - start + 1
-                        data = read_body(response, want, f"the answer to {asked}", TransferError)
-                        if len(data) == want:
-                            return _Answer(status, response.headers, data, size)
-                        failure = f"the answer ended after {len(data)} of its {want} bytes"
-                    else:
-                        failure = f"the server answered {status}"
-            except httpx.HTTPError as exc:
-                failure, status = f"{type(exc).__name__}: {exc}", None
-                log.warning("%s: %s; trying again", asked, failure)
-                self._reconnect()
-                continue
-            if status in (401, 403, 404, 410, 416):
-                break  # asking again will not help
-        raise TransferError(
-            f"downloading {asked} failed: {failure}", status=status, value=_path(url)
-        )
+        asked = str(request)
+        try:
+            # streamed, and a kept Response would hold its body in a reference cycle with
+            # its stream, so every range would stay in memory until a GC pass
+            with self._client_for(url).stream("GET", url, headers=request.headers()) as response:
+                log.debug("GET %s %s: %d", _path(url), asked, response.status_code)
+                want = download.response(response.status_code, response.headers)
+                if not want:
+                    return False
+                data = read_body(response, want, f"the answer to {asked}", TransferError)
+        except httpx.HTTPError as exc:
+            failure = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: %s; trying again", asked, failure)
+            self._reconnect()
+            download.failed(failure)
+            return False
+        return download.body(data)
 
     def download(self, job: Job, storage: Storage, progress: Progress) -> int:
-        chunk = self.settings.chunk_size
+        """Ranged GETs of ``job.url`` into ``storage`` as :class:`RangedDownload` rules them
+        (protocols.md §2), resuming from the journal; the size.
+
+        Raises RedirectError for a URL not to be fetched, TransferError when a range fails
+        (after ``download_tries``) or the download takes longer than ``data_timeout``, and what
+        the storage raises (an image larger than the slot)."""
         if not self.settings.credentials_for(job.url):  # RedirectError: not fetched at all
             log.info("%s is not the configured server: no credentials go there", origin(job.url))
-        record = storage.progress()
-        # the same image at the same place: signed URLs change their query between check-ins
-        same = record is not None and _path(record.download.source) == _path(job.url)
-        resume = record if same else None
-        offset = resume.durable if resume is not None else 0
-        if resume is not None and offset >= resume.download.size:
-            # all bytes stored, but the attempt ended before the image was pending: fetch the
-            # last range again, which also checks (If-Range) that the image did not change
-            offset = max(0, resume.download.size - chunk)
-        etag = resume.download.etag if resume is not None else None
-        log.info("downloading %s from byte %d", _path(job.url), offset)
+        download = RangedDownload(
+            storage,
+            # origin and path: a signed URL's query is a credential (never on disk) and changes
+            # between check-ins while the image stays the same
+            source=_shown(job.url),
+            version=job.version,
+            sha256=job.sha256,
+            chunk_size=self.settings.chunk_size,
+            tries=self.settings.download_tries,
+        )
+        log.info("downloading %s from byte %d", _path(job.url), download.offset)
         deadline = self.clock() + self.settings.data_timeout
-        total: int | None = None
-        while total is None or offset < total:
+        while (request := download.next_request()) is not None:
             if self.clock() > deadline:
                 raise TransferError(
                     f"the download did not finish within {self.settings.data_timeout:g} s "
-                    f"(stopped at byte {offset}; the next attempt resumes there)",
+                    f"(stopped at byte {download.offset}; the next attempt resumes there)",
                     value=_path(job.url),
                 )
-            last = offset + chunk - 1 if total is None else min(offset + chunk, total) - 1
-            try:
-                response = self._range(
-                    job.url, offset, last, etag if total is None else None, total
-                )
-            except TransferError as exc:
-                if total is None and offset > 0 and exc.status == 416:
-                    offset, etag = 0, None  # the journal's offset is past this image's end
-                    continue
-                raise
-            if total is None:
-                if response.status == 200:
-                    # no range support, or the image changed (If-Range): start from zero
-                    if offset != 0 or etag is not None:
-                        offset, etag = 0, None
-                        continue
-                    raise TransferError(
-                        "the server does not answer ranged requests (no 206/Content-Range)",
-                        value=_path(job.url),
-                    )
-                total = response.total
-                download = Download(
-                    source=job.url,
-                    size=total,
-                    version=job.version,
-                    etag=response.headers.get("etag"),
-                    sha256=job.sha256,
-                )
-                stored = storage.open(download)  # refuses a total larger than the target
-                if stored != offset:
-                    offset = stored  # a different image than the journal's: start over
-                    continue
-            elif response.status != 206:
-                raise TransferError(
-                    f"the server answered {response.status} to a range request",
-                    status=response.status,
-                    value=_path(job.url),
-                )
-            data = response.data
-            storage.write(offset, data)
-            offset += len(data)
-            storage.commit(offset)
-            progress(offset, total)
-        log.info("downloaded %s: %d bytes", _path(job.url), total)
+            if self._range(job.url, request, download) and download.total is not None:
+                progress(download.offset, download.total)
+        total = download.total or 0
+        log.info(
+            "downloaded %s: %d bytes (%d failed tries recovered)",
+            _path(job.url),
+            total,
+            download.recovered,
+        )
         return total
 
     # --- result --------------------------------------------------------------------------------
@@ -414,48 +359,10 @@ def read_body(response: httpx.Response, limit: int, what: str, error: type[Otaki
     return bytes(body)
 
 
-_CONTENT_RANGE = re.compile(r"bytes[ \t]+([0-9]{1,15})-([0-9]{1,15})/([0-9]{1,15})", re.IGNORECASE)
-
-
-def _span(headers: httpx.Headers) -> tuple[int, int, int] | None:
-    """First byte, last byte and total size of a ``Content-Range: bytes a-b/total`` header;
-    None when there is none or it is not possible (``a <= b < total``)."""
-    match = _CONTENT_RANGE.fullmatch(headers.get("content-range", "").strip())
-    if match is None:
-        return None
-    first, last, total = (int(group) for group in match.groups())
-    return (first, last, total) if first <= last < total else None
-
-
-def _check_range(
-    headers: httpx.Headers, first: int, last: int, total: int | None
-) -> tuple[int, int, int]:
-    """The answer's Content-Range when it is for the bytes asked for: it starts at ``first``,
-    ends at ``last`` at most and names the same total as the first answer (``total``);
-    TransferError otherwise."""
-    span = _span(headers)
-    shown = headers.get("content-range", "")[:80]
-    asked = f"the answer to bytes {first}-{last}"
-    if span is None:
-        raise TransferError(f"{asked} has no usable Content-Range ({shown!r})", value=shown)
-    if span[0] != first or span[1] > last:
-        raise TransferError(
-            f"{asked} has Content-Range {shown!r}, not the bytes asked for", value=shown
-        )
-    if total is not None and span[2] != total:
-        raise TransferError(
-            f"{asked} has Content-Range {shown!r}, but the first answer's total was {total}",
-            value=shown,
-        )
-    return span
-
-
-def content_total(headers: httpx.Headers, url: str) -> int:
+def content_total(headers: Mapping[str, str], url: str) -> int:
     """The image size from a 206 answer's ``Content-Range``; TransferError if it has none."""
-    span = _span(headers)
+    span = content_range(headers)
     if span is None:
-        content_range = headers.get("content-range", "")[:80]
-        raise TransferError(
-            f"the answer has no usable Content-Range ({content_range!r})", value=_path(url)
-        )
+        shown = header(headers, "content-range")[:80]
+        raise TransferError(f"the answer has no usable Content-Range ({shown!r})", value=_path(url))
     return span[2]

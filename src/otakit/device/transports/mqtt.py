@@ -21,14 +21,15 @@ identity and the session's unique topic. One session, one unique topic
     -> "Success" / "Failure" (+ "Error", "Reason")
     <- "Result Received" on the unique topic (waited result_timeout; silence counts as success)
 
-Chunks (:func:`otakit.protocol.mqtt.parse_chunk`): a malformed header (magic, offset_to_data,
-image type, sizes, offset, index) or one that disagrees with the first chunk (total size, version,
-number of payloads) is ``NOT_A_HEADER``; a version not strictly newer than the running one is
-``INVALID_VERSION``. The total size comes from the first chunk. Chunks that arrive early are held
-(at most ``max_buffered`` bytes, each chunk counting at least ``MIN_HELD_COST`` so that tiny
-chunks cannot pile up; beyond that they are dropped and asked for again) and written in order,
-so append-only storage works; storage is committed after every contiguous step. The held bytes
-are a running total and the held offsets a heap: each chunk costs O(log n), whatever the order.
+Chunks are put together by :class:`~otakit.device.core.assembly.ChunkAssembly`, the device
+core that the fleet simulator and ``otakit subscriber`` run too: a malformed header, or one that
+disagrees with the first chunk (total size), is ``NOT_A_HEADER``; a version that is not the job's
+or not strictly newer than the running one is ``INVALID_VERSION``. Chunks that arrive early are
+held (at most ``max_buffered`` bytes, each chunk counting at least 256 so that tiny chunks cannot
+pile up; beyond that they are dropped and asked for again) and written in order,
+so append-only storage works; storage is committed after every contiguous step. This module
+adds only the waiting: ``chunk_timeout`` without new bytes is a stall (the core counts it and
+says what is missing), except while paho is reconnecting.
 
 No message reaches the agent's thread longer than the largest valid one (a 32-byte header and
 65535 data bytes): a longer one is cut there, so it fails as a malformed chunk or job document
@@ -43,14 +44,13 @@ the broker's host), which the agent hands to the HTTP transport.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 import queue
 import secrets
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urljoin
@@ -58,18 +58,17 @@ from urllib.parse import urljoin
 from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from otakit.device.journal import Download
+from otakit.device.core.assembly import MIN_HELD_COST, ChunkAssembly, ranges_text
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Progress
 from otakit.errors import (
-    ChunkHeaderError,
-    InvalidVersionError,
     JobFetchError,
     MalformedJobDocError,
     OtakitError,
     TransferError,
     TransportUnsupportedError,
     UsageError,
+    VersionFormatError,
 )
 from otakit.protocol import mqtt as wire
 from otakit.protocol.jobdoc import (
@@ -79,14 +78,13 @@ from otakit.protocol.jobdoc import (
     JobDocument,
     parse_job_document,
 )
-from otakit.protocol.version import FirmwareVersion
+from otakit.protocol.version import FirmwareVersion, job_version
 from otakit.tls import client_context
 
 log = logging.getLogger("otakit.mqtt")
 
 INBOX_SIZE = 512  # messages waiting for the agent's thread; more are dropped (and asked again)
 MAX_MESSAGE_BYTES = wire.HEADER_SIZE + wire.MAX_CHUNK_SIZE  # the largest valid chunk
-MIN_HELD_COST = 256  # bytes an early chunk counts against max_buffered, however small
 MAX_RANGES = 16  # missing ranges asked for in one round
 REPLACE = "replace"  # the publisher's placeholder for the device's unique topic (§1)
 
@@ -314,135 +312,6 @@ class _Session:
     job: Job | None = None
 
 
-# --- one image ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Transfer:
-    """The chunks of one image: validated, put in order, written to storage as they become
-    contiguous, committed after each step."""
-
-    job: Job
-    storage: Storage
-    progress: Progress
-    running: FirmwareVersion  # major.minor.revision of the running image
-    max_buffered: int
-    asked_from: int  # where the first request starts
-    ask: Callable[[int, int], None]  # Request Data Chunk (offset, size)
-    total: int | None = None
-    written: int = 0
-    first: wire.ChunkHeader | None = None
-    early: dict[int, bytes] = field(default_factory=dict)  # offset -> data, beyond `written`
-    buffered: int = field(default=0, init=False)  # bytes in `early`: a running total
-    # what `early` counts against max_buffered (each chunk MIN_HELD_COST at least)
-    _cost: int = field(default=0, init=False)
-    _order: list[int] = field(default_factory=list, init=False)  # `early`'s offsets, a heap
-
-    @property
-    def done(self) -> bool:
-        return self.total is not None and self.written >= self.total
-
-    def take(self, payload: bytes) -> bool:
-        """Handle one chunk; True when it brought bytes not seen before.
-
-        Raises ChunkHeaderError (NOT_A_HEADER) or InvalidVersionError (INVALID_VERSION).
-        """
-        header, data = wire.parse_chunk(payload)
-        self._check(header)
-        if self.total is None:
-            self._open(header)
-        if header.end <= self.written or header.offset in self.early:
-            return False  # a duplicate
-        if header.offset > self.written:
-            return self._hold(header, data)
-        self._write(header.offset, data)
-        return True
-
-    def _hold(self, header: wire.ChunkHeader, data: bytes) -> bool:
-        cost = max(len(data), MIN_HELD_COST)
-        if self._cost + cost > self.max_buffered:
-            log.debug("dropping early chunk %d: the buffer is full", header.index)
-            return False  # asked for again when it is missing
-        self.early[header.offset] = data
-        heapq.heappush(self._order, header.offset)
-        self.buffered += len(data)
-        self._cost += cost
-        return True
-
-    def _next_held(self) -> tuple[int, bytes] | None:
-        """The held chunk that continues ``written``, if any; held chunks it passed are gone."""
-        while self._order and self._order[0] <= self.written:
-            start = heapq.heappop(self._order)
-            held = self.early.pop(start)
-            self.buffered -= len(held)
-            self._cost -= max(len(held), MIN_HELD_COST)
-            if start + len(held) > self.written:
-                return start, held
-        return None
-
-    def missing(self) -> list[tuple[int, int]]:
-        """The ranges ``(offset, size)`` not stored nor held, in order."""
-        assert self.total is not None
-        gaps, position = [], self.written
-        for offset in sorted(self.early):
-            if offset > position:
-                gaps.append((position, offset - position))
-            position = max(position, offset + len(self.early[offset]))
-        if position < self.total:
-            gaps.append((position, self.total - position))
-        return gaps
-
-    def _check(self, header: wire.ChunkHeader) -> None:
-        version = header.firmware_version
-        if not version > self.running:
-            raise InvalidVersionError(
-                f"chunk {header.index} carries version {version}, not newer than the running "
-                f"{self.running}",
-                value=str(version),
-            )
-        first = self.first
-        if first is None:
-            return
-        for what, mine, theirs in (
-            ("total size", header.total_size, first.total_size),
-            ("version", header.firmware_version.short, first.firmware_version.short),
-            ("number of payloads", header.total_payloads, first.total_payloads),
-        ):
-            if mine != theirs:
-                raise ChunkHeaderError(
-                    f"chunk {header.index} says {what} {mine}, an earlier chunk said {theirs}",
-                    value=mine,
-                )
-
-    def _open(self, header: wire.ChunkHeader) -> None:
-        job = self.job
-        version = job.version or header.firmware_version.short
-        download = Download(
-            source=job.url, size=header.total_size, version=version, sha256=job.sha256
-        )
-        stored = self.storage.open(download)
-        self.first, self.total, self.written = header, header.total_size, stored
-        log.info("image of %d bytes, %d already stored", header.total_size, stored)
-        if stored < self.asked_from:  # the journal was for another image: fetch the head too
-            self.ask(stored, self.asked_from - stored)
-        if stored:
-            self.progress(stored, header.total_size)
-
-    def _write(self, offset: int, data: bytes) -> None:
-        """Write ``data`` (which covers ``written``), then every held chunk it makes contiguous;
-        commit once."""
-        assert self.total is not None
-        while True:
-            self.storage.write(self.written, data[self.written - offset :])
-            self.written = offset + len(data)
-            following = self._next_held()
-            if following is None:
-                break
-            offset, data = following
-        self.storage.commit(self.written)
-        self.progress(self.written, self.total)
-
-
 # --- the transport -----------------------------------------------------------------------------
 
 
@@ -552,6 +421,10 @@ class MqttTransport:
     # --- data ----------------------------------------------------------------------------------
 
     def download(self, job: Job, storage: Storage, progress: Progress) -> int:
+        """Download ``job``'s image into ``storage`` through the chunk assembly core; return
+        its size. Raises ChunkHeaderError, InvalidVersionError, TransferError (no new chunk
+        after ``request_tries`` requests in a row, or not all within ``data_timeout``),
+        TransportUnsupportedError for a job of another protocol, and what the storage raises."""
         doc = job.document
         if doc is not None and doc.connection != "MQTT":
             raise TransportUnsupportedError(
@@ -559,24 +432,34 @@ class MqttTransport:
                 value=doc.connection,
             )
         s = self.settings
+        assembly = ChunkAssembly(
+            storage,
+            source=job.url,
+            version=_version_of(job),
+            running=self._running,
+            tries=s.request_tries,
+            max_early=max(1, s.max_buffered // MIN_HELD_COST),  # the bytes bound the count
+            max_early_bytes=max(1, s.max_buffered),
+            sha256=job.sha256,
+        )
         session, message = self._data_session(job)
-        offset, extra = self._resume_at(job, storage), {}
-        if offset:
-            message, extra = wire.REQUEST_DATA_CHUNK, self._range(job, offset, -1)
+        extra: dict[str, str] = {}
+        if assembly.resumed_from:
+            message, extra = wire.REQUEST_DATA_CHUNK, self._range(job, assembly.resumed_from, -1)
 
         def ask(first: int, size: int) -> None:
             self._send(session, wire.REQUEST_DATA_CHUNK, self._range(job, first, size))
 
-        transfer = _Transfer(job, storage, progress, self._running, s.max_buffered, offset, ask)
         self._send(session, message, extra)
+        reported: int | None = None
         now = time.monotonic()
-        deadline, quiet_since, tries = now + s.data_timeout, now, 0
-        while not transfer.done:
+        deadline, quiet_since = now + s.data_timeout, now
+        while not assembly.done:
             now = time.monotonic()
             if now >= deadline:
                 raise TransferError(
                     f"the image did not arrive within {s.data_timeout} s "
-                    f"({transfer.written} of {transfer.total or '?'} bytes)",
+                    f"({assembly.offset} of {assembly.total or '?'} bytes)",
                     value=job.url,
                 )
             incoming = _next(session.link, min(quiet_since + s.chunk_timeout, deadline) - now)
@@ -586,51 +469,40 @@ class MqttTransport:
                     continue
                 if payload[:1] == b"{":
                     log.debug("ignoring a JSON message on %s during the download", topic)
-                elif transfer.take(payload):
-                    tries, quiet_since = 0, time.monotonic()
+                    continue
+                if assembly.chunk(payload):
+                    quiet_since = time.monotonic()
+                for first, size in assembly.requests():
+                    ask(first, size)
+                total = assembly.total
+                if total is not None and reported != assembly.offset:
+                    if reported is None and assembly.started:
+                        progress(assembly.started, total)
+                    if reported is not None or assembly.offset != assembly.started:
+                        progress(assembly.offset, total)
+                    reported = assembly.offset
                 continue
-            # chunk_timeout without progress
+            # chunk_timeout without new bytes
             quiet_since = time.monotonic()
             if quiet_since >= deadline or not session.link.connected.is_set():
                 continue  # paho reconnects: an outage is not a failed request
-            tries += 1
-            if tries > s.request_tries:
-                missing = transfer.missing() if transfer.total is not None else []
+            try:
+                assembly.stalled()
+            except TransferError as exc:
                 raise TransferError(
-                    f"no new chunk for {s.chunk_timeout} s after asking {s.request_tries} "
-                    f"times; missing {_ranges(missing) if missing else 'the whole image'}",
-                    value=job.url,
-                )
-            if transfer.total is None:
-                log.info("no chunk yet; asking again (%d)", tries)
+                    f"{exc.message} (waiting {s.chunk_timeout} s each time)", value=job.url
+                ) from None
+            if assembly.total is None:
+                log.info("no chunk yet; asking again")
                 self._send(session, message, extra)
                 continue
-            gaps = transfer.missing()
-            log.info("missing %s; asking again (%d)", _ranges(gaps), tries)
+            gaps = assembly.missing()
+            log.info("missing %s; asking again", ranges_text(gaps))
             for first, size in gaps[:MAX_RANGES]:
                 ask(first, size)
-        assert transfer.total is not None
-        log.info("downloaded %s: %d bytes", job.url, transfer.total)
-        return transfer.total
-
-    def _resume_at(self, job: Job, storage: Storage) -> int:
-        """Where to start: the journal's durable bytes when they are of this image, else 0.
-        When all bytes are stored but the image was never handed over, the last chunk is
-        fetched again (it also tells whether the image is still the same)."""
-        record = storage.progress()
-        if (
-            record is None
-            or record.durable <= 0
-            or record.download.source != job.url
-            or (job.version and record.download.version != job.version)
-        ):
-            return 0
-        size = record.download.size
-        offset = record.durable
-        if offset >= size:
-            offset = (size - 1) // wire.CHUNK_SIZE * wire.CHUNK_SIZE
-        log.info("resuming %s at byte %d of %d", job.url, offset, size)
-        return offset
+        assert assembly.total is not None
+        log.info("downloaded %s: %d bytes", job.url, assembly.total)
+        return assembly.total
 
     @property
     def _running(self) -> FirmwareVersion:
@@ -765,6 +637,12 @@ def _next(link: _Link, timeout: float) -> tuple[str, bytes] | None:
         return None
 
 
-def _ranges(ranges: list[tuple[int, int]]) -> str:
-    shown = ", ".join(f"bytes {a}-{a + n - 1}" for a, n in ranges[:4])
-    return shown + (f" and {len(ranges) - 4} more ranges" if len(ranges) > 4 else "")
+def _version_of(job: Job) -> FirmwareVersion | None:
+    """The version the job says its image is (None in the direct flow). Raises
+    MalformedJobDocError for one that is not a version."""
+    if not job.version:
+        return None
+    try:
+        return FirmwareVersion.parse(job.version)
+    except VersionFormatError:
+        return job_version(job.version)  # the job document's own form (leading zeros)
