@@ -68,5 +68,12 @@ pytest: $(STAMP) services
 
 test: lint typecheck pytest
 
+# The unit tests only (no services, no processes, no sockets; under a minute): what to run while
+# editing. --no-services fails a unit test that starts anything (docs/testing.md). Extra pytest
+# arguments: make test-fast ARGS="tests/test_rules.py -x".
+.PHONY: test-fast
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "unit and not slow" --no-services $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,18 +1,25 @@
-"""Shared fixtures: real imgtool, keys of every type, and the real ``otakit`` entry point."""
+"""Shared fixtures: real imgtool, keys of every type, and the real ``otakit`` entry point.
+
+Also sorts every collected test into ``unit`` or ``integration`` and marks the known slow ones
+``slow`` (docs/testing.md); ``--no-services`` makes a unit test that starts a process or opens a
+network socket fail, which is how ``make test-fast`` proves the unit subset needs nothing running.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -170,3 +177,151 @@ def device_loop() -> Iterator[DeviceLoop]:
     loop = DeviceLoop()
     yield loop
     loop.close()
+
+
+# --- unit, integration, slow ---------------------------------------------------------------------
+
+# Fixtures that start a process (otakit, imgtool, MCUboot's host build, Mosquitto, nginx, a browser)
+# or a server (an update server, a loopback HTTP or S3 server, a device's network loop). A test
+# using one, directly or through another fixture, is an integration test. Names are matched in
+# the test's whole fixture closure, so a module's own ``server`` or ``broker`` counts too.
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "server",  # conftest's update server and the modules' own
+        "servers",  # loopback stub servers (test_agent_errors, test_agent_security, test_mqtt_security)
+        "otakit",  # the otakit console script (test_infineon_device: an HTTP(S) update server)
+        "imgtool",  # the imgtool console script
+        "mcuboot_host",  # MCUboot's bootloader built for the host (tests/mcuboot_host.py)
+        "broker",  # Mosquitto (tests/mqtt_harness.py)
+        "device_loop",  # a simulated device's network stack on loopback
+        "origin",  # test_faultproxy's loopback origin
+        "moto_endpoint",  # moto's S3 server on loopback
+        "dash_server",
+        "browser",  # chromium through selenium
+        "traced",
+        "metered",
+        "api_server",
+        "live",
+        "nginx",
+        "runs",  # the benchmark scripts (test_bench_smoke)
+    }
+)
+
+# Tests that start a server or a process inline rather than through a fixture, as node id
+# patterns (fnmatch; a pattern without "[" also matches every parameter of the test). New tests
+# should say it themselves: ``pytestmark = pytest.mark.integration`` in the module, or
+# ``@pytest.mark.integration`` on the test; ``make test-fast`` fails a unit test that does not.
+INTEGRATION_TESTS = (
+    # whole modules: every test here runs servers, the CLI, scripts or a device's network loop
+    "tests/test_bench_smoke.py::*",
+    "tests/test_demo.py::*",
+    "tests/test_device_flows.py::*",
+    "tests/test_idle_checkin.py::*",
+    "tests/test_lists.py::*",
+    "tests/test_server.py::*",
+    "tests/test_server_anonymous.py::*",
+    "tests/test_server_ops.py::*",
+    "tests/test_server_security.py::*",
+    "tests/test_smp.py::*",
+    # single tests in modules that are otherwise pure
+    "tests/test_agent_run.py::test_agent_run_refuses_a_config_without_storage",
+    "tests/test_blobs.py::*[[]s3*",  # the s3 parameter of `backend` asks for moto at run time
+    "tests/test_device_security.py::test_a_download_with_a_lower_security_counter_*",
+    "tests/test_device_security.py::test_a_silent_central_does_not_lock_out_the_next_one",
+    "tests/test_faultproxy.py::test_refused_upstream_closes_the_client",
+    "tests/test_fleet.py::test_bad_options_*",  # `otakit sim fleet`
+    "tests/test_metrics.py::test_open_metrics_and_counters_reset_at_start",
+    "tests/test_package.py::test_reads_archive_from_gnu_tar",
+    "tests/test_publisher.py::test_reconnects_after_the_broker_restarts",
+    "tests/test_publisher.py::test_bad_arguments_are_one_line_errors",
+    "tests/test_push.py::test_push_then_reboot_runs_the_new_version_and_confirm",
+    "tests/test_push.py::test_serve_push_*",
+    "tests/test_push.py::test_abort_midway_leaves_the_slot_clean_for_the_next_push",
+    "tests/test_push.py::test_wrong_crc_is_refused_with_3_and_nothing_is_pending",
+    "tests/test_push.py::test_image_too_large_for_the_slot_is_refused_at_download",
+    "tests/test_push.py::test_truncated_transfer_then_a_fresh_push_succeeds",
+    "tests/test_push.py::test_invalid_signature_after_a_correct_crc_is_refused_with_3",
+    "tests/test_push.py::test_byte_protocol_from_the_host_side",
+    "tests/test_push.py::test_oversized_write_command_ends_the_connection_and_cleans_the_slot",
+    "tests/test_push.py::test_only_one_central_at_a_time",
+    "tests/test_push.py::test_push_command_*",
+    "tests/test_rollout.py::test_two_processes_on_postgresql_never_advance_a_phase_twice",
+    "tests/test_server_ordering.py::test_migration_resets_derived_priorities_on_*",
+)
+
+# Integration tests that take long: whole fleets, MCUboot cross checks at every cut point, the
+# benchmark scripts, a browser, the demo, an agent killed over and over. ``-m "not slow"`` leaves
+# them out. Only integration tests match these patterns (a pure test in the same module stays
+# fast); mark a slow unit test with ``@pytest.mark.slow`` where it is defined.
+SLOW_TESTS = (
+    "tests/test_agent_kill.py::*",
+    "tests/test_bench_smoke.py::*",
+    "tests/test_dashboard.py::*",
+    "tests/test_demo.py::*",
+    "tests/test_fleet.py::*",
+    "tests/test_mcuboot_cross.py::*",
+    "tests/test_rollout_scale.py::*",
+    "tests/test_swap_move_offset.py::test_every_cut_point_matches_mcuboot",
+    "tests/test_swap_status.py::test_every_cut_of_*",
+)
+
+_NO_SERVICES = "a unit test must not start a process or open a network socket; mark it integration"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-services",
+        action="store_true",
+        help="fail a unit-marked test that starts a process or opens a network socket",
+    )
+
+
+def _matches(nodeid: str, patterns: tuple[str, ...]) -> bool:
+    bare = nodeid.split("[", 1)[0]
+    return any(fnmatch.fnmatchcase(nodeid, p) or fnmatch.fnmatchcase(bare, p) for p in patterns)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test ``integration`` or ``unit`` (an explicit marker wins), then the slow ones."""
+    for item in items:
+        if not (item.get_closest_marker("integration") or item.get_closest_marker("unit")):
+            fixtures = set(getattr(item, "fixturenames", ()))
+            if fixtures & INTEGRATION_FIXTURES or _matches(item.nodeid, INTEGRATION_TESTS):
+                item.add_marker(pytest.mark.integration)
+            else:
+                item.add_marker(pytest.mark.unit)
+        if (
+            item.get_closest_marker("integration")
+            and item.get_closest_marker("slow") is None
+            and _matches(item.nodeid, SLOW_TESTS)
+        ):
+            item.add_marker(pytest.mark.slow)
+
+
+def _refuse(*args: object, **kwargs: object) -> NoReturn:
+    raise AssertionError(_NO_SERVICES)
+
+
+def _refuse_inet(original: Callable[..., Any]) -> Callable[..., Any]:
+    def guarded(self: socket.socket, *args: Any, **kwargs: Any) -> Any:
+        if self.family in (socket.AF_INET, socket.AF_INET6):
+            raise AssertionError(_NO_SERVICES)
+        return original(self, *args, **kwargs)
+
+    return guarded
+
+
+@pytest.fixture(autouse=True)
+def _no_services_in_unit_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``--no-services``, a unit test that spawns or connects fails at that call."""
+    if not request.config.getoption("--no-services"):
+        return
+    if request.node.get_closest_marker("unit") is None:
+        return
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", _refuse)
+    for name in ("fork", "posix_spawn", "posix_spawnp", "system"):
+        monkeypatch.setattr(os, name, _refuse)
+    for name in ("bind", "connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, _refuse_inet(getattr(socket.socket, name)))

@@ -58,6 +58,10 @@ connect_retries = 100
 download_tries = 5
 chunk_size = 1048576
 http_timeout_ms = 250
+retry_backoff = 1.5
+retry_backoff_cap = 900
+retry_jitter = 0
+give_up_after = 0
 
 [behaviour]
 reboot_upon_completion = true
@@ -97,7 +101,7 @@ def config_error(data: object) -> ConfigError:
 
 
 def test_timing_defaults_are_the_originals() -> None:
-    """protocols.md §8, with the library's 60 s initial check."""
+    """protocols.md §8, with the library's 60 s initial check; the backoff keys are otakit's."""
     assert dataclasses.asdict(Timing()) == {
         "initial_check": 60,
         "next_check": 86400,
@@ -110,8 +114,52 @@ def test_timing_defaults_are_the_originals() -> None:
         "download_tries": 3,
         "chunk_size": 4096,
         "http_timeout_ms": 3000,
+        "retry_backoff": 2,
+        "retry_backoff_cap": 3600,
+        "retry_jitter": 0.2,
+        "give_up_after": 5,
     }
     assert Timing().http_timeout == 3.0
+
+
+def test_the_retry_policy_comes_from_the_timing_table() -> None:
+    timing = AgentConfig.from_dict(
+        {
+            **MINIMAL,
+            "timing": {
+                "retry_interval": 10,
+                "retry_backoff": 3,
+                "retry_backoff_cap": 600,
+                "retry_jitter": 0,
+                "give_up_after": 2,
+            },
+        }
+    ).timing
+    policy = timing.retry_policy
+    assert (policy.first, policy.factor, policy.cap, policy.jitter, policy.give_up_after) == (
+        10,
+        3,
+        600,
+        0,
+        2,
+    )
+    assert [policy.delay(n, random=0.5) for n in (1, 2, 3, 4, 5)] == [10, 30, 90, 270, 600]
+
+
+def test_a_retry_interval_longer_than_the_cap_is_the_cap() -> None:
+    """A config from before the backoff keys with retry_interval above the default cap of an
+    hour still loads, and its waits start at retry_interval."""
+    policy = Timing(retry_interval=7200).retry_policy
+    assert policy.cap == 7200
+    assert policy.delay(3, random=0.99) <= 7200
+    assert policy.delay(1, random=0.0) == pytest.approx(7200 * 0.8)  # jitter only shortens it
+
+
+def test_a_config_from_before_the_backoff_keys_still_loads() -> None:
+    config = AgentConfig.from_dict({**MINIMAL, "timing": {"retry_interval": 30, "retries": 2}})
+    assert config.timing.retry_interval == 30
+    assert config.timing.retry_policy.first == 30
+    assert config.timing.give_up_after == 5
 
 
 def test_minimal_config_takes_every_default() -> None:
@@ -146,6 +194,7 @@ def test_full_file_round_trips(tmp_path: Path) -> None:
     assert config.timing.retry_interval == 7.5
     assert config.timing.data_timeout == 0.5
     assert config.timing.http_timeout == 0.25
+    assert config.timing.retry_policy.give_up_after == 0  # never gives up
     assert config.behaviour == Behaviour(True, True, True)
     assert config.logging.level_for("http") == LOG_LEVELS["debug"]
     assert config.logging.level_for("mqtt") == LOG_LEVELS["warning"]
@@ -211,6 +260,8 @@ RANGES = [
     ("download_tries", 1, 100, "from 1 to 100"),
     ("chunk_size", 512, 16 * 1024 * 1024, "from 512 to 16777216 bytes"),
     ("http_timeout_ms", 1, YEAR * 1000, "from 1 to 31536000000 ms"),
+    ("retry_backoff", 1, 100, "from 1 to 100"),
+    ("give_up_after", 0, 100, "from 0 to 100"),
 ]
 
 
@@ -237,7 +288,19 @@ def test_timing_values_must_be_numbers(name: str, bad: object) -> None:
     assert str(error).startswith(f"timing.{name} ")
 
 
-@pytest.mark.parametrize("name", ["retries", "connect_retries", "chunk_size", "http_timeout_ms"])
+@pytest.mark.parametrize("bad", [-0.1, 1, 1.5])
+def test_retry_jitter_is_a_fraction_below_one(bad: float) -> None:
+    assert AgentConfig.from_dict(with_value("timing", "retry_jitter", 0)).timing.retry_jitter == 0
+    error = config_error(with_value("timing", "retry_jitter", bad))
+    assert error.key == "timing.retry_jitter"
+    assert str(error) == f"timing.retry_jitter is {bad} but must be from 0 to below 1"
+    assert error.value == bad
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["retries", "connect_retries", "chunk_size", "http_timeout_ms", "give_up_after"],
+)
 def test_counts_must_be_integers(name: str) -> None:
     error = config_error(with_value("timing", name, 1024.0))
     assert str(error) == f"timing.{name} must be an integer, not a number (1024.0)"
@@ -515,6 +578,10 @@ def _configs(draw: st.DrawFn) -> AgentConfig:
             data_timeout=draw(_SECONDS_TIMEOUT),
             retries=draw(st.integers(0, 100)),
             chunk_size=draw(st.integers(512, 16 * 1024 * 1024)),
+            retry_backoff=draw(st.floats(1, 100)),
+            retry_backoff_cap=draw(_SECONDS_INTERVAL),
+            retry_jitter=draw(st.floats(0, 1, exclude_max=True)),
+            give_up_after=draw(st.integers(0, 100)),
         ),
         behaviour=Behaviour(*draw(st.tuples(st.booleans(), st.booleans(), st.booleans()))),
         logging=LogConfig(
@@ -615,6 +682,10 @@ connect_retries = 3
 download_tries = 3
 chunk_size = 4096
 http_timeout_ms = 3000
+retry_backoff = 2
+retry_backoff_cap = 3600
+retry_jitter = 0.2
+give_up_after = 5
 
 [behaviour]
 reboot_upon_completion = false

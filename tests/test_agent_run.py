@@ -20,7 +20,7 @@ from otakit.device.journal import Journal
 from otakit.device.service import AgentService
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.http import HttpSettings, HttpTransport
-from otakit.sim.agent import device_token
+from otakit.sim.agent import SIMULATOR, device_token
 from otakit.sim.device import SimDevice
 
 from .server_harness import Server
@@ -95,7 +95,7 @@ def test_gateway_power_cut_resume_sha256_program_mcu_report_applied(fleet: Fleet
     )
     serial = config.identity.serial
 
-    service = AgentService(config)
+    service = AgentService(config, simulator=SIMULATOR)
     storage, _ = service._open_gateway()
     flash = storage.store.flash
     flash.cut_after(40, tear=True, seed=3)  # littlefs writes ~one block per 4 KiB range
@@ -106,7 +106,7 @@ def test_gateway_power_cut_resume_sha256_program_mcu_report_applied(fleet: Fleet
     assert fleet.device_status(serial)["status"] == "downloading"
 
     events: list[Event] = []
-    again = AgentService(config, callback=events.append)
+    again = AgentService(config, callback=events.append, simulator=SIMULATOR)
     try:
         result = again.attempt()
         assert result.outcome is Outcome.UPDATED, result
@@ -149,7 +149,7 @@ def test_gateway_drops_a_download_the_server_aborted(fleet: Fleet) -> None:
             f'kind = "gateway"\npath = "gw-abort.bin"\nfs_size = 1048576\nmcu = "{mcu.dir}"',
         )
     )
-    service = AgentService(config)
+    service = AgentService(config, simulator=SIMULATOR)
     storage, _ = service._open_gateway()
     storage.store.flash.cut_after(30, tear=True, seed=5)
     with pytest.raises(PowerCut):
@@ -159,7 +159,7 @@ def test_gateway_drops_a_download_the_server_aborted(fleet: Fleet) -> None:
     abort = fleet.admin.post(f"/api/v1/rollouts/{rollout.json()['id']}/abort")
     assert abort.status_code == 200, abort.text
 
-    again = AgentService(config)
+    again = AgentService(config, simulator=SIMULATOR)
     try:
         gateway, transport = again._open_gateway()
         assert gateway.progress() is not None  # the partial download survived the power cut
@@ -325,7 +325,14 @@ def test_poll_follows_the_timing_knobs() -> None:
             stop.set()
         return Result(outcome)
 
-    timing = Timing(initial_check=10, next_check=1000, retry_interval=7, retries=2)
+    timing = Timing(
+        initial_check=10,
+        next_check=1000,
+        retry_interval=7,
+        retries=2,
+        retry_backoff=1,  # the original's constant interval (the backoff: test_agent_retry.py)
+        retry_jitter=0,
+    )
     last = poll(attempt, timing=timing, stop=stop, wake=waits)
     assert last is not None
     assert last.outcome is Outcome.NO_UPDATE

@@ -13,29 +13,24 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from otakit.device.flash import Flash, PowerCut
-from otakit.device.gateway import (
-    ERRORS,
-    STATES,
-    ExternalProgrammer,
-    FileOperationError,
-    GatewayStorage,
-    LittleFsStore,
-    McuProgramError,
-    SimMcuProgrammer,
-)
+from otakit.device.gateway import ExternalProgrammer, GatewayStorage, LittleFsStore
 from otakit.device.journal import Download
 from otakit.errors import (
     DowngradeError,
+    FileOperationError,
     HashMismatchError,
     ImageTooLargeError,
     KeyMismatchError,
+    McuProgramError,
     UsageError,
 )
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
+from otakit.protocol.fwinfo import ERRORS, STATES
 from otakit.protocol.version import FirmwareVersion
 from otakit.sim.device import SimDevice
+from otakit.sim.programmer import SimMcuProgrammer
 
 
 def fixed_key(seed: int) -> SigningKey:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
+from otakit.device.core.job import check_job
 from otakit.errors import (
     InvalidVersionError,
     MalformedJobDocError,
@@ -26,7 +27,6 @@ from otakit.protocol.jobdoc import (
     RESULT_RECEIVED,
     UPDATE_AVAILABLE,
     JobDocument,
-    check_job,
     check_stored_value,
     no_update,
     parse_job_document,

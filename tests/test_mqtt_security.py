@@ -1,12 +1,15 @@
-"""The MQTT device transport and the subscriber against a hostile publisher: bounded memory and
-work, whatever the chunks look like.
+"""The MQTT chunk assembly (otakit.device.core.assembly, which the agent's MQTT transport, the
+fleet simulator and ``otakit subscriber`` all run) against a hostile publisher: bounded memory
+and work, whatever the chunks look like.
 
 - Early chunks: 40,000 one-byte chunks that all arrive before the first one. Before, every
   held chunk summed the sizes of all the others (37 s of CPU): the held-chunk map here counts
   how many entries the code walks, and fails the test at once beyond a linear budget. No wall
   clock is involved.
-- The subscriber's reassembly, the same shape of attack: the Python lines it runs are counted
-  (``sys.settrace``), again against a linear budget.
+- Tiny held chunks: with the agent's and the fleet's bounds, one-byte chunks cannot pile up
+  (each counts at least 256 bytes), and what was dropped is exactly what is asked for again.
+- The subscriber's reassembly, the same shape of attack: the Python lines run in the assembly
+  and the subscriber are counted (``sys.settrace``), again against a linear budget.
 - Messages larger than any valid chunk or job document never reach the agent's queue whole
   (a real Mosquitto, a real connection).
 - An HTTP(S) job from the publisher (anyone on the broker can answer) gets no credentials
@@ -30,11 +33,11 @@ from paho.mqtt import client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from otakit.device.agent import Outcome
-from otakit.device.transports.base import Job
+from otakit.device.core.assembly import MAX_EARLY, MIN_HELD_COST, ChunkAssembly
 from otakit.device.transports.http import HttpSettings
-from otakit.device.transports.mqtt import MqttSettings, _Link, _Transfer
+from otakit.device.transports.mqtt import MqttSettings, _Link
 from otakit.errors import BrokerError
-from otakit.host.subscriber import Reassembly
+from otakit.host.subscriber import ImageFile, image_assembly
 from otakit.protocol import mqtt as wire
 from otakit.protocol.jobdoc import JobDocument, update_available
 from otakit.protocol.version import FirmwareVersion
@@ -56,6 +59,8 @@ DATA = random.Random(1).randbytes(N)
 WAIT = 30
 # the largest MQTT message the device can use: a chunk header and 65535 data bytes
 LARGEST_MESSAGE = wire.HEADER_SIZE + 0xFFFF
+SOURCE = "mqtt://127.0.0.1:1883/OTAUpdate/APP_B/OTAImage"
+RUNNING = FirmwareVersion(1, 0, 0)
 
 
 def one_byte_chunk(index: int) -> bytes:
@@ -104,74 +109,110 @@ class CountingDict(dict[int, bytes]):
         return super().items()
 
 
-def transfer(early: dict[int, bytes], max_buffered: int) -> tuple[_Transfer, MemoryStorage]:
+def counted(early: CountingDict, **bounds: int) -> tuple[ChunkAssembly, MemoryStorage]:
+    """An assembly of the job's version 1.1.0 over running 1.0.0, as the agent builds it, with
+    ``bounds`` (max_early, max_early_bytes; none: the core's defaults, as the fleet) and its
+    held-chunk map replaced by ``early``, which counts the walks over it."""
     storage = MemoryStorage(DATA)
-    job = Job(url="mqtt://127.0.0.1:1883/OTAUpdate/APP_B/OTAImage", file="", version="1.1.0")
-    asked: list[tuple[int, int]] = []
-    held = _Transfer(
-        job,
+    assembly = ChunkAssembly(
         storage,
-        lambda done, total: None,
-        FirmwareVersion(1, 0, 0),
-        max_buffered,
-        0,
-        lambda offset, size: asked.append((offset, size)),
-        early=early,
+        source=SOURCE,
+        version=FirmwareVersion(1, 1, 0),
+        running=RUNNING,
+        **bounds,  # type: ignore[arg-type]
     )
-    return held, storage
+    assert assembly.held_chunks == 0
+    assembly._early = early  # the map the held chunks live in, empty until the first is held
+    return assembly, storage
+
+
+def agent_bounds(settings: MqttSettings) -> dict[str, int]:
+    """The bounds MqttTransport.download gives the assembly for these settings."""
+    return {
+        "max_early": max(1, settings.max_buffered // MIN_HELD_COST),
+        "max_early_bytes": max(1, settings.max_buffered),
+    }
 
 
 def test_forty_thousand_early_chunks_take_linear_work() -> None:
     """All but the first chunk arrive early and are held; the first one then writes them all.
     A running total of the held bytes, not a sum over them per chunk."""
     early = CountingDict(budget=4 * N)
-    held, storage = transfer(early, max_buffered=1 << 30)
+    assembly, storage = counted(early, max_early=N, max_early_bytes=1 << 30)
     for index in range(1, N):
-        assert held.take(one_byte_chunk(index))
-    assert len(held.early) == N - 1
-    assert held.buffered == N - 1  # the running total
-    assert not held.take(one_byte_chunk(N - 1))  # a duplicate
-    assert held.take(one_byte_chunk(0))
-    assert held.done
+        assert assembly.chunk(one_byte_chunk(index))
+        assert assembly.held == index  # read as often as a driver likes: a running total
+    assert len(early) == assembly.held_chunks == N - 1
+    assert assembly.held == N - 1  # the running total
+    assert assembly.offset == 0
+    assert assembly.missing() == [(0, 1)]
+    assert not assembly.chunk(one_byte_chunk(N - 1))  # a duplicate
+    assert assembly.chunk(one_byte_chunk(0))
+    assert assembly.done
+    assert storage.record is not None
+    assert storage.record.durable == N  # committed
     assert bytes(storage.data) == DATA
-    assert (held.buffered, len(held.early)) == (0, 0)
+    assert (assembly.held, assembly.held_chunks, len(early)) == (0, 0, 0)
     assert early.walked <= 4 * N
 
 
-def test_tiny_held_chunks_are_bounded_in_number() -> None:
+@pytest.mark.parametrize(
+    ("bounds", "held"),
+    [
+        # the agent: MqttTransport.download with the default max_buffered (64 chunks of 4 KiB)
+        (agent_bounds(MqttSettings(host="broker")), 64 * wire.CHUNK_SIZE // MIN_HELD_COST),
+        # the bytes alone bound them: each held chunk counts at least 256 bytes
+        ({"max_early": N, "max_early_bytes": 64 * wire.CHUNK_SIZE}, 1024),
+        # the core's defaults (the fleet simulator)
+        ({}, MAX_EARLY),
+    ],
+    ids=["agent", "bytes-only", "fleet"],
+)
+def test_tiny_held_chunks_are_bounded_in_number(bounds: dict[str, int], held: int) -> None:
     """With the default budget (64 chunks of 4 KiB), one-byte chunks do not get to fill it
-    with 262,144 entries: each held chunk counts at least 256 bytes."""
+    with 262,144 entries: each held chunk counts at least 256 bytes. What was dropped is what
+    is asked for again, and once it comes the image is whole."""
     budget = MqttSettings(host="broker").max_buffered
+    assert budget == 64 * wire.CHUNK_SIZE
     early = CountingDict(budget=4 * N)
-    held, storage = transfer(early, max_buffered=budget)
-    taken = [held.take(one_byte_chunk(index)) for index in range(N - 1, 0, -1)]  # reversed
-    assert 0 < len(held.early) <= budget // 256
-    assert taken.count(True) == len(held.early)
-    assert held.buffered == len(held.early)
-    assert held.take(one_byte_chunk(0))
+    assembly, storage = counted(early, **bounds)
+    taken = [assembly.chunk(one_byte_chunk(index)) for index in range(N - 1, 0, -1)]  # reversed
+    assert 0 < assembly.held_chunks <= budget // MIN_HELD_COST
+    assert assembly.held_chunks == len(early) == held
+    assert taken == [True] * held + [False] * (N - 1 - held)  # the first ones held, then none
+    assert assembly.held == held  # one byte each
+    assert assembly.chunk(one_byte_chunk(0))
     # the last chunks (sent first) are held; what was dropped is what is asked for again
-    assert held.written == 1
-    assert held.missing() == [(1, N - 1 - len(held.early))]
+    assert assembly.offset == 1
     assert storage.data[:1] == DATA[:1]
+    assert assembly.missing() == [(1, N - 1 - held)]
+    assert assembly.stalled() == 1  # "Request Data Chunk" Offset=1
+    [(first, size)] = assembly.missing()
+    for index in range(first, first + size):  # the publisher answers the request
+        assert assembly.chunk(one_byte_chunk(index))
+    assert assembly.done
+    assert bytes(storage.data) == DATA
+    assert assembly.recovered == 1
+    assert early.walked <= 4 * N
 
 
 # --- the subscriber --------------------------------------------------------------------------
 
 
 @contextmanager
-def line_budget(budget: int, module: str) -> Iterator[list[int]]:
-    """Count the Python lines run in ``module``'s functions; fail once past ``budget``."""
+def line_budget(budget: int, *modules: str) -> Iterator[list[int]]:
+    """Count the Python lines run in ``modules``' functions; fail once past ``budget``."""
     count = [0]
 
     def local(frame: FrameType, event: str, arg: object) -> Any:
         if event == "line":
             count[0] += 1
             if count[0] > budget:
-                raise AssertionError(f"more than {budget} lines run in {module}: quadratic")
+                raise AssertionError(f"more than {budget} lines run in {modules}: quadratic")
         return local
 
     def calls(frame: FrameType, event: str, arg: object) -> Any:
-        return local if frame.f_code.co_filename.endswith(module) else None
+        return local if frame.f_code.co_filename.endswith(modules) else None
 
     sys.settrace(calls)
     try:
@@ -180,22 +221,35 @@ def line_budget(budget: int, module: str) -> Iterator[list[int]]:
         sys.settrace(None)
 
 
-def subscriber_chunk(index: int) -> tuple[wire.ChunkHeader, bytes]:
-    return wire.parse_chunk(one_byte_chunk(index))
-
-
-def test_the_subscriber_reassembles_forty_thousand_scattered_chunks_in_linear_work() -> None:
-    """Every other byte first (20,000 separate pieces), then the rest in between."""
+def test_the_subscriber_reassembles_forty_thousand_scattered_chunks_in_linear_work(
+    tmp_path: Path,
+) -> None:
+    """Every other byte first (20,000 separate pieces, held), the missing ones listed as the
+    subscriber re-requests them, then the rest in between. The assembly is the subscriber's
+    own (its bounds, its image file, repeated chunks read back and compared)."""
     order = [*range(0, N, 2), *range(1, N, 2)]
-    chunks = [subscriber_chunk(index) for index in order]
-    reassembly = Reassembly(device_version=FirmwareVersion(1, 0, 0))
-    with line_budget(60 * N, "otakit/host/subscriber.py"):
-        for header, data in chunks:
-            assert reassembly.add(header, data)
-        assert not reassembly.add(*chunks[0])  # a duplicate
-    assert reassembly.complete
-    assert reassembly.image() == DATA
-    assert reassembly.covers(0, N)
+    chunks = [one_byte_chunk(index) for index in order]
+    output = tmp_path / "image.bin"
+    storage = ImageFile(output)
+    assembly = image_assembly(storage, source=SOURCE, version=None, running=RUNNING)
+    early = CountingDict(budget=4 * N)  # walks over the held chunks, which run in C
+    assembly._early = early
+    with line_budget(60 * N, "otakit/host/subscriber.py", "otakit/device/core/assembly.py"):
+        for payload in chunks[: N // 2]:
+            assert assembly.chunk(payload)
+        assert assembly.held_chunks == N // 2 - 1
+        assert assembly.missing(split=wire.CHUNK_SIZE) == [(i, 1) for i in range(1, N, 2)]
+        for payload in chunks[N // 2 :]:
+            assert assembly.chunk(payload)
+        assert not assembly.chunk(chunks[0])  # a duplicate, compared with the file
+        assert not assembly.chunk(chunks[-1])
+    assert assembly.done
+    assert assembly.held_chunks == 0
+    assert assembly.missing() == []
+    assert early.walked <= 4 * N
+    storage.verify()
+    storage.set_pending(permanent=True)
+    assert output.read_bytes() == DATA
 
 
 # --- whole messages -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from otakit.device.core.job import check_job
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
@@ -25,7 +26,6 @@ from otakit.image.verify import verify_image
 from otakit.protocol.jobdoc import (
     NO_UPDATE_AVAILABLE,
     UPDATE_AVAILABLE,
-    check_job,
     parse_job_document,
 )
 

@@ -16,6 +16,7 @@ import uuid
 import httpx
 import pytest
 
+from otakit.device.core.job import check_job
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
@@ -23,7 +24,6 @@ from otakit.protocol.jobdoc import (
     FIELD_LIMITS,
     MAX_DOCUMENT_BYTES,
     UPDATE_AVAILABLE,
-    check_job,
     parse_job_document,
 )
 

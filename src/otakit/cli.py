@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from otakit import __version__
-from otakit.device.cli import app as agent_app
+from otakit.device.cli import agent_app
 from otakit.device.flashmap import FlashMap, Strategy, load_layout
 from otakit.errors import HexFileError, OtakitError, UsageError
 from otakit.files import read_input, write_atomic
@@ -37,6 +37,7 @@ from otakit.image.sign import SignOptions, hex_address, sign_image, sign_image_h
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
 from otakit.server.cli import publisher, serve, token_app
+from otakit.sim.agent import SIMULATOR
 from otakit.sim.cli import app as sim_app
 
 app = typer.Typer(
@@ -472,17 +473,31 @@ def demo(
     mqtt: Annotated[
         bool, typer.Option("--mqtt", help="Devices update over MQTT (needs Mosquitto).")
     ] = False,
+    package: Annotated[
+        bool,
+        typer.Option(
+            "--package",
+            help="A two-image TAR package (application + secure image) on a few two-image "
+            "devices instead (-n defaults to 3 then).",
+        ),
+    ] = False,
 ) -> None:
     """The whole update path on this machine: server, keys, images, a fleet, a phased rollout."""
     count = _int(devices, "--devices")
     if not 2 <= count <= 500:
         raise UsageError(f"--devices {count} is not from 2 to 500", value=count)
+    if package:
+        if mqtt:
+            raise UsageError("--package runs over HTTP; leave out --mqtt", value="--mqtt")
+        from otakit.sim.demo import run_package_demo
+
+        raise typer.Exit(run_package_demo(3 if devices == "20" else count, keep=keep))
     from otakit.sim.demo import run_demo
 
     raise typer.Exit(run_demo(count, keep=keep, mqtt=mqtt))
 
 
-app.add_typer(agent_app, name="agent")
+app.add_typer(agent_app(SIMULATOR), name="agent")
 app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")
 app.add_typer(rollout_app, name="rollout")

@@ -185,6 +185,13 @@ class DowngradeError(VerificationError):
     agent_error = "INVALID_VERSION"
 
 
+class DependencyError(VerificationError):
+    """An image's DEPENDENCY TLV is not met by the images that would run after the update
+    (MCUboot's ``boot_verify_dependencies`` would not upgrade any image)."""
+
+    code = "DEPENDENCY"
+
+
 class SigningError(ImageError):
     """An image cannot be built as asked (payload too large for the slot, bad header area...)."""
 

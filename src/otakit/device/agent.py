@@ -18,17 +18,33 @@ as a Failure result with the reason (the original never reports failures), and l
 clean except for what can be resumed: a transfer that failed halfway keeps its durable bytes and
 journal, so the next attempt continues from there. :class:`Agent` runs attempts on a background thread with the configured
 timing.
+
+Retries (device/core/retry.py): after a failed attempt :func:`poll` waits as the
+:class:`RetryPolicy` of ``[timing]`` says (exponential from ``retry_interval``, with jitter,
+capped). With a :class:`RetryState`, failures are counted per artifact (:attr:`Job.artifact`,
+the exact update offered) and kept across restarts; a job whose artifact failed
+``give_up_after`` times is skipped after the job fetch (an AGENT_WAITING event says so): it is
+neither downloaded nor reported again until a different one is offered. A transfer that failed
+after storing more bytes is not counted against its artifact: the link failed, and the next
+attempt resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import random as _random
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from otakit.device.config import AgentConfig, Timing
+from otakit.device.core.job import check_job
+from otakit.device.core.retry import Backoff, RetryPolicy
 from otakit.device.events import Answer, Callback, Event, Reason, State
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Transport
@@ -40,7 +56,7 @@ from otakit.errors import (
     TransferError,
     TransportUnsupportedError,
 )
-from otakit.protocol.jobdoc import check_job
+from otakit.files import write_atomic
 
 log = logging.getLogger("otakit.agent")
 
@@ -63,6 +79,95 @@ class Result:
     error: str | None = None  # the original's error name
     message: str | None = None
     job: Job | None = None
+    retry_after: float | None = None  # FAILED: seconds the retry policy asks to wait
+    gave_up: bool = False  # the job's artifact failed give_up_after times: not tried (again)
+
+
+RETRY_FILE = "agent-retry.json"
+"""The retry state's file name, next to the agent's journal."""
+
+
+class RetryState:
+    """The agent's retry policy state: a :class:`Backoff` (failures per artifact) that
+    ``load`` reads at the start and ``save`` writes after each change, so a restart does not
+    forget how often an update failed. ``random`` gives the jitter, a number in ``[0, 1)``.
+
+    Without ``load``/``save`` the state lives in memory only. A state that cannot be read or
+    is damaged starts clean; one that cannot be written is logged and kept in memory: the retry
+    state never stops an update.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        load: Callable[[], bytes | None] | None = None,
+        save: Callable[[bytes], None] | None = None,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self.policy = policy
+        self.random = random
+        self._save = save
+        data: object = None
+        if load is not None:
+            try:
+                raw = load()
+                data = json.loads(raw) if raw else None
+            except (OtakitError, OSError, ValueError, RecursionError) as exc:
+                log.warning("retry state unreadable, starting clean: %s", exc)
+        self.backoff = Backoff.from_dict(policy, data)
+
+    @classmethod
+    def in_file(
+        cls,
+        policy: RetryPolicy,
+        path: str | os.PathLike[str],
+        *,
+        random: Callable[[], float] = _random.random,
+    ) -> RetryState:
+        """The state kept in the JSON file ``path`` (written atomically)."""
+        file = Path(path)
+
+        def load() -> bytes | None:
+            try:
+                return file.read_bytes()
+            except FileNotFoundError:
+                return None
+
+        return cls(policy, load=load, save=lambda data: write_atomic(file, data), random=random)
+
+    def gave_up(self, job: Job) -> bool:
+        """True when ``job``'s artifact failed ``give_up_after`` times."""
+        artifact = job.artifact
+        return artifact is not None and self.backoff.gave_up(artifact)
+
+    def failures(self, job: Job) -> int:
+        artifact = job.artifact
+        return 0 if artifact is None else self.backoff.failures(artifact)
+
+    def failed(self, job: Job) -> float | None:
+        """Count a failed attempt of ``job``; the seconds to wait (None: the job names no
+        artifact, the caller's own backoff applies)."""
+        artifact = job.artifact
+        if artifact is None:
+            return None
+        wait = self.backoff.failed(artifact, random=self.random())
+        self._store()
+        return wait
+
+    def succeeded(self, job: Job) -> None:
+        artifact = job.artifact
+        if artifact is not None and self.backoff.failures(artifact):
+            self.backoff.succeeded(artifact)
+            self._store()
+
+    def _store(self) -> None:
+        if self._save is None:
+            return
+        try:
+            self._save(json.dumps(self.backoff.to_dict()).encode())
+        except (OtakitError, OSError) as exc:
+            log.warning("retry state not saved (kept in memory): %s", exc)
 
 
 # States in which a failure has not touched storage yet.
@@ -109,6 +214,7 @@ def update_once(
     send_result: bool = True,
     callback: Callback | None = None,
     transports: Mapping[str, Transport] | None = None,
+    retry: RetryState | None = None,
 ) -> Result:
     """One update attempt. Never raises for a failed update: the Result says what happened.
 
@@ -116,10 +222,17 @@ def update_once(
     transport that downloads a job, by the job document's Connection: ``"HTTP"`` (also for
     HTTPS) and ``"MQTT"``; include ``transport`` itself. The default, ``{"HTTP": transport}``,
     is an HTTP-only agent. The result is reported through the transport that downloaded.
+
+    With ``retry``, a failure of a job is counted against its artifact (the Result's
+    ``retry_after`` is the wait the policy asks for), a success forgets it, and a job whose
+    artifact failed ``give_up_after`` times is not started: NO_UPDATE with ``gave_up``, no
+    download, no report. A transfer that failed after storing more of the download is not
+    counted (the link failed, not the artifact; the next attempt resumes).
     """
     attempt = _Attempt(callback)
     job: Job | None = None
     state = State.START_UPDATE
+    stored: tuple[object, int] | None = None
     try:
         attempt.state(State.START_UPDATE)
         if flow is Flow.JOB:
@@ -131,6 +244,8 @@ def update_once(
             if job is None:
                 attempt.emit(Event(State.AGENT_WAITING, Reason.SUCCESS, message="no update"))
                 return Result(Outcome.NO_UPDATE)
+            if retry is not None and retry.gave_up(job):
+                return _skipped(attempt, job, retry.failures(job))
             if job.document is not None:
                 check_job(job.document, board=board, current_version=version)
                 chosen = transport_for(job, transports or {"HTTP": transport})
@@ -154,6 +269,7 @@ def update_once(
             )
 
         state = State.DATA_DOWNLOAD
+        stored = _stored(storage)
         transport.download(job, storage, progress)
         for state in (State.DATA_DISCONNECT, State.STORAGE_CLOSE):
             attempt.state(state)
@@ -164,12 +280,58 @@ def update_once(
             version = job.version
         storage.set_pending(permanent=not validate_after_reboot)
     except OtakitError as exc:
-        return _failed(attempt, transport, storage, job, state, exc, send_result)
+        result = _failed(attempt, transport, storage, job, state, exc, send_result)
+        if retry is None or job is None:
+            return result
+        if isinstance(exc, TransferError) and _progressed(stored, _stored(storage)):
+            # the link failed, not the artifact: the next attempt resumes; poll backs off
+            log.info("the download made progress before it failed: not counted against it")
+            return result
+        wait = retry.failed(job)
+        gave_up = retry.gave_up(job)
+        if gave_up:
+            log.warning(
+                "giving up on %s %s: it failed %d times; waiting for a different update",
+                job.file,
+                job.version,
+                retry.failures(job),
+            )
+        return dataclasses.replace(result, retry_after=wait, gave_up=gave_up)
+    if retry is not None:
+        retry.succeeded(job)
     result = Result(Outcome.UPDATED, version=version, job=job)
     if send_result:
         _report(attempt, transport, job, success=True, error=None, message=None)
     attempt.emit(Event(State.OTA_COMPLETE, Reason.SUCCESS, message=f"version {version} pending"))
     return result
+
+
+def _stored(storage: Storage) -> tuple[object, int] | None:
+    """The download in progress and its durable bytes, or None (none, or unreadable)."""
+    try:
+        record = storage.progress()
+    except OtakitError:
+        return None
+    return None if record is None else (record.download, record.durable)
+
+
+def _progressed(before: tuple[object, int] | None, after: tuple[object, int] | None) -> bool:
+    """True when ``after`` holds more durable bytes of its download than ``before`` did."""
+    if after is None:
+        return False
+    start = before[1] if before is not None and before[0] == after[0] else 0
+    return after[1] > start
+
+
+def _skipped(attempt: _Attempt, job: Job, failures: int) -> Result:
+    """The job's artifact failed ``give_up_after`` times: no download, no report."""
+    message = (
+        f"skipping {job.file} {job.version or ''}".rstrip()
+        + f": it failed {failures} times; waiting for a different update"
+    )
+    log.info("%s", message)
+    attempt.emit(Event(State.AGENT_WAITING, Reason.SUCCESS, message=message))
+    return Result(Outcome.NO_UPDATE, message=message, job=job, gave_up=True)
 
 
 def transport_for(job: Job, transports: Mapping[str, Transport]) -> Transport:
@@ -236,13 +398,19 @@ def poll(
     stop: threading.Event,
     wake: threading.Event | None = None,
     until: Callable[[Result], bool] = lambda result: False,
+    random: Callable[[], float] = _random.random,
 ) -> Result | None:
     """Run ``attempt`` first after ``timing.initial_check`` seconds, then every
     ``timing.next_check`` seconds; after a failure, up to ``timing.retries`` more attempts
-    ``timing.retry_interval`` apart before falling back to ``next_check``. Runs until ``stop``
-    is set or ``until(result)``; setting ``wake`` runs the next attempt at once. Returns the
-    last result."""
+    before falling back to ``next_check``, each after the wait of ``timing.retry_policy``
+    (``retry_interval``, growing by ``retry_backoff`` with each failure in a row, capped, spread
+    by ``retry_jitter`` drawn from ``random``) or the Result's ``retry_after`` (the artifact's
+    own count, :class:`RetryState`), never longer than ``next_check``. A failure that gave up
+    on its artifact waits ``next_check``. Runs until ``stop`` is set or ``until(result)``;
+    setting ``wake`` runs the next attempt at once (``wake.wait`` is the only wait, so a test
+    drives time through it). Returns the last result."""
     wake = wake if wake is not None else threading.Event()
+    policy = timing.retry_policy
     wait, last, failures = timing.initial_check, None, 0
     while not stop.is_set():
         wake.wait(wait)
@@ -253,8 +421,11 @@ def poll(
         if until(last):
             break
         failures = failures + 1 if last.outcome is Outcome.FAILED else 0
-        if 0 < failures <= timing.retries:
-            wait = timing.retry_interval
+        if 0 < failures <= timing.retries and not last.gave_up:
+            backoff = last.retry_after
+            if backoff is None:
+                backoff = policy.delay(failures, random=random())
+            wait = min(backoff, timing.next_check)
         else:
             wait, failures = timing.next_check, 0
     return last
@@ -263,7 +434,13 @@ def poll(
 class Agent:
     """Runs update attempts on a background thread with the configured timing (:func:`poll`);
     ``check_now()`` wakes it at once. After an update it calls ``reboot`` when
-    ``reboot_upon_completion``, and stops: the device restarts into the new image."""
+    ``reboot_upon_completion``, and stops: the device restarts into the new image.
+
+    ``retry`` counts failures per artifact and gives up on one (:class:`RetryState`); by
+    default it lives in memory with the policy of ``timing``: pass
+    ``RetryState.in_file(timing.retry_policy, path)`` to keep it across restarts. ``wake`` is
+    the event the agent waits on between attempts (its ``wait`` is the only wait; a test can
+    give one that returns at once)."""
 
     def __init__(
         self,
@@ -280,6 +457,8 @@ class Agent:
         callback: Callback | None = None,
         reboot: Callable[[], None] | None = None,
         transports: Mapping[str, Transport] | None = None,
+        retry: RetryState | None = None,
+        wake: threading.Event | None = None,
     ) -> None:
         self.transport = transport
         self.transports = transports
@@ -293,8 +472,9 @@ class Agent:
         self.send_result = send_result
         self.callback = callback
         self.reboot = reboot
+        self.retry = retry if retry is not None else RetryState(self.timing.retry_policy)
         self.last: Result | None = None
-        self._wake = threading.Event()
+        self._wake = wake if wake is not None else threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -308,9 +488,12 @@ class Agent:
         callback: Callback | None = None,
         reboot: Callable[[], None] | None = None,
         transports: Mapping[str, Transport] | None = None,
+        retry_file: str | os.PathLike[str] | None = None,
     ) -> Agent:
         """An agent with the identity, flow, timing and behaviour of ``config``;
-        ``transports`` as :func:`update_once` takes them."""
+        ``transports`` as :func:`update_once` takes them; the retry state kept in
+        ``retry_file`` (JSON; in memory without one)."""
+        policy = config.timing.retry_policy
         return cls(
             transport,
             storage,
@@ -324,6 +507,9 @@ class Agent:
             callback=callback,
             reboot=reboot,
             transports=transports,
+            retry=RetryState(policy)
+            if retry_file is None
+            else RetryState.in_file(policy, retry_file),
         )
 
     def run_once(self) -> Result:
@@ -337,6 +523,7 @@ class Agent:
             send_result=self.send_result,
             callback=self.callback,
             transports=self.transports,
+            retry=self.retry,
         )
         self.last = result
         if result.outcome is Outcome.UPDATED and self.reboot_upon_completion and self.reboot:
@@ -377,4 +564,5 @@ class Agent:
             stop=self._stopping,
             wake=self._wake,
             until=lambda r: r.outcome is Outcome.UPDATED and self.reboot_upon_completion,
+            random=self.retry.random,
         )

@@ -110,6 +110,7 @@ from otakit.image.header import IMAGE_MAGIC, ImageVersion
 from otakit.image.keys import PublicKey
 from otakit.image.layout import read_layout
 from otakit.image.source import ByteSource
+from otakit.image.tlv import Dependency, TlvType
 from otakit.image.trailer import SwapType, TrailerState
 from otakit.image.verify import VerifiedImage, verify_image
 
@@ -369,10 +370,80 @@ class Bootloader:
                 self._guard(run, self._prepare_image_for_update)
             if is_upgrade(run.swap_type) and run.requested == BootSwapType.NONE:
                 run.requested = run.swap_type
+        if len(runs) > 1 and any(is_upgrade(run.swap_type) for run in runs):
+            self._verify_dependencies(runs)
         for run in runs:
             if run.panic is None:
                 self._guard(run, self._perform)
         return BootResult(tuple(self._finish(run) for run in runs))
+
+    def _verify_dependencies(self, runs: Sequence[_ImageRun]) -> None:
+        """``boot_verify_dependencies`` (multi-image swap and overwrite builds): image by image,
+        the DEPENDENCY TLVs of the image that will run (the secondary's when the image is
+        upgraded or reverted, the primary's otherwise) are checked against the version in the
+        header of the slot each named image will run from. The first image whose dependencies
+        are not met, or cannot be read (no TLV area, a TLV of the wrong size, an image number
+        the map does not have), stops the check and every image's swap type becomes NONE: no
+        image is upgraded or reverted in this boot, and the requests stay in the trailers."""
+        by_image = {run.ctx.image: run for run in runs}
+        for run in runs:
+            if run.panic is not None:
+                continue
+            slot = (
+                BOOT_SLOT_PRIMARY
+                if run.swap_type in (BootSwapType.NONE, BootSwapType.FAIL)
+                else BOOT_SLOT_SECONDARY
+            )
+            problem = self._unmet_dependency(run, slot, by_image)
+            if problem is None:
+                continue
+            for other in runs:
+                if is_upgrade(other.swap_type):
+                    if other is run:
+                        other.reason, other.error = problem, "DEPENDENCY"
+                    else:
+                        other.reason = (
+                            f"not upgraded: image {run.ctx.image}'s dependency is not met "
+                            f"({problem})"
+                        )
+                        other.error = "DEPENDENCY"
+                    other.swap_type = BootSwapType.NONE
+            return
+
+    def _unmet_dependency(
+        self, run: _ImageRun, slot: int, by_image: dict[int, _ImageRun]
+    ) -> str | None:
+        """``boot_verify_slot_dependencies`` for ``slot`` of ``run``'s image: why its
+        dependencies are not met, or None when they are."""
+        try:
+            layout = read_layout(self._image_source(run.mode, slot))
+            deps = [
+                Dependency.unpack(t.value)
+                for t in layout.protected_tlvs
+                if t.kind == TlvType.DEPENDENCY
+            ]
+        except OtakitError as exc:
+            return f"the dependencies of image {run.ctx.image} cannot be read: {exc.message}"
+        for dep in deps:
+            other = by_image.get(dep.image_id)
+            if other is None:
+                return f"image {run.ctx.image} depends on image {dep.image_id}, which is not here"
+            other_slot = BOOT_SLOT_SECONDARY if is_upgrade(other.swap_type) else BOOT_SLOT_PRIMARY
+            have = ImageVersion(*other.ctx.header(other_slot).version)
+            if have < dep.min_version:
+                return (
+                    f"image {run.ctx.image} needs image {dep.image_id} at {dep.min_version} "
+                    f"or later, which would run {have}"
+                )
+        return None
+
+    def slot_version(self, image: int = 0, *, secondary: bool = False) -> ImageVersion | None:
+        """The version in the header of a slot's image; None when the slot has no image
+        header (its magic is not an image's)."""
+        mode = self.mode(image, read_only=True)
+        source = self._image_source(mode, BOOT_SLOT_SECONDARY if secondary else BOOT_SLOT_PRIMARY)
+        header = _header_of(source)
+        return ImageVersion(*header.version) if header.magic == IMAGE_MAGIC else None
 
     def _guard(self, run: _ImageRun, step: Any) -> None:
         """Run a step; an MCUboot assertion (McubootError) makes the image unbootable."""

@@ -25,6 +25,11 @@ The file has one table per concern, and each table is one frozen dataclass here:
     [timing]                                  -> Timing (the original's knobs, protocols.md §8)
     initial_check = 60
     next_check = 86400
+    retry_interval = 5                        # the first wait after a failed attempt
+    retry_backoff = 2                         # each further wait twice the one before
+    retry_backoff_cap = 3600                  # at most an hour
+    retry_jitter = 0.2                        # +- 20 %
+    give_up_after = 5                         # skip an update that failed 5 times
     ...
 
     [behaviour]                               -> Behaviour (the original's agent parameters)
@@ -53,7 +58,9 @@ The file has one table per concern, and each table is one frozen dataclass here:
 ``agent.transport = "mqtt"``, ``mqtt.broker``) and ``identity.serial``, ``identity.board`` and
 ``identity.version`` are required; every other key has the default of
 the original middleware (§8). The one exception is ``timing.initial_check``: §8's devices wait
-10 s, its library defaults 60 s; otakit takes the library's 60 s.
+10 s, its library defaults 60 s; otakit takes the library's 60 s. The backoff keys
+(``timing.retry_backoff``, ``retry_backoff_cap``, ``retry_jitter``, ``give_up_after``) are
+otakit's own: the original retries at a constant interval and never gives up.
 
 Every check runs when a dataclass is built, so a config made in code is held to the same rules
 as one read from a file. Every problem is a :class:`ConfigError` whose one-line message names
@@ -74,6 +81,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
+from otakit.device.core.retry import RetryPolicy
 from otakit.errors import UsageError, VersionFormatError
 from otakit.files import read_input
 from otakit.protocol.jobdoc import MAX_VALUE_BYTES
@@ -84,6 +92,7 @@ MIN_INTERVAL_S = 5  # CY_OTA_INTERVAL_SECS_MIN
 MAX_INTERVAL_S = SECONDS_PER_YEAR  # CY_OTA_INTERVAL_SECS_MAX
 MAX_TIMEOUT_S = SECONDS_PER_YEAR
 MAX_RETRIES = 100
+MAX_BACKOFF = 100  # timing.retry_backoff: the factor between two waits after failures
 MIN_CHUNK_SIZE = 512
 MAX_CHUNK_SIZE = 16 * 1024 * 1024  # Linux-class devices download in MiBs
 MAX_PATH_BYTES = MAX_VALUE_BYTES["File"]  # job_path and file_path end up in a job's File field
@@ -154,6 +163,22 @@ def _check_seconds(key: str, value: object, low: float, high: float, *, above: b
         raise ConfigError(
             f"{key} is {_show(value)} s but must be {allowed} s (1 year)", key=key, value=value
         )
+
+
+def _check_number(key: str, value: object, low: float, high: float, *, upto: bool) -> None:
+    """``value`` an int or finite float from ``low`` to ``high`` (below ``high`` unless
+    ``upto``)."""
+    if type(value) not in (int, float):
+        raise ConfigError(
+            f"{key} must be a number, not {_type_name(value)} ({_show(value)})",
+            key=key,
+            value=value,
+        )
+    assert isinstance(value, int | float)
+    ok = math.isfinite(value) and low <= value and (value <= high if upto else value < high)
+    if not ok:
+        allowed = f"from {low} to {high}" if upto else f"from {low} to below {high}"
+        raise ConfigError(f"{key} is {_show(value)} but must be {allowed}", key=key, value=value)
 
 
 def _check_bool(key: str, value: object) -> None:
@@ -275,10 +300,21 @@ class Timing:
 
     Seconds are ints or floats; the original's macro is named with each field.
 
+    After a failed attempt the agent waits ``retry_interval``, then ``retry_backoff`` times
+    longer after each further failure in a row (at most ``retries`` retries before it falls back
+    to ``next_check``), never longer than ``retry_backoff_cap`` (or ``retry_interval`` when that
+    is longer) nor ``next_check``, each wait spread by ``+- retry_jitter`` of itself. An artifact
+    (the exact update offered) that failed ``give_up_after`` times is neither downloaded nor
+    reported again until a different one is offered (0: never give up). ``retry_backoff = 1``
+    with ``retry_jitter = 0`` is the original's constant interval. :attr:`retry_policy` gives
+    these as a :class:`RetryPolicy`.
+
     Raises:
-        ConfigError: a value of the wrong type or outside its range: intervals from 5 s to
-            1 year, timeouts greater than 0 and at most 1 year, retries from 0 to 100 (download
-            tries from 1, a download needs one try), chunk size from 512 B to 16 MiB.
+        ConfigError: a value of the wrong type or outside its range: intervals and the backoff
+            cap from 5 s to 1 year, timeouts greater than 0 and at most 1 year, retries and
+            give_up_after from 0 to 100 (download tries from 1, a download needs one try),
+            retry_backoff from 1 to 100, retry_jitter from 0 to below 1, chunk size from 512 B
+            to 16 MiB.
     """
 
     initial_check: float = 60  # CY_OTA_INITIAL_CHECK_SECS (§8's devices use 10)
@@ -292,8 +328,17 @@ class Timing:
     download_tries: int = 3  # CY_OTA_MAX_DOWNLOAD_TRIES: tries of one range
     chunk_size: int = 4096  # CY_OTA_CHUNK_SIZE: bytes per ranged GET
     http_timeout_ms: int = 3000  # CY_OTA_HTTP_TIMEOUT_SEND / _RECEIVE
+    retry_backoff: float = 2  # each wait after a failure this many times the one before
+    retry_backoff_cap: float = 3600  # the longest wait after a failure
+    retry_jitter: float = 0.2  # +- this fraction of each wait, so a fleet does not retry at once
+    give_up_after: int = 5  # failed attempts of one artifact before it is skipped; 0: never
 
-    INTERVALS: ClassVar[tuple[str, ...]] = ("initial_check", "next_check", "retry_interval")
+    INTERVALS: ClassVar[tuple[str, ...]] = (
+        "initial_check",
+        "next_check",
+        "retry_interval",
+        "retry_backoff_cap",
+    )
     TIMEOUTS: ClassVar[tuple[str, ...]] = ("check_timeout", "job_timeout", "data_timeout")
 
     def __post_init__(self) -> None:
@@ -314,6 +359,21 @@ class Timing:
             " bytes (512 B to 16 MiB)",
         )
         _check_int("timing.http_timeout_ms", self.http_timeout_ms, 1, MAX_TIMEOUT_S * 1000, " ms")
+        _check_number("timing.retry_backoff", self.retry_backoff, 1, MAX_BACKOFF, upto=True)
+        _check_number("timing.retry_jitter", self.retry_jitter, 0, 1, upto=False)
+        _check_int("timing.give_up_after", self.give_up_after, 0, MAX_RETRIES)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """The waits after failures and the give-up count, for :class:`Backoff`; its cap is
+        ``retry_backoff_cap`` or ``retry_interval``, whichever is longer."""
+        return RetryPolicy(
+            first=self.retry_interval,
+            factor=self.retry_backoff,
+            cap=max(self.retry_backoff_cap, self.retry_interval),
+            jitter=self.retry_jitter,
+            give_up_after=self.give_up_after,
+        )
 
     @property
     def http_timeout(self) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from littlefs import LittleFSError, UserContext, lfs
 
@@ -47,10 +46,8 @@ from otakit.errors import (
     OtakitError,
     UsageError,
 )
-from otakit.image.header import ImageVersion
 from otakit.protocol.fwinfo import ERRORS, STATES, FwError, FwStatus, GatewayStatus
 from otakit.protocol.version import FirmwareVersion
-from otakit.sim.device import SimDevice
 
 if TYPE_CHECKING:
     from littlefs.lfs import LFSConfig
@@ -314,10 +311,19 @@ class ExternalProgrammer(Protocol):
     """Writes a verified image into the external MCU.
 
     Raises an :class:`~otakit.errors.OtakitError` when the MCU was not programmed: the gateway
-    reports it as "MCU Download fail".
+    reports it as "MCU Download fail". :class:`CommandProgrammer` runs a flasher; the simulator's
+    :class:`otakit.sim.programmer.SimMcuProgrammer` programs a simulated MCU.
     """
 
     def program(self, data: bytes, version: str) -> None: ...
+
+
+class ReadableProgrammer(ExternalProgrammer, Protocol):
+    """A programmer that can also read back what the MCU runs (a simulated MCU can)."""
+
+    def running(self) -> FirmwareVersion | None:
+        """The version the MCU runs, or None when it runs nothing."""
+        ...
 
 
 class CommandProgrammer:
@@ -353,38 +359,6 @@ class CommandProgrammer:
                 + (f": {lines[-1][:200]}" if lines else ""),
                 value=done.returncode,
             )
-
-
-class SimMcuProgrammer:
-    """Programs a simulated MCUboot device (:class:`~otakit.sim.device.SimDevice` folder).
-
-    The image must be a signed MCUboot image the device's bootloader trusts: it is installed as a
-    permanent request, the device boots, and must then run ``version``.
-    """
-
-    def __init__(self, device_dir: str | os.PathLike[str], *, image: int = 0) -> None:
-        self.device_dir = Path(device_dir)
-        self.image = image
-
-    def program(self, data: bytes, version: str) -> None:
-        device = SimDevice(self.device_dir)
-        device.install(data, image_index=self.image, permanent=True)
-        device.boot()
-        running = self.running()
-        wanted = FirmwareVersion.parse(version)
-        if running != wanted:
-            raise McuProgramError(
-                f"the MCU runs {running or 'nothing'} after programming, not {wanted}",
-                value=str(running) if running is not None else None,
-            )
-
-    def running(self) -> FirmwareVersion | None:
-        """The version the simulated MCU runs, or None when it runs nothing."""
-        slots: list[dict[str, Any]] = SimDevice(self.device_dir).status()["slots"]
-        for slot in slots:
-            if slot["image"] == self.image and slot["running"] is not None:
-                return FirmwareVersion.from_image(ImageVersion.parse(slot["running"]))
-        return None
 
 
 # --- the storage target ------------------------------------------------------------------------

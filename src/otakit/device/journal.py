@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from otakit.files import write_atomic
 
@@ -42,6 +43,9 @@ class Download:
 class JournalRecord:
     download: Download
     durable: int  # bytes at the start of the image that are safely stored
+    # the state of a TAR package's demultiplexer at ``durable``
+    # (otakit.device.core.package.PackageStream.to_dict); None for a single image
+    package: dict[str, Any] | None = None
 
 
 class Journal:
@@ -51,15 +55,20 @@ class Journal:
     def load(self) -> JournalRecord | None:
         try:
             data = json.loads(self.path.read_bytes())
-            record = JournalRecord(Download(**data["download"]), int(data["durable"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            package = data.get("package")  # absent in journals of single images and older ones
+            if package is not None and not isinstance(package, dict):
+                return None
+            record = JournalRecord(Download(**data["download"]), int(data["durable"]), package)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
         if not 0 <= record.durable <= record.download.size:
             return None
         return record
 
     def save(self, record: JournalRecord) -> None:
-        data = {"download": asdict(record.download), "durable": record.durable}
+        data: dict[str, Any] = {"download": asdict(record.download), "durable": record.durable}
+        if record.package is not None:
+            data["package"] = record.package
         write_atomic(self.path, json.dumps(data).encode())
 
     def clear(self) -> None:

@@ -3,14 +3,19 @@
 The ``[storage]`` table says what is updated:
 
 - ``sim-device``: a simulated MCUboot device folder. Each attempt is one run of the simulated
-  device's agent (:func:`otakit.sim.agent.run`): job document or direct flow over HTTP(S) or,
+  device's agent (:func:`otakit.sim.agent.run`, handed over as a :class:`Simulator`): job document or direct flow over HTTP(S) or,
   with ``[mqtt]`` and ``agent.transport = "mqtt"``, over MQTT (an MQTT job from the HTTP server
   is followed when ``[mqtt]`` is there, an HTTP(S) job from the MQTT publisher always),
   resumable download into the secondary slot, verify, pending, then, with
   ``reboot_upon_completion``, the simulated bootloader swaps and the agent confirms.
 - ``gateway`` (protocols.md §7): the image is downloaded into littlefs on the gateway's flash
-  file, checked against its SHA-256 and programmed into the attached MCU; jobs come from the
+  file, checked against its SHA-256 and programmed into the attached MCU (a flasher command, or
+  with ``storage.mcu`` a simulated MCU, again from the :class:`Simulator`); jobs come from the
   device JSON API (:class:`CheckinTransport`), reports are §7's ``extFwInfo``.
+
+The device layer never imports the simulator (:mod:`otakit.sim`): whoever builds the service
+(``otakit agent run``, tests) passes ``simulator=otakit.sim.agent.SIMULATOR`` when the
+configuration names simulated parts.
 
 Attempts follow the ``[timing]`` table (:func:`otakit.device.agent.poll`). Logging goes to
 stderr, one level per facility (``[logging]``); URLs are logged without their query (signed
@@ -25,9 +30,10 @@ import logging
 import sys
 import threading
 from dataclasses import replace
-from typing import TextIO
+from pathlib import Path
+from typing import Protocol, TextIO
 
-from otakit.device.agent import Flow, Outcome, Result, poll, update_once
+from otakit.device.agent import RETRY_FILE, Flow, Result, RetryState, poll, update_once
 from otakit.device.config import (
     LOG_FACILITIES,
     AgentConfig,
@@ -42,7 +48,7 @@ from otakit.device.gateway import (
     ExternalProgrammer,
     GatewayStorage,
     LittleFsStore,
-    SimMcuProgrammer,
+    ReadableProgrammer,
 )
 from otakit.device.transports.checkin import CheckinTransport
 from otakit.device.transports.http import HttpSettings
@@ -52,6 +58,7 @@ from otakit.errors import FileOperationError
 log = logging.getLogger("otakit.agent")
 
 TOKEN_FILE = "/device-token"  # in the gateway's littlefs, next to the firmware file
+GATEWAY_RETRY_FILE = "/retry-state.json"  # the retry policy's failures per artifact, littlefs
 
 
 def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
@@ -146,22 +153,63 @@ def log_event(event: Event) -> Answer | None:
     return None
 
 
-class AgentService:
-    """The configured agent: :meth:`attempt` runs one update attempt, :meth:`run` polls."""
+class Simulator(Protocol):
+    """The simulated parts a configuration may name: a simulated device to update
+    (``kind = "sim-device"``) and a simulated MCU behind a gateway (``storage.mcu``).
 
-    def __init__(self, config: AgentConfig, *, callback: Callback | None = None) -> None:
+    The simulator provides them (:data:`otakit.sim.agent.SIMULATOR`); the device layer only
+    knows this interface.
+    """
+
+    def device_attempt(self, service: AgentService) -> Result:
+        """One update attempt on the simulated device folder ``service.storage_config.path``,
+        with the service's settings and callback."""
+        ...
+
+    def mcu_programmer(self, path: Path) -> ReadableProgrammer:
+        """The programmer of the simulated MCU in the device folder ``path``."""
+        ...
+
+
+class AgentService:
+    """The configured agent: :meth:`attempt` runs one update attempt, :meth:`run` polls.
+
+    ``simulator`` gives the simulated parts the configuration names (``kind = "sim-device"``,
+    ``storage.mcu``). Raises :class:`~otakit.device.config.ConfigError` when there is no
+    ``[storage]`` table, or when it names simulated parts and no ``simulator`` is given.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        callback: Callback | None = None,
+        simulator: Simulator | None = None,
+    ) -> None:
         if config.storage is None:
             raise ConfigError(
                 "the configuration has no [storage] table: say what to update "
                 '(kind = "sim-device" or "gateway", path = ...)',
                 key="storage",
             )
+        simulated = "storage.mcu" if config.storage.mcu is not None else None
+        if config.storage.kind == "sim-device":
+            simulated = "storage.kind"
+        if simulated is not None and simulator is None:
+            raise ConfigError(
+                f"{simulated} names a simulated part, and this agent was built without the "
+                "simulator: run it with `otakit agent run`",
+                key=simulated,
+            )
+        self.simulator = simulator
         self.config = config
         self.storage_config: StorageConfig = config.storage
         self.callback = callback if callback is not None else log_event
         self.settings = http_settings(config)
         self.mqtt = mqtt_settings(config)
         self._gateway: tuple[GatewayStorage, CheckinTransport] | None = None
+        self._gateway_retry: RetryState | None = None
+        self._device_retry: RetryState | None = None
 
     # --- attempts ------------------------------------------------------------------------------
 
@@ -191,25 +239,18 @@ class AgentService:
     # --- a simulated MCUboot device ------------------------------------------------------------
 
     def _device_attempt(self) -> Result:
-        from otakit.sim.agent import run
+        assert self.simulator is not None  # __init__ refuses a sim-device without it
+        return self.simulator.device_attempt(self)
 
-        behaviour = self.config.behaviour
-        report = run(
-            self.storage_config.path,
-            self.settings,
-            mqtt=self.mqtt,
-            fetch_with=self.config.transport,
-            flow=Flow(self.config.flow),
-            confirm=self.storage_config.confirm,
-            reboot=behaviour.reboot_upon_completion,
-            validate_after_reboot=behaviour.validate_after_reboot,
-            send_result=not behaviour.do_not_send_result,
-            callback=self.callback,
-        )
-        if report.result.outcome is Outcome.UPDATED and report.boot is not None:
-            state = "confirmed" if report.confirmed else "not confirmed: reverts at next boot"
-            log.info("rebooted; running %s, %s", report.running, state)
-        return report.result
+    @property
+    def device_retry(self) -> RetryState:
+        """The retry state of the simulated device (``update_once(retry=...)``), kept in its
+        folder next to the agent's journal (:data:`otakit.device.agent.RETRY_FILE`)."""
+        if self._device_retry is None:
+            self._device_retry = RetryState.in_file(
+                self.config.timing.retry_policy, Path(self.storage_config.path) / RETRY_FILE
+            )
+        return self._device_retry
 
     # --- a gateway and its MCU -----------------------------------------------------------------
 
@@ -225,6 +266,7 @@ class AgentService:
             validate_after_reboot=behaviour.validate_after_reboot,
             send_result=not behaviour.do_not_send_result,
             callback=self.callback,
+            retry=self._gateway_retry,
         )
         if transport.aborted is not None and storage.progress() is not None:
             log.warning("the server aborted the update under way: %s", transport.aborted)
@@ -240,7 +282,8 @@ class AgentService:
         programmer: ExternalProgrammer
         version = self.config.identity.version
         if cfg.mcu is not None:
-            sim_mcu = SimMcuProgrammer(cfg.mcu)
+            assert self.simulator is not None  # __init__ refuses storage.mcu without it
+            sim_mcu = self.simulator.mcu_programmer(cfg.mcu)
             programmer = sim_mcu
             running = sim_mcu.running()
             version = str(running) if running is not None else version
@@ -256,6 +299,14 @@ class AgentService:
             except FileOperationError as exc:
                 log.error("cannot keep the device token: %s", exc.message)
 
+        def load_retry() -> bytes | None:
+            return store.read(GATEWAY_RETRY_FILE) if store.size(GATEWAY_RETRY_FILE) else None
+
+        self._gateway_retry = RetryState(
+            self.config.timing.retry_policy,
+            load=load_retry,
+            save=lambda data: store.write_file(GATEWAY_RETRY_FILE, data),
+        )
         identity = self.config.identity
         transport = CheckinTransport(
             settings,

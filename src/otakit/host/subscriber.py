@@ -323,16 +323,11 @@ class Subscriber:
             if not job.unique_topic_name:  # no unique topic: the image comes on the direct one
                 self._subscribe([self.topics.direct])
         storage = ImageFile(cfg.output)
-        assembly = ChunkAssembly(
+        assembly = image_assembly(
             storage,
             source=f"mqtt://{cfg.host}:{cfg.broker_port}/{self.topics.direct}",
             version=job.firmware_version if job else None,
             running=cfg.version,
-            resume=False,
-            # as much held past a gap as the image may be: a publisher's order is its own
-            max_early=MAX_IMAGE_SIZE // MIN_HELD_COST,
-            max_early_bytes=MAX_IMAGE_SIZE,
-            read=storage.read,
         )
         filename = job.file if job else ""
         started = time.monotonic()
@@ -752,6 +747,30 @@ class Subscriber:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         self._events.put(_Event("message", topic=message.topic, payload=bytes(message.payload)))
+
+
+def image_assembly(
+    storage: ImageFile,
+    *,
+    source: str,
+    version: FirmwareVersion | None,
+    running: FirmwareVersion,
+) -> ChunkAssembly:
+    """The chunk assembly of one session into ``storage``: from byte 0 (no journal), as much
+    held past a gap as the image may be (a publisher's order is its own; each held chunk counts
+    at least :data:`~otakit.device.core.assembly.MIN_HELD_COST` bytes), and repeated chunks
+    compared with the bytes in the file. ``version`` is the job's (None in the direct flow),
+    ``running`` the pretend device's."""
+    return ChunkAssembly(
+        storage,
+        source=source,
+        version=version,
+        running=running,
+        resume=False,
+        max_early=MAX_IMAGE_SIZE // MIN_HELD_COST,
+        max_early_bytes=MAX_IMAGE_SIZE,
+        read=storage.read,
+    )
 
 
 def _stored(assembly: ChunkAssembly, end: int) -> bool:

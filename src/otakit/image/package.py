@@ -49,7 +49,7 @@ import os
 import re
 import struct
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -497,6 +497,98 @@ def parse_manifest(
     return PackageManifest(version, tuple(components))
 
 
+# The rules below are shared by PackageReader and the device's streaming demultiplexer
+# (otakit.device.core.package), which gets the bytes in pieces and cannot call read().
+
+Member = _Member  # a member header as parse_header() decodes it
+parse_header = _parse_header
+padding = _padding
+
+
+def is_zero_block(block: bytes) -> bool:
+    """Whether a 512-byte block is all zero (an end-of-archive block, not a header)."""
+    return block.count(0) == BLOCK_SIZE
+
+
+def check_second_end_block(block: bytes, offset: int) -> None:
+    """Raise PackageFormatError unless ``block``, following the zero block at ``offset``, is
+    the second zero block that ends an archive."""
+    if not is_zero_block(block):
+        raise PackageFormatError(
+            f"lone zero block at byte {offset}: the archive must end with two", value=offset
+        )
+
+
+def check_first_member(member: Member | None, max_member_size: int) -> Member:
+    """The header of a package's first member, checked to be components.json of a size within
+    the limit. Raises ManifestError (empty package, another member first) or
+    PackageLimitError (too large)."""
+    if member is None:
+        raise ManifestError(
+            f"the package is empty; {MANIFEST_NAME} must be its first member", value=None
+        )
+    if member.name != MANIFEST_NAME:
+        raise ManifestError(
+            f"the first member is {member.name!r}; {MANIFEST_NAME} must come first",
+            value=member.name,
+        )
+    limit = min(MAX_MANIFEST_SIZE, max_member_size)
+    if member.size > limit:
+        raise PackageLimitError(
+            f"{MANIFEST_NAME} is {member.size} bytes, more than the {limit}-byte limit",
+            value=member.size,
+        )
+    return member
+
+
+def check_member(
+    member: Member,
+    manifest: PackageManifest,
+    seen: Collection[str],
+    *,
+    max_files: int = MAX_FILES,
+    max_member_size: int = DEFAULT_MAX_MEMBER_SIZE,
+) -> Component:
+    """The manifest's component for a member header that follows components.json, ``seen``
+    being the names of the members before it (components.json included). Raises
+    PackageLimitError (one file too many, too large) or ManifestError (repeated, not listed,
+    a size that disagrees with components.json)."""
+    if len(seen) >= max_files:
+        raise PackageLimitError(
+            f"member {member.name!r} is one too many: a package has at most {max_files} files",
+            value=member.name,
+        )
+    if member.name in seen:
+        raise ManifestError(f"member {member.name!r} appears twice", value=member.name)
+    listed = next((c for c in manifest.components if c.name == member.name), None)
+    if listed is None:
+        raise ManifestError(
+            f"member {member.name!r} is not listed in {MANIFEST_NAME}", value=member.name
+        )
+    if member.size > max_member_size:
+        raise PackageLimitError(
+            f"member {member.name!r} is {member.size} bytes, more than the "
+            f"{max_member_size}-byte limit",
+            value=member.size,
+        )
+    if member.size != listed.size:
+        raise ManifestError(
+            f"member {member.name!r} is {member.size} bytes but {MANIFEST_NAME} says {listed.size}",
+            value=member.size,
+        )
+    return listed
+
+
+def check_complete(manifest: PackageManifest, seen: Collection[str]) -> None:
+    """At the end of the archive: raise ManifestError when a listed component was missing."""
+    missing = [c.name for c in manifest.components if c.name not in seen]
+    if missing:
+        raise ManifestError(
+            f"{MANIFEST_NAME} lists {missing[0]!r}, but the package has no such member",
+            value=missing[0],
+        )
+
+
 class PackageReader:
     """A sequential, bounded-memory reader of a package from a binary stream.
 
@@ -541,7 +633,6 @@ class PackageReader:
         self._padding = 0
         self._seen = {MANIFEST_NAME}
         self.manifest = self._read_manifest()
-        self._listed = {c.name: c for c in self.manifest.components}
 
     def __iter__(self) -> PackageReader:
         return self
@@ -596,35 +687,15 @@ class PackageReader:
         """The next member header, or None at a (checked) end of archive."""
         offset = self._pos
         block = self._read(BLOCK_SIZE, "a member header")
-        if block.count(0) == BLOCK_SIZE:
-            second = self._read(BLOCK_SIZE, "the end-of-archive marker")
-            if second.count(0) != BLOCK_SIZE:
-                raise PackageFormatError(
-                    f"lone zero block at byte {offset}: the archive must end with two",
-                    value=offset,
-                )
+        if is_zero_block(block):
+            check_second_end_block(self._read(BLOCK_SIZE, "the end-of-archive marker"), offset)
             return None
         return _parse_header(block, offset)
 
     # -- members ------------------------------------------------------------------------------
 
     def _read_manifest(self) -> PackageManifest:
-        member = self._header()
-        if member is None:
-            raise ManifestError(
-                f"the package is empty; {MANIFEST_NAME} must be its first member", value=None
-            )
-        if member.name != MANIFEST_NAME:
-            raise ManifestError(
-                f"the first member is {member.name!r}; {MANIFEST_NAME} must come first",
-                value=member.name,
-            )
-        limit = min(MAX_MANIFEST_SIZE, self._max_member_size)
-        if member.size > limit:
-            raise PackageLimitError(
-                f"{MANIFEST_NAME} is {member.size} bytes, more than the {limit}-byte limit",
-                value=member.size,
-            )
+        member = check_first_member(self._header(), self._max_member_size)
         data = self._read(member.size, MANIFEST_NAME)
         self._skip(_padding(member.size), f"the padding of {MANIFEST_NAME}")
         return parse_manifest(
@@ -638,39 +709,16 @@ class PackageReader:
         self._padding = 0
         member = self._header()
         if member is None:
-            missing = [name for name in self._listed if name not in self._seen]
-            if missing:
-                raise ManifestError(
-                    f"{MANIFEST_NAME} lists {missing[0]!r}, but the package has no such member",
-                    value=missing[0],
-                )
+            check_complete(self.manifest, self._seen)
             self._done = True
             raise StopIteration
-        if len(self._seen) >= self._max_files:
-            raise PackageLimitError(
-                f"member {member.name!r} is one too many: a package has at most "
-                f"{self._max_files} files",
-                value=member.name,
-            )
-        if member.name in self._seen:
-            raise ManifestError(f"member {member.name!r} appears twice", value=member.name)
-        listed = self._listed.get(member.name)
-        if listed is None:
-            raise ManifestError(
-                f"member {member.name!r} is not listed in {MANIFEST_NAME}", value=member.name
-            )
-        if member.size > self._max_member_size:
-            raise PackageLimitError(
-                f"member {member.name!r} is {member.size} bytes, more than the "
-                f"{self._max_member_size}-byte limit",
-                value=member.size,
-            )
-        if member.size != listed.size:
-            raise ManifestError(
-                f"member {member.name!r} is {member.size} bytes but {MANIFEST_NAME} says "
-                f"{listed.size}",
-                value=member.size,
-            )
+        listed = check_member(
+            member,
+            self.manifest,
+            self._seen,
+            max_files=self._max_files,
+            max_member_size=self._max_member_size,
+        )
         self._seen.add(member.name)
         self._member += 1
         self._remaining = member.size

@@ -50,12 +50,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from otakit.errors import (
-    InvalidVersionError,
-    MalformedJobDocError,
-    NotAJobDocError,
-    WrongBoardError,
-)
+from otakit.errors import MalformedJobDocError, NotAJobDocError
 from otakit.protocol.version import FirmwareVersion, job_version
 
 UPDATE_AVAILABLE = "Update Available"
@@ -400,36 +395,6 @@ def parse_job_document(data: bytes | bytearray | memoryview | str) -> JobDocumen
     doc = JobDocument(**known, extra=tuple(extra))
     _validate(doc)
     return doc
-
-
-# --- checks ------------------------------------------------------------------------------------
-
-
-def check_job(doc: JobDocument, *, board: str, current_version: str | FirmwareVersion) -> None:
-    """Decide whether a device may take this job (protocols.md §1).
-
-    ``Board`` must equal ``board`` exactly (case-sensitive), else
-    :class:`~otakit.errors.WrongBoardError`; ``Version`` must be strictly newer than
-    ``current_version`` (any :meth:`FirmwareVersion.parse` form), else
-    :class:`~otakit.errors.InvalidVersionError`. A malformed ``Version`` raises
-    :class:`~otakit.errors.MalformedJobDocError`; a malformed ``current_version``
-    :class:`~otakit.errors.VersionFormatError` (it is the caller's, not the document's).
-    """
-    if doc.board != board:
-        raise WrongBoardError(
-            f"job is for board {doc.board!r}, this device is {board!r}", value=doc.board
-        )
-    offered = job_version(doc.version)
-    current = (
-        current_version
-        if isinstance(current_version, FirmwareVersion)
-        else FirmwareVersion.parse(current_version)
-    )
-    if not offered > current:
-        raise InvalidVersionError(
-            f"job version {offered} is not newer than the running version {current}",
-            value=doc.version,
-        )
 
 
 # --- constructors ------------------------------------------------------------------------------

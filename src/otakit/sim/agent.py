@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,11 +27,14 @@ from typing import Any
 
 import httpx
 
-from otakit.device.agent import Flow, Outcome, Result, update_once
+from otakit.device.agent import Flow, Outcome, Result, RetryState, update_once
+from otakit.device.bootloader import Action, ImageBoot
+from otakit.device.core.after_boot import AfterBoot, BootVerdict, after_boot
 from otakit.device.events import Answer, Event, Reason, State
 from otakit.device.flash import PowerCut
 from otakit.device.journal import Journal
-from otakit.device.storage import SlotStorage
+from otakit.device.service import AgentService
+from otakit.device.storage import UpdateStorage
 from otakit.device.transports.base import Transport
 from otakit.device.transports.http import (
     MAX_JSON_BYTES,
@@ -41,7 +45,13 @@ from otakit.device.transports.http import (
 from otakit.device.transports.mqtt import MqttSettings, MqttTransport
 from otakit.errors import ApiError, DeviceError, UsageError
 from otakit.files import write_atomic
+from otakit.image.header import ImageVersion
+from otakit.protocol.fwinfo import FwStatus
+from otakit.protocol.version import FirmwareVersion
 from otakit.sim.device import SimDevice
+from otakit.sim.programmer import SimMcuProgrammer
+
+log = logging.getLogger("otakit.agent")
 
 TOKEN_FILE = "agent-token"
 JOURNAL_FILE = "agent-journal.json"
@@ -142,6 +152,7 @@ def run(
     chunk_size: int = 4096,
     power_cut_after: int | None = None,
     callback: Callable[[Event], Answer | None] | None = None,
+    retry: RetryState | None = None,
 ) -> RunReport:
     """One agent run. ``server`` is the server's URL (with ``token`` and ``chunk_size``) or the
     whole HTTP settings; ``mqtt`` the broker of the MQTT transport. ``fetch_with`` (``"http"`` or
@@ -183,7 +194,7 @@ def run(
                 product=ident.product,
             )
         with device.bootloader() as boot:
-            storage = SlotStorage(
+            storage = UpdateStorage(
                 boot,
                 Journal(Path(device.dir) / JOURNAL_FILE),
                 device.keys,
@@ -203,6 +214,7 @@ def run(
                     send_result=send_result,
                     callback=callback,
                     transports=transports,
+                    retry=retry,
                 )
             except PowerCut:
                 boot.flash.power_on()
@@ -216,30 +228,127 @@ def run(
     if result.outcome is not Outcome.UPDATED or not reboot:
         return RunReport(result, None, False, version)
     booted = device.boot()
-    confirmed = confirm and device.confirm()
+    # what the update installed: every image of a package, else the one image it verified
+    expected = dict(storage.installed) if storage.installed else _versions(result.version)
+    verdict = after_boot(
+        booted.result.images if booted.result is not None else (),
+        expected=expected,
+        previous=FirmwareVersion.parse(version),
+    )
+    confirmed = confirm and verdict.confirm
+    if confirmed:
+        for image in booted.result.images if booted.result is not None else ():
+            device.confirm(image.image)
     running = device.status()["slots"][0]["running"]
-    if settings.token is not None and running:
-        # tell the server what runs now (counts as Applied)
+    if settings.token is not None:
+        _report(device, settings, verdict, running)
+    if callback is not None:
+        if verdict.verdict is BootVerdict.UPDATED:
+            callback(Event(State.AGENT_WAITING, Reason.SUCCESS, message=f"running {running}"))
+        else:
+            callback(
+                Event(
+                    State.AGENT_WAITING,
+                    Reason.FAILURE,
+                    error=verdict.error,
+                    message=verdict.reason,
+                )
+            )
+    return RunReport(result, booted.to_dict(), confirmed, running)
+
+
+def _versions(text: str | None) -> list[FirmwareVersion] | None:
+    return None if text is None else [FirmwareVersion.parse(text)]
+
+
+def _report(
+    device: SimDevice, settings: HttpSettings, verdict: AfterBoot, running: str | None
+) -> None:
+    """Tell the server what the boot did: check in with what runs now (the JSON API counts the
+    new version as Applied), after a status report when the boot went wrong."""
+    if verdict.report is FwStatus.ERROR:
+        body: dict[str, object] = {"status": FwStatus.ERROR.value, "error": verdict.error}
+        if verdict.running is not None:
+            body["version"] = str(verdict.running)
+        with contextlib.suppress(ApiError):
+            _post(settings, "/api/v1/device/status", body)
+    if running:
         with contextlib.suppress(ApiError):
             check_in(settings, _identity(device, running.split("+")[0]))
-    if callback is not None:
-        callback(Event(State.AGENT_WAITING, Reason.SUCCESS, message=f"running {running}"))
-    return RunReport(result, booted.to_dict(), confirmed, running)
 
 
 REVERT_FILE = "agent-reported-revert"
 
 
+def _boot_images(last_boot: dict[str, Any] | None) -> tuple[ImageBoot, ...]:
+    """The per-image results of the device's last boot, as the device file keeps them
+    (:meth:`BootResult.to_dict`); none after a power cut during the boot."""
+    images: list[ImageBoot] = []
+    for item in (last_boot or {}).get("images") or ():
+        version = item.get("version")
+        images.append(
+            ImageBoot(
+                image=int(item.get("image", 0)),
+                action=Action(item.get("action", "none")),
+                resumed=bool(item.get("resumed", False)),
+                version=ImageVersion.parse(version) if version else None,
+                reason=item.get("reason"),
+                error=item.get("error"),
+            )
+        )
+    return tuple(images)
+
+
 def _report_revert(device: SimDevice, settings: HttpSettings, version: str) -> None:
     """Tell the server once when the last boot swapped back an unconfirmed image."""
-    last = device.state.last_boot or {}
-    images = last.get("images") or [{}]
-    if images[0].get("action") != "revert" or settings.token is None:
+    if settings.token is None:
+        return
+    verdict = after_boot(
+        _boot_images(device.state.last_boot),
+        expected=None,
+        previous=FirmwareVersion.parse(version),
+    )
+    if verdict.verdict is not BootVerdict.REVERTED:
         return
     marker = device.dir / REVERT_FILE
     if marker.exists() and marker.read_text().strip() == str(device.state.boots):
         return
-    body = {"status": "error", "error": "reverted: not confirmed after reboot", "version": version}
+    body = {"status": FwStatus.ERROR.value, "error": verdict.error, "version": version}
     with contextlib.suppress(ApiError):
         _post(settings, "/api/v1/device/status", body)
     write_atomic(marker, str(device.state.boots).encode())
+
+
+class Simulator:
+    """The simulated parts of ``otakit agent run`` (:class:`otakit.device.service.Simulator`):
+    a simulated device folder updated by :func:`run`, and a simulated MCU behind a gateway."""
+
+    def device_attempt(self, service: AgentService) -> Result:
+        """One :func:`run` on the configured device folder; logs what runs after the reboot."""
+        config = service.config
+        behaviour = config.behaviour
+        report = run(
+            service.storage_config.path,
+            service.settings,
+            mqtt=service.mqtt,
+            fetch_with=config.transport,
+            flow=Flow(config.flow),
+            confirm=service.storage_config.confirm,
+            reboot=behaviour.reboot_upon_completion,
+            validate_after_reboot=behaviour.validate_after_reboot,
+            send_result=not behaviour.do_not_send_result,
+            callback=service.callback,
+            retry=service.device_retry,
+        )
+        if report.result.outcome is Outcome.UPDATED and report.boot is not None:
+            state = "confirmed" if report.confirmed else "not confirmed: reverts at next boot"
+            log.info("rebooted; running %s, %s", report.running, state)
+        return report.result
+
+    def mcu_programmer(self, path: Path) -> SimMcuProgrammer:
+        """The simulated MCU in the device folder ``path``."""
+        return SimMcuProgrammer(path)
+
+
+SIMULATOR = Simulator()
+"""What ``otakit agent run`` hands to :class:`~otakit.device.service.AgentService`."""

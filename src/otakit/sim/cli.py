@@ -63,6 +63,14 @@ def create(
     allow_downgrade: Annotated[
         bool, typer.Option("--allow-downgrade", help="Let the bootloader accept older images.")
     ] = False,
+    secure_image: Annotated[
+        Path | None,
+        typer.Option(
+            "--secure-image",
+            help="Signed image for image 1's primary slot (the secure image of the two-image "
+            "layout; MCUboot upgrades no image of a multi-image device while one has none).",
+        ),
+    ] = None,
     board: Annotated[str, typer.Option("--board")] = Identity.board,
     product: Annotated[str, typer.Option("--product")] = Identity.product,
     serial: Annotated[str, typer.Option("--serial")] = Identity.serial,
@@ -77,6 +85,9 @@ def create(
         identity=Identity(board, product, serial, manufacturer),
         strategy=_strategy(strategy),
         allow_downgrade=allow_downgrade,
+        images=(
+            {1: read_input(secure_image, what="secure image")} if secure_image is not None else None
+        ),
     )
     err.print(
         f"created {directory}: layout {device.map.name}, {device.state.strategy} bootloader, "

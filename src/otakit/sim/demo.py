@@ -7,6 +7,13 @@ never confirms, so it reverts), and v1.1.0 deployed as a two-phase rollout. Live
 each device's download and each phase; the summary table gives every device's version and
 outcome. With ``--mqtt`` (and a Mosquitto binary) the devices take their jobs and images from
 ``otakit publisher`` over MQTT instead of HTTP.
+
+With ``--package`` the demo shows a multi-image update instead (:func:`run_package_demo`): a
+TAR package (protocols.md §6) of application v1.1.0 (image 0, which depends on the secure image
+at 2.1.0) and secure image v2.1.0 (image 1), deployed with ``otakit deploy`` to a few simulated
+devices on the ``two-image`` flash map, each running the agent's code (``otakit sim run``): one
+loses power in the middle of the download and resumes, one never confirms and both of its
+images go back together.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from otakit.errors import OtakitError, UsageError
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
+from otakit.image.tlv import Dependency
 
 PRODUCT = "demo-sensor"
 GROUP = "field"
@@ -133,11 +141,20 @@ class _Setup:
     rollout: dict[str, Any]
 
 
-def _sample_app(version: str, key: SigningKey) -> bytes:
-    """The sample application: the same code in both versions but for a version string."""
-    code = random.Random(20261121).randbytes(APP_SIZE - 64)
-    banner = f"otakit demo application {version}".encode().ljust(64, b"\0")
-    return sign_image(code + banner, key, SignOptions(ImageVersion.parse(version), pad_header=True))
+def _sample_app(
+    version: str,
+    key: SigningKey,
+    *,
+    size: int = APP_SIZE,
+    what: str = "application",
+    depends: tuple[Dependency, ...] = (),
+) -> bytes:
+    """The sample application (or secure image): the same code in every version but for a
+    version string."""
+    code = random.Random(20261121).randbytes(size - 64)
+    banner = f"otakit demo {what} {version}".encode().ljust(64, b"\0")
+    options = SignOptions(ImageVersion.parse(version), pad_header=True, dependencies=depends)
+    return sign_image(code + banner, key, options)
 
 
 def _set_up(work: Path, server: _Process, port: int, admin: str) -> _Setup:
@@ -412,3 +429,142 @@ def run_demo(devices: int = 20, *, keep: bool = False, mqtt: bool = False) -> in
         server.stop()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
+
+
+# --- otakit demo --package -------------------------------------------------------------------
+
+SECURE_SIZE = 48 * 1024  # the sample secure image's payload
+PACKAGE_CUT_AFTER = 130  # flash operations: the erase of image 0's slot (96 sectors), then writes
+
+
+@dataclass
+class _PackageRow:
+    serial: str
+    running: list[str]
+    outcome: str
+    ok: bool
+
+
+def _package_device(
+    work: Path, url: str, enroll: str, serial: str, key: SigningKey, app1: bytes, sec1: bytes,
+    role: str,
+) -> _PackageRow:  # fmt: skip
+    """One simulated two-image device through the update, as ``otakit sim run`` runs it."""
+    from otakit.device.journal import Journal
+    from otakit.sim.agent import JOURNAL_FILE, run
+    from otakit.sim.device import Identity, SimDevice
+
+    device = SimDevice.create(
+        work / "devices" / serial,
+        app1,
+        [key.public_key],
+        layout="two-image",
+        identity=Identity(board=BOARD, product=PRODUCT, serial=serial),
+        images={1: sec1},
+    )
+    device.boot()
+    token: str | None = enroll
+    notes = []
+    if role == "power-cut":
+        report = run(device.dir, url, token=token, power_cut_after=PACKAGE_CUT_AFTER)
+        token = None
+        record = Journal(device.dir / JOURNAL_FILE).load()
+        durable = record.durable if record is not None else 0
+        notes.append(
+            f"power cut in the download ({report.result.error}), resumed at byte {durable}"
+        )
+    report = run(device.dir, url, token=token, confirm=role != "never-confirms")
+    running = [str(s["running"]) for s in device.status()["slots"]]
+    if report.result.error is not None:
+        return _PackageRow(serial, running, f"[red]{report.result.error}", False)
+    if role == "never-confirms":
+        device.boot()  # the next reset: nothing confirmed the new pair
+        running = [str(s["running"]) for s in device.status()["slots"]]
+        ok = running == ["1.0.0+0", "2.0.0+0"]
+        return _PackageRow(serial, running, "[red]not confirmed: both images reverted", ok)
+    ok = running == ["1.1.0+0", "2.1.0+0"] and report.confirmed
+    notes.append("both images updated, confirmed")
+    return _PackageRow(serial, running, "[green]" + "; ".join(notes), ok)
+
+
+def run_package_demo(devices: int = 3, *, keep: bool = False) -> int:
+    """``otakit demo --package``; returns the exit status (0: every device ended as expected).
+    ``devices`` is at least 2: the first loses power mid-download, the last never confirms."""
+    from otakit.image.package import build_package
+
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="otakit-demo-"))
+    port = _free_port()
+    err.print(f"[bold]otakit demo --package[/]: {devices} two-image devices, working in {work}")
+    server = _Process.start(
+        "otakit serve", _otakit("serve", "--data", str(work / "server"), "--port", str(port))
+    )
+    try:
+        server.wait_for("First start")
+        admin = server.wait_for("otk_").strip()
+        server.wait_for("Application startup complete")
+        url = f"http://127.0.0.1:{port}"
+        key = SigningKey.generate("ecdsa-p256")
+        app1 = _sample_app("1.0.0", key)
+        sec1 = _sample_app("2.0.0", key, size=SECURE_SIZE, what="secure image")
+        needs = (Dependency(1, ImageVersion.parse("2.1.0")),)
+        app2 = _sample_app("1.1.0", key, depends=needs)
+        sec2 = _sample_app("2.1.0", key, size=SECURE_SIZE, what="secure image")
+        package = build_package([("app.bin", "NSPE", app2), ("spe.bin", "SPE", sec2)], "1.1.0")
+        (work / "update.tar").write_bytes(package)
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {admin}"}) as api:
+            for method, path, kwargs in (
+                ("POST", "/api/v1/keys", {"content": key.public_key.pem()}),
+                ("PUT", f"/api/v1/products/{PRODUCT}", {"json": {"board": BOARD}}),
+            ):
+                response = api.request(method, path, **kwargs)
+                if response.status_code >= 300:
+                    raise DemoError(
+                        f"{method} {path}: {response.status_code} {response.text[:200]}"
+                    )
+        enroll = _command(
+            "token", "create", "--role", "enroll", "--product", PRODUCT, "--group", GROUP,
+            "--data", str(work / "server"),
+        )  # fmt: skip
+        deployment = _command(
+            "deploy", str(work / "update.tar"), "1.1.0", PRODUCT, GROUP,
+            "--server", url, "--token", admin,
+        )  # fmt: skip
+        err.print(
+            f"deployed update.tar ({len(package)} bytes: app.bin NSPE 1.1.0 -> image 0, "
+            f"spe.bin SPE 2.1.0 -> image 1) as deployment {deployment}"
+        )
+        rows = []
+        for number in range(devices):
+            role = "power-cut" if number == 0 else "plain"
+            if number == devices - 1:
+                role = "never-confirms"
+            serial = f"DEMO-PKG-{number + 1:02d}"
+            rows.append(_package_device(work, url, enroll, serial, key, app1, sec1, role))
+            err.print(f"{serial}: {rows[-1].outcome}")
+        table = Table(
+            title=f"{devices} devices, {time.monotonic() - started:.1f} s", title_justify="left"
+        )
+        for column in ("device", "image 0", "image 1", "outcome"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row.serial, *row.running, row.outcome)
+        err.print()
+        err.print(table)
+        if keep:
+            err.print(f"server still running on {url}/ (Ctrl-C to stop)")
+            with contextlib.suppress(KeyboardInterrupt):
+                server.proc.wait()
+        return 0 if all(row.ok for row in rows) else 1
+    finally:
+        server.stop()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _command(*args: str) -> str:
+    """Run an otakit command; its output, or DemoError with its message."""
+    done = subprocess.run(_otakit(*args), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise DemoError(f"otakit {args[0]} failed: {done.stderr.strip()[-300:]}")
+    return done.stdout.strip()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +145,12 @@ class SimDevice:
         strategy: Strategy | None = None,
         allow_downgrade: bool = False,
         ignore_security_counter: bool = False,
+        images: Mapping[int, bytes] | None = None,
     ) -> SimDevice:
-        """Make a device folder with ``image`` (verified first) in the primary slot of image 0."""
+        """Make a device folder with ``image`` (verified first) in the primary slot of image 0,
+        and each of ``images`` (image index -> signed image, e.g. ``{1: secure_image}`` on the
+        two-image layout) in the primary slot of its image. Raises DeviceError for an image
+        index the layout does not have, and what verification raises for a bad image."""
         target = Path(directory)
         if target.exists() and any(target.iterdir()):
             raise DeviceError(f"{target} exists and is not empty", value=str(target))
@@ -157,6 +161,13 @@ class SimDevice:
             fm = fm.with_strategy(strategy)
         strategy = Strategy(fm.strategy)
         _verify_for_slot(image, keys, fm)
+        others = dict(images or {})
+        for index, data in others.items():
+            if index == 0 or index not in fm.images:
+                raise DeviceError(
+                    f"layout {fm.name} has no image {index} besides image 0", value=index
+                )
+            _verify_for_slot(data, keys, fm, index)
         target.mkdir(parents=True, exist_ok=True)
         (target / KEYS_DIR).mkdir()
         for index, key in enumerate(keys):
@@ -168,6 +179,8 @@ class SimDevice:
         with _open_flash(target, fm) as flash:
             Bootloader(flash, fm, _config(state, keys))  # checks the layout suits the strategy
             flash.write(fm.primary(0).offset, _aligned(image, fm))
+            for index, data in sorted(others.items()):
+                flash.write(fm.primary(index).offset, _aligned(data, fm))
         write_atomic(target / DEVICE_FILE, _json(state.to_dict()))
         return cls(target)
 

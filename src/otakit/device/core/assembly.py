@@ -109,6 +109,7 @@ class ChunkAssembly:
         "_cost",
         "_early",
         "_expected",
+        "_held",
         "_order",
         "_requests",
         "_tries",
@@ -169,6 +170,7 @@ class ChunkAssembly:
         self._early: dict[int, bytes] = {}  # offset -> data, past `offset`
         self._order: list[int] = []  # the held offsets, a heap
         self._cost = 0  # what the held chunks count against max_early_bytes
+        self._held = 0  # their bytes: a running total, never a sum over them
         self._requests: list[tuple[int, int]] = []
         self.resumed_from = self._resume_point(same) if resume else 0
         self.offset = self.resumed_from  # the next byte wanted: all before it are stored
@@ -208,7 +210,12 @@ class ChunkAssembly:
     @property
     def held(self) -> int:
         """Bytes of chunks held past a gap."""
-        return sum(len(data) for data in self._early.values())
+        return self._held
+
+    @property
+    def held_chunks(self) -> int:
+        """Chunks held past a gap (at most ``max_early``)."""
+        return len(self._early)
 
     def missing(self, split: int | None = None) -> list[tuple[int, int]]:
         """``(offset, size)`` of the bytes neither stored nor held, in order (empty before the
@@ -381,6 +388,7 @@ class ChunkAssembly:
                 return False
             self._early[start] = data  # longer: it replaces the held one
             self._cost += grow
+            self._held += len(data) - len(before)
             return True
         cost = max(len(data), MIN_HELD_COST)
         if len(self._early) >= self.max_early or self._cost + cost > self.max_early_bytes:
@@ -389,6 +397,7 @@ class ChunkAssembly:
         self._early[start] = data
         heapq.heappush(self._order, start)
         self._cost += cost
+        self._held += len(data)
         return True
 
     def _next_held(self) -> tuple[int, bytes] | None:
@@ -397,6 +406,7 @@ class ChunkAssembly:
             start = heapq.heappop(self._order)
             held = self._early.pop(start)
             self._cost -= max(len(held), MIN_HELD_COST)
+            self._held -= len(held)
             self._compare(None, start, held[: self.offset - start])  # what is stored of it
             if start + len(held) > self.offset:
                 return start, held

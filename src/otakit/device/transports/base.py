@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import urlsplit
 
 from otakit.device.storage import Storage
 from otakit.protocol.jobdoc import JobDocument
@@ -22,6 +23,21 @@ class Job:
     board: str = ""
     sha256: str | None = None
     document: JobDocument | None = None
+    deployment: str = ""  # the server's deployment id, when the job says it (check-in API)
+
+    @property
+    def artifact(self) -> str | None:
+        """What exactly is offered, as the retry policy counts failures (device/core/retry.py):
+        the deployment and SHA-256 when the job has a hash (check-in API), else the file, the
+        version and where it comes from (origin and path: never the query, which a signed URL
+        changes at each check). None when the job does not say (the direct flow's known file):
+        such a job is never given up on."""
+        if self.sha256:
+            return f"deployment={self.deployment} sha256={self.sha256.upper()}"
+        if not self.version:
+            return None
+        parts = urlsplit(self.url)
+        return f"file={self.file} version={self.version} url={parts.netloc}{parts.path}"
 
 
 class Transport(Protocol):

@@ -104,6 +104,7 @@ class CheckinTransport(HttpTransport):
                 version=str(job["version"]),
                 board=str(job.get("board") or ""),
                 sha256=str(job["sha256"]).upper(),
+                deployment=str(job.get("deployment_id") or ""),
             )
         except (KeyError, TypeError):
             raise JobFetchError(
