@@ -1,6 +1,6 @@
 """The device agent's own cost: CPU seconds and peak memory per MiB downloaded, next to curl.
 
-The real agent (``otakit.device.agent.update_once`` with ``HttpTransport`` and ``SlotStorage``)
+The real agent (``otakit.device.agent.update_once`` with ``HttpTransport`` and ``UpdateStorage``)
 updates a simulated device against ``otakit serve`` (SQLite, one worker, started here) through
 the original job flow: ``GET /ota_update.json`` with the device's token, board and version
 checks, ``Range`` requests of ``chunk`` bytes on the job's file
@@ -83,7 +83,7 @@ from otakit.device.bootloader import Bootloader, BootloaderConfig, Strategy  # n
 from otakit.device.events import Event  # noqa: E402
 from otakit.device.flash import Flash  # noqa: E402
 from otakit.device.journal import Download, JournalRecord  # noqa: E402
-from otakit.device.storage import SlotStorage  # noqa: E402
+from otakit.device.storage import UpdateStorage  # noqa: E402
 from otakit.device.transports.http import HttpSettings, HttpTransport  # noqa: E402
 from otakit.image.header import ImageVersion  # noqa: E402
 from otakit.image.keys import PublicKey, SigningKey  # noqa: E402
@@ -126,10 +126,10 @@ class FlatBacking:
 
 
 class TimedStorage:
-    """``SlotStorage`` with the CPU time of each call added up: storage (open, write, commit,
+    """``UpdateStorage`` with the CPU time of each call added up: storage (open, write, commit,
     abort) and verification (verify, set_pending). Implements otakit's ``Storage``."""
 
-    def __init__(self, inner: SlotStorage) -> None:
+    def __init__(self, inner: UpdateStorage) -> None:
         self.inner = inner
         self.storage_s = 0.0
         self.verify_s = 0.0
@@ -191,7 +191,7 @@ def _device(spec: dict[str, Any], key: PublicKey) -> tuple[Bootloader, TimedStor
     for index in range(fmap.flash_size // fmap.sector_size):
         flash.stats.sector(index)  # the wear counters exist before measuring, as the flash does
     boot = Bootloader(flash, fmap, BootloaderConfig(strategy=Strategy.OVERWRITE, keys=(key,)))
-    storage = SlotStorage(boot, MemoryJournal(), (key,), current_version=RUNNING)
+    storage = UpdateStorage(boot, MemoryJournal(), (key,), current_version=RUNNING)
     return boot, TimedStorage(storage)
 
 
@@ -651,7 +651,7 @@ def main() -> int:
     out = args.results / "agent.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"Agent (update_once, HttpTransport, SlotStorage) vs curl, same server and ranges; "
+        f"Agent (update_once, HttpTransport, UpdateStorage) vs curl, same server and ranges; "
         f"{about['cpu']}, {about['cores']} cores, {about['curl'] or 'no curl'}; "
         f"load average {result['load_average']}\n"
     )

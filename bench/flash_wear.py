@@ -350,7 +350,7 @@ def main() -> int:
         strategy = _strategy_of(fm)
         scenarios = ["upgrade"] if strategy == "overwrite" else ["upgrade", "revert"]
         measured = [_measure(name, fm, s, mcuboot) for s in scenarios]
-        reference = measured[0]
+        reference: Wear | None = measured[0]
         if strategy != "overwrite":
             reference = _overwrite_reference(name, fm, mcuboot)
             if reference is not None:

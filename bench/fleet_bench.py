@@ -9,8 +9,9 @@ own (SQLite in a temporary folder, or ``--postgres``: a temporary PostgreSQL dat
 Measured:
 
 - **update phase**: wall time, the server's CPU seconds (user + system of its process tree,
-  from /proc), this process's CPU, errors (must be 0), updates per second, and the server's
-  CPU per device updated;
+  from /proc), this process's CPU, errors (failed attempts of devices that did not update:
+  must be 0; transient failures the devices recovered from are counted apart, as
+  ``recovered`` and ``retried``), updates per second, and the server's CPU per device updated;
 - **idle phase**: every device checks in again (nothing more is offered: 204), as it would at
   each poll; the server's CPU per check-in;
 - **reference**: the same fleet's idle check-ins against nginx answering the same URL with a
@@ -230,6 +231,9 @@ def update_phase(fleet: Fleet, server: Running) -> dict[str, Any]:
         "errors": sum(report.errors.values()),
         "errors_by_code": report.errors,
         "failed": report.failed,
+        "recovered": report.recovered,
+        "retried": report.retried,
+        "gave_up": report.gave_up,
         "timed_out": report.timed_out,
         "wall_s": round(wall, 2),
         "updates_per_s": round(report.updated / wall, 1),

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 BENCH = Path(__file__).parent
 ROOT = BENCH.parent
@@ -192,13 +193,13 @@ class Device:
         self.total: int | None = None
         self.done = threading.Event()
         self._subscribed = threading.Event()
-        client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:12]}"
-        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:12]}")
         client.on_message = self._on_message
         client.on_subscribe = lambda *_: self._subscribed.set()
         client.connect("127.0.0.1", port, keepalive=60)
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.loop_start()
         client.subscribe(self.unique, qos=1)
         if not self._subscribed.wait(30):
@@ -234,6 +235,11 @@ class Device:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def close_all(devices: list[Device]) -> None:
+    for device in devices:
+        device.close()
 
 
 # --- the two senders ----------------------------------------------------------------------------
@@ -298,7 +304,7 @@ def run_reference_sender(port: int, image: Path) -> int:
 
     def send(topic: str) -> None:
         client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=f"{REFERENCE_CLIENT_IDS}-{uuid.uuid4().hex[:12]}",
         )
         client.connect("127.0.0.1", port, keepalive=60)
@@ -316,9 +322,7 @@ def run_reference_sender(port: int, image: Path) -> int:
             threading.Thread(target=send, args=(request["UniqueTopicName"],), daemon=True).start()
 
     subscribed = threading.Event()
-    listener = paho.Client(
-        paho.CallbackAPIVersion.VERSION2, client_id=f"{REFERENCE_CLIENT_IDS}-listen"
-    )
+    listener = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"{REFERENCE_CLIENT_IDS}-listen")
     listener.on_message = on_message
     listener.on_subscribe = lambda *_: subscribed.set()
     listener.connect("127.0.0.1", port, keepalive=60)
@@ -384,7 +388,7 @@ def run_cells(
         numbers = iter(range(1, 1_000_000))
         for count in counts:
             fleets[count] = [Device(running.port, next(numbers)) for _ in range(count)]
-            stack.callback(lambda f=fleets[count]: [d.close() for d in f])
+            stack.callback(close_all, fleets[count])
         for sender_name, start in (("otakit", otakit_sender), ("reference", reference_sender)):
             sender = start(sender_port, image)
             try:

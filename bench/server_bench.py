@@ -55,7 +55,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import httpx
 
@@ -557,6 +557,15 @@ def lua_script(
     return path
 
 
+class Serving(TypedDict):
+    """Which server a cell measures: :meth:`Bench.cell`'s keyword arguments other than the
+    workload's."""
+
+    name: str
+    database: str
+    workers: int
+
+
 @dataclass
 class Cell:
     server: str  # "nginx" or "otakit"
@@ -852,13 +861,13 @@ def main(argv: list[str] | None = None) -> int:
         for workers in worker_counts:
             print(f"workers {workers}:", file=sys.stderr)
             with nginx_server(nginx, prefix, workers) as server:
-                common = {"name": "nginx", "database": "-", "workers": workers}
+                common = Serving(name="nginx", database="-", workers=workers)
                 cells.append(bench.cell(server, checkins(None), range_bytes=None, **common))
                 for size in sizes:
                     cells.append(bench.cell(server, ranges(None, size), range_bytes=size, **common))
             for fleet in fleets:
                 with otakit_server(fleet.data, fleet.database_url, workers) as server:
-                    common = {"name": "otakit", "database": fleet.database, "workers": workers}
+                    common = Serving(name="otakit", database=fleet.database, workers=workers)
                     cells.append(bench.cell(server, checkins(fleet), range_bytes=None, **common))
                     for size in sizes:
                         cells.append(

@@ -6,6 +6,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -47,14 +48,15 @@ class Setup:
         self.admin.put(f"/api/v1/products/{self.product}", json={"board": BOARD})
         self.enroll = server.token("enroll", "--product", self.product, "--group", "g")
 
-    def deploy(self, data: bytes, **extra: object) -> dict:
+    def deploy(self, data: bytes, **extra: object) -> dict[str, Any]:
         artifact = self.admin.post(
             "/api/v1/artifacts", params={"name": "app.img"}, content=data
         ).json()
         body = {"artifact_id": artifact["id"], "product": self.product, "group": "g", **extra}
         response = self.admin.post("/api/v1/deployments", json=body)
         assert response.status_code == 201, response.text
-        return response.json()
+        deployment: dict[str, Any] = response.json()
+        return deployment
 
     def device(self, version: str = "1.0.0", *, board: str = BOARD) -> SimDevice:
         serial = f"S-{uuid.uuid4().hex[:8]}"
@@ -173,7 +175,12 @@ def test_update_completes_through_a_faulty_network(setup: Setup) -> None:
     setup.deploy(data)
     device = setup.device()
     target = ("127.0.0.1", int(setup.server.url.rsplit(":", 1)[1]))
-    faults = {Fault.DROP: 0.08, Fault.TRUNCATE: 0.08, Fault.RESET: 0.05, Fault.STALL: 0.02}
+    faults: dict[Fault | str, float] = {
+        Fault.DROP: 0.08,
+        Fault.TRUNCATE: 0.08,
+        Fault.RESET: 0.05,
+        Fault.STALL: 0.02,
+    }
     with FaultProxy(
         target, seed=7, probabilities=faults, fault_bytes=3000, stall_seconds=0.3
     ) as proxy:

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from otakit.sim.agent import JOURNAL_FILE
@@ -49,10 +50,11 @@ class Interrupted:
     durable: int  # the journal's durable bytes after the interruption
 
 
-def journal(device_dir: Path) -> dict:
+def journal(device_dir: Path) -> dict[str, Any]:
     path = device_dir / JOURNAL_FILE
     assert path.exists(), f"no journal in {device_dir}: the interruption did not land mid-download"
-    return json.loads(path.read_text())
+    state: dict[str, Any] = json.loads(path.read_text())
+    return state
 
 
 def refetched(ranges: list[tuple[int, int]], size: int) -> list[int]:
@@ -97,7 +99,9 @@ def test_agent_resumes_after_sigkill_and_power_cut(
                 threshold = before + rng.randint(6 * CHUNK, 16 * CHUNK)
                 proc, log = start(n)
 
-                def passed(s: ProxyStats, t: int = threshold, p: subprocess.Popen = proc) -> bool:
+                def passed(
+                    s: ProxyStats, t: int = threshold, p: subprocess.Popen[bytes] = proc
+                ) -> bool:
                     return s.bytes_down >= t or p.poll() is not None
 
                 reached = proxy.wait_until(passed, timeout=WAIT)
@@ -150,10 +154,12 @@ def test_agent_resumes_after_sigkill_and_power_cut(
     # each run after an interruption starts where the journal says, never from zero
     assert ranged[0][0].range == (0, CHUNK - 1)
     for n, run in enumerate(runs):
-        assert ranged[n + 1][0].range[0] == run.durable > 0, (n, run.detail)
+        resumed = ranged[n + 1][0].range
+        assert resumed is not None
+        assert resumed[0] == run.durable > 0, (n, run.detail)
 
     # bytes fetched twice: at most the one range in flight at each interruption
-    ranges = [q.range for r in ranged for q in r]
+    ranges = [q.range for r in ranged for q in r if q.range is not None]
     overlaps = refetched(ranges, len(data))
     starts = [sum(len(r) for r in ranged[:n]) for n in range(len(ranged))]
     per_run = [sum(overlaps[s : s + len(r)]) for s, r in zip(starts, ranged, strict=True)]

@@ -9,6 +9,7 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,8 +61,9 @@ validate_after_reboot = true
         path.write_text(text)
         return path
 
-    def device_status(self, serial: str) -> dict:
-        return self.admin.get(f"/api/v1/devices/{serial}").json()
+    def device_status(self, serial: str) -> dict[str, Any]:
+        status: dict[str, Any] = self.admin.get(f"/api/v1/devices/{serial}").json()
+        return status
 
 
 @pytest.fixture

@@ -84,13 +84,14 @@ class Runs:
             )
         return self.done[script]
 
-    def smoke(self, script: str) -> dict[str, Any]:
-        """Run ``script`` on its smallest settings; check it exits 0 and writes its JSON."""
+    def smoke(self, script: str) -> Any:
+        """Run ``script`` on its smallest settings; check it exits 0 and writes its JSON. Returns
+        the first result file as parsed (a list of rows or an object, depending on the script)."""
         _require(script)
         args, files = SMOKE[script]
         done = self.run(script, *args)
         assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
-        loaded = {}
+        loaded: dict[str, Any] = {}
         for name in files:
             path = self.results / name
             assert path.is_file(), f"{script} did not write {name}:\n{done.stderr[-3000:]}"

@@ -575,9 +575,20 @@ def _padded(data: bytes, fm: FlashMap) -> bytes:
     return data + bytes([fm.erased_value]) * (-len(data) % fm.write_align)
 
 
-def _device(fm: FlashMap, running: bytes = SMALL_V1, **config: bool) -> Device:
+def _device(
+    fm: FlashMap,
+    running: bytes = SMALL_V1,
+    *,
+    allow_downgrade: bool = False,
+    ignore_security_counter: bool = False,
+) -> Device:
     flash = fm.new_flash()
-    boot = Bootloader(flash, fm, BootloaderConfig(keys=(KEY.public_key,), **config))
+    config = BootloaderConfig(
+        keys=(KEY.public_key,),
+        allow_downgrade=allow_downgrade,
+        ignore_security_counter=ignore_security_counter,
+    )
+    boot = Bootloader(flash, fm, config)
     boot.primary().write(0, _padded(running, fm))
     return Device(flash, fm, boot)
 
@@ -701,8 +712,9 @@ def test_downgrades_are_refused_in_every_mode(
     assert device.boot.boot().images[0].action in (Action.NONE, Action.REJECTED)
     assert device.boot.boot().images[0].version == ImageVersion(1, 0, 0)
     # the same candidate is taken when the configuration allows it
-    switch = {"allow_downgrade": True, "ignore_security_counter": True}
-    allowed = _device(fm, signed("1.0.0", 4000, counter=5), **switch)
+    allowed = _device(
+        fm, signed("1.0.0", 4000, counter=5), allow_downgrade=True, ignore_security_counter=True
+    )
     _install(allowed, candidate, permanent=True)
     assert allowed.boot.boot().images[0].action is Action.UPGRADE_PERMANENT
 

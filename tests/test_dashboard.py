@@ -192,6 +192,13 @@ class Page:
         except NoSuchElementException:
             return False
 
+    def choose(self, testid: str, value: str) -> bool:
+        """Choose ``value`` in a select list; True once chosen (a condition for :meth:`wait`)."""
+        from selenium.webdriver.support.ui import Select
+
+        Select(self.find(testid)).select_by_value(value)
+        return True
+
     def wait(self, condition: Callable[[], object], what: str) -> Any:
         from selenium.common.exceptions import (
             NoSuchElementException,
@@ -341,10 +348,7 @@ def test_operator_runs_a_rollout_in_the_browser(
         "the artifact in the form",
     )
     # the list may be redrawn by a refresh between finding and choosing: retried as a whole
-    page.wait(
-        lambda: Select(page.find("create-artifact")).select_by_value(artifact["id"]) or True,
-        "the artifact chosen",
-    )
+    page.wait(lambda: page.choose("create-artifact", artifact["id"]), "the artifact chosen")
     page.find("create-product").send_keys(product)
     page.find("create-group").send_keys("field")
     page.find("create-phases").send_keys("20%, 100%")
@@ -549,10 +553,7 @@ def test_errors_are_shown_and_a_plain_deployment_is_cancelled(
     page.click("create-submit")
     page.wait(lambda: page.text("create-error") == "choose an artifact", "a missing artifact")
     # the list may be redrawn by a refresh between finding and choosing: retried as a whole
-    page.wait(
-        lambda: Select(page.find("create-artifact")).select_by_value(artifact["id"]) or True,
-        "the artifact chosen",
-    )
+    page.wait(lambda: page.choose("create-artifact", artifact["id"]), "the artifact chosen")
     page.find("create-product").send_keys(product)
     page.find("create-phases").send_keys("10%, half")
     page.click("create-submit")

@@ -8,6 +8,7 @@ import os
 import struct
 import tracemalloc
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -34,6 +35,9 @@ from otakit.image.source import BytesSource
 from otakit.image.tlv import TlvType, pack_tlv_area
 from otakit.image.trailer import BOOT_MAGIC, TrailerState
 from otakit.image.verify import verify_image
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 V1 = ImageVersion(1, 0, 0)
 
@@ -264,9 +268,10 @@ class _Pipe(io.RawIOBase):
     def seekable(self) -> bool:
         return False
 
-    def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
-        chunk = self._data.read(min(len(buffer), 1000))
-        buffer[: len(chunk)] = chunk
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        chunk = self._data.read(min(len(view), 1000))
+        view[: len(chunk)] = chunk
         return len(chunk)
 
 

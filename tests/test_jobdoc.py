@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import assume, event, given, settings
@@ -485,8 +486,9 @@ def test_each_field_limit(key: str) -> None:
     # a value as long as the device's buffer leaves no room for its NUL
     with pytest.raises(MalformedJobDocError, match=f"{key} is {longest + 1} bytes"):
         parse_job_document(json.dumps({**base, key: "a" * (longest + 1)}))
+    too_long: dict[str, Any] = {ATTRIBUTES[key]: "a" * (longest + 1)}  # a str field, by name
     with pytest.raises(MalformedJobDocError, match=f"{key} is {longest + 1} bytes"):
-        to_json(replace(JobDocument(message="m"), **{ATTRIBUTES[key]: "a" * (longest + 1)}))
+        to_json(replace(JobDocument(message="m"), **too_long))
     # the limit counts UTF-8 bytes, as the device stores them
     wide = "é" * ((longest + 1) // 2) + "a" * ((longest + 1) % 2)  # longest + 1 bytes
     with pytest.raises(MalformedJobDocError):

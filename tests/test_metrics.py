@@ -11,7 +11,7 @@ import math
 import re
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from otakit import __version__
 from otakit.server import metrics
 from otakit.server.metrics import Counters, Family, classify, render
 
@@ -210,7 +211,7 @@ def test_who_may_scrape(metered: Server) -> None:
     forbidden = metered.client(device).get("/metrics")
     assert forbidden.status_code == 403
     assert forbidden.json()["error"] == "FORBIDDEN"
-    assert scrape(metered).get("otakit_build_info", version=metrics.__version__) == 1
+    assert scrape(metered).get("otakit_build_info", version=__version__) == 1
     assert scrape(metered, SCRAPE_TOKEN).types["otakit_checkins_total"] == "counter"
     # the scrape-only secret opens nothing else
     assert metered.client(SCRAPE_TOKEN).get("/api/v1/deployments").status_code == 401
@@ -223,7 +224,7 @@ class Traffic:
         self.server = server
         self.http = httpx.Client(base_url=server.url, timeout=30)
         self.admin = server.admin_client()
-        self.expected: Counter[Key] = Counter()
+        self.expected: defaultdict[Key, float] = defaultdict(float)
 
     def expect(self, name: str, value: float = 1, **labels: str) -> None:
         self.expected[(name, tuple(sorted(labels.items())))] += value

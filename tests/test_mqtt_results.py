@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from .mqtt_harness import Broker
 from .server_harness import Server, postgres_database, start_server
@@ -85,9 +86,7 @@ class OriginalDevice:
         self.unique = ""
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._acks: queue.Queue[int] = queue.Queue()
-        client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:12]}"
-        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:12]}")
         client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload)))
         client.on_subscribe = lambda _c, _u, mid, *_: self._acks.put(mid)
         client.connect("127.0.0.1", port, keepalive=60)

@@ -28,11 +28,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
@@ -92,15 +94,15 @@ class RawDevice:
         self.direct = f"{company}/{board}/OTAImage"
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._acks: queue.Queue[int] = queue.Queue()
-        client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:12]}"
-        )
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"dev-{uuid.uuid4().hex[:12]}")
         client.on_message = lambda _c, _u, m: self.inbox.put((m.topic, bytes(m.payload)))
         client.on_subscribe = lambda _c, _u, mid, *_: self._acks.put(mid)
         if tls is not None:
             client.tls_set(**tls)
         client.connect("127.0.0.1", port, keepalive=60)
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = client.socket()
+        assert isinstance(sock, socket.socket)  # ssl.SSLSocket too
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.loop_start()
         self.client = client
         self.subscribe(self.unique)
@@ -542,7 +544,7 @@ def test_tls_and_mutual_tls(broker: Broker, image_file: Path) -> None:
     }
     for settings, kit in ((tls, "KIT_TLS"), (mtls, "KIT_MTLS")):
         config = PublisherConfig(settings, boards=(kit,))
-        with in_process(config, lambda kit=kit: FileSource(image_file, board=kit)) as running:
+        with in_process(config, partial(FileSource, image_file, board=kit)) as running:
             assert running.line.startswith(f"listening on mqtts://127.0.0.1:{settings.port} ")
             device = RawDevice(broker.mtls_port, board="APP_" + kit, tls=device_tls)
             try:
@@ -722,10 +724,9 @@ def test_deployments_from_the_server_with_results_recorded(broker: Broker, serve
     company = fresh_company()  # every board of it: no other publisher may hear these devices
     with command("--data", server.data, "-c", company, "--port", str(broker.port)) as running:
         assert f"{company}/+/publish_notify" in running.line
-        where = {"company": company, "product": product}
-        good = RawDevice(broker.port, serial=serials[0], **where)
-        bad = RawDevice(broker.port, serial=serials[1], **where)
-        stranger = RawDevice(broker.port, serial="NOT-REGISTERED", **where)
+        good = RawDevice(broker.port, serial=serials[0], company=company, product=product)
+        bad = RawDevice(broker.port, serial=serials[1], company=company, product=product)
+        stranger = RawDevice(broker.port, serial="NOT-REGISTERED", company=company, product=product)
         try:
             good.send("Update Availability")
             job = good.answer()

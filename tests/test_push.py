@@ -27,20 +27,20 @@ from otakit.device.events import Answer, Event, Reason, State
 from otakit.device.journal import Journal
 from otakit.device.storage import SlotStorage
 from otakit.device.transports.ble import (
-    AttWriteError,
     LoopbackPeripheral,
     OtaReceiver,
     ReceiverState,
     TransferOutcome,
 )
-from otakit.host.push import (
+from otakit.errors import (
+    AttWriteError,
+    ControlPointError,
+    FrameError,
     LinkError,
-    LoopbackLink,
-    PushClient,
     PushRefusedError,
     PushVerifyError,
-    loopback_address,
 )
+from otakit.host.push import LoopbackLink, PushClient, loopback_address
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
@@ -48,9 +48,7 @@ from otakit.protocol import ble_ota
 from otakit.protocol.ble_ota import (
     AttError,
     Command,
-    ControlPointError,
     ControlPointWrite,
-    FrameError,
     Reply,
 )
 from otakit.sim.agent import JOURNAL_FILE
@@ -86,7 +84,8 @@ def secondary(device: SimDevice, length: int) -> bytes:
 
 
 def slot_state(device: SimDevice) -> dict[str, object]:
-    return device.status()["slots"][0]
+    state: dict[str, object] = device.status()["slots"][0]
+    return state
 
 
 def assert_clean(device: SimDevice) -> None:
@@ -117,19 +116,19 @@ class Served:
         """The next finished connection (waits for the device to handle the disconnect)."""
         return self.service.sessions.get(timeout=10)
 
-    def push(self, data: bytes, **options: object) -> Session:
+    def push(self, data: bytes, *, progress: Callable[[int, int], None] | None = None) -> Session:
         link = self.link()
         try:
-            PushClient(link, timeout=10).push(data, **options)  # type: ignore[arg-type]
+            PushClient(link, timeout=10).push(data, progress=progress)
         finally:
             link.close()
         return self.session()
 
 
 @contextlib.contextmanager
-def serving(device: SimDevice, **options: bool) -> Iterator[Served]:
+def serving(device: SimDevice, *, reboot: bool = False, confirm: bool = False) -> Iterator[Served]:
     events: list[Event] = []
-    service = SimPushService(device.dir, callback=events.append, **options)
+    service = SimPushService(device.dir, callback=events.append, reboot=reboot, confirm=confirm)
     failure: list[BaseException] = []
 
     with LoopbackPeripheral() as peripheral:

@@ -99,7 +99,7 @@ class Live:
 
     @property
     def engine(self) -> RolloutEngine:
-        engine: RolloutEngine = self.asgi.app.state.otakit_rollouts  # type: ignore[attr-defined]
+        engine: RolloutEngine = self.asgi.app.state.otakit_rollouts
         return engine
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
@@ -110,10 +110,10 @@ class Live:
         """One background round of the engine, now."""
         self.run(self.engine.tick())
 
-    def mint(self, role: Role, **bound: str) -> str:
+    def mint(self, role: Role, *, product: str | None = None, group: str | None = None) -> str:
         async def create() -> str:
-            async with self.asgi.app.state.otakit.sessions() as db:  # type: ignore[attr-defined]
-                token = add_token(db, role, **bound)  # type: ignore[arg-type]
+            async with self.asgi.app.state.otakit.sessions() as db:
+                token = add_token(db, role, product=product, group=group)
                 await db.commit()
                 return token
 
@@ -210,6 +210,12 @@ class Fleet:
     def job(self, dev: Dev) -> dict[str, Any] | None:
         answer = self.checkin(dev)
         return answer["job"] if answer else None
+
+    def offered(self, dev: Dev) -> dict[str, Any]:
+        """The job ``dev`` is offered; fails the test when there is none."""
+        job = self.job(dev)
+        assert job is not None, f"{dev.serial} was offered no job"
+        return job
 
     def report(self, dev: Dev, status: str, **fields: Any) -> None:
         response = self.http.post(
@@ -312,7 +318,7 @@ def test_three_phases_advance_by_themselves(live: Live, fleet: Fleet, tmp_path: 
     assert report.result.outcome is Outcome.UPDATED, report.result
     assert report.running == "1.1.0+0"
     for dev in phase1[:2]:
-        assert fleet.job(dev)["version"] == "1.1.0"
+        assert fleet.offered(dev)["version"] == "1.1.0"
         fleet.apply(dev)
     assert fleet.show(rollout)["phase"] == 1  # 3 of 4 is 75% < 80%
     fleet.apply(phase1[2])
@@ -320,7 +326,7 @@ def test_three_phases_advance_by_themselves(live: Live, fleet: Fleet, tmp_path: 
     assert (shown["state"], shown["phase"]) == ("running", 2)
     assert shown["phases"][0]["counts"]["Applied"] == 4
 
-    assert fleet.job(phase2[0])["version"] == "1.1.0"
+    assert fleet.offered(phase2[0])["version"] == "1.1.0"
     assert fleet.job(phase3[0]) is None
     for dev in phase2[:8]:
         fleet.apply(dev)
@@ -341,7 +347,7 @@ def test_three_phases_advance_by_themselves(live: Live, fleet: Fleet, tmp_path: 
         ("advanced", 2),
         ("completed", 3),
     ]
-    assert fleet.job(phase3[16])["version"] == "1.1.0"  # completed: everyone left gets it
+    assert fleet.offered(phase3[16])["version"] == "1.1.0"  # completed: everyone left gets it
 
     shown_cli = cli(live, "show", str(rollout["id"]), "--events")
     assert shown_cli.returncode == 0, shown_cli.stderr
@@ -510,7 +516,7 @@ def test_maintenance_window_is_respected(live: Live, fleet: Fleet) -> None:
     assert fleet.job(devices[0]) is None
     at(monday, 2)
     assert fleet.show(rollout)["window_open"]
-    assert fleet.job(devices[0])["version"] == "1.1.0"
+    assert fleet.offered(devices[0])["version"] == "1.1.0"
     fleet.report(devices[0], "downloading")
     at(monday, 5)
     assert fleet.job(devices[1]) is None  # closed again
@@ -530,17 +536,17 @@ def test_late_joiners_get_it_unless_frozen(live: Live, fleet: Fleet) -> None:
     start(live)
     joiner, outside = serials(deployment, 2, 0, 5000)
     late = fleet.enroll(joiner)  # registers after the start, in the open phase
-    assert fleet.job(late)["deployment_id"] == deployment
+    assert fleet.offered(late)["deployment_id"] == deployment
     other = fleet.enroll(outside, token=live.mint(Role.ENROLL, product=fleet.product, group="lab"))
     assert fleet.job(other) is None  # another group: not targeted
     fleet.api("PUT", f"/api/v1/devices/{other.serial}", json={"group": fleet.group})
-    assert fleet.job(other)["deployment_id"] == deployment  # joined the group: targeted
+    assert fleet.offered(other)["deployment_id"] == deployment  # joined the group: targeted
     assert fleet.show(rollout)["phases"][0]["targeted"] == 4
     for dev in [*early, late, other]:
         fleet.apply(dev)
     assert fleet.show(rollout)["phase"] == 2
     newest = fleet.enroll(serials(deployment, 1, 5000, 10000)[0])
-    assert fleet.job(newest)["deployment_id"] == deployment
+    assert fleet.offered(newest)["deployment_id"] == deployment
 
     # a frozen rollout keeps the devices it started with
     frozen_fleet = Fleet(fleet.http.base_url.__str__(), live.admin, fleet_enroller(live))

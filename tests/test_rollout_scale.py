@@ -47,7 +47,7 @@ class Meter:
     """Counts what the server's database engine does while :meth:`measure` is open."""
 
     def __init__(self, live: Live) -> None:
-        self.engine: AsyncEngine = live.asgi.app.state.otakit.sessions.kw["bind"]  # type: ignore[attr-defined]
+        self.engine: AsyncEngine = live.asgi.app.state.otakit.sessions.kw["bind"]
         self.cost: Cost | None = None
         self.steps = False
         sync = self.engine.sync_engine

@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -50,7 +51,7 @@ class Fleet:
     product: str
     group: str
 
-    def upload(self, data: bytes, name: str = "app.img", **params: str) -> dict:
+    def upload(self, data: bytes, name: str = "app.img", **params: str) -> dict[str, Any]:
         response = self.admin.post(
             "/api/v1/artifacts",
             params={"name": name, **params},
@@ -58,13 +59,15 @@ class Fleet:
             headers={"content-type": "application/octet-stream"},
         )
         assert response.status_code in (200, 201), response.text
-        return response.json()
+        uploaded: dict[str, Any] = response.json()
+        return uploaded
 
-    def deploy(self, artifact: dict, **body: object) -> dict:
+    def deploy(self, artifact: dict[str, Any], **body: object) -> dict[str, Any]:
         body = {"artifact_id": artifact["id"], "product": self.product, "group": self.group, **body}
         response = self.admin.post("/api/v1/deployments", json=body)
         assert response.status_code == 201, response.text
-        return response.json()
+        deployment: dict[str, Any] = response.json()
+        return deployment
 
     def device(
         self, serial: str | None = None, *, version: str = "1.0.0", board: str = "BOARD_A"
@@ -386,6 +389,16 @@ def test_cancelled_deployment_stops_offers(fleet: Fleet) -> None:
     assert device.post("/api/v1/device/checkin", json=checkin).status_code == 204
 
 
+@pytest.mark.parametrize("deployment_id", ["0", "-1", str(2**31), "-" + "9" * 38])
+def test_a_deployment_id_no_row_can_have_is_refused_before_the_database(
+    fleet: Fleet, deployment_id: str
+) -> None:
+    """Ids past the database's integer were a 500 (found by schemathesis): now a 422."""
+    assert fleet.admin.get(f"/api/v1/deployments/{deployment_id}").status_code == 422
+    assert fleet.admin.post(f"/api/v1/deployments/{deployment_id}/cancel").status_code == 422
+    assert fleet.admin.get("/api/v1/deployments/2147483647").status_code == 404
+
+
 def test_revoked_token_is_refused(server: Server) -> None:
     token = server.token("admin", "--label", "temporary")
     assert server.client(token).get("/api/v1/products").status_code == 200
@@ -480,7 +493,8 @@ def test_two_workers_on_postgres_behave_as_one(tmp_path: Path) -> None:
                             json={"status": state, "deployment_id": deployment["id"]},
                         )
                         assert sent.status_code == 204, sent.text
-                return first.json()["job"]["deployment_id"]
+                deployment_id: int = first.json()["job"]["deployment_id"]
+                return deployment_id
 
             with ThreadPoolExecutor(8) as pool:
                 assert set(pool.map(lifecycle, range(40))) == {deployment["id"]}

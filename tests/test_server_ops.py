@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,7 +67,7 @@ def upload(client: httpx.Client, data: bytes, name: str = "app.img") -> httpx.Re
     )
 
 
-def signed_path(server: Server, artifact: dict) -> str:
+def signed_path(server: Server, artifact: dict[str, Any]) -> str:
     """A signed download path for ``artifact``, as a job document would carry it (signed with
     the key the servers keep in their database)."""
     query = f"SELECT value FROM settings WHERE key = '{SIGNING_KEY}'"

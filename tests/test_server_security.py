@@ -70,7 +70,9 @@ def upload(product: Product, version: str) -> dict[str, Any]:
     return dict(response.json())
 
 
-def rollout(product: Product, artifact: dict[str, Any], phases: list[dict[str, Any]]) -> dict:
+def rollout(
+    product: Product, artifact: dict[str, Any], phases: list[dict[str, Any]]
+) -> dict[str, Any]:
     body = {
         "deployment": {"artifact_id": artifact["id"], "product": product.name, "group": "field"},
         "phases": phases,
@@ -283,7 +285,7 @@ def test_malformed_signed_urls_and_ranges_are_refused_not_500(server: Server) ->
                 (f"bytes=0-1,{huge}-".encode(), 206),  # several ranges (Starlette's parser)
                 (b"bytes=\xb2-", 200),  # not a range: ignored
             ):
-                answer = files.get(target, headers={"range": header})
+                answer = files.get(target, headers={b"range": header})
                 assert answer.status_code == expected, (target, header[:20], answer.text[:200])
                 if expected == 416:
                     assert answer.headers["content-range"] == f"bytes */{artifact['size']}"

@@ -102,9 +102,9 @@ def test_a_padded_image_signed_for_a_layout_is_an_upgrade_request_mcuboot_takes(
     flash[start : start + len(padded)] = padded
     path = tmp_path / "flash.bin"
     path.write_bytes(flash)
-    result = mcuboot_host.run_map(m, path, key_pems=[tmp_path / "pub.pem"])
-    assert result.booted, result.raw
-    assert result.version == "2.0.0+0"
+    boot = mcuboot_host.run_map(m, path, key_pems=[tmp_path / "pub.pem"])
+    assert boot.booted, boot.raw
+    assert boot.version == "2.0.0+0"
 
 
 def test_a_padded_image_for_a_flash_that_erases_to_zero(otakit: Otakit, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,16 +46,18 @@ def _create(otakit: Otakit, images: Path, *extra: str) -> Path:
     return device
 
 
-def _boot(otakit: Otakit, device: Path, *args: str) -> dict:
+def _boot(otakit: Otakit, device: Path, *args: str) -> dict[str, Any]:
     result = otakit("sim", "boot", device, *args)
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
+    booted: dict[str, Any] = json.loads(result.stdout)
+    return booted
 
 
-def _status(otakit: Otakit, device: Path) -> dict:
+def _status(otakit: Otakit, device: Path) -> dict[str, Any]:
     result = otakit("sim", "status", device, "--json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    status: dict[str, Any] = json.loads(result.stdout)
+    return status
 
 
 def test_create_keeps_only_public_keys(otakit: Otakit, images: Path) -> None:

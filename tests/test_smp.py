@@ -20,7 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +33,7 @@ from smp import os_management as smpos
 from smp import packet as smppacket
 from smpclient import SMPClient
 from smpclient.exceptions import SMPUploadError
-from smpclient.generics import error, error_v1, error_v2, success
+from smpclient.generics import error_v1, error_v2, success
 from smpclient.requests.image_management import ImageErase, ImageStatesRead, ImageStatesWrite
 from smpclient.requests.image_management import ImageUploadWrite as Upload
 from smpclient.requests.os_management import (
@@ -271,6 +271,7 @@ def test_upload_resumes_after_the_device_restarts(
     async def interrupted(client: SMPClient) -> int:
         packets = client.upload(new)
         offsets = [await anext(packets) for _ in range(8)]
+        assert isinstance(packets, AsyncGenerator)  # an async generator, so it can be closed
         await packets.aclose()  # the host goes away mid-upload
         return offsets[-1]
 
@@ -297,6 +298,7 @@ def test_another_image_starts_over(port: int, device: SimDevice) -> None:
         packets = client.upload(first)
         for _ in range(8):
             await anext(packets)
+        assert isinstance(packets, AsyncGenerator)  # an async generator, so it can be closed
         await packets.aclose()
         return await upload(client, second)
 
@@ -500,7 +502,7 @@ class RawClient:
 
 def test_unknown_commands_are_not_supported(port: int) -> None:
     response = talk(port, lambda client: client.request(ListOfGroups()))
-    assert error(response)
+    assert error_v1(response)
     assert response.rc == MGMT.ENOTSUP
 
     raw = RawClient(port)

@@ -465,8 +465,13 @@ def unpack(
 @app.command()
 def demo(
     devices: Annotated[
-        str, typer.Option("-n", "--devices", help="Simulated devices (2 to 500).")
-    ] = "20",
+        str | None,
+        typer.Option(
+            "-n",
+            "--devices",
+            help="Simulated devices, 2 to 500 (default 20).",
+        ),
+    ] = None,
     keep: Annotated[
         bool, typer.Option("--keep", help="Leave the server (and dashboard) up afterwards.")
     ] = False,
@@ -483,7 +488,9 @@ def demo(
     ] = False,
 ) -> None:
     """The whole update path on this machine: server, keys, images, a fleet, a phased rollout."""
-    count = _int(devices, "--devices")
+    count = 3 if package else 20
+    if devices is not None:
+        count = _int(devices, "--devices")
     if not 2 <= count <= 500:
         raise UsageError(f"--devices {count} is not from 2 to 500", value=count)
     if package:
@@ -491,7 +498,7 @@ def demo(
             raise UsageError("--package runs over HTTP; leave out --mqtt", value="--mqtt")
         from otakit.sim.demo import run_package_demo
 
-        raise typer.Exit(run_package_demo(3 if devices == "20" else count, keep=keep))
+        raise typer.Exit(run_package_demo(count, keep=keep))
     from otakit.sim.demo import run_demo
 
     raise typer.Exit(run_demo(count, keep=keep, mqtt=mqtt))

@@ -7,6 +7,7 @@ in a real ``otakit serve`` process."""
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 _PATH = os.environ.get("OTAKIT_SQL_LOG")
@@ -38,8 +39,9 @@ if _PATH:
 
         RawReader.fetchone = _traced  # type: ignore[method-assign]
 
-        _rawwrite = getattr(RawReader, "write", None)
-        if _rawwrite is not None:
+        _maybe_write: Callable[..., Awaitable[int]] | None = getattr(RawReader, "write", None)
+        if _maybe_write is not None:
+            _rawwrite = _maybe_write  # narrowed, for the function below
 
             async def _traced_write(self: RawReader, query: str, *args: Any) -> int:
                 _write(query)

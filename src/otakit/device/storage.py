@@ -386,7 +386,8 @@ class UpdateStorage:
         data = data[known - offset :]
         if self._slot_open:
             self.single.write(known, data)
-        self._head += data
+        need = min(_DETECT, self._download.size) - known
+        self._head += data[:need]  # only what detection needs: a first range may be 1 MiB
         if len(self._head) < min(_DETECT, self._download.size):
             return
         head, self._head = bytes(self._head), bytearray()
@@ -405,6 +406,8 @@ class UpdateStorage:
         self._mode = "package"
         self._stream = PackageStream(self._download.size, slots=self._slots())
         self._write_package(0, head)
+        if len(data) > need:
+            self._write_package(len(head), data[need:])
 
     def _write_package(self, offset: int, data: bytes) -> None:
         stream = self._stream

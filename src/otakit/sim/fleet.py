@@ -9,26 +9,48 @@ profile. All devices run as asyncio tasks on one event loop and share a few
 With an MQTT broker (:class:`MqttBroker`), devices still enroll with the server but take their
 jobs and images from ``otakit publisher`` over one shared MQTT connection (§3).
 
+Every device runs the device core of ``otakit agent`` (:mod:`otakit.device.core`); this module
+only does the I/O around it (asyncio, httpx, aiomqtt), the fault injection and the bookkeeping:
+the offer is checked by :func:`~otakit.device.core.job.check_offer`, the image comes through
+:class:`~otakit.device.core.download.RangedDownload` (HTTP) or
+:class:`~otakit.device.core.assembly.ChunkAssembly` (MQTT) into the storage the agent uses, what
+a reboot means (confirm, or report the revert) is :func:`~otakit.device.core.after_boot.after_boot`
+and the wait after a failed attempt, and giving up on an artifact, is
+:class:`~otakit.device.core.retry.Backoff`. A fix to the agent's protocol logic is a fix to the
+fleet, and the fleet benchmark measures it.
+
 One update, as a device of the JSON check-in API does it (docs/agent.md, docs/server.md)::
 
     POST /api/v1/device/checkin  → job: signed URL, size, SHA-256, version, deployment
+    check_offer                  board and version
     POST /api/v1/device/status   downloading
-    GET  <signed URL>            Range: bytes=a-b (If-Range: ETag on the first range of a resume)
-                                 written through SlotStorage, journal committed after each range
+    GET  <signed URL>            RangedDownload: Range: bytes=a-b (If-Range: ETag on the first
+                                 range of a resume), written and the journal committed after
+                                 each range; a failed range is tried again within the attempt
     verify                       SHA-256 of the file, MCUboot hash and signature (trusted keys)
     set pending                  the bootloader's TEST request
     POST /api/v1/device/status   applying
-    reboot                       Bootloader.boot() on the device's flash: swap or overwrite
-    confirm                      image_ok (a *broken* device never confirms: its image crashes,
-                                 the next boot reverts, and the device reports the revert)
+    reboot, after_boot           Bootloader.boot() on the device's flash: swap or overwrite;
+                                 confirm (image_ok), or a *broken* device never confirms: its
+                                 image crashes, the next boot reverts, and the device reports
+                                 the revert
     POST /api/v1/device/checkin  with the new version: the server counts it Applied
 
 Faults, drawn per device from ``seed`` (the same seed gives every device the same profile and
-the same draws): a *drop* fails a range (the answer is thrown away as if the link broke) and the
-device reports ``interrupted`` and resumes from its journal at its next poll; a *power cut*
-(``Flash.cut_after``, torn) hits a random flash operation of the download, the device reboots
-and resumes; a *slow link* sleeps after each range as long as the bytes take at the link's
-speed; *broken* devices never confirm.
+the same draws): a *drop* throws a range's answer (or an MQTT chunk) away as if the link broke;
+the range is tried again within the attempt (``range_tries``), the chunk asked for again after
+a silence, and the report counts it as *retried*. A *power cut* (``Flash.cut_after``, torn)
+hits a random flash operation of the download, the device reboots and resumes at its next poll;
+a *slow link* sleeps after each range as long as the bytes take at the link's speed; *broken*
+devices never confirm.
+
+The report tells apart what the devices recovered from and what they did not: ``recovered``
+counts the failed attempts of devices that settled afterwards and ``retried`` the ranges or
+chunks asked again within an attempt; ``failed`` counts the devices that did not settle (or
+gave up after ``give_up_after`` failed attempts of one artifact) and ``errors`` their failed
+attempts. A run ends when every device settled, or when no device made progress (stored bytes,
+finished an update, settled) for ``timeout`` seconds: a slow machine makes it longer, not
+failed.
 
 Memory: the flash contents of every device live in one :class:`SectorPool` that keeps each
 distinct sector once (all devices hold the same images, so 10,000 flashes of 1 MiB cost little
@@ -55,24 +77,25 @@ from urllib.parse import urlsplit
 import aiomqtt
 import httpx
 
-from otakit.device.bootloader import Action, Bootloader, BootloaderConfig, ImageBoot, Strategy
+from otakit.device.bootloader import Bootloader, BootloaderConfig, ImageBoot, Strategy
+from otakit.device.core.after_boot import REVERT_ERROR, BootVerdict, after_boot
+from otakit.device.core.assembly import ChunkAssembly
+from otakit.device.core.download import RangedDownload
+from otakit.device.core.job import check_offer
+from otakit.device.core.retry import Backoff, RetryPolicy
 from otakit.device.flash import Flash, FlashStats, PowerCut, SectorWear
 from otakit.device.flashmap import Area, FlashMap
 from otakit.device.journal import Download, Journal, JournalRecord
-from otakit.device.storage import SlotStorage
-from otakit.device.transports.http import content_total
+from otakit.device.storage import Storage, UpdateStorage
 from otakit.errors import (
     BootError,
-    ChunkHeaderError,
     FlashMapError,
     HashMismatchError,
-    InvalidVersionError,
     JobFetchError,
     OtakitError,
     TransferError,
     TransportUnsupportedError,
     UsageError,
-    WrongBoardError,
 )
 from otakit.image.keys import PublicKey, SigningKey
 from otakit.image.sign import SignOptions, sign_image
@@ -93,7 +116,6 @@ STATUS_PATH = "/api/v1/device/status"
 USER_AGENT = "otakit-fleet"
 KIB = 1024
 POOL_CONNECTIONS = 4  # per httpx client (see Fleet._connections)
-REVERT_ERROR = "reverted: not confirmed after reboot"
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -332,8 +354,10 @@ class FleetConfig:
     slot_size: int = 512 * KIB
     sector_size: int = 4 * KIB
     until_updated: str | None = None  # stop once every device runs this version (or newer)
-    timeout: float = 600.0  # seconds for the whole run
+    timeout: float = 600.0  # seconds without progress of any device, then the run ends
     request_timeout: float = 30.0  # seconds per request
+    range_tries: int = 3  # tries of one range (or MQTT re-requests) within an attempt
+    retry: RetryPolicy | None = None  # after a failed attempt (None: see retry_policy)
     seed: int = 0
     serial_prefix: str = "FLEET"
     mqtt: MqttBroker | None = None  # jobs and images over MQTT (the server still enrolls)
@@ -364,6 +388,10 @@ class FleetConfig:
             raise UsageError(f"--bandwidth {self.bandwidth} must be above 0", value=self.bandwidth)
         if not self.poll >= 0 or not self.timeout > 0 or not self.request_timeout > 0:
             raise UsageError("--poll must be 0 or more, --timeout above 0")
+        if not 1 <= self.range_tries <= 100:
+            raise UsageError(
+                f"--range-tries {self.range_tries} is not from 1 to 100", value=self.range_tries
+            )
         if not 1 <= self.concurrency <= 10_000:
             raise UsageError(f"--concurrency {self.concurrency} is not from 1 to 10000")
         if not 512 <= self.chunk_size <= 16 * 1024 * KIB:
@@ -391,6 +419,14 @@ class FleetConfig:
         FirmwareVersion.parse(self.version)
         if self.until_updated is not None:
             FirmwareVersion.parse(self.until_updated)
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        """``retry``, or by default: the first wait one poll interval (at least 10 ms), doubling
+        up to an hour, and giving up on an artifact after 5 failed attempts, as the agent."""
+        if self.retry is not None:
+            return self.retry
+        return RetryPolicy(first=max(self.poll, 0.01), jitter=min(self.jitter, 0.5))
 
     @property
     def chosen_strategy(self) -> Strategy:
@@ -472,9 +508,28 @@ class FleetJob:
         """The image's URL without its signature: a new check-in signs it anew."""
         return urlsplit(self.url).path
 
+    @property
+    def artifact(self) -> str:
+        """What the retry policy counts failures of: this deployment's image."""
+        return f"{self.deployment_id}:{self.sha256}"
 
-class _Dropped(Exception):
-    """An injected fault: the link dropped during a range."""
+    def resumes(self, download: Download) -> bool:
+        """Whether a partial download in the journal is this job's image."""
+        return download.source == self.source and download.sha256 == self.sha256
+
+
+async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed ``response`` as it arrives, to its end but no further than
+    ``limit`` + 1 bytes (one more than allowed is enough to refuse it). Reading to the end lets
+    the connection serve the next request: one left before its end is closed."""
+    parts: list[bytes] = []
+    size = 0
+    async for piece in response.aiter_bytes():
+        parts.append(piece[: limit + 1 - size])
+        size += len(parts[-1])
+        if size > limit:
+            break
+    return b"".join(parts)
 
 
 # --- how a job reaches a device -------------------------------------------------------------
@@ -485,6 +540,7 @@ class _Channel(Protocol):
     ranged GETs (:class:`_HttpChannel`), or ``otakit publisher`` over MQTT (:class:`_MqttChannel`)."""
 
     key: str  # tells this job's image from another
+    artifact: str  # what the retry policy counts failures of
     version: str
     board: str | None
     size: int | None  # when the job says it
@@ -496,7 +552,7 @@ class _Channel(Protocol):
         """Whether a partial download in the journal is this job's image."""
         ...
 
-    async def download(self, storage: SlotStorage) -> None: ...
+    async def download(self, storage: Storage) -> None: ...
 
     async def report(
         self, status: FwStatus, *, error: str | None = None, version: FirmwareVersion | None = None
@@ -511,6 +567,7 @@ class _HttpChannel:
     def __init__(self, fleet: Fleet, device: FleetDevice, job: FleetJob) -> None:
         self.fleet, self.device, self.job = fleet, device, job
         self.key = job.sha256
+        self.artifact = job.artifact
         self.version = job.version
         self.board = job.board
         self.size: int | None = job.size
@@ -519,9 +576,9 @@ class _HttpChannel:
         self.details: dict[str, Any] = {"deployment": job.deployment_id}
 
     def resumes(self, download: Download) -> bool:
-        return download.source == self.job.source and download.sha256 == self.job.sha256
+        return self.job.resumes(download)
 
-    async def download(self, storage: SlotStorage) -> None:
+    async def download(self, storage: Storage) -> None:
         await self.fleet._download(self.device, self.job, storage)
 
     async def report(
@@ -623,6 +680,7 @@ class _MqttChannel:
         self.topic, self.inbox = session
         self.version = str(job_version(doc.version))
         self.key = f"mqtt:{doc.file}@{self.version}"
+        self.artifact = self.key
         board = doc.board or None
         # the board as the topics spell it (APP_X) is this device's board
         self.board = fleet.config.board if board == link.topics.wire_board else board
@@ -634,90 +692,73 @@ class _MqttChannel:
     def resumes(self, download: Download) -> bool:
         return download.source == self.key and download.version == self.version
 
-    def _ask(self, offset: int) -> bytes:
-        return self.fleet._mqtt_message(
-            self.device,
-            wire.REQUEST_DATA_CHUNK,
-            self.topic,
-            ("Filename", self.doc.file),
-            ("Offset", str(offset)),
-            ("Size", "-1"),
+    async def _ask(self, offset: int, size: int = -1) -> None:
+        """Ask for ``size`` bytes from ``offset`` (-1: all the rest): "Request Data Chunk"."""
+        await self.link.send(
+            self.fleet._mqtt_message(
+                self.device,
+                wire.REQUEST_DATA_CHUNK,
+                self.topic,
+                ("Filename", self.doc.file),
+                ("Offset", str(offset)),
+                ("Size", str(size)),
+            )
         )
 
-    async def download(self, storage: SlotStorage) -> None:
-        device, broker = self.device, self.link.broker
-        record = storage.progress()
-        offset = record.durable if record is not None and self.resumes(record.download) else 0
-        if record is not None and offset >= record.download.size:
-            offset = max(0, record.download.size - wire.CHUNK_SIZE)
-        if offset > 0:
+    async def download(self, storage: Storage) -> None:
+        """The image into ``storage``: the I/O of
+        :class:`otakit.device.core.assembly.ChunkAssembly`, which checks and stores every
+        chunk, holds those past a gap and says from which byte to ask again, as for
+        ``otakit agent``'s MQTT transport.
+
+        Faults: a *drop* loses a chunk (the gap is asked for again after ``chunk_timeout``
+        seconds of silence); a *slow link* sleeps after each chunk as long as its bytes take.
+        Raises TransferError when the re-requests are used up, the chunk errors the assembly
+        raises (another version, another total, a bad header) and whatever the storage raises.
+        """
+        device, broker, fleet = self.device, self.link.broker, self.fleet
+        assembly = ChunkAssembly(
+            storage,
+            source=self.key,
+            version=job_version(self.doc.version),
+            same=self.resumes,
+            tries=broker.request_tries,
+        )
+        if assembly.resumed_from > 0:
             device.resumes += 1
-            self.fleet._event(device, "resume", offset=offset)
-            await self.link.send(self._ask(offset))
+            fleet._event(device, "resume", offset=assembly.resumed_from)
+            await self._ask(assembly.resumed_from)
         else:
-            request = self.fleet._mqtt_message(device, wire.REQUEST_UPDATE, self.topic)
-            await self.link.send(request)
-        expected = job_version(self.doc.version)
-        total: int | None = None
-        early: dict[int, bytes] = {}  # chunks past a gap (at most 64)
-        tries = 0
-        while total is None or offset < total:
-            try:
-                payload = await asyncio.wait_for(self.inbox.get(), broker.chunk_timeout)
-            except TimeoutError:
-                tries += 1
-                if tries > broker.request_tries:
-                    raise TransferError(
-                        f"no chunk for {broker.chunk_timeout * tries:g} s at byte {offset}",
-                        value=self.doc.file,
-                    ) from None
-                early.clear()
-                await self.link.send(self._ask(offset))
-                continue
-            if payload[:1] == b"{":
-                continue  # a stray JSON message (a late "Result Received"...)
-            started = time.monotonic()
-            header, data = wire.parse_chunk(payload)
-            if header.firmware_version != expected:
-                raise InvalidVersionError(
-                    f"a chunk carries version {header.firmware_version}, the job {expected}",
-                    value=str(header.firmware_version),
-                )
-            device.bytes += len(data)
-            if device.profile.drop_rate and device.rng.random() < device.profile.drop_rate:
-                raise _Dropped
-            if total is None:
-                total = header.total_size
-                stored = storage.open(Download(source=self.key, size=total, version=self.version))
-                if stored != offset:  # another image than the journal's: from the start
-                    offset = stored
-                    early.clear()
-                    await self.link.send(self._ask(offset))
-            elif header.total_size != total:
-                raise ChunkHeaderError(
-                    f"a chunk says the image is {header.total_size} bytes, the first {total}",
-                    value=header.total_size,
-                )
-            if header.offset > offset:
-                if len(early) < 64:
-                    early[header.offset] = data
-                continue
-            if header.end <= offset:
-                continue  # a duplicate
-            data = data[offset - header.offset :]
-            while True:
-                storage.write(offset, data)
-                offset += len(data)
-                data = early.pop(offset, b"")
-                if not data:
-                    break
-            storage.commit(offset)
-            tries = 0
-            bandwidth = device.profile.bandwidth
-            if bandwidth:
-                delay = header.data_size / bandwidth - (time.monotonic() - started)
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            await self.link.send(fleet._mqtt_message(device, wire.REQUEST_UPDATE, self.topic))
+        profile = device.profile
+        try:
+            while not assembly.done:
+                try:
+                    payload = await asyncio.wait_for(self.inbox.get(), broker.chunk_timeout)
+                except TimeoutError:
+                    start = assembly.stalled()  # TransferError when the tries are used up
+                    for first, length in assembly.missing() or [(start, -1)]:
+                        await self._ask(first, length)
+                    continue
+                if payload[:1] == b"{":
+                    continue  # a stray JSON message (a late "Result Received"...)
+                started = time.monotonic()
+                size = max(0, len(payload) - wire.HEADER_SIZE)
+                device.bytes += size
+                if profile.drop_rate and device.rng.random() < profile.drop_rate:
+                    device.drops += 1
+                    fleet._event(device, "drop", offset=assembly.offset)
+                    continue
+                if assembly.chunk(payload):
+                    fleet._progressed()
+                for first, length in assembly.requests():  # the journal was of another image
+                    await self._ask(first, length)
+                if profile.bandwidth:
+                    delay = size / profile.bandwidth - (time.monotonic() - started)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+        finally:
+            device.retried += assembly.recovered
 
     async def _result(self, message: str, *extra: tuple[str, str]) -> None:
         fleet = self.fleet
@@ -765,6 +806,12 @@ async def _next_doc(
     return None
 
 
+def _stored(journal: Journal) -> tuple[str, int] | None:
+    """What the journal holds: the download's source and its durable bytes."""
+    record = journal.load()
+    return None if record is None else (record.download.source, record.durable)
+
+
 # --- one device ---------------------------------------------------------------------------------
 
 
@@ -772,10 +819,13 @@ class FleetDevice:
     """One simulated device: identity, token, flash, journal, faults and what happened to it."""
 
     __slots__ = (
+        "backoff",
         "boots",
         "bytes",
         "drops",
+        "failures",
         "flash",
+        "gave_up",
         "index",
         "job_started",
         "journal",
@@ -783,6 +833,7 @@ class FleetDevice:
         "power_cuts",
         "profile",
         "resumes",
+        "retried",
         "reverted",
         "rng",
         "serial",
@@ -790,6 +841,7 @@ class FleetDevice:
         "token",
         "updates",
         "version",
+        "wait",
     )
 
     def __init__(
@@ -813,6 +865,13 @@ class FleetDevice:
         self.settled = False
         self.job_started: tuple[str, float] | None = None  # (sha256, when first offered)
         self.last_error: str | None = None
+        # failed attempts by error code (None until the first): the report counts them as
+        # recovered when the device settles afterwards, as errors when it does not
+        self.failures: Counter[str] | None = None
+        self.retried = 0  # ranges or chunks asked again within an attempt, then stored
+        self.backoff: Backoff | None = None  # made at the first failed attempt
+        self.gave_up = False  # settled by giving up on the offered artifact
+        self.wait: float | None = None  # the backoff before the next poll, after a failure
 
 
 # --- the fleet ----------------------------------------------------------------------------------
@@ -826,8 +885,11 @@ class FleetReport:
     settled: int
     updated: int  # devices that confirmed at least one new image
     reverted: int  # devices whose update went back and was reported
-    failed: dict[str, int]  # devices not settled at the end, by their last error
-    errors: dict[str, int]  # attempts that failed for other reasons than injected faults
+    failed: dict[str, int]  # devices not settled at the end or that gave up, by last error
+    errors: dict[str, int]  # failed attempts of those devices, by error code
+    recovered: dict[str, int]  # failed attempts of devices that settled afterwards, by code
+    retried: int  # ranges or chunks asked for again within an attempt, then stored
+    gave_up: int  # devices that gave up on the offered artifact after repeated failures
     resumes: int
     drops: int
     power_cuts: int
@@ -903,7 +965,9 @@ class Fleet:
         self.requests: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.durations: list[float] = []
+        self.retry = config.retry_policy
         self._start = time.monotonic()
+        self._last_progress = self._start
         self._clients: list[httpx.AsyncClient] = []
         self._mqtt: _MqttLink | None = None
         self._mqtt_gate = asyncio.Semaphore(1)
@@ -931,10 +995,19 @@ class Fleet:
         self._fail(device, exc.code, exc.message, step)
 
     def _fail(self, device: FleetDevice, code: str, message: str, step: str) -> None:
-        """An attempt failed for another reason than an injected fault: count it."""
+        """An attempt failed for another reason than an injected fault: count it (the report
+        tells apart the failures a device recovered from and those it did not)."""
         device.last_error = code
         self.errors[code] += 1
+        if device.failures is None:
+            device.failures = Counter()
+        device.failures[code] += 1
         self._event(device, "failed", error=code, step=step, message=message)
+
+    def _progressed(self) -> None:
+        """Some device moved forward (bytes stored, an update done, a device settled): the
+        run's timeout counts from the last such moment."""
+        self._last_progress = time.monotonic()
 
     def snapshot(self) -> dict[str, int]:
         """Counts for a progress display."""
@@ -991,18 +1064,17 @@ class Fleet:
                     _MqttLink(self.config.mqtt, self.config.board)
                 )
                 self._mqtt_gate = asyncio.Semaphore(self.config.mqtt.sessions)
-            tasks = [asyncio.create_task(self._life(d)) for d in self.devices]
+            self._last_progress = time.monotonic()
+            tasks = {asyncio.create_task(self._life(d)) for d in self.devices}
             ticker = asyncio.create_task(self._ticker(on_tick, tick)) if on_tick else None
-            done, pending = await asyncio.wait(
-                tasks, timeout=self.config.timeout, return_when=asyncio.FIRST_EXCEPTION
-            )
+            pending = await self._until_stalled(tasks)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
             if ticker is not None:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)
-            for task in done:
+            for task in tasks - pending:
                 failure = task.exception()
                 if failure is not None:
                     raise failure  # a bug in the simulator, not a device's failure
@@ -1010,6 +1082,22 @@ class Fleet:
                 on_tick(self.snapshot())
         self._clients, self._mqtt = [], None
         return self.report(timed_out=bool(pending))
+
+    async def _until_stalled(self, tasks: set[asyncio.Task[None]]) -> set[asyncio.Task[None]]:
+        """Wait until every task ended, one raised, or no device made progress for
+        ``timeout`` seconds (a slow machine makes the run longer, not a failure); the tasks
+        still running."""
+        pending = tasks
+        while pending:
+            idle = time.monotonic() - self._last_progress
+            if idle >= self.config.timeout:
+                break
+            done, pending = await asyncio.wait(
+                pending, timeout=self.config.timeout - idle, return_when=asyncio.FIRST_EXCEPTION
+            )
+            if any(not task.cancelled() and task.exception() for task in done):
+                break
+        return pending
 
     async def _ticker(self, on_tick: Callable[[dict[str, int]], None], tick: float) -> None:
         while True:
@@ -1023,9 +1111,11 @@ class Fleet:
     async def _life(self, device: FleetDevice) -> None:
         await asyncio.sleep(self.config.poll * self.config.jitter * device.rng.random())
         while not device.settled:
+            device.wait = None
             await self._attempt(device)
             if not device.settled:
-                await asyncio.sleep(self._interval(device))
+                wait = device.wait  # the retry policy's, after a failed attempt
+                await asyncio.sleep(self._interval(device) if wait is None else wait)
 
     async def check_in_all(self, server: str | None = None) -> dict[str, int]:
         """One idle check-in per device (as at every poll), at most ``concurrency`` at once;
@@ -1097,6 +1187,7 @@ class Fleet:
         if isinstance(minted, str) and minted:
             device.token = minted
             self._event(device, "enrolled")
+            self._progressed()
         return answer
 
     async def _report(
@@ -1154,10 +1245,7 @@ class Fleet:
         answer = answer or {}
         abort = answer.get("abort")
         if isinstance(abort, dict) and device.journal.load() is not None:
-            boot = Bootloader(device.flash, self.map, self.boot_config)
-            SlotStorage(
-                boot, device.journal, self.keys, current_version=str(device.version)
-            ).abort()
+            self._storage(device, Bootloader(device.flash, self.map, self.boot_config)).abort()
             device.job_started = None
             self._event(device, "aborted", reason=str(abort.get("reason", ""))[:200])
         if self.target is not None and device.version >= self.target:
@@ -1167,75 +1255,101 @@ class Fleet:
         if settled and not device.settled:
             device.settled = True
             self._event(device, "settled", running=str(device.version))
+            self._progressed()
 
     async def _update(self, device: FleetDevice, channel: _Channel) -> None:
-        """The update a job asks for, over the channel that brought it (HTTP or MQTT)."""
+        """The update a job asks for, over the channel that brought it (HTTP or MQTT): the
+        offer checked by :func:`~otakit.device.core.job.check_offer`, the download, verify,
+        set pending, reboot, and what the boot means decided by
+        :func:`~otakit.device.core.after_boot.after_boot` (confirm, or report the revert), as
+        ``otakit agent`` does. An artifact the retry policy gave up on is neither downloaded
+        nor reported again: the device settles (the report counts it as failed)."""
+        backoff = device.backoff
+        if backoff is not None and backoff.gave_up(channel.artifact):
+            if not device.settled:
+                device.gave_up = device.settled = True
+                failures = backoff.failures(channel.artifact)
+                self._event(device, "gave-up", version=channel.version, failures=failures)
+                self._progressed()
+            return
         if device.job_started is None or device.job_started[0] != channel.key:
             device.job_started = (channel.key, self.now())
             self._event(device, "job", version=channel.version, **channel.details)
         try:
-            new = FirmwareVersion.parse(channel.version)
-            if channel.board and channel.board != self.config.board:
-                raise WrongBoardError(
-                    f"the job is for board {channel.board}, not {self.config.board}",
-                    value=channel.board,
-                )
-            if not new > device.version:
-                raise InvalidVersionError(
-                    f"the job's version {new} is not newer than the running {device.version}",
-                    value=channel.version,
-                )
+            check_offer(
+                version=channel.version,
+                board=channel.board,
+                running=device.version,
+                my_board=self.config.board,
+            )
         except OtakitError as exc:
             self._error(device, exc, "job")
             await channel.report(FwStatus.INVALID, error=exc.agent_error)
+            self._attempt_failed(device, channel.artifact)
             return
-        boot = Bootloader(device.flash, self.map, self.boot_config)
-        storage = SlotStorage(boot, device.journal, self.keys, current_version=str(device.version))
         await channel.report(FwStatus.DOWNLOADING)
+        # made after the report: thousands of devices wait for a connection, none holds more
+        # than it needs while it waits
+        boot = Bootloader(device.flash, self.map, self.boot_config)
+        storage = self._storage(device, boot)
         if not await self._download_with_faults(device, channel, storage, boot):
             return
         try:
             version = FirmwareVersion.parse(storage.verify())
             if channel.sha256 is not None:
-                self._check_sha256(boot, storage, channel.sha256)
+                self._check_sha256(storage, channel.sha256)
         except OtakitError as exc:
             storage.abort()
             self._error(device, exc, "verify")
             error = FwError.SHA256_VERIFY_FAIL if isinstance(exc, HashMismatchError) else None
             await channel.report(FwStatus.ERROR, error=error or exc.agent_error)
+            self._attempt_failed(device, channel.artifact)
             return
         storage.set_pending(permanent=False)
         self._event(device, "pending", version=str(version))
         await channel.report(FwStatus.APPLYING, version=version)
-        first = self._reboot(device, boot)
-        if first.version is None or FirmwareVersion.from_image(first.version) != version:
-            reason = first.reason or f"the bootloader did {first.action.value}"
-            self._fail(
-                device,
-                first.error or BootError.code,
-                f"the new image did not start: {reason}",
-                "boot",
-            )
-            await channel.report(FwStatus.ERROR, error=FwError.NONE)
-            return
-        if device.profile.broken:
+        previous = device.version
+        healthy = not device.profile.broken  # a broken image crashes before it confirms
+        # every image the update installed must run its new version (a package: several)
+        expected: dict[int, FirmwareVersion] = dict(storage.installed) or {0: version}
+        booted = after_boot(
+            self._reboot(device, boot), expected=expected, previous=previous, healthy=healthy
+        )
+        if booted.verdict is BootVerdict.NOT_STARTED and booted.report is None:
+            # it started but is not healthy: it crashes before confirming, and the watchdog's
+            # reset reverts it
             self._event(device, "crashed", running=str(version))
-            back = self._reboot(device, boot)  # the watchdog: the unconfirmed image goes back
-            running = back.version
-            device.reverted = back.action is Action.REVERT
-            if running is not None:
-                device.version = FirmwareVersion.from_image(running)
-            self._event(device, "reverted", running=str(device.version), action=back.action.value)
-            await channel.report(FwStatus.ERROR, error=REVERT_ERROR, version=device.version)
+            booted = after_boot(self._reboot(device, boot), expected=expected, previous=previous)
+        if booted.verdict is BootVerdict.REVERTED:
+            device.reverted = True
+            device.version = booted.running or previous
+            self._event(device, "reverted", running=str(device.version))
+            await channel.report(
+                booted.report or FwStatus.ERROR,
+                error=booted.error or REVERT_ERROR,
+                version=device.version,
+            )
+            self._attempt_failed(device, channel.artifact)
             device.job_started = None
             await channel.recheck()
             return
-        boot.confirm()
-        device.version = version
+        if booted.verdict is not BootVerdict.UPDATED:
+            reason = booted.reason or f"the bootloader did not start {version}"
+            code = booted.error or BootError.code
+            self._fail(device, code, f"the new image did not start: {reason}", "boot")
+            await channel.report(booted.report or FwStatus.ERROR, error=FwError.NONE)
+            self._attempt_failed(device, channel.artifact)
+            return
+        if booted.confirm:
+            boot.confirm()
+        device.version = booted.running or version
         device.updates += 1
         device.reverted = False
+        if device.backoff is not None:
+            device.backoff.succeeded(channel.artifact)
         self.durations.append(self.now() - device.job_started[1])
         self._event(device, "updated", version=str(version), seconds=round(self.durations[-1], 4))
+        self._progressed()
         device.job_started = None
         await channel.recheck()
 
@@ -1248,19 +1362,34 @@ class Fleet:
             return
         self._after_check_in(device, answer)
 
-    def _reboot(self, device: FleetDevice, boot: Bootloader) -> ImageBoot:
-        result = boot.boot()
+    def _storage(self, device: FleetDevice, boot: Bootloader) -> UpdateStorage:
+        """Where a download goes: the device's update storage on its flash and journal."""
+        return UpdateStorage(boot, device.journal, self.keys, current_version=str(device.version))
+
+    def _reboot(self, device: FleetDevice, boot: Bootloader) -> tuple[ImageBoot, ...]:
+        images = boot.boot().images
         device.boots += 1
-        image = result.images[0]
+        image = images[0]
         self._event(
             device,
             "booted",
             action=image.action.value,
             running=None if image.version is None else str(image.version),
         )
-        return image
+        return images
 
-    def _check_sha256(self, boot: Bootloader, storage: SlotStorage, expected: str) -> None:
+    def _attempt_failed(self, device: FleetDevice, artifact: str, *, counts: bool = True) -> None:
+        """An update attempt of ``artifact`` failed: the next poll waits as the retry policy
+        says (:class:`~otakit.device.core.retry.Backoff`, as the agent), which also gives up on
+        the artifact after ``give_up_after`` such failures. ``counts`` False: an interruption
+        that is resumed at the next poll, after the usual interval."""
+        if not counts:
+            return
+        if device.backoff is None:
+            device.backoff = Backoff(self.retry)
+        device.wait = device.backoff.failed(artifact, random=device.rng.random())
+
+    def _check_sha256(self, storage: UpdateStorage, expected: str) -> None:
         """The SHA-256 of the downloaded file, as the job gives it (§7); the storage hashes
         what it received, the bytes in the slot's trailer area (never written) included."""
         record = storage.progress()
@@ -1275,7 +1404,7 @@ class Fleet:
     # --- download ------------------------------------------------------------------------------
 
     async def _download_with_faults(
-        self, device: FleetDevice, channel: _Channel, storage: SlotStorage, boot: Bootloader
+        self, device: FleetDevice, channel: _Channel, storage: Storage, boot: Bootloader
     ) -> bool:
         """Download with the device's faults; True when every byte is stored."""
         flash = device.flash
@@ -1289,137 +1418,99 @@ class Fleet:
             if record is None or not channel.resumes(record.download):
                 operations += self.map.secondary(0).size // flash.sector_size
             flash.cut_after(rng.below(operations), tear=True, seed=rng.next_int())
+        before = _stored(device.journal)
         try:
             await channel.download(storage)
-        except PowerCut:
+        except PowerCut:  # the device reboots: not a failure of the artifact
             flash.power_on()
             device.power_cuts += 1
             durable = device.journal.load()
             self._event(device, "power-cut", durable=durable.durable if durable else 0)
             self._reboot(device, boot)  # nothing pending: the old image runs on
             return False
-        except _Dropped:
-            device.drops += 1
-            durable = device.journal.load()
-            self._event(device, "drop", durable=durable.durable if durable else 0)
-            await channel.report(FwStatus.INTERRUPTED, error=FwError.NETWORK_TIMEOUT)
-            return False
         except TransferError as exc:
             self._error(device, exc, "download")
             answered = exc.status is not None and exc.status >= 400
             error = FwError.HTTP_RESPONSE if answered else FwError.NETWORK_TIMEOUT
             await channel.report(FwStatus.INTERRUPTED, error=error)
+            # an interrupted download that stored bytes goes on at the next poll; one that
+            # stored nothing counts as a failed attempt of the artifact
+            after = _stored(device.journal)
+            stored = after is not None and (
+                before is None or after[0] != before[0] or after[1] > before[1]
+            )
+            self._attempt_failed(device, channel.artifact, counts=not stored)
             return False
         except OtakitError as exc:  # a bad chunk, or an image that does not fit the slot
             storage.abort()
             self._error(device, exc, "download")
             await channel.report(FwStatus.ERROR, error=FwError.FILE_OPERATION_FAIL)
+            self._attempt_failed(device, channel.artifact)
             return False
         finally:
             flash.power_on()  # disarms a cut that did not happen
         return True
 
-    async def _range(
-        self, device: FleetDevice, url: str, first: int, last: int, etag: str | None
-    ) -> httpx.Response:
-        headers = {"range": f"bytes={first}-{last}"}
-        if etag:
-            headers["if-range"] = etag
-        self.requests["range"] += 1
-        try:
-            async with self._net:
-                response = await self._client(device).get(url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise TransferError(
-                f"bytes {first}-{last}: {type(exc).__name__}: {exc}", value=urlsplit(url).path
-            ) from None
-        if response.status_code not in (200, 206):
-            raise TransferError(
-                f"bytes {first}-{last}: the server answered {response.status_code}",
-                status=response.status_code,
-                value=urlsplit(url).path,
-            )
-        return response
+    async def _download(self, device: FleetDevice, job: FleetJob, storage: Storage) -> None:
+        """Ranged GETs into ``storage``, resuming from the journal: the I/O of
+        :class:`otakit.device.core.download.RangedDownload`, which decides every range, judges
+        every answer and writes and commits the bytes, as for ``otakit agent``'s
+        :class:`~otakit.device.transports.http.HttpTransport`. The journal names the image by
+        its URL path and SHA-256, since every check-in signs the URL anew.
 
-    async def _download(self, device: FleetDevice, job: FleetJob, storage: SlotStorage) -> int:
-        """Ranged GETs into ``storage``, resuming from the journal, as
-        :meth:`otakit.device.transports.http.HttpTransport.download` does: ``If-Range`` with
-        the journal's ETag on the first range; 200 instead of 206 means the image changed, and
-        the download starts over. The journal names the image by its URL path and SHA-256,
-        since every check-in signs the URL anew."""
-        chunk = self.config.chunk_size
-        record = storage.progress()
-        resume = None
-        if record is not None:
-            known = record.download
-            if known.source == job.source and known.sha256 == job.sha256:
-                resume = record
-        offset = resume.durable if resume is not None else 0
-        if resume is not None and offset >= resume.download.size:
-            offset = max(0, resume.download.size - chunk)  # stored, not yet pending: re-check
-        etag = resume.download.etag if resume is not None else None
-        if offset > 0:
+        Faults: a *drop* throws a range's body away as if the link broke (a failed try of the
+        range, asked again within the attempt); a *slow link* sleeps after each range as long
+        as its bytes take at the link's speed. Raises TransferError when a range's tries are
+        used up or an answer is fatal, and whatever the storage raises.
+        """
+        download = RangedDownload(
+            storage,
+            source=job.source,
+            version=job.version,
+            sha256=job.sha256,
+            chunk_size=self.config.chunk_size,
+            tries=self.config.range_tries,
+            same=job.resumes,
+        )
+        if download.resumed_from > 0:
             device.resumes += 1
-            self._event(device, "resume", offset=offset)
-        total: int | None = None
-        while total is None or offset < total:
-            last = offset + chunk - 1 if total is None else min(offset + chunk, total) - 1
-            started = time.monotonic()
-            try:
-                response = await self._range(
-                    device, job.url, offset, last, etag if total is None else None
-                )
-            except TransferError as exc:
-                if total is None and offset > 0 and exc.status == 416:
-                    offset, etag = 0, None  # the journal's offset is past this image's end
+            self._event(device, "resume", offset=download.resumed_from)
+        client = self._client(device)
+        profile = device.profile
+        try:
+            while (request := download.next_request()) is not None:
+                started = time.monotonic()
+                received = 0
+                self.requests["range"] += 1
+                try:
+                    async with (
+                        self._net,
+                        client.stream("GET", job.url, headers=request.headers()) as response,
+                    ):
+                        want = download.response(response.status_code, response.headers)
+                        if want:
+                            data = await _read_at_most(response, want)
+                            received = len(data)
+                            device.bytes += received
+                            if profile.drop_rate and device.rng.random() < profile.drop_rate:
+                                device.drops += 1
+                                self._event(device, "drop", offset=request.first)
+                                download.failed("the link dropped (injected fault)")
+                                continue
+                            if download.body(data):
+                                self._progressed()
+                            # hold no image bytes while waiting for the next range: with
+                            # thousands of devices queued, that alone would cost a chunk each
+                            del data
+                except httpx.HTTPError as exc:
+                    download.failed(f"{request}: {type(exc).__name__}: {exc}")
                     continue
-                raise
-            data = response.content
-            device.bytes += len(data)
-            if device.profile.drop_rate and device.rng.random() < device.profile.drop_rate:
-                raise _Dropped
-            if total is None:
-                if response.status_code == 200:
-                    if offset != 0 or etag is not None:
-                        offset, etag = 0, None  # the image changed: start over
-                        continue
-                    raise TransferError(
-                        "the server does not answer ranged requests (no 206/Content-Range)",
-                        value=job.source,
-                    )
-                total = content_total(response.headers, job.source)
-                download = Download(
-                    source=job.source,
-                    size=total,
-                    version=job.version,
-                    etag=response.headers.get("etag"),
-                    sha256=job.sha256,
-                )
-                stored = storage.open(download)
-                if stored != offset:
-                    offset = stored  # another image than the journal's: start over
-                    continue
-            elif response.status_code != 206:
-                raise TransferError(
-                    f"the server answered {response.status_code} to a range request",
-                    status=response.status_code,
-                    value=job.source,
-                )
-            if not data:
-                raise TransferError(f"empty answer for bytes {offset}-{last}", value=job.source)
-            storage.write(offset, data)
-            offset += len(data)
-            storage.commit(offset)
-            received = len(data)
-            # hold no image bytes while waiting for the next range: with thousands of devices
-            # in the queue, that alone would cost a chunk of memory per device
-            del response, data
-            bandwidth = device.profile.bandwidth
-            if bandwidth:
-                delay = received / bandwidth - (time.monotonic() - started)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-        return total
+                if profile.bandwidth and received:
+                    delay = received / profile.bandwidth - (time.monotonic() - started)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+        finally:
+            device.retried += download.recovered
 
     # --- MQTT ----------------------------------------------------------------------------------
 
@@ -1503,7 +1594,14 @@ class Fleet:
 
     def report(self, *, timed_out: bool = False) -> FleetReport:
         devices = self.devices
-        failed: Counter[str] = Counter(d.last_error or "TIMEOUT" for d in devices if not d.settled)
+        unwell = [d for d in devices if not d.settled or d.gave_up]
+        failed: Counter[str] = Counter(d.last_error or "TIMEOUT" for d in unwell)
+        errors: Counter[str] = Counter()
+        recovered: Counter[str] = Counter()
+        for device in devices:
+            if device.failures:
+                ended_well = device.settled and not device.gave_up
+                (recovered if ended_well else errors).update(device.failures)
         config = self.config
         settings = {
             "server": config.server,
@@ -1526,6 +1624,8 @@ class Fleet:
             "trusted_keys": [k.fingerprint for k in self.keys],
             "seed": config.seed,
             "timeout_s": config.timeout,
+            "range_tries": config.range_tries,
+            "retry": asdict(self.retry),
         }
         return FleetReport(
             devices=len(devices),
@@ -1533,7 +1633,10 @@ class Fleet:
             updated=sum(d.updates > 0 for d in devices),
             reverted=sum(d.reverted for d in devices),
             failed=dict(sorted(failed.items())),
-            errors=dict(sorted(self.errors.items())),
+            errors=dict(sorted(errors.items())),
+            recovered=dict(sorted(recovered.items())),
+            retried=sum(d.retried for d in devices),
+            gave_up=sum(d.gave_up for d in devices),
             resumes=sum(d.resumes for d in devices),
             drops=sum(d.drops for d in devices),
             power_cuts=sum(d.power_cuts for d in devices),

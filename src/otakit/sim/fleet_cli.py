@@ -3,7 +3,9 @@
 The final report is JSON on stdout; progress goes to stderr (a progress bar on a terminal,
 otherwise a line every few seconds); ``--events FILE`` writes every device's events as JSON
 lines. Exit status 0 when every device settled (runs ``--until-updated``, or the server offers
-it nothing more), 1 when the timeout came first, 2 for bad arguments.
+it nothing more), 1 when some device did not (no device made progress for ``--timeout``
+seconds, or a device gave up on its update after ``--give-up-after`` failed attempts), 2 for
+bad arguments.
 """
 
 from __future__ import annotations
@@ -234,8 +236,30 @@ def fleet(
         ),
     ] = None,
     timeout: Annotated[
-        str, typer.Option("--timeout", help="Seconds for the whole run.", metavar="SECONDS")
+        str,
+        typer.Option(
+            "--timeout",
+            help="End the run when no device made progress for this many seconds.",
+            metavar="SECONDS",
+        ),
     ] = "600",
+    range_tries: Annotated[
+        str,
+        typer.Option(
+            "--range-tries",
+            help="Tries of one range within an attempt (a retried range counts as recovered).",
+            metavar="N",
+        ),
+    ] = "3",
+    give_up_after: Annotated[
+        str,
+        typer.Option(
+            "--give-up-after",
+            help="Failed attempts of one artifact before a device gives up on it (0: never); "
+            "the waits between attempts double from one --poll interval.",
+            metavar="N",
+        ),
+    ] = "5",
     events: Annotated[
         Path | None,
         typer.Option("--events", help="Write every event as a JSON line here.", metavar="FILE"),
@@ -268,11 +292,13 @@ def fleet(
 ) -> None:
     """Simulate a fleet: every device checks in, downloads, verifies, reboots, confirms.
 
-    Prints progress on stderr and a JSON report on stdout; exit 1 if the timeout came first.
+    Prints progress on stderr and a JSON report on stdout; exit 1 if some device did not
+    settle (no progress for --timeout seconds) or gave up.
     """
     import secrets
 
     from otakit.device.bootloader import Strategy
+    from otakit.device.core.retry import RetryPolicy
     from otakit.image.keys import PublicKey
     from otakit.sim.fleet import Fleet, FleetConfig
 
@@ -297,6 +323,14 @@ def fleet(
             f"{MAX_VALUE_BYTES['SerialNumber']} characters)",
             value=prefix,
         )
+    every = _number(poll, "--poll", low=0, high=365 * 86400)
+    retry = RetryPolicy(
+        first=max(every, 0.01),
+        jitter=min(_number(jitter, "--jitter", low=0, high=1), 0.5),
+        give_up_after=int(
+            _number(give_up_after, "--give-up-after", low=0, high=1000, integer=True)
+        ),
+    )
     config = FleetConfig(
         server=server,
         token=token,
@@ -320,6 +354,8 @@ def fleet(
         slot_size=_size(slot_size, "--slot-size", low=16 * 1024, high=64 * 1024 * 1024),
         until_updated=until_updated,
         timeout=_number(timeout, "--timeout", low=0.1, high=30 * 86400),
+        range_tries=int(_number(range_tries, "--range-tries", low=1, high=100, integer=True)),
+        retry=retry,
         seed=int(_number(seed, "--seed", low=0, high=2**63, integer=True)),
         serial_prefix=prefix,
         mqtt=None if mqtt is None else _mqtt(mqtt, company),

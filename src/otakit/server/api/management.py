@@ -599,13 +599,17 @@ async def list_deployments(
     return [_deployment(v) for v in found.items]
 
 
+# a row id: a value past the database's integer is not a row (and never reaches the database)
+DeploymentId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
+
+
 @router.get("/deployments/{deployment_id}", response_model=DeploymentOut)
-async def get_deployment(deployment_id: int, db: Db, _admin: Admin) -> DeploymentOut:
+async def get_deployment(deployment_id: DeploymentId, db: Db, _admin: Admin) -> DeploymentOut:
     return _deployment(await deployment_service.get(db, deployment_id))
 
 
 @router.post("/deployments/{deployment_id}/cancel", response_model=DeploymentOut)
-async def cancel_deployment(deployment_id: int, db: Db, _admin: Admin) -> DeploymentOut:
+async def cancel_deployment(deployment_id: DeploymentId, db: Db, _admin: Admin) -> DeploymentOut:
     """Stop offering the deployment (devices that got it keep it)."""
     return _deployment(await deployment_service.cancel(db, deployment_id))
 
