@@ -8,6 +8,13 @@ its own external flash, checks the file's SHA-256, then programs the MCU through
     /progress.json   {"Downloading": "<v>", ...} while downloading, {"Completed": "<v>", ...}
                      once the SHA-256 matched; absent when no update is in progress
 
+A download that is a multi-image TAR package (protocols.md §6; ``ustar`` at byte 257) is kept
+the same way. Once its SHA-256 matched, :meth:`GatewayStorage.verify` reads it back from
+littlefs with the hostile-input :class:`~otakit.image.package.PackageReader` (streamed, never
+the whole file in memory) and :meth:`GatewayStorage.set_pending` hands every component, with
+its MCUboot image index (NSPE 0, SPE 1), to :meth:`PackageProgrammer.program_package`. A bad
+package is deleted and reported as error / "MCU Download fail" before anything is programmed.
+
 littlefs is power-loss resilient: a file's new size and contents become visible atomically at
 ``sync`` (or ``close``), and a file written whole replaces the old one atomically. So after a
 power cut the file holds exactly the bytes of the last successful :meth:`GatewayStorage.commit`
@@ -22,16 +29,18 @@ the flash model (torn writes and erases included) hit littlefs itself.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
 from littlefs import LittleFSError, UserContext, lfs
 
@@ -46,6 +55,7 @@ from otakit.errors import (
     OtakitError,
     UsageError,
 )
+from otakit.image.package import BLOCK_SIZE, MAX_FILES, PackageManifest, is_package, read_manifest
 from otakit.protocol.fwinfo import ERRORS, STATES, FwError, FwStatus, GatewayStatus
 from otakit.protocol.version import FirmwareVersion
 
@@ -229,20 +239,39 @@ class LittleFsStore:
                     raise
                 return None
 
-    def chunks(self, path: str, chunk: int = 4096) -> Iterator[bytes]:
-        """The file's contents, ``chunk`` bytes at a time."""
+    def chunks(
+        self, path: str, chunk: int = 4096, *, offset: int = 0, size: int | None = None
+    ) -> Iterator[bytes]:
+        """The file's contents, ``chunk`` bytes at a time; with ``offset`` and ``size`` only
+        those bytes (fewer when the file ends first)."""
         with self._io(f"open {path}"):
             fh = lfs.file_open(self._fs, path, "r")
         try:
-            while True:
+            if offset:
+                with self._io(f"seek {path}"):
+                    lfs.file_seek(self._fs, fh, offset, 0)  # SEEK_SET
+            left = size
+            while left is None or left > 0:
+                step = chunk if left is None else min(chunk, left)
                 with self._io(f"read {path}"):
-                    data = lfs.file_read(self._fs, fh, chunk)
+                    data = lfs.file_read(self._fs, fh, step)
                 if not data:
                     return
+                if left is not None:
+                    left -= len(data)
                 yield data
         finally:
             with self._io(f"close {path}"):
                 lfs.file_close(self._fs, fh)
+
+    @contextmanager
+    def stream(self, path: str) -> Iterator[BinaryIO]:
+        """The file as a forward-only binary stream (for :class:`PackageReader`)."""
+        raw = _LittleFsReader(self, path)
+        try:
+            yield io.BufferedReader(raw, buffer_size=4096)
+        finally:
+            raw.close()
 
     def read(self, path: str) -> bytes:
         return b"".join(self.chunks(path))
@@ -304,6 +333,35 @@ class LittleFsStore:
             lfs.unmount(self._fs)
 
 
+class _LittleFsReader(io.RawIOBase):
+    """A littlefs file open for reading, as a raw stream."""
+
+    def __init__(self, store: LittleFsStore, path: str) -> None:
+        super().__init__()
+        self._store = store
+        self._path = path
+        with store._io(f"open {path}"):
+            self._fh: lfs.LFSFile | None = lfs.file_open(store._fs, path, "r")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._fh is None:
+            raise FileOperationError(f"{self._path} is closed", value=self._path)
+        with self._store._io(f"read {self._path}"):
+            data = lfs.file_read(self._store._fs, self._fh, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            with self._store._io(f"close {self._path}"):
+                lfs.file_close(self._store._fs, fh)
+        super().close()
+
+
 # --- programming the external MCU --------------------------------------------------------------
 
 
@@ -312,10 +370,48 @@ class ExternalProgrammer(Protocol):
 
     Raises an :class:`~otakit.errors.OtakitError` when the MCU was not programmed: the gateway
     reports it as "MCU Download fail". :class:`CommandProgrammer` runs a flasher; the simulator's
-    :class:`otakit.sim.programmer.SimMcuProgrammer` programs a simulated MCU.
+    :class:`otakit.sim.programmer.SimMcuProgrammer` programs a simulated MCU. A programmer that
+    can also install multi-image packages implements :class:`PackageProgrammer` as well.
     """
 
     def program(self, data: bytes, version: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class PackageImage:
+    """One component of a verified package, as the gateway hands it to the programmer.
+
+    ``image`` is the MCUboot image index (0 for ``NSPE``, the application; 1 for ``SPE``, the
+    secure image); ``name`` the member's file name (a plain name, checked by the package
+    reader), ``size`` its bytes. :meth:`chunks` streams the bytes from the gateway's littlefs
+    file (each call reads them again); :meth:`read` returns them whole.
+    """
+
+    image: int
+    file_type: str
+    name: str
+    size: int
+    source: Callable[[], Iterator[bytes]] = field(repr=False, compare=False)
+
+    def chunks(self) -> Iterator[bytes]:
+        return self.source()
+
+    def read(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+@runtime_checkable
+class PackageProgrammer(ExternalProgrammer, Protocol):
+    """A programmer that also installs multi-image packages (protocols.md §6).
+
+    :meth:`program_package` gets every component of one package (in archive order) and the
+    package's version, and installs them as one update: all of them or, when it raises an
+    :class:`~otakit.errors.OtakitError`, as far as it can tell none. A programmer without it
+    makes the gateway refuse packages ("MCU Download fail"); single images always go to
+    :meth:`program`.
+    """
+
+    def program_package(self, images: Sequence[PackageImage], version: str) -> None: ...
 
 
 class ReadableProgrammer(ExternalProgrammer, Protocol):
@@ -332,6 +428,18 @@ class CommandProgrammer:
     ``command`` is an argument list, run without a shell, in which ``{file}`` becomes the path
     of a temporary file holding the image and ``{version}`` its version, e.g.
     ``["pyocd", "flash", "-t", "nrf52840", "{file}"]``. Exit status 0 means programmed.
+
+    The command runs once for a single image (the file is ``firmware.bin``) and once per
+    component for a package (the file has the component's name), in archive order, stopping
+    at the first failure. Each run gets in its environment:
+
+    - ``OTAKIT_VERSION``: the version being installed (the package's for a component);
+    - ``OTAKIT_IMAGE``: the MCUboot image index, 0 for a single image and for ``NSPE``, 1 for
+      ``SPE``;
+    - ``OTAKIT_FILE_TYPE``: ``NSPE`` or ``SPE`` (empty for a single image);
+    - ``OTAKIT_FILE_NAME``: the component's name in the package (empty for a single image);
+    - ``OTAKIT_PART`` and ``OTAKIT_PARTS``: this run's number from 1, and the number of runs
+      (1 and 1 for a single image).
     """
 
     def __init__(self, command: Sequence[str], *, timeout: float = 600) -> None:
@@ -341,24 +449,66 @@ class CommandProgrammer:
         self.timeout = timeout
 
     def program(self, data: bytes, version: str) -> None:
+        self._run(
+            "firmware.bin",
+            iter((data,)),
+            version,
+            {"OTAKIT_IMAGE": "0", "OTAKIT_FILE_TYPE": "", "OTAKIT_FILE_NAME": ""},
+            what="",
+        )
+
+    def program_package(self, images: Sequence[PackageImage], version: str) -> None:
+        for number, part in enumerate(images, 1):
+            env = {
+                "OTAKIT_IMAGE": str(part.image),
+                "OTAKIT_FILE_TYPE": part.file_type,
+                "OTAKIT_FILE_NAME": part.name,
+                "OTAKIT_PART": str(number),
+                "OTAKIT_PARTS": str(len(images)),
+            }
+            what = (
+                f"component {number} of {len(images)}, {part.name} "
+                f"({part.file_type}, image {part.image}): "
+            )
+            name = part.name if _PLAIN_NAME_RE.fullmatch(part.name) else "component.bin"
+            self._run(name, part.chunks(), version, env, what=what)
+
+    def _run(
+        self,
+        name: str,
+        chunks: Iterator[bytes],
+        version: str,
+        extra: dict[str, str],
+        *,
+        what: str,
+    ) -> None:
+        env = {**os.environ, "OTAKIT_VERSION": version, "OTAKIT_PART": "1", "OTAKIT_PARTS": "1"}
+        env.update(extra)
         with tempfile.TemporaryDirectory(prefix="otakit-mcu-") as tmp:
-            path = Path(tmp, "firmware.bin")
-            path.write_bytes(data)
+            path = Path(tmp, name)
+            with path.open("wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
             args = [
                 arg.replace("{file}", str(path)).replace("{version}", version)
                 for arg in self.command
             ]
             try:
-                done = subprocess.run(args, capture_output=True, text=True, timeout=self.timeout)
+                done = subprocess.run(
+                    args, capture_output=True, text=True, timeout=self.timeout, env=env
+                )
             except (OSError, subprocess.TimeoutExpired) as exc:
-                raise McuProgramError(f"programmer {args[0]!r} did not run: {exc}") from None
+                raise McuProgramError(f"{what}programmer {args[0]!r} did not run: {exc}") from None
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise McuProgramError(
-                f"programmer {args[0]!r} exited with status {done.returncode}"
+                f"{what}programmer {args[0]!r} exited with status {done.returncode}"
                 + (f": {lines[-1][:200]}" if lines else ""),
                 value=done.returncode,
             )
+
+
+_PLAIN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 # --- the storage target ------------------------------------------------------------------------
@@ -441,6 +591,7 @@ class GatewayStorage:
         self._download: Download | None = None
         self._append: AppendFile | None = None
         self._verified = False
+        self._package: PackageManifest | None = None
         record = self._load()
         if record is not None and self._newer(record.download.version):
             self._status = GatewayStatus(FwStatus.INTERRUPTED)
@@ -502,7 +653,7 @@ class GatewayStorage:
                     "the gateway's file system",
                     value=download.size,
                 )
-            self._download, self._verified = download, False
+            self._download, self._verified, self._package = download, False, None
             self._status = GatewayStatus(FwStatus.DOWNLOADING)
             if record is not None and record.same(download):
                 if record.stage == COMPLETED and stored == download.size:
@@ -555,21 +706,33 @@ class GatewayStorage:
             self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
+    @property
+    def package(self) -> PackageManifest | None:
+        """The checked manifest when :meth:`verify` found a multi-image package, else None."""
+        return self._package
+
     def verify(self) -> str:
         """Check the stored file's SHA-256; return the version.
 
         On a mismatch the file and the progress record are deleted and
-        :class:`~otakit.errors.HashMismatchError` is raised; on success the record becomes
-        ``{"Completed": version}``.
+        :class:`~otakit.errors.HashMismatchError` is raised. A file that is a TAR package is
+        then read through and checked (:func:`~otakit.image.package.read_manifest`); a bad
+        package, or a programmer that cannot install packages, is deleted too, the status
+        becomes error / "MCU Download fail" and the
+        :class:`~otakit.errors.PackageError` (or :class:`~otakit.errors.McuProgramError`) is
+        raised. On success the record becomes ``{"Completed": version}``.
         """
         download = self._opened()
         assert download.sha256 is not None  # checked by open()
+        self._package = None
         try:
             self._close_append()
-            digest, size = hashlib.sha256(), 0
+            digest, size, head = hashlib.sha256(), 0, b""
             for chunk in self.store.chunks(self.file):
                 digest.update(chunk)
                 size += len(chunk)
+                if len(head) < BLOCK_SIZE:
+                    head += chunk[: BLOCK_SIZE - len(head)]
             actual = digest.hexdigest().upper()
             if size != download.size or actual != download.sha256.upper():
                 self._delete()
@@ -580,12 +743,44 @@ class GatewayStorage:
                     f"{actual}, not {download.sha256.upper()}; deleted",
                     value=actual,
                 )
+            if is_package(head):
+                self._package = self._check_package(download)
             self.store.write_file(self.progress_file, _Progress(COMPLETED, download).to_json())
         except FileOperationError:
             self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
         self._verified = True
         return download.version
+
+    def _check_package(self, download: Download) -> PackageManifest:
+        """Read the stored package through; a bad one is deleted and raised (see verify)."""
+        try:
+            if not isinstance(self.programmer, PackageProgrammer):
+                raise McuProgramError(
+                    f"the download is a multi-image package and the programmer "
+                    f"({type(self.programmer).__name__}) cannot install packages",
+                    value=download.version,
+                )
+            with self.store.stream(self.file) as stream:
+                manifest = read_manifest(stream, max_files=MAX_FILES)
+        except FileOperationError:
+            raise
+        except OtakitError as exc:
+            self._delete()
+            self._download = None
+            self._fail(FwStatus.ERROR, FwError.MCU_DOWNLOAD_FAIL)
+            exc.message = f"the package was refused and deleted: {exc.message}"
+            exc.args = (exc.message,)
+            raise
+        log.info(
+            "the download is a package %s: %s",
+            manifest.version,
+            ", ".join(
+                f"{c.name} ({c.file_type}, image {c.image_index}, {c.size} bytes)"
+                for c in manifest.components
+            ),
+        )
+        return manifest
 
     def set_pending(self, *, permanent: bool) -> None:
         """Program the MCU with the verified file (verified first if it was not), then delete it
@@ -598,21 +793,24 @@ class GatewayStorage:
         if not self._verified:
             self.verify()
         self._status = GatewayStatus(FwStatus.APPLYING)
-        try:
-            data = self.store.read(self.file)
-        except FileOperationError:
-            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
-            raise
-        log.info("programming the MCU with %s (%d bytes)", download.version, len(data))
-        try:
-            self.programmer.program(data, download.version)
-        except OtakitError:
-            self._fail(FwStatus.ERROR, FwError.MCU_DOWNLOAD_FAIL)
-            raise
+        if self._package is not None:
+            self._program_package(self._package, download.version)
+        else:
+            try:
+                data = self.store.read(self.file)
+            except FileOperationError:
+                self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
+                raise
+            log.info("programming the MCU with %s (%d bytes)", download.version, len(data))
+            try:
+                self.programmer.program(data, download.version)
+            except OtakitError:
+                self._fail(FwStatus.ERROR, FwError.MCU_DOWNLOAD_FAIL)
+                raise
         self.current = FirmwareVersion.parse(download.version)
         self.current_version = download.version
         self._status = GatewayStatus(FwStatus.APPLIED, version=download.version)
-        self._download, self._verified = None, False
+        self._download, self._verified, self._package = None, False, None
         try:
             self.store.write_file(
                 self.INSTALLED, json.dumps({"Version": download.version}).encode()
@@ -623,9 +821,35 @@ class GatewayStorage:
             self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
             raise
 
+    def _program_package(self, manifest: PackageManifest, version: str) -> None:
+        """Hand every component, streamed from the file, to the programmer."""
+        assert isinstance(self.programmer, PackageProgrammer)  # checked by verify()
+        images = tuple(
+            PackageImage(
+                image=c.image_index,
+                file_type=c.file_type,
+                name=c.name,
+                size=c.size,
+                source=self._member(c.offset or 0, c.size),
+            )
+            for c in manifest.components
+        )
+        log.info("programming the MCU with package %s (%d images)", version, len(images))
+        try:
+            self.programmer.program_package(images, version)
+        except FileOperationError:
+            self._fail(FwStatus.ERROR, FwError.FILE_OPERATION_FAIL)
+            raise
+        except OtakitError:
+            self._fail(FwStatus.ERROR, FwError.MCU_DOWNLOAD_FAIL)
+            raise
+
+    def _member(self, offset: int, size: int) -> Callable[[], Iterator[bytes]]:
+        return lambda: self.store.chunks(self.file, offset=offset, size=size)
+
     def abort(self) -> None:
         """Remove the file and the progress record."""
-        self._download, self._verified = None, False
+        self._download, self._verified, self._package = None, False, None
         if self._status.status is FwStatus.DOWNLOADING:
             self._status = GatewayStatus(FwStatus.INTERRUPTED)
         try:

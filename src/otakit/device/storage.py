@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from otakit.device.bootloader import Bootloader
@@ -579,14 +579,7 @@ class UpdateStorage:
         if self._mode != "package":
             self.single.set_pending(permanent=permanent)
             return
-        images = set(self._verified)
-        depending = {
-            image
-            for image, candidate in self._verified.items()
-            if any(d.image_id in images and d.image_id != image for d in _dependencies(candidate))
-        }
-        order = sorted(images, key=lambda image: (image not in depending, image))
-        for image in order:
+        for image in pending_order(self._verified):
             log.info("image %d pending (%s)", image, "permanent" if permanent else "test")
             self.boot.set_pending(image, permanent=permanent)
         self.boot.flash.flush()
@@ -625,6 +618,17 @@ class UpdateStorage:
         except OtakitError:
             return set(self.boot.map.images)
         return set(stream.images()) or {0}
+
+
+def pending_order(verified: Mapping[int, VerifiedImage]) -> list[int]:
+    """The order to mark a package's images pending in: images whose DEPENDENCY TLVs name
+    another image of the package first (see :meth:`UpdateStorage.set_pending`)."""
+    depending = {
+        image
+        for image, candidate in verified.items()
+        if any(d.image_id in verified and d.image_id != image for d in _dependencies(candidate))
+    }
+    return sorted(verified, key=lambda image: (image not in depending, image))
 
 
 def _dependencies(candidate: VerifiedImage) -> list[Dependency]:
