@@ -18,7 +18,7 @@ from typing import Any
 from otakit.files import write_atomic
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Download:
     """What is downloaded: enough to tell the same image from another one."""
 
@@ -39,7 +39,7 @@ class Download:
         return self.version == other.version
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JournalRecord:
     download: Download
     durable: int  # bytes at the start of the image that are safely stored
@@ -49,6 +49,8 @@ class JournalRecord:
 
 
 class Journal:
+    __slots__ = ("path",)
+
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
 

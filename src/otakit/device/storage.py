@@ -95,6 +95,19 @@ class SlotStorage:
     bootloader is configured with ``ignore_security_counter``).
     """
 
+    # slots: a fleet simulator holds one per device while thousands of them download
+    __slots__ = (
+        "_download",
+        "_tail",
+        "_tail_received",
+        "allow_downgrade",
+        "boot",
+        "current",
+        "image",
+        "journal",
+        "keys",
+    )
+
     def __init__(
         self,
         bootloader: Bootloader,
@@ -283,6 +296,23 @@ class UpdateStorage:
     after-boot check of a driver (every image must run its new version before confirming).
     """
 
+    # slots: a fleet simulator holds one per device while thousands of them download
+    __slots__ = (
+        "_download",
+        "_head",
+        "_mode",
+        "_slot_open",
+        "_stream",
+        "_verified",
+        "allow_downgrade",
+        "boot",
+        "current",
+        "installed",
+        "journal",
+        "keys",
+        "single",
+    )
+
     def __init__(
         self,
         bootloader: Bootloader,
@@ -292,11 +322,6 @@ class UpdateStorage:
         current_version: str,
         allow_downgrade: bool = False,
     ) -> None:
-        self.boot = bootloader
-        self.journal = journal
-        self.keys = tuple(keys)
-        self.current = FirmwareVersion.parse(current_version)
-        self.allow_downgrade = allow_downgrade
         self.single = SlotStorage(
             bootloader,
             journal,
@@ -304,6 +329,11 @@ class UpdateStorage:
             current_version=current_version,
             allow_downgrade=allow_downgrade,
         )
+        self.boot = bootloader
+        self.journal = journal
+        self.keys = self.single.keys  # the same tuple(keys): immutable, kept once
+        self.current = self.single.current  # the same parsed version (frozen)
+        self.allow_downgrade = allow_downgrade
         self.installed: tuple[tuple[int, FirmwareVersion], ...] = ()
         self._download: Download | None = None
         self._mode = "none"  # none, undecided, image, package

@@ -80,7 +80,7 @@ import httpx
 from otakit.device.bootloader import Bootloader, BootloaderConfig, ImageBoot, Strategy
 from otakit.device.core.after_boot import REVERT_ERROR, BootVerdict, after_boot
 from otakit.device.core.assembly import ChunkAssembly
-from otakit.device.core.download import RangedDownload
+from otakit.device.core.download import RangedDownload, RangeRequest
 from otakit.device.core.job import check_offer
 from otakit.device.core.retry import Backoff, RetryPolicy
 from otakit.device.flash import Flash, FlashStats, PowerCut, SectorWear
@@ -215,6 +215,8 @@ class MemoryJournal(Journal):
     It stands for the journal a real device keeps in its own non-volatile storage: it
     survives the fleet's simulated power cuts, which only touch the flash model.
     """
+
+    __slots__ = ("_record",)
 
     def __init__(self) -> None:  # no file: nothing of Journal's own state is used
         self._record: JournalRecord | None = None
@@ -476,7 +478,7 @@ def fault_profiles(config: FleetConfig) -> list[FaultProfile]:
 # --- jobs ---------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FleetJob:
     """What a check-in answered: the image to fetch (docs/server.md, Device API)."""
 
@@ -540,13 +542,21 @@ class _Channel(Protocol):
     ranged GETs (:class:`_HttpChannel`), or ``otakit publisher`` over MQTT (:class:`_MqttChannel`)."""
 
     key: str  # tells this job's image from another
-    artifact: str  # what the retry policy counts failures of
     version: str
     board: str | None
     size: int | None  # when the job says it
     sha256: str | None  # when the job says it (checked on the whole file)
     chunk_size: int
-    details: dict[str, Any]  # for the "job" event
+
+    @property
+    def artifact(self) -> str:
+        """What the retry policy counts failures of."""
+        ...
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """For the "job" event."""
+        ...
 
     def resumes(self, download: Download) -> bool:
         """Whether a partial download in the journal is this job's image."""
@@ -564,16 +574,36 @@ class _Channel(Protocol):
 
 
 class _HttpChannel:
+    # every device holds one while it updates: no instance dict, and what is only needed
+    # on a failure or for an event (artifact, details) made when asked for
+    __slots__ = (
+        "board",
+        "chunk_size",
+        "device",
+        "fleet",
+        "job",
+        "key",
+        "sha256",
+        "size",
+        "version",
+    )
+
     def __init__(self, fleet: Fleet, device: FleetDevice, job: FleetJob) -> None:
         self.fleet, self.device, self.job = fleet, device, job
         self.key = job.sha256
-        self.artifact = job.artifact
         self.version = job.version
         self.board = job.board
         self.size: int | None = job.size
         self.sha256: str | None = job.sha256
         self.chunk_size = fleet.config.chunk_size
-        self.details: dict[str, Any] = {"deployment": job.deployment_id}
+
+    @property
+    def artifact(self) -> str:
+        return self.job.artifact
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return {"deployment": self.job.deployment_id}
 
     def resumes(self, download: Download) -> bool:
         return self.job.resumes(download)
@@ -681,9 +711,10 @@ class _MqttChannel:
         self.version = str(job_version(doc.version))
         self.key = f"mqtt:{doc.file}@{self.version}"
         self.artifact = self.key
-        board = doc.board or None
-        # the board as the topics spell it (APP_X) is this device's board
-        self.board = fleet.config.board if board == link.topics.wire_board else board
+        # the board as the topics spell it (APP_X) is this device's board; an empty Board
+        # matches no board (protocols.md §1), as the agent's check_job has it
+        board = doc.board
+        self.board: str | None = fleet.config.board if board == link.topics.wire_board else board
         self.size: int | None = None
         self.sha256: str | None = None
         self.chunk_size = wire.CHUNK_SIZE
@@ -1230,6 +1261,7 @@ class Fleet:
             return
         self._after_check_in(device, answer)
         job = (answer or {}).get("job")
+        del answer  # the check-in's JSON (~2 KiB) is not held while the device updates
         if job is None:
             return
         try:
@@ -1237,6 +1269,7 @@ class Fleet:
         except OtakitError as exc:
             self._error(device, exc, "checkin")
             return
+        del job
         await self._update(device, _HttpChannel(self, device, parsed))
 
     def _after_check_in(self, device: FleetDevice, answer: dict[str, Any] | None) -> None:
@@ -1306,12 +1339,13 @@ class Fleet:
             self._attempt_failed(device, channel.artifact)
             return
         storage.set_pending(permanent=False)
+        # every image the update installed must run its new version (a package: several)
+        expected: dict[int, FirmwareVersion] = dict(storage.installed) or {0: version}
+        del storage  # done with: not held while the device waits to report
         self._event(device, "pending", version=str(version))
         await channel.report(FwStatus.APPLYING, version=version)
         previous = device.version
         healthy = not device.profile.broken  # a broken image crashes before it confirms
-        # every image the update installed must run its new version (a package: several)
-        expected: dict[int, FirmwareVersion] = dict(storage.installed) or {0: version}
         booted = after_boot(
             self._reboot(device, boot), expected=expected, previous=previous, healthy=healthy
         )
@@ -1476,41 +1510,50 @@ class Fleet:
             device.resumes += 1
             self._event(device, "resume", offset=download.resumed_from)
         client = self._client(device)
-        profile = device.profile
+        bandwidth = device.profile.bandwidth
         try:
             while (request := download.next_request()) is not None:
                 started = time.monotonic()
-                received = 0
                 self.requests["range"] += 1
                 try:
-                    async with (
-                        self._net,
-                        client.stream("GET", job.url, headers=request.headers()) as response,
-                    ):
-                        want = download.response(response.status_code, response.headers)
-                        if want:
-                            data = await _read_at_most(response, want)
-                            received = len(data)
-                            device.bytes += received
-                            if profile.drop_rate and device.rng.random() < profile.drop_rate:
-                                device.drops += 1
-                                self._event(device, "drop", offset=request.first)
-                                download.failed("the link dropped (injected fault)")
-                                continue
-                            if download.body(data):
-                                self._progressed()
-                            # hold no image bytes while waiting for the next range: with
-                            # thousands of devices queued, that alone would cost a chunk each
-                            del data
+                    received = await self._range(device, client, job.url, request, download)
                 except httpx.HTTPError as exc:
                     download.failed(f"{request}: {type(exc).__name__}: {exc}")
                     continue
-                if profile.bandwidth and received:
-                    delay = received / profile.bandwidth - (time.monotonic() - started)
+                if bandwidth and received:
+                    delay = received / bandwidth - (time.monotonic() - started)
                     if delay > 0:
                         await asyncio.sleep(delay)
         finally:
             device.retried += download.recovered
+
+    async def _range(
+        self,
+        device: FleetDevice,
+        client: httpx.AsyncClient,
+        url: str,
+        request: RangeRequest,
+        download: RangedDownload,
+    ) -> int:
+        """One ranged GET of ``download``: the answer to :meth:`RangedDownload.response`, its
+        body (unless a *drop* throws it away) to :meth:`RangedDownload.body`; returns the bytes
+        the slow link takes time for (0 for a dropped answer). A coroutine of its own so that
+        nothing of the answer (response, request, headers, streams: about 3 KiB, and the body)
+        outlives it: thousands of devices wait for their next range holding none of it."""
+        async with self._net, client.stream("GET", url, headers=request.headers()) as response:
+            want = download.response(response.status_code, response.headers)
+            if not want:
+                return 0
+            data = await _read_at_most(response, want)
+        device.bytes += len(data)
+        if device.profile.drop_rate and device.rng.random() < device.profile.drop_rate:
+            device.drops += 1
+            self._event(device, "drop", offset=request.first)
+            download.failed("the link dropped (injected fault)")
+            return 0
+        if download.body(data):
+            self._progressed()
+        return len(data)
 
     # --- MQTT ----------------------------------------------------------------------------------
 
