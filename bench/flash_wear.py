@@ -100,10 +100,12 @@ def _strategy_of(fm: FlashMap) -> str:
     return str(fm.strategy)
 
 
-def layouts() -> list[tuple[str, FlashMap]]:
-    """(name, map): the small layout of each strategy, then the single-image presets."""
+def layouts(*, smoke: bool = False) -> list[tuple[str, FlashMap]]:
+    """(name, map): the small layout of each strategy, then (unless ``smoke``) the single-image
+    presets."""
     out = [(f"small-{s}", FlashMap.from_dict(small_layout_dict(s))) for s in STRATEGIES]
-    out += [(name, fm) for name, fm in PRESETS.items() if len(fm.images) == 1]
+    if not smoke:
+        out += [(name, fm) for name, fm in PRESETS.items() if len(fm.images) == 1]
     return out
 
 
@@ -342,11 +344,14 @@ def main() -> int:
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="folder for flash_wear.json (bench/results)"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="the small layouts only (a check that it runs)"
+    )
     args = parser.parse_args()
     mcuboot, source = _mcuboot()
     print(f"MCUboot counts: {source}", file=sys.stderr)
     rows: list[Wear] = []
-    for name, fm in layouts():
+    for name, fm in layouts(smoke=args.smoke):
         strategy = _strategy_of(fm)
         scenarios = ["upgrade"] if strategy == "overwrite" else ["upgrade", "revert"]
         measured = [_measure(name, fm, s, mcuboot) for s in scenarios]

@@ -1,9 +1,8 @@
 """Every benchmark script runs to its end: the smallest run of each, so none breaks unseen.
 
 Not a benchmark: nothing here looks at a number. Each script runs as a subprocess with this
-Python, on its smallest settings (``--smoke``; ``flash_wear.py`` and ``summary.py`` as they are,
-they take seconds), and writes into a temporary folder given with ``--results``,
-never into ``bench/results/`` (recorded runs, committed). A test asserts that the script exits 0
+Python, on its smallest settings (``--smoke``; ``summary.py`` as it is, it takes seconds), and
+writes into a temporary folder given with ``--results``, never into ``bench/results/`` (recorded runs, committed). A test asserts that the script exits 0
 and writes its JSON, and that the reference it measures against ran (curl, nginx, the
 stop-and-wait sender): a reference left out for a missing tool would hide exactly the code that
 broke before (nginx in ``fleet_bench.py``). The last test runs ``summary.py`` on those files.
@@ -29,7 +28,7 @@ from .server_harness import IN_CI, postgres_database
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SMOKE = {  # script: its arguments besides --results, and the JSON files it writes
-    "flash_wear.py": ([], ["flash_wear.json"]),
+    "flash_wear.py": (["--smoke"], ["flash_wear.json"]),
     "agent_bench.py": (["--smoke"], ["agent.json"]),
     "mqtt_bench.py": (["--smoke"], ["mqtt-quick.json"]),
     "server_bench.py": (["--smoke"], ["server-quick.json"]),
