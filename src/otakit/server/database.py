@@ -229,21 +229,7 @@ class RawReader:
                 self._sqlite.execute("PRAGMA busy_timeout=1000")
             row: tuple[Any, ...] | None = self._sqlite.execute(query, args).fetchone()
             return row
-        numbered = self._numbered.get(query)
-        if numbered is None:
-            parts = query.split("?")
-            numbered = parts[0] + "".join(f"${i}{p}" for i, p in enumerate(parts[1:], 1))
-            self._numbered[query] = numbered
-        async with self._lock:
-            if self._connection is None or self._connection.is_closed():
-                dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
-                self._connection = await asyncpg.connect(dsn, timeout=10)
-            try:
-                found = await self._connection.fetchrow(numbered, *args)
-            except BaseException:
-                broken, self._connection = self._connection, None
-                broken.terminate()
-                raise
+        found = await self._postgres(query, args, fetch=True)
         return tuple(found) if found is not None else None
 
     def timestamp(self, value: datetime) -> Any:
@@ -265,6 +251,14 @@ class RawReader:
                 writer.execute("PRAGMA foreign_keys=ON")
                 self._sqlite_writer = writer
             return self._sqlite_writer.execute(query, args).rowcount
+        status = await self._postgres(query, args, fetch=False)
+        count = str(status).rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else 0
+
+    async def _postgres(self, query: str, args: tuple[Any, ...], *, fetch: bool) -> Any:
+        """``query`` (``?`` placeholders, numbered once per text) on the one asyncpg connection,
+        opened when there is none and dropped after a failure: its row (``fetch``), else its
+        status line."""
         numbered = self._numbered.get(query)
         if numbered is None:
             parts = query.split("?")
@@ -275,13 +269,13 @@ class RawReader:
                 dsn = self._url.set(drivername="postgresql").render_as_string(hide_password=False)
                 self._connection = await asyncpg.connect(dsn, timeout=10)
             try:
-                status = await self._connection.execute(numbered, *args)
+                if fetch:
+                    return await self._connection.fetchrow(numbered, *args)
+                return await self._connection.execute(numbered, *args)
             except BaseException:
                 broken, self._connection = self._connection, None
                 broken.terminate()
                 raise
-        count = str(status).rsplit(" ", 1)[-1]
-        return int(count) if count.isdigit() else 0
 
     async def close(self) -> None:
         if self._sqlite is not None:

@@ -4,9 +4,10 @@ Most check-ins of a fleet are a device that runs what it should asking again: th
 and nothing is written. :class:`IdleCheckins` answers exactly that case of ``POST
 /api/v1/device/checkin`` itself, with one SQL statement on a connection of its own
 (database.RawReader: the device token, the device and the offers revision together) and the
-process's cached offers (offers.cached); the decision is service/checkin.quiet's. A device
-whose visit is due (``last_seen`` older than checkin.LAST_SEEN_RESOLUTION, the usual poll of
-a real fleet) and that needs nothing else (checkin.quiet_but_seen) costs one more statement:
+process's cached offers (offers.cached); the decision is
+service/checkin.nothing_but_the_visit's. A device that needs nothing else but whose visit is
+due (checkin.seen_due: ``last_seen`` older than checkin.LAST_SEEN_RESOLUTION, the usual poll
+of a real fleet) costs one more statement:
 the conditional UPDATE of ``last_seen`` (:data:`SEEN`, RawReader.write), committed; if it
 fails (SQLite locked by another writer, anything) the route answers instead. Everything
 else -- no or another kind of token, a revoked or expired one, a body that does not validate,
@@ -43,7 +44,7 @@ QUERY = (
     "d.status, (SELECT r.value FROM revisions r WHERE r.name = 'offers') "
     "FROM tokens t LEFT JOIN devices d ON d.serial = ? WHERE t.id = ?"
 )
-# the visit, when it is due (checkin.quiet_but_seen; checkin.seen_due's rule, in SQL)
+# the visit, when it is due (checkin.seen_due's rule, in SQL)
 SEEN = "UPDATE devices SET last_seen = ? WHERE serial = ? AND (last_seen IS NULL OR last_seen < ?)"
 _JSON = re.compile(r"application/json\s*(;.*)?", re.IGNORECASE)
 
@@ -152,10 +153,10 @@ class IdleCheckins:
             "manufacturer_id": told.manufacturer_id,
             "boots": told.boots,
         }
-        if checkin.quiet(stored, known, now, **said):
-            return True
-        if not checkin.quiet_but_seen(stored, known, now, **said):
+        if not checkin.nothing_but_the_visit(stored, known, now, **said):
             return False
+        if not checkin.seen_due(stored.last_seen, now):
+            return True
         try:  # the visit, written as check_in would (checkin.seen); the route on any failure
             await reader.write(
                 SEEN, reader.timestamp(now), serial, reader.timestamp(checkin.seen_cutoff(now))

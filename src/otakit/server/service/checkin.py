@@ -125,79 +125,28 @@ async def check_in(
     return CheckedIn(found, abort, changed)
 
 
-def quiet(
-    device: Device,
-    known: offers.Catalogue,
-    now: datetime,
-    *,
-    version: str | None = None,
-    board: str | None = None,
-    manufacturer: str | None = None,
-    manufacturer_id: str | None = None,
-    boots: int | None = None,
-) -> bool:
-    """Whether :func:`check_in` of ``device`` (as stored) with what it says would change
-    nothing and answer nothing: what it says is what is stored, its visit needs no write, the
-    check-in shows no end of an update (reports.note_checkin), no abort notice can be due and
-    no active offer of ``known`` targets it. False means "ask check_in" (the idle fast path,
-    api/idle.py, decides only the True case itself)."""
-    return not seen_due(device.last_seen, now) and _nothing_but_the_visit(
-        device,
-        known,
-        now,
-        version=version,
-        board=board,
-        manufacturer=manufacturer,
-        manufacturer_id=manufacturer_id,
-        boots=boots,
-    )
-
-
-def quiet_but_seen(
-    device: Device,
-    known: offers.Catalogue,
-    now: datetime,
-    *,
-    version: str | None = None,
-    board: str | None = None,
-    manufacturer: str | None = None,
-    manufacturer_id: str | None = None,
-    boots: int | None = None,
-) -> bool:
-    """Whether :func:`check_in` would answer nothing and change only ``last_seen`` (to
-    ``now``, :func:`seen`): everything :func:`quiet` requires except that the visit is due.
-    The idle fast path writes that one column itself (``UPDATE devices SET last_seen = now
-    WHERE serial = ... AND (last_seen IS NULL OR last_seen < now - LAST_SEEN_RESOLUTION)``:
-    :func:`seen_due`'s rule, so a concurrent writer's visit is not written twice)."""
-    return seen_due(device.last_seen, now) and _nothing_but_the_visit(
-        device,
-        known,
-        now,
-        version=version,
-        board=board,
-        manufacturer=manufacturer,
-        manufacturer_id=manufacturer_id,
-        boots=boots,
-    )
-
-
 def seen_cutoff(now: datetime) -> datetime:
     """A visit at ``now`` is due when ``last_seen`` is before this (:func:`seen_due`)."""
     return now - LAST_SEEN_RESOLUTION
 
 
-def _nothing_but_the_visit(
+def nothing_but_the_visit(
     device: Device,
     known: offers.Catalogue,
     now: datetime,
     *,
-    version: str | None,
-    board: str | None,
-    manufacturer: str | None,
-    manufacturer_id: str | None,
-    boots: int | None,
+    version: str | None = None,
+    board: str | None = None,
+    manufacturer: str | None = None,
+    manufacturer_id: str | None = None,
+    boots: int | None = None,
 ) -> bool:
-    """:func:`check_in` would write nothing but ``last_seen`` and answer nothing."""
+    """Whether :func:`check_in` of ``device`` (as stored) with what it says would write
+    nothing but ``last_seen`` (when :func:`seen_due`) and answer nothing: what it says is what
+    is stored, the check-in shows no end of an update (reports.note_checkin), no abort notice
+    can be due and no active offer of ``known`` targets it. False means "ask check_in" (the
+    idle fast path, api/idle.py, decides only the True case itself, and writes the due visit
+    with :func:`seen_due`'s rule in SQL, so a concurrent writer's visit is not written twice)."""
     told = {"board": board, "manufacturer": manufacturer, "manufacturer_id": manufacturer_id}
     for name, value in told.items():
         if value is not None and (
