@@ -553,6 +553,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.stop()
 
 
+def _two_image_device(tmp_path: Path, serial: str, *, board: str, product: str) -> SimDevice:
+    """A booted simulated device of the ``two-image`` layout running APP1 and SEC1."""
+    sim = SimDevice.create(
+        tmp_path / serial,
+        APP1,
+        [KEY.public_key],
+        layout="two-image",
+        identity=Identity(board=board, product=product, serial=serial),
+        images={1: SEC1},
+    )
+    sim.boot()
+    return sim
+
+
 def _deploy(server: Server, tmp_path: Path, product: str) -> None:
     """``otakit deploy update.tar`` to the product's group "g"."""
     path = tmp_path / "update.tar"
@@ -574,15 +588,7 @@ def test_a_deployed_package_is_installed_over_http_through_power_cuts(
     enroll = server.token("enroll", "--product", product, "--group", "g")
     _deploy(server, tmp_path, product)
     serial = f"S-{uuid.uuid4().hex[:8]}"
-    sim = SimDevice.create(
-        tmp_path / serial,
-        APP1,
-        [KEY.public_key],
-        layout="two-image",
-        identity=Identity(board=BOARD, product=product, serial=serial),
-        images={1: SEC1},
-    )
-    sim.boot()
+    sim = _two_image_device(tmp_path, serial, board=BOARD, product=product)
     token: str | None = enroll
     resumable: list[int | bool] = []
     for cut in (30, 99, 10):  # in the erase of image 0's 96 sectors, in the writes, resumed
@@ -616,15 +622,7 @@ def test_a_deployed_package_is_installed_over_mqtt(
     assert admin.put(f"/api/v1/products/{product}", json={"board": KIT}).status_code == 200
     _deploy(server, tmp_path, product)
     serial = f"S-{uuid.uuid4().hex[:8]}"
-    sim = SimDevice.create(
-        tmp_path / serial,
-        APP1,
-        [KEY.public_key],
-        layout="two-image",
-        identity=Identity(board=KIT, product=product, serial=serial),
-        images={1: SEC1},
-    )
-    sim.boot()
+    sim = _two_image_device(tmp_path, serial, board=KIT, product=product)
     registered = {"product": product, "group": "g", "board": KIT, "version": "1.0.0"}
     assert admin.put(f"/api/v1/devices/{serial}", json=registered).status_code == 200
     company = fresh_company()
