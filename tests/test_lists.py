@@ -309,7 +309,7 @@ def test_sqlite_lists_and_counts_use_indexes(tmp_path: Path) -> None:
 
 
 def test_cli_pages_through_rollouts(tmp_path: Path) -> None:
-    from otakit.host.deploy import ManagementClient
+    from otakit.host.client import ManagementClient
 
     from .server_harness import BIN
     from .test_server import KEY, image

@@ -24,7 +24,13 @@ from otakit.device.cli import agent_app
 from otakit.device.flashmap import FlashMap, Strategy, load_layout
 from otakit.errors import HexFileError, OtakitError, UsageError
 from otakit.files import read_input, write_atomic
+from otakit.host.artifacts import app as artifact_app
+from otakit.host.audit import app as audit_app
 from otakit.host.deploy import deploy
+from otakit.host.deployments import app as deployment_app
+from otakit.host.devices import app as device_app
+from otakit.host.keys import app as key_app
+from otakit.host.products import app as product_app
 from otakit.host.push import push
 from otakit.host.rollout import app as rollout_app
 from otakit.host.subscriber import subscriber
@@ -508,6 +514,12 @@ app.add_typer(agent_app(SIMULATOR), name="agent")
 app.add_typer(sim_app, name="sim")
 app.add_typer(token_app, name="token")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(product_app, name="product")
+app.add_typer(key_app, name="key")
+app.add_typer(artifact_app, name="artifact")
+app.add_typer(device_app, name="device")
+app.add_typer(deployment_app, name="deployment")
+app.add_typer(audit_app, name="audit")
 app.command()(serve)
 app.command()(publisher)
 app.command()(deploy)

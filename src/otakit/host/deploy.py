@@ -15,66 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
 from otakit.errors import ApiError, InputFileError, UsageError
+from otakit.host.client import SERVER_ENV, TOKEN_ENV, ManagementClient
 from otakit.image.header import IMAGE_MAGIC
 from otakit.image.package import is_package
 from otakit.protocol.version import FirmwareVersion
 
-SERVER_ENV = "OTAKIT_SERVER"
-TOKEN_ENV = "OTAKIT_TOKEN"
 CHUNK = 256 * 1024
 PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1  # the server's range (a 32-bit column)
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-class ManagementClient:
-    """A small client of the management API."""
-
-    def __init__(self, server: str, token: str, *, timeout: float = 60) -> None:
-        self._http = httpx.Client(
-            base_url=server.rstrip("/"),
-            headers={"authorization": f"Bearer {token}"},
-            timeout=timeout,
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach {self._http.base_url}: {exc}") from None
-        if response.status_code >= 400:
-            try:
-                message = response.json().get("message") or response.text
-            except ValueError:
-                message = response.text
-            raise ApiError(
-                f"{method} {path}: {response.status_code} {str(message)[:300]}",
-                status=response.status_code,
-            )
-        return response
-
-    def pages(
-        self, path: str, params: dict[str, Any] | None = None, *, page_size: int = 100
-    ) -> Iterator[list[dict[str, Any]]]:
-        """The pages of a paged list (GET), following each answer's ``X-Next-Cursor``: a list
-        is never asked for whole, and the caller may stop after the pages it needs."""
-        query = {**(params or {}), "limit": page_size}
-        while True:
-            response = self.request("GET", path, params=query)
-            yield list(response.json())
-            cursor = response.headers.get("x-next-cursor")
-            if not cursor:
-                return
-            query["cursor"] = cursor
 
 
 def _signed_kind(path: Path) -> bool:

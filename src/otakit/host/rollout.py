@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from otakit.errors import UsageError
-from otakit.host.deploy import SERVER_ENV, TOKEN_ENV, ManagementClient
+from otakit.host.client import SERVER_ENV, TOKEN_ENV, ManagementClient
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -65,7 +65,7 @@ class Token(Base):
     __tablename__ = "tokens"
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     secret_hash: Mapped[str] = mapped_column(String(64))
-    role: Mapped[str] = mapped_column(String(16))  # admin, enroll, device
+    role: Mapped[str] = mapped_column(String(16))  # tokens.Role: admin, viewer, enroll, device
     product: Mapped[str | None] = mapped_column(String(64))
     group: Mapped[str | None] = mapped_column(String(64))
     device_serial: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -357,3 +357,18 @@ class MqttSession(Base):
         Index("ix_mqtt_sessions_device", "device_serial"),
         Index("ix_mqtt_sessions_answered_at", "answered_at"),
     )
+
+
+class AuditEvent(Base):
+    """One operator action (service/audit.py): who (the token's label, or its id), when, what
+    (``action``, e.g. ``rollout.abort``) on which ``target`` (e.g. ``rollout 3``)."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(160))
+    action: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(160))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    __table_args__ = (Index("ix_audit_events_action_id", "action", "id"),)

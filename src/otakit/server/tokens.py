@@ -1,6 +1,7 @@
 """API tokens: ``otk_<id>_<secret>``; the server stores the id and a SHA-256 of the secret.
 
-Roles: ``admin`` (management API), ``enroll`` (bound to a product and group: lets a new device
+Roles: ``admin`` (management API), ``viewer`` (reads what an admin reads, changes nothing),
+``enroll`` (bound to a product and group: lets a new device
 register on its first check-in and receive its own token) and ``device`` (bound to one serial:
 reads only its own jobs, reports only for itself). A token is shown once, when created; no
 secret is ever logged or stored in clear.
@@ -33,6 +34,7 @@ MAX_LIVE_DEVICE_TOKENS = 4  # rotation is refused beyond this (old ones expire w
 
 class Role(StrEnum):
     ADMIN = "admin"
+    VIEWER = "viewer"  # reads the management API, the dashboard and /metrics; changes nothing
     ENROLL = "enroll"
     DEVICE = "device"
 
