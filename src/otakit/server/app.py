@@ -39,9 +39,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otakit import __version__
-from otakit.errors import BlobStoreError, OtakitError, UnavailableError, UsageError
+from otakit.errors import (
+    BlobStoreError,
+    OtakitError,
+    StorageFullError,
+    UnavailableError,
+    UsageError,
+)
 from otakit.server import dashboard, downloads, metrics
-from otakit.server.api import device, management, original
+from otakit.server.api import audit, device, management, original
 from otakit.server.api.idle import IdleCheckins
 from otakit.server.blobs import BlobStore, open_blob_store
 from otakit.server.body_limits import BodyLimits
@@ -58,6 +64,7 @@ from otakit.server.downloads import SignedDownloads, signed_openapi
 from otakit.server.models import Setting, Token
 from otakit.server.service import artifacts
 from otakit.server.settings import ServerSettings
+from otakit.server.storage import storage_full
 from otakit.server.tokens import Role, add_token
 from otakit.server.urls import new_signing_key
 
@@ -204,6 +211,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(original.router)
     app.include_router(device.router)
     app.include_router(management.router)
+    app.include_router(audit.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     app.add_middleware(BodyLimits)
@@ -251,12 +259,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid input')}" if where else "invalid input"
+        message = (
+            f"{where}: {first.get('msg', 'invalid input')}"
+            if where
+            else first.get("msg", "invalid input")
+        )
         return JSONResponse({"error": "BADARG", "message": message}, status_code=422)
 
     @app.exception_handler(OtakitError)
     async def _otakit_error(request: Request, exc: OtakitError) -> JSONResponse:
-        status, body, headers = http_answer(exc)
+        status, body, headers = http_answer(storage_full(exc) or exc)
         if status >= 500:
             _log_failure(request.method, request.url.path, status, exc)
         return JSONResponse(body, status_code=status, headers=headers)
@@ -264,8 +276,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     @app.exception_handler(SQLAlchemyError)
     @app.exception_handler(OSError)
     async def _storage_error(request: Request, exc: Exception) -> JSONResponse:
-        """A database that does not answer: 503 (anything else goes on to _failed)."""
-        answer = unavailable(exc)
+        """A full disk: 507; a database that does not answer: 503 (anything else goes on to
+        _failed)."""
+        answer = storage_full(exc) or unavailable(exc)
         if answer is None:
             raise exc
         return await _otakit_error(request, answer)
@@ -327,7 +340,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _log_failure(method: str, path: str, status: int, exc: BaseException) -> None:
-    if isinstance(exc, UnavailableError):
+    if isinstance(exc, UnavailableError | StorageFullError):
         why = f" ({exc.value})" if exc.value else ""
         log.warning("%s %s: %s %s%s", method, path, status, exc.message, why)
         return
@@ -358,7 +371,7 @@ class Guarded:
         try:
             await self.app(scope, receive, watching)
         except Exception as exc:
-            answer = unavailable(exc)
+            answer = storage_full(exc) or unavailable(exc)
             reason: BaseException = answer if answer is not None else exc
             status, body, headers = (
                 http_answer(answer)

@@ -18,7 +18,9 @@ The public methods are ``async``: file and network I/O run in worker threads, so
 event loop never waits on a disk or on S3. Keys are checked (64 lowercase hex digits) before
 they reach a path or an object name. Every failure is a :class:`~otakit.errors.BlobStoreError`
 (or :class:`BlobNotFoundError`) with a one-line message, except an unreadable input file given
-to ``put_file``, which is an :class:`~otakit.errors.InputFileError`.
+to ``put_file``, which is an :class:`~otakit.errors.InputFileError`, and a full disk, quota or
+file size limit while writing a local file, which is a :class:`~otakit.errors.StorageFullError`
+(the server answers 507).
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from otakit.errors import BlobNotFoundError, BlobStoreError, InputFileError
+from otakit.errors import BlobNotFoundError, BlobStoreError, InputFileError, StorageFullError
 from otakit.files import fsync_dir, write_temp
+from otakit.server.storage import FULL_ERRNOS
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -207,8 +210,19 @@ def _write_hashed(directory: Path, name: str, read: Callable[[int], bytes]) -> t
     try:
         tmp = write_temp(directory, name, chunks())
     except InputFileError as exc:  # write_temp's own failures are writes into the store
+        cause = exc.__context__
+        if isinstance(cause, OSError):
+            _full_check(directory, cause)
         raise BlobStoreError(exc.message, value=exc.value) from None
     return tmp, digest.hexdigest()
+
+
+def _full_check(where: Path, exc: OSError) -> None:
+    """Raise StorageFullError if ``exc`` says the disk, a quota or a file size limit is full."""
+    if exc.errno in FULL_ERRNOS:
+        raise StorageFullError(
+            f"the blob store is full: cannot write in {where} ({_why(exc)})", value=str(where)
+        ) from None
 
 
 def _ensure_dir(directory: Path) -> None:
@@ -218,6 +232,7 @@ def _ensure_dir(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        _full_check(directory, exc)
         raise BlobStoreError(
             f"cannot create folder {directory}: {_why(exc)}", value=str(directory)
         ) from None
@@ -230,6 +245,7 @@ def _install(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
+        _full_check(target.parent, exc)
         raise BlobStoreError(f"cannot write {target}: {_why(exc)}", value=str(target)) from None
     fsync_dir(target.parent)
 

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
-from collections.abc import Callable
-from datetime import datetime
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Column, Table
 
-from otakit.errors import UsageError
-from otakit.server.tokens import Role
+from otakit.errors import ListenError, UsageError
+from otakit.extras import require
 
 if TYPE_CHECKING:
-    from otakit.server.models import Token
+    from sqlalchemy.ext.asyncio import AsyncSession
+
     from otakit.server.publisher import ImageSource, PublisherConfig
     from otakit.server.settings import ServerSettings
 
@@ -41,7 +43,9 @@ DatabaseOption = Annotated[
 def serve(
     data: DataOption = DEFAULT_DATA,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8080,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free port).")
+    ] = 8080,
     workers: Annotated[int, typer.Option("--workers", help="Worker processes.")] = 1,
     database: DatabaseOption = None,
     blob_url: Annotated[
@@ -116,6 +120,7 @@ def serve(
     ] = 5,
 ) -> None:
     """Run the update server (device API, management API)."""
+    require("server", "otakit serve")
     import uvicorn
 
     from otakit.server.app import initialise
@@ -146,6 +151,14 @@ def serve(
         raise UsageError(
             "--statement-timeout must be 0 (no limit) or more", value=statement_timeout
         )
+    # listen first: a port in use (or an address not of this machine) stops here, before the
+    # data folder, the database or the first admin token exist
+    listener = listen(host, port)
+    port = listener.getsockname()[1]
+    if workers > 1:
+        # uvicorn's worker processes cannot share a socket handed in by fd: it binds the same
+        # (now known) port itself, a moment after this check
+        listener.close()
     data = data.resolve()
     os.umask(0o077)  # every file the server writes (blobs, uploads, counters) is private
     settings = ServerSettings(
@@ -167,16 +180,16 @@ def serve(
     if first.admin_token:
         out.print("First start: this admin token is shown once; keep it safe:", style="bold")
         out.print(first.admin_token, markup=False)
+    shown = f"[{host}]" if ":" in host else host
     err.print(
-        f"otakit server on {'https' if tls_cert else 'http'}://{host}:{port}, "
+        f"otakit server on {'https' if tls_cert else 'http'}://{shown}:{port}, "
         f"database {redacted(settings.database_url)}, blobs {blob_url or data / 'blobs'}"
     )
     os.environ[SETTINGS_ENV] = settings.to_env()
     uvicorn.run(
         "otakit.server.app:app_from_env",
         factory=True,
-        host=host,
-        port=port,
+        **({"host": host, "port": port} if workers > 1 else {"fd": listener.fileno()}),
         workers=workers,
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None,
@@ -186,6 +199,33 @@ def serve(
         server_header=False,
         timeout_keep_alive=keep_alive,
     )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: a free port), to hand to uvicorn; a port in
+    use, an address that is not this machine's or a port that needs privileges is a
+    :class:`ListenError`."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ListenError(f"--host {host}: no such address ({why})", value=host) from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
+    except OSError as exc:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: "the port is in use (another server?): choose another --port",
+            errno.EACCES: "permission denied (ports below 1024 need privileges): choose "
+            "another --port",
+            errno.EADDRNOTAVAIL: "the address is not one of this machine's: check --host",
+        }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise ListenError(f"cannot listen on {host}:{port}: {why}", value=port) from None
+    sock.set_inheritable(True)  # uvicorn's worker processes serve it too
+    return sock
 
 
 def _log_config() -> dict[str, Any]:
@@ -199,14 +239,13 @@ def _log_config() -> dict[str, Any]:
     return config
 
 
-token_app = typer.Typer(help="API tokens: admin, enrollment (product/group) and device tokens.")
-
-
-def _url(data: Path, database: str | None) -> str:
+def local_url(data: Path | None, database: str | None) -> str:
+    require("server", "otakit token --data")
     from otakit.server.database import database_url, migrate
 
-    url = database_url(database, data.resolve())
-    if not database and not (data / "otakit.db").exists():
+    folder = (data or DEFAULT_DATA).resolve()
+    url = database_url(database, folder)
+    if not database and not (folder / "otakit.db").exists():
         raise UsageError(
             f"no server data in {data}; start `otakit serve --data {data}` first or give --database-url",
             value=str(data),
@@ -215,144 +254,18 @@ def _url(data: Path, database: str | None) -> str:
     return url
 
 
-@token_app.command("create")
-def token_create(
-    role: Annotated[str, typer.Option("--role", help="admin, enroll or device.")],
-    data: DataOption = DEFAULT_DATA,
-    database: DatabaseOption = None,
-    product: Annotated[str | None, typer.Option("--product", help="For enroll tokens.")] = None,
-    group: Annotated[str | None, typer.Option("--group", help="For enroll tokens.")] = None,
-    device: Annotated[
-        str | None, typer.Option("--device", help="Serial, for device tokens.")
-    ] = None,
-    label: Annotated[str | None, typer.Option("--label", help="A note to recognise it.")] = None,
-    expires_days: Annotated[
-        float | None,
-        typer.Option("--expires-days", metavar="DAYS", help="Expire after DAYS (default: never)."),
-    ] = None,
-) -> None:
-    """Create a token and print it (it is shown only this once)."""
+@asynccontextmanager
+async def local_session(url: str) -> AsyncIterator[AsyncSession]:
+    """A session on the server's database at ``url`` (for the commands run with ``--data``)."""
+    from otakit.server.database import create_engine, sessionmaker
+
+    engine = create_engine(url)
     try:
-        kind = Role(role)
-    except ValueError:
-        raise UsageError(
-            f"unknown role {role!r}; choose admin, enroll or device", value=role
-        ) from None
-    if kind is Role.ENROLL and not product:
-        raise UsageError("an enrollment token needs --product (and usually --group)")
-    if kind is Role.DEVICE and not device:
-        raise UsageError("a device token needs --device SERIAL")
-    # what the devices of these tokens get in their job documents must fit the device's buffers
-    for option, key, value in (
-        ("--product", "Product", product),
-        ("--device", "SerialNumber", device),
-    ):
-        if value is not None:
-            _check_job_field(option, key, value)
-    if expires_days is not None and not 0 < expires_days <= 36500:
-        raise UsageError("--expires-days must be more than 0 (and at most 36500)")
-    url = _url(data, database)
-    from datetime import timedelta
+        async with sessionmaker(engine)() as db:
+            yield db
+    finally:
+        await engine.dispose()
 
-    from otakit.server.database import create_engine, sessionmaker
-    from otakit.server.models import utcnow
-    from otakit.server.tokens import add_token
-
-    expires_at = utcnow() + timedelta(days=expires_days) if expires_days is not None else None
-
-    async def _create() -> str:
-        engine = create_engine(url)
-        try:
-            async with sessionmaker(engine)() as db:
-                token = add_token(
-                    db,
-                    kind,
-                    product=product,
-                    group=group,
-                    device_serial=device,
-                    label=label,
-                    expires_at=expires_at,
-                )
-                await db.commit()
-                return token
-        finally:
-            await engine.dispose()
-
-    out.print(asyncio.run(_create()), markup=False)
-
-
-def _check_job_field(option: str, key: str, value: str) -> None:
-    from otakit.errors import MalformedJobDocError
-    from otakit.protocol.jobdoc import check_stored_value
-
-    try:
-        check_stored_value(key, value)
-    except MalformedJobDocError as exc:
-        raise UsageError(f"{option}: {exc.message}", value=value) from None
-
-
-@token_app.command("list")
-def token_list(data: DataOption = DEFAULT_DATA, database: DatabaseOption = None) -> None:
-    """List tokens (never their secrets)."""
-    url = _url(data, database)
-    from sqlalchemy import select
-
-    from otakit.server.database import create_engine, sessionmaker
-    from otakit.server.models import Token
-
-    async def _list() -> list[Token]:
-        engine = create_engine(url)
-        try:
-            async with sessionmaker(engine)() as db:
-                return list(await db.scalars(select(Token).order_by(Token.created_at)))
-        finally:
-            await engine.dispose()
-
-    table = Table("role", "product", "group", "device", "label", "created", "expires", "revoked")
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=16))
-    for t in asyncio.run(_list()):
-        table.add_row(
-            t.id, t.role, t.product or "", t.group or "", t.device_serial or "", t.label or "",
-            _when(t.created_at), _when(t.expires_at), _when(t.revoked_at),
-        )  # fmt: skip
-    out.print(table)
-
-
-def _when(at: datetime | None) -> str:
-    return f"{at:%Y-%m-%d %H:%M}" if at is not None else ""
-
-
-@token_app.command("revoke")
-def token_revoke(
-    token_id: Annotated[str, typer.Argument(help="Token id (the part after otk_).")],
-    data: DataOption = DEFAULT_DATA,
-    database: DatabaseOption = None,
-) -> None:
-    """Revoke a token; requests with it get 401 from then on."""
-    url = _url(data, database)
-    wanted = token_id.split("_")[1] if token_id.startswith("otk_") else token_id
-    from otakit.server.database import create_engine, sessionmaker
-    from otakit.server.models import Token, utcnow
-
-    async def _revoke() -> bool:
-        engine = create_engine(url)
-        try:
-            async with sessionmaker(engine)() as db:
-                token = await db.get(Token, wanted)
-                if token is None:
-                    return False
-                token.revoked_at = token.revoked_at or utcnow()
-                await db.commit()
-                return True
-        finally:
-            await engine.dispose()
-
-    if not asyncio.run(_revoke()):
-        raise UsageError(f"no token {wanted!r}", value=wanted)
-    err.print(f"revoked {wanted}")
-
-
-# --- the MQTT publisher ------------------------------------------------------------------------
 
 # The original publisher's -b names (protocols.md §3): host, TLS port and, with `tls`, the CA,
 # client certificate and key files it looks for in the current folder. "amazon" is an AWS IoT
@@ -363,6 +276,7 @@ _BROKERS: dict[str, tuple[str | None, int, tuple[str, str, str] | None]] = {
     "amazon": (None, 8883, ("amazon_ca.crt", "amazon_client.crt", "amazon_private_key.pem")),
     "local": ("127.0.0.1", 8883, None),
 }  # fmt: skip
+
 _BROKER_ALIASES = {
     "m": "mosquitto",
     "e": "eclipse",
@@ -491,6 +405,8 @@ def publisher(
     if tls is not None and tls.lower() != "tls":
         raise UsageError(f"unexpected argument {tls!r}; the only one is 'tls'", value=tls)
     deployments = data is not None or database is not None
+    if deployments:
+        require("server", "otakit publisher --data")
     if deployments and (file is not None or version is not None):
         raise UsageError("serve either a file (-f, --version) or deployments (--data/--database)")
     if blob_url is not None and not deployments:
@@ -545,7 +461,7 @@ def publisher(
             raise UsageError("--history-per-device must be 1 or more", value=history_per_device)
         server = ServerSettings(
             data_dir=folder,
-            database_url=_url(folder, database),
+            database_url=local_url(folder, database),
             blob_url=blob_url,
             history_per_device=history_per_device,
         )

@@ -21,6 +21,7 @@ from otakit.errors import (
     ForbiddenError,
     NotFoundError,
     OtakitError,
+    StorageFullError,
     TooLargeError,
     UnauthorizedError,
     UnavailableError,
@@ -31,6 +32,7 @@ from otakit.server.blobs import BlobStore
 from otakit.server.models import Token, utcnow
 from otakit.server.service.rollouts import RolloutEngine
 from otakit.server.settings import ServerSettings
+from otakit.server.storage import storage_full as storage_full  # where it used to be
 from otakit.server.tokens import Role, secret_matches, split_token, usable
 
 
@@ -56,6 +58,7 @@ _DESCRIPTIONS = {
     409: "Conflict with the current state",
     413: "Too large",
     422: "Invalid input",
+    507: "The server's storage is full",
 }
 
 
@@ -69,6 +72,7 @@ HTTP_STATUS: dict[type[OtakitError], int] = {
     TooLargeError: 413,
     UnprocessableError: 422,
     UnavailableError: 503,
+    StorageFullError: 507,
     UsageError: 400,
 }
 
@@ -126,14 +130,36 @@ Caller = Annotated[Token | None, Depends(caller)]
 
 
 async def admin(token: Caller) -> Token:
+    """An admin token: the only role that may change anything through the management API."""
     if token is None:
         raise UnauthorizedError("this call needs an admin token")
+    if token.role == Role.VIEWER:
+        raise ForbiddenError(
+            "read-only token (viewer): this call changes the server and needs an admin token"
+        )
     if token.role != Role.ADMIN:
-        raise ForbiddenError("this call needs an admin token")
+        raise ForbiddenError(f"this call needs an admin token (this is a {token.role} token)")
     return token
 
 
 Admin = Annotated[Token, Depends(admin)]
+
+READERS = frozenset({Role.ADMIN, Role.VIEWER})
+
+
+async def reader(token: Caller) -> Token:
+    """An admin or viewer token: what every read (GET) of the management API, the dashboard's
+    calls and /metrics need."""
+    if token is None:
+        raise UnauthorizedError("this call needs an admin or viewer token")
+    if token.role not in READERS:
+        raise ForbiddenError(
+            f"this call needs an admin or viewer token (this is a {token.role} token)"
+        )
+    return token
+
+
+Reader = Annotated[Token, Depends(reader)]
 
 
 # --- the rollout engine, one per process ------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ Two kinds of numbers:
   each active deployment, devices by last reported status, rollouts by state, artifacts. They
   are fleet-wide: every host answers the same.
 
-Access (read once when the app is built, from the environment): an admin token by default;
+Access (read once when the app is built, from the environment): an admin or viewer token by
+default;
 ``OTAKIT_METRICS_TOKEN=SECRET`` also accepts ``Authorization: Bearer SECRET`` (a credential that
 only reads metrics, for the scraper); ``OTAKIT_METRICS_OPEN=1`` needs no token at all.
 """
@@ -46,10 +47,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from otakit import __version__
 from otakit.errors import ForbiddenError, UnauthorizedError
 from otakit.protocol import states
-from otakit.server.context import Db, caller
+from otakit.server.context import READERS, Db, caller
 from otakit.server.models import Artifact, Deployment, DeploymentDevice, Device, Rollout, utcnow
 from otakit.server.service.rollouts import STATES as ROLLOUT_STATES
-from otakit.server.tokens import Role
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +437,7 @@ def counter_families(values: Mapping[Key, float]) -> list[Family]:
 
 @dataclass(frozen=True)
 class Access:
-    """Who may scrape: admin tokens always; a scrape-only secret; or anyone."""
+    """Who may scrape: admin and viewer tokens always; a scrape-only secret; or anyone."""
 
     token: str | None = None
     open: bool = False
@@ -455,7 +455,8 @@ def counters_of(request: Request) -> Counters:
 
 
 async def scraper(request: Request, db: Db) -> None:
-    """Admit a scrape: open, the scrape-only secret, or an admin token (else 401/403)."""
+    """Admit a scrape: open, the scrape-only secret, or an admin or viewer token (else
+    401/403)."""
     access: Access = request.app.state.otakit_metrics_access
     if access.open:
         return
@@ -469,9 +470,9 @@ async def scraper(request: Request, db: Db) -> None:
         return
     token = await caller(request, db)
     if token is None:
-        raise UnauthorizedError("metrics need an admin token or the metrics token")
-    if token.role != Role.ADMIN:
-        raise ForbiddenError("metrics need an admin token or the metrics token")
+        raise UnauthorizedError("metrics need an admin or viewer token, or the metrics token")
+    if token.role not in READERS:
+        raise ForbiddenError("metrics need an admin or viewer token, or the metrics token")
 
 
 router = APIRouter(include_in_schema=False)

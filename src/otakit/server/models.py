@@ -267,7 +267,7 @@ class RolloutEvent(Base):
     at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     kind: Mapped[str] = mapped_column(String(16))
     phase: Mapped[int] = mapped_column(Integer)
-    actor: Mapped[str] = mapped_column(String(64))  # "engine", or "admin:<token id>"
+    actor: Mapped[str] = mapped_column(String(64))  # "engine", or audit.actor_of(token)
     detail: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
@@ -371,4 +371,7 @@ class AuditEvent(Base):
     target: Mapped[str] = mapped_column(String(160))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
-    __table_args__ = (Index("ix_audit_events_action_id", "action", "id"),)
+    __table_args__ = (
+        Index("ix_audit_events_action_id", "action", "id"),
+        Index("ix_audit_events_actor_id", "actor", "id"),
+    )

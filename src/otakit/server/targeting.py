@@ -5,8 +5,10 @@ Tag conditions as in the cloud reference design.
 
 A condition is one or more ``tags.NAME='VALUE'`` terms joined by ``AND`` (case-insensitive
 keyword), e.g. ``tags.productType='X' AND tags.deviceGroup='Y'``, the form protocols.md §7
-uses; ``product`` + ``group`` are shorthand for exactly that. A device's ``productType`` and
-``deviceGroup`` tags come from its product and group; any other tags are set by the operator.
+uses; ``product`` + ``group`` are shorthand for exactly that, and a deployment's ``board`` adds
+``tags.board='B'``. A device's ``productType`` and ``deviceGroup`` tags come from its product and
+group, its ``board`` tag (when matching, unless set explicitly) from its board; any other tags
+are set by the operator.
 """
 
 from __future__ import annotations
@@ -22,16 +24,24 @@ if TYPE_CHECKING:
 
 PRODUCT_TAG = "productType"
 GROUP_TAG = "deviceGroup"
+BOARD_TAG = "board"  # from the device's board: a deployment for one board only
 
 _TERM = re.compile(r"\s*tags\.([A-Za-z_][A-Za-z0-9_]*)\s*=\s*'((?:[^'\\]|\\.)*)'\s*")
 _AND = re.compile(r"\s+AND\s+", re.IGNORECASE)
 
 
-def product_group_condition(product: str, group: str | None) -> str:
+def product_group_condition(product: str, group: str | None, board: str | None = None) -> str:
     terms = [f"tags.{PRODUCT_TAG}='{_quote(product)}'"]
     if group:
         terms.append(f"tags.{GROUP_TAG}='{_quote(group)}'")
+    if board:
+        terms.append(board_term(board))
     return " AND ".join(terms)
+
+
+def board_term(board: str) -> str:
+    """The condition term that targets the devices of one board."""
+    return f"tags.{BOARD_TAG}='{_quote(board)}'"
 
 
 def _quote(value: str) -> str:
@@ -73,7 +83,17 @@ def version_of(text: str | None) -> FirmwareVersion | None:
 
 
 def device_tags(device: Device) -> dict[str, str]:
-    """The device's tags, with ``productType`` from its product unless set explicitly."""
+    """The device's tags as conditions see them: ``productType`` from its product and ``board``
+    from its board, unless set explicitly."""
+    tags = shown_tags(device)
+    if device.board and BOARD_TAG not in tags:
+        tags[BOARD_TAG] = device.board
+    return tags
+
+
+def shown_tags(device: Device) -> dict[str, str]:
+    """The device's tags as the management API shows them: ``productType`` from its product
+    unless set explicitly."""
     tags = dict(device.tags or {})
     if device.product and PRODUCT_TAG not in tags:
         tags[PRODUCT_TAG] = device.product

@@ -1,5 +1,8 @@
-"""Management API (``/api/v1``, admin token): products, trusted keys, artifacts, devices and
-their status history, deployments, rollouts.
+"""Management API (``/api/v1``): products, trusted keys, artifacts, devices and their status
+history, deployments, rollouts, tokens. Every GET takes an admin or a viewer token (Reader);
+everything that changes something takes an admin token (Admin). The routes are adapters: the
+rules live in the service layer (server/service/), which also records each operator action in
+the audit log (service/audit.py).
 
 The router also brings the rollout engine's lifespan (context.rollout_engine; the engine is
 service/rollouts.py): one engine per server process, evaluating rollouts in the background.
@@ -25,9 +28,16 @@ from otakit.errors import (
     NotFoundError,
     TooLargeError,
 )
-from otakit.image.keys import PublicKey
 from otakit.server import anonymous, downloads, identity, targeting
-from otakit.server.context import Admin, Db, Rollouts, State, error_responses, rollout_engine
+from otakit.server.context import (
+    Admin,
+    Db,
+    Reader,
+    Rollouts,
+    State,
+    error_responses,
+    rollout_engine,
+)
 from otakit.server.models import (
     Artifact,
     Deployment,
@@ -35,23 +45,27 @@ from otakit.server.models import (
     Product,
     Rollout,
     RolloutEvent,
+    Token,
     TrustedKey,
     utcnow,
 )
 from otakit.server.service import artifacts as artifact_service
+from otakit.server.service import audit, listings, reports, revision, rollouts
 from otakit.server.service import deployments as deployment_service
-from otakit.server.service import listings, reports, revision, rollouts
+from otakit.server.service import keys as key_service
+from otakit.server.service import products as product_service
+from otakit.server.service import tokens as token_service
 from otakit.server.targeting import (
     GROUP_TAG,
     PRODUCT_TAG,
 )
-from otakit.server.tokens import revoke_device_tokens
+from otakit.server.tokens import Role, revoke_device_tokens
 from otakit.server.twin import Twin, twin_of
 
 router = APIRouter(
     prefix="/api/v1",
     tags=["management"],
-    responses=error_responses(400, 401, 403, 404, 409, 413, 422),
+    responses=error_responses(400, 401, 403, 404, 409, 413, 422, 507),
     lifespan=rollout_engine,
 )
 
@@ -67,6 +81,9 @@ PEM_BODY: dict[str, Any] = {
         "content": {"application/x-pem-file": {"schema": {"type": "string"}}},
     }
 }
+
+
+ARTIFACT_ID = r"^[0-9a-fA-F]+$"  # a SHA-256 in hex, or a prefix of it (artifacts.resolve)
 
 
 def not_found(what: str) -> NotFoundError:
@@ -87,6 +104,17 @@ class ProductOut(ProductSettings):
     name: str
 
 
+class ProductChanges(BaseModel):
+    """The settings to change; absent ones (and null booleans) are left as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    board: identity.Board | None = Field(default=None, description="null: no board.")
+    allow_raw: bool | None = None
+    anonymous: bool | None = None
+    self_register: bool | None = None
+
+
 def _product(p: Product) -> ProductOut:
     return ProductOut(
         name=p.name,
@@ -99,30 +127,34 @@ def _product(p: Product) -> ProductOut:
 
 @router.put("/products/{name}", response_model=ProductOut)
 async def put_product(
-    name: identity.ProductName, settings: ProductSettings, db: Db, _admin: Admin
+    name: identity.ProductName, settings: ProductSettings, db: Db, admin: Admin
 ) -> ProductOut:
-    """Create or update a product's policy."""
-    product = await db.get(Product, name) or Product(name=name)
-    for key, value in settings.model_dump().items():
-        setattr(product, key, value)
-    db.add(product)
-    await revision.bump(db)  # its board and anonymous access are part of what is offered
-    await db.commit()
+    """Create a product or replace its whole policy (settings not given get their defaults)."""
+    product = await product_service.set_policy(
+        db, name, settings.model_dump(), replace=True, actor=audit.actor_of(admin)
+    )
+    return _product(product)
+
+
+@router.patch("/products/{name}", response_model=ProductOut)
+async def patch_product(
+    name: identity.ProductName, changes: ProductChanges, db: Db, admin: Admin
+) -> ProductOut:
+    """Change only the settings given; creates the product (defaults for the rest) if missing."""
+    given = changes.model_dump(exclude_unset=True)
+    wanted = {k: v for k, v in given.items() if v is not None or k == "board"}
+    product = await product_service.set_policy(db, name, wanted, actor=audit.actor_of(admin))
     return _product(product)
 
 
 @router.get("/products", response_model=list[ProductOut])
-async def list_products(db: Db, _admin: Admin) -> list[ProductOut]:
-    rows = await db.scalars(select(Product).order_by(Product.name))
-    return [_product(p) for p in rows]
+async def list_products(db: Db, _reader: Reader) -> list[ProductOut]:
+    return [_product(p) for p in await product_service.listing(db)]
 
 
 @router.get("/products/{name}", response_model=ProductOut)
-async def get_product(name: str, db: Db, _admin: Admin) -> ProductOut:
-    product = await db.get(Product, name)
-    if product is None:
-        raise not_found(f"product {name!r}")
-    return _product(product)
+async def get_product(name: str, db: Db, _reader: Reader) -> ProductOut:
+    return _product(await product_service.get(db, name))
 
 
 # --- trusted keys ------------------------------------------------------------------------------
@@ -134,36 +166,28 @@ class KeyOut(BaseModel):
     pem: str
 
 
+def _key(k: TrustedKey) -> KeyOut:
+    return KeyOut(fingerprint=k.fingerprint, key_type=k.key_type, pem=k.pem)
+
+
 @router.post("/keys", response_model=KeyOut, status_code=201, openapi_extra=PEM_BODY)
-async def add_key(request: Request, db: Db, _admin: Admin) -> KeyOut:
-    """Trust a public key (PEM; a private key is reduced to its public part)."""
+async def add_key(request: Request, db: Db, admin: Admin) -> KeyOut:
+    """Trust a public key (PEM). A private key is refused (422 ``PRIVATE_KEY``) and nothing
+    is stored: send only its public part (``otakit key trust KEY.pem`` does)."""
     body = await request.body()
-    if len(body) > 64 * 1024:
+    if len(body) > key_service.MAX_PEM:
         raise TooLargeError("a PEM key is at most 64 KiB")
-    key = PublicKey.from_pem(body)
-    row = await db.get(TrustedKey, key.fingerprint)
-    if row is None:
-        row = TrustedKey(
-            fingerprint=key.fingerprint, key_type=key.type.value, pem=key.pem().decode()
-        )
-        db.add(row)
-        await db.commit()
-    return KeyOut(fingerprint=row.fingerprint, key_type=row.key_type, pem=row.pem)
+    return _key(await key_service.trust(db, body, actor=audit.actor_of(admin)))
 
 
 @router.get("/keys", response_model=list[KeyOut])
-async def list_keys(db: Db, _admin: Admin) -> list[KeyOut]:
-    rows = await db.scalars(select(TrustedKey).order_by(TrustedKey.created_at))
-    return [KeyOut(fingerprint=k.fingerprint, key_type=k.key_type, pem=k.pem) for k in rows]
+async def list_keys(db: Db, _reader: Reader) -> list[KeyOut]:
+    return [_key(k) for k in await key_service.listing(db)]
 
 
 @router.delete("/keys/{fingerprint}", status_code=204)
-async def delete_key(fingerprint: str, db: Db, _admin: Admin) -> Response:
-    row = await db.get(TrustedKey, fingerprint)
-    if row is None:
-        raise not_found(f"key {fingerprint!r}")
-    await db.delete(row)
-    await db.commit()
+async def delete_key(fingerprint: str, db: Db, admin: Admin) -> Response:
+    await key_service.remove(db, fingerprint, actor=audit.actor_of(admin))
     return Response(status_code=204)
 
 
@@ -216,7 +240,7 @@ async def upload_artifact(
     response: Response,
     db: Db,
     st: State,
-    _admin: Admin,
+    admin: Admin,
     name: str = Query(
         min_length=1, max_length=identity.MAX_ARTIFACT_NAME, pattern=r"^[A-Za-z0-9._+-]+$"
     ),
@@ -226,21 +250,33 @@ async def upload_artifact(
     container: str = Query(
         default="ota", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
     ),
+    expect_version: str | None = Query(
+        default=None,
+        max_length=32,
+        description="Refuse the upload (422 VERSION_MISMATCH, nothing stored) unless its "
+        "version is this (a raw file without ?version= takes this one).",
+    ),
 ) -> ArtifactOut:
     """Upload a signed MCUboot image, a TAR package or (if the product allows) a raw file.
 
     The body is streamed to disk; the artifact is identified by its SHA-256, so uploading the
-    same bytes again returns the existing record (200).
+    same bytes again returns the existing record (200). A different binary with a version its
+    product already has is refused (409 ``VERSION_TAKEN``); a full disk is 507
+    ``STORAGE_FULL``. A refused upload leaves nothing behind.
     """
-    await artifact_service.product_of(db, product)  # before receiving the body
+    # before receiving the body
+    await artifact_service.product_of(db, product)
+    artifact_service.expected_version(expect_version)
     tmp_dir = st.settings.data_dir / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
     tmp = Path(tmp_name)
     try:
         digest, size = await _receive(request, fd, st.settings.max_upload)
-        upload = artifact_service.Upload(name, version, board, product, container)
-        artifact, created = await artifact_service.add(db, st.blobs, tmp, digest, size, upload)
+        upload = artifact_service.Upload(name, version, board, product, container, expect_version)
+        artifact, created = await artifact_service.add(
+            db, st.blobs, tmp, digest, size, upload, actor=audit.actor_of(admin)
+        )
         if not created:
             response.status_code = 200
         return _artifact(artifact)
@@ -298,7 +334,7 @@ async def list_artifacts(
     request: Request,
     response: Response,
     db: Db,
-    _admin: Admin,
+    _reader: Reader,
     product: str | None = Query(default=None, max_length=64),
     board: str | None = Query(default=None, max_length=48),
     name: str | None = Query(default=None, max_length=identity.MAX_ARTIFACT_NAME),
@@ -313,19 +349,28 @@ async def list_artifacts(
     return [_artifact(a) for a in found.items]
 
 
+ArtifactId = Annotated[
+    str,
+    PathParam(
+        min_length=artifact_service.MIN_PREFIX,
+        max_length=64,
+        pattern=ARTIFACT_ID,
+        description="The SHA-256, or a prefix of at least 12 hex digits "
+        "(409 AMBIGUOUS if several artifacts start with it).",
+    ),
+]
+
+
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactOut)
-async def get_artifact(artifact_id: str, db: Db, _admin: Admin) -> ArtifactOut:
-    artifact = await db.get(Artifact, artifact_id)
-    if artifact is None:
-        raise not_found(f"artifact {artifact_id!r}")
-    return _artifact(artifact)
+async def get_artifact(artifact_id: ArtifactId, db: Db, _reader: Reader) -> ArtifactOut:
+    return _artifact(await artifact_service.find(db, artifact_id))
 
 
 @router.delete("/artifacts/{artifact_id}", status_code=204)
-async def delete_artifact(artifact_id: str, db: Db, st: State, _admin: Admin) -> Response:
+async def delete_artifact(artifact_id: ArtifactId, db: Db, st: State, admin: Admin) -> Response:
     """Delete an artifact; refused (409) while an active deployment uses it."""
-    await artifact_service.remove(db, st.blobs, artifact_id)
-    downloads.forget(artifact_id)
+    removed = await artifact_service.remove(db, st.blobs, artifact_id, actor=audit.actor_of(admin))
+    downloads.forget(removed)
     return Response(status_code=204)
 
 
@@ -361,7 +406,7 @@ def device_out(d: Device) -> DeviceOut:
         board=d.board,
         manufacturer=d.manufacturer,
         manufacturer_id=d.manufacturer_id,
-        tags=targeting.device_tags(d),
+        tags=targeting.shown_tags(d),
         version=d.version,
         last_seen=d.last_seen,
         status=d.status,
@@ -390,7 +435,7 @@ async def list_devices(
     request: Request,
     response: Response,
     db: Db,
-    _admin: Admin,
+    _reader: Reader,
     where: DeviceFilter,
     sort: listings.DeviceSort = "serial",
     limit: Limit = listings.DEFAULT_LIMIT,
@@ -411,7 +456,7 @@ class DeviceCountsOut(BaseModel):
 
 
 @router.get("/device-counts", response_model=DeviceCountsOut)
-async def device_counts(db: Db, _admin: Admin, where: DeviceFilter) -> DeviceCountsOut:
+async def device_counts(db: Db, _reader: Reader, where: DeviceFilter) -> DeviceCountsOut:
     """How many devices match the filters (``status`` aside), and how many per status: one
     grouped count, for the dashboard's summary next to a page."""
     found = await listings.device_counts(db, where)
@@ -419,7 +464,7 @@ async def device_counts(db: Db, _admin: Admin, where: DeviceFilter) -> DeviceCou
 
 
 @router.get("/devices/{serial}", response_model=DeviceOut)
-async def get_device(serial: str, db: Db, _admin: Admin) -> DeviceOut:
+async def get_device(serial: str, db: Db, _reader: Reader) -> DeviceOut:
     device = await db.get(Device, serial)
     if device is None:
         raise not_found(f"device {serial!r}")
@@ -428,7 +473,7 @@ async def get_device(serial: str, db: Db, _admin: Admin) -> DeviceOut:
 
 @router.put("/devices/{serial}", response_model=DeviceOut)
 async def put_device(
-    serial: identity.Serial, body: DeviceIn, db: Db, _admin: Admin, engine: Rollouts
+    serial: identity.Serial, body: DeviceIn, db: Db, admin: Admin, engine: Rollouts
 ) -> DeviceOut:
     """Register a device or update its identity and tags. A new version counts as a check-in
     with it: a device given a deployment's version has applied it."""
@@ -446,6 +491,13 @@ async def put_device(
         if value is not None:
             setattr(device, field, value)
     db.add(device)
+    audit.record(
+        db,
+        actor=audit.actor_of(admin),
+        action="device.set",
+        target=f"device {serial}",
+        details=body.model_dump(exclude_defaults=True),
+    )
     changed: set[int] = set()
     if version_changed:
         await db.flush()
@@ -456,7 +508,7 @@ async def put_device(
 
 
 @router.delete("/devices/{serial}", status_code=204)
-async def delete_device(serial: str, db: Db, _admin: Admin) -> Response:
+async def delete_device(serial: str, db: Db, admin: Admin) -> Response:
     """Delete a device and revoke its tokens: a device later registered with the same serial
     is another device and gets a token of its own."""
     device = await db.get(Device, serial)
@@ -465,6 +517,7 @@ async def delete_device(serial: str, db: Db, _admin: Admin) -> Response:
     await revoke_device_tokens(db, serial, utcnow())
     await rollouts.forget_device(db, serial)  # it leaves the rollouts' counts
     await db.delete(device)
+    audit.record(db, actor=audit.actor_of(admin), action="device.delete", target=f"device {serial}")
     await db.commit()
     return Response(status_code=204)
 
@@ -490,7 +543,7 @@ async def device_history(
     request: Request,
     response: Response,
     db: Db,
-    _admin: Admin,
+    _reader: Reader,
     limit: Limit = listings.DEFAULT_LIMIT,
     cursor: Cursor = None,
     before: int | None = Query(default=None, ge=1, le=2**63 - 1, description="Older than this id."),
@@ -518,7 +571,7 @@ async def device_history(
 
 
 @router.get("/devices/{serial}/twin", response_model=Twin)
-async def device_twin(serial: str, request: Request, db: Db, st: State, _admin: Admin) -> Twin:
+async def device_twin(serial: str, request: Request, db: Db, st: State, _reader: Reader) -> Twin:
     """Desired and reported state (``extFwInfo``) of one device."""
     device = await db.get(Device, serial)
     if device is None:
@@ -530,9 +583,17 @@ async def device_twin(serial: str, request: Request, db: Db, st: State, _admin: 
 
 
 class DeploymentIn(BaseModel):
-    artifact_id: str = Field(min_length=64, max_length=64)
+    artifact_id: str = Field(
+        min_length=artifact_service.MIN_PREFIX,
+        max_length=64,
+        pattern=ARTIFACT_ID,
+        description="The artifact's SHA-256, or a prefix of at least 12 hex digits.",
+    )
     product: str | None = Field(default=None, max_length=64)
     group: str | None = Field(default=None, max_length=64)
+    board: identity.Board | None = Field(
+        default=None, description="Only devices of this board (with product or condition)."
+    )
     condition: str | None = Field(default=None, max_length=1024)
     priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
     expiry_days: float = Field(default=365, gt=0, le=3650)
@@ -561,6 +622,16 @@ class DeploymentOut(BaseModel):
         "state: Offered (fetched the job only), Downloading, ..., Unknown (an empty result).",
     )
     rollout_id: int | None = None
+    targeted: int | None = Field(
+        default=None,
+        description="Registered devices its target matches now (product, group, board); "
+        "null for a condition on other tags (not counted).",
+    )
+    existing: bool = Field(
+        default=False,
+        description="POST: an identical active deployment (same artifact and target) was "
+        "given back (200) instead of making a second one (201).",
+    )
 
 
 def _deployment(view: deployment_service.DeploymentView) -> DeploymentOut:
@@ -571,13 +642,25 @@ def _spec(body: DeploymentIn) -> deployment_service.DeploymentSpec:
     return deployment_service.DeploymentSpec(**body.model_dump())
 
 
-@router.post("/deployments", response_model=DeploymentOut, status_code=201)
-async def create_deployment(body: DeploymentIn, db: Db, _admin: Admin) -> DeploymentOut:
-    """Deploy an artifact to a product and group, or to devices matching a tag condition.
+@router.post(
+    "/deployments",
+    response_model=DeploymentOut,
+    status_code=201,
+    responses={200: {"model": DeploymentOut, "description": "Already deployed (existing)"}},
+)
+async def create_deployment(
+    body: DeploymentIn, response: Response, db: Db, admin: Admin
+) -> DeploymentOut:
+    """Deploy an artifact to a product and group (and board), or to devices matching a tag
+    condition.
 
     It is offered at once to every targeted device; to phase it, create it with its rollout
-    (``POST /rollouts`` with ``deployment``)."""
-    return _deployment(await deployment_service.deploy(db, _spec(body)))
+    (``POST /rollouts`` with ``deployment``). The same artifact to the same target while such a
+    deployment is active gives that one back (200, ``existing`` true)."""
+    view = await deployment_service.deploy(db, _spec(body), actor=audit.actor_of(admin))
+    if view.existing:
+        response.status_code = 200
+    return _deployment(view)
 
 
 @router.get("/deployments", response_model=list[DeploymentOut], responses=PAGED)
@@ -585,9 +668,15 @@ async def list_deployments(
     request: Request,
     response: Response,
     db: Db,
-    _admin: Admin,
+    _reader: Reader,
     active: bool | None = Query(default=None, description="Only active (or only finished)."),
-    artifact: str | None = Query(default=None, max_length=64, description="Of this artifact."),
+    artifact: str | None = Query(
+        default=None,
+        min_length=artifact_service.MIN_PREFIX,
+        max_length=64,
+        pattern=ARTIFACT_ID,
+        description="Of this artifact (its SHA-256 or a prefix of at least 12 hex digits).",
+    ),
     limit: Limit = listings.DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> list[DeploymentOut]:
@@ -604,14 +693,15 @@ DeploymentId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
 
 @router.get("/deployments/{deployment_id}", response_model=DeploymentOut)
-async def get_deployment(deployment_id: DeploymentId, db: Db, _admin: Admin) -> DeploymentOut:
+async def get_deployment(deployment_id: DeploymentId, db: Db, _reader: Reader) -> DeploymentOut:
     return _deployment(await deployment_service.get(db, deployment_id))
 
 
 @router.post("/deployments/{deployment_id}/cancel", response_model=DeploymentOut)
-async def cancel_deployment(deployment_id: DeploymentId, db: Db, _admin: Admin) -> DeploymentOut:
+async def cancel_deployment(deployment_id: DeploymentId, db: Db, admin: Admin) -> DeploymentOut:
     """Stop offering the deployment (devices that got it keep it)."""
-    return _deployment(await deployment_service.cancel(db, deployment_id))
+    view = await deployment_service.cancel(db, deployment_id, actor=audit.actor_of(admin))
+    return _deployment(view)
 
 
 # --- rollouts ----------------------------------------------------------------------------------
@@ -636,7 +726,7 @@ class AnonymousDeviceOut(BaseModel):
 @router.get("/anonymous-devices", response_model=list[AnonymousDeviceOut])
 async def list_anonymous_devices(
     db: Db,
-    _admin: Admin,
+    _reader: Reader,
     product: str | None = None,
     deployment: int | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -806,7 +896,9 @@ async def _rollout_out(db: Db, engine: rollouts.RolloutEngine, rollout_id: int) 
 
 
 def _actor(admin: Any) -> str:
-    return f"admin:{admin.id}"
+    from otakit.server.service.audit import actor_of  # the audit log's name for the token
+
+    return actor_of(admin)
 
 
 @router.post("/rollouts", response_model=RolloutOut, status_code=201)
@@ -820,7 +912,9 @@ async def create_rollout(
     (``deployment``). It starts at ``start_at`` (or now)."""
     now = engine.now()
     if isinstance(body, RolloutWithDeployment):
-        deployment = await deployment_service.new_deployment(db, _spec(body.deployment))
+        deployment = await deployment_service.new_deployment(
+            db, _spec(body.deployment), actor=audit.actor_of(admin)
+        )
     else:
         found = await db.get(Deployment, body.deployment_id)
         if found is None:
@@ -862,7 +956,7 @@ async def list_rollouts(
     request: Request,
     response: Response,
     db: Db,
-    _admin: Admin,
+    _reader: Reader,
     engine: Rollouts,
     state: Literal["scheduled", "running", "paused", "aborted", "completed"] | None = None,
     limit: Limit = listings.DEFAULT_LIMIT,
@@ -886,13 +980,15 @@ async def list_rollouts(
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutOut)
-async def get_rollout(rollout_id: RolloutId, db: Db, _admin: Admin, engine: Rollouts) -> RolloutOut:
+async def get_rollout(
+    rollout_id: RolloutId, db: Db, _reader: Reader, engine: Rollouts
+) -> RolloutOut:
     """State, current phase and per-phase counts."""
     return await _rollout_out(db, engine, rollout_id)
 
 
 @router.get("/rollouts/{rollout_id}/events", response_model=list[RolloutEventOut])
-async def rollout_events(rollout_id: RolloutId, db: Db, _admin: Admin) -> list[RolloutEventOut]:
+async def rollout_events(rollout_id: RolloutId, db: Db, _reader: Reader) -> list[RolloutEventOut]:
     """What happened, oldest first: created, started, advanced, paused, resumed, ..."""
     if await db.get(Rollout, rollout_id) is None:
         raise not_found(f"rollout {rollout_id}")
@@ -967,3 +1063,103 @@ async def approve_rollout(
     """Advance the current phase now (the only way past a manual phase)."""
     phase, reason = (body.phase, body.reason) if body else (None, None)
     return await _act(db, engine, admin, rollout_id, "approve", phase=phase, reason=reason)
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+class _TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str | None = Field(default=None, max_length=128, description="A note to recognise it.")
+    expires_days: float | None = Field(
+        default=None, gt=0, le=token_service.MAX_EXPIRES_DAYS, description="null: never."
+    )
+
+
+class OperatorTokenIn(_TokenIn):
+    """A token for people and scripts: admin (everything) or viewer (reads only)."""
+
+    role: Literal["admin", "viewer"]
+
+
+class EnrollTokenIn(_TokenIn):
+    """Lets new devices of a product (and group) register on their first check-in."""
+
+    role: Literal["enroll"]
+    product: identity.ProductName
+    group: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class DeviceTokenIn(_TokenIn):
+    """One device's own token."""
+
+    role: Literal["device"]
+    device: identity.Serial = Field(description="The device's serial.")
+
+
+TokenIn = Annotated[OperatorTokenIn | EnrollTokenIn | DeviceTokenIn, Field(discriminator="role")]
+
+
+class TokenOut(BaseModel):
+    id: str
+    role: str
+    label: str | None
+    product: str | None
+    group: str | None
+    device: str | None
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class CreatedTokenOut(TokenOut):
+    token: str = Field(description="The token itself (otk_...): shown only this once.")
+
+
+def _token(t: Token) -> TokenOut:
+    return TokenOut(
+        id=t.id,
+        role=t.role,
+        label=t.label,
+        product=t.product,
+        group=t.group,
+        device=t.device_serial,
+        created_at=t.created_at,
+        expires_at=t.expires_at,
+        revoked_at=t.revoked_at,
+    )
+
+
+@router.post("/tokens", response_model=CreatedTokenOut, status_code=201)
+async def create_token(body: TokenIn, db: Db, admin: Admin) -> CreatedTokenOut:
+    """Create a token; the answer holds the token itself, shown only this once."""
+    spec = token_service.TokenSpec(**body.model_dump())  # the service checks it again
+    created = await token_service.create(db, spec, actor=audit.actor_of(admin))
+    return CreatedTokenOut(**_token(created.row).model_dump(), token=created.token)
+
+
+@router.get("/tokens", response_model=list[TokenOut], responses=PAGED)
+async def list_tokens(
+    request: Request,
+    response: Response,
+    db: Db,
+    _reader: Reader,
+    role: Role | None = None,
+    limit: Limit = listings.DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> list[TokenOut]:
+    """Tokens (never their secrets), newest first, one page at a time."""
+    found = await token_service.listing(db, role=role, limit=limit, cursor=cursor)
+    paged(request, response, found.next)
+    return [_token(t) for t in found.items]
+
+
+@router.delete("/tokens/{token_id}", status_code=204)
+async def revoke_token(
+    token_id: Annotated[str, PathParam(max_length=256)], db: Db, admin: Admin
+) -> Response:
+    """Revoke a token: requests with it are refused (401) from then on. Revoking the token
+    that makes the request is allowed."""
+    await token_service.revoke(db, token_id, actor=audit.actor_of(admin))
+    return Response(status_code=204)

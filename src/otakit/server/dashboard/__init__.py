@@ -1,9 +1,11 @@
 """The operator's dashboard, served at ``/``: one HTML page, a stylesheet and a script.
 
 The page is a small front-end in plain JavaScript (no build step, nothing fetched from anywhere
-but this server) that calls the management API with the admin token the operator signs in
-with. The token is kept in the tab's ``sessionStorage`` and sent only in the ``Authorization``
-header: never in a URL, so it is in no access log. The routes are left out of the OpenAPI spec.
+but this server) that calls the management API with the token the operator signs in with: an
+admin token, or a viewer token (read-only: the page then shows no control that changes
+anything, and the server refuses such calls anyway). The token is kept in the tab's
+``sessionStorage`` and sent only in the ``Authorization`` header: never in a URL, so it is in
+no access log. The routes are left out of the OpenAPI spec.
 
 Every response carries a strict Content-Security-Policy (scripts, styles and API calls from
 this server only; no inline script), so injected markup could neither run nor send the token

@@ -1,4 +1,5 @@
-"""Artifacts as the server keeps them: adding an upload, deleting one, asking whether one exists.
+"""Artifacts as the server keeps them: adding an upload, deleting one, asking whether one exists,
+finding one by a short id.
 
 An artifact is named by the SHA-256 of its bytes, so adding the same bytes twice is one artifact:
 the second upload, through this server or another sharing the database, gets the first one's
@@ -6,10 +7,17 @@ record (``created`` False), also when both arrive at once (the loser of the inse
 winner's row). Deleting removes the record first, then the blob: from that commit on, every
 server refuses to serve the bytes (:func:`exists` is what signed downloads ask), and a server
 that still holds a cached copy drops it when it next looks (blobs.BlobStore.evict).
+
+A version names one binary per product (and container): a different binary with a version the
+product already has is refused (VersionTakenError), so "version X" always means the same bytes;
+an uploader that says which version it expects (``expect_version``) gets VersionMismatchError
+for anything else, and nothing is stored. An artifact may be named by a prefix of its SHA-256
+of at least :data:`MIN_PREFIX` hex digits (:func:`resolve`: one range read of the primary key).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +26,26 @@ from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from otakit.errors import DeployedError, NotFoundError, UploadRefusedError, UsageError
+from otakit.errors import (
+    AmbiguousError,
+    DeployedError,
+    NotFoundError,
+    OtakitError,
+    UnprocessableError,
+    UploadRefusedError,
+    UsageError,
+    VersionMismatchError,
+    VersionTakenError,
+)
 from otakit.image.keys import PublicKey
 from otakit.protocol.version import FirmwareVersion
 from otakit.server import identity
 from otakit.server.blobs import BlobStore
 from otakit.server.database import RawReader
 from otakit.server.models import Artifact, Deployment, DeploymentDevice, Product, TrustedKey
-from otakit.server.service import offers, revision
+from otakit.server.service import audit, offers, revision
 from otakit.server.service.uploads import inspect_upload
+from otakit.server.storage import storage_full
 
 
 @dataclass(frozen=True)
@@ -38,6 +57,112 @@ class Upload:
     board: str | None = None
     product: str | None = None
     container: str = "ota"
+    expect_version: str | None = None  # refuse (and store nothing) unless the version is this
+
+
+MIN_PREFIX = 12  # hex digits of a short artifact id (the dashboard shows 12)
+_HEX = frozenset("0123456789abcdef")
+
+
+async def resolve(db: AsyncSession, artifact_id: str) -> str:
+    """The full SHA-256 of the artifact ``artifact_id`` names: the whole id, or a prefix of at
+    least MIN_PREFIX hex digits (any case). One range read of the primary key index
+    (``prefix <= id < prefix + 'g'``: every id starting with the prefix, as ids are lowercase
+    hex), at most two rows.
+
+    Raises UsageError (not hex, or shorter than MIN_PREFIX), AmbiguousError (several artifacts
+    start with it) and NotFoundError (none does)."""
+    wanted = artifact_id.strip().lower()
+    if not wanted or not set(wanted) <= _HEX or len(wanted) > 64:
+        raise UsageError(
+            f"an artifact id is its SHA-256 in hex, or the first {MIN_PREFIX} or more hex digits "
+            f"of it: not {artifact_id[:80]!r}",
+            value=artifact_id[:80],
+        )
+    if len(wanted) == 64:
+        if await exists(db, wanted):
+            return wanted
+        raise NotFoundError(f"artifact {wanted!r} not found", value=wanted)
+    if len(wanted) < MIN_PREFIX:
+        raise UsageError(
+            f"artifact id {wanted!r} is too short: give at least {MIN_PREFIX} hex digits",
+            value=wanted,
+        )
+    found = list(
+        await db.scalars(
+            select(Artifact.id)
+            .where(Artifact.id >= wanted, Artifact.id < wanted + "g")
+            .order_by(Artifact.id)
+            .limit(2)
+        )
+    )
+    if not found:
+        raise NotFoundError(f"no artifact id starts with {wanted!r}", value=wanted)
+    if len(found) > 1:
+        raise AmbiguousError(
+            f"more than one artifact id starts with {wanted!r}: give more digits", value=wanted
+        )
+    return str(found[0])
+
+
+async def find(db: AsyncSession, artifact_id: str) -> Artifact:
+    """The artifact a whole or short id names (see :func:`resolve`)."""
+    artifact = await db.get(Artifact, await resolve(db, artifact_id))
+    if artifact is None:  # deleted between the two reads
+        raise NotFoundError(f"artifact {artifact_id!r} not found", value=artifact_id)
+    return artifact
+
+
+def expected_version(text: str | None) -> FirmwareVersion | None:
+    """The ``expect_version`` of an upload, parsed; UnprocessableError if it is no version."""
+    if text is None or not text.strip():
+        return None
+    try:
+        return FirmwareVersion.parse(text.strip())
+    except OtakitError as exc:
+        raise UnprocessableError(f"expect_version: {exc.message}", value=text) from None
+
+
+def _check_expected(upload: Upload, version: str) -> None:
+    wanted = expected_version(upload.expect_version)
+    if wanted is None:
+        return
+    try:
+        got = FirmwareVersion.parse(version)
+    except OtakitError:
+        got = None
+    if got != wanted:
+        raise VersionMismatchError(
+            f"the upload is version {version}, not {upload.expect_version} as expected; "
+            "nothing was stored",
+            value=version,
+        )
+
+
+async def _check_version_free(db: AsyncSession, sha256: str, upload: Upload, version: str) -> None:
+    """VersionTakenError if another binary already has ``version`` for the upload's product and
+    container (read by the index of migration 0011)."""
+    if not upload.product:
+        return
+    forms = {version}
+    with contextlib.suppress(OtakitError):
+        forms.add(str(FirmwareVersion.parse(version)))
+    taken = await db.scalar(
+        select(Artifact.id)
+        .where(
+            Artifact.product == upload.product,
+            Artifact.container == upload.container,
+            Artifact.version.in_(sorted(forms)),
+            Artifact.id != sha256,
+        )
+        .limit(1)
+    )
+    if taken is not None:
+        raise VersionTakenError(
+            f"product {upload.product} already has version {version} (artifact "
+            f"{taken[:MIN_PREFIX]}): bump the version",
+            value=version,
+        )
 
 
 async def product_of(db: AsyncSession, name: str | None) -> Product | None:
@@ -51,33 +176,48 @@ async def product_of(db: AsyncSession, name: str | None) -> Product | None:
 
 
 async def add(
-    db: AsyncSession, blobs: BlobStore, path: Path, sha256: str, size: int, upload: Upload
+    db: AsyncSession,
+    blobs: BlobStore,
+    path: Path,
+    sha256: str,
+    size: int,
+    upload: Upload,
+    *,
+    actor: str = audit.LOCAL,
 ) -> tuple[Artifact, bool]:
     """Record the received file ``path`` (whose SHA-256 and size the caller computed while
     receiving it) as an artifact, storing its bytes in ``blobs``; commits.
 
     Returns the artifact and whether it is new (False: the same bytes were already there).
-    Raises NotFoundError (unknown product), UsageError (empty upload), UploadRefusedError (not
-    an acceptable image, package or raw file), UnprocessableError (a name or version that does
-    not fit a job document) and BlobStoreError (the store cannot be written).
+    A new one is recorded in the audit log (``artifact.upload`` by ``actor``). Raises
+    NotFoundError (unknown product), UsageError (empty upload), UploadRefusedError (not an
+    acceptable image, package or raw file), UnprocessableError (a name or version that does not
+    fit a job document), VersionMismatchError (not the ``expect_version``), VersionTakenError
+    (another binary has this version for the product), StorageFullError (a full disk) and
+    BlobStoreError (the store cannot be written). Nothing is stored when it raises.
     """
     product = await product_of(db, upload.product)
     existing = await db.get(Artifact, sha256)
     if existing is not None:
+        _check_expected(upload, existing.version)
         return existing, False
     if size == 0:
         raise UsageError("the upload is empty")
     keys = [PublicKey.from_pem(k.pem.encode()) for k in await db.scalars(select(TrustedKey))]
     raw_allowed = bool(product and product.allow_raw)
+    # a raw file's version is the one given, or else the one expected
+    given = upload.version or (upload.expect_version or "").strip() or None
     try:
         inspected = await anyio.to_thread.run_sync(
-            lambda: inspect_upload(path, keys, raw_allowed=raw_allowed, version=upload.version)
+            lambda: inspect_upload(path, keys, raw_allowed=raw_allowed, version=given)
         )
     except UsageError as exc:  # well-formed, not acceptable: refused like an image that fails
         raise UploadRefusedError(exc.message, value=exc.value) from None
+    _check_expected(upload, inspected.version)
     # a job names the version as major.minor.build, in the device's Version buffer
     identity.check("version", "Version", FirmwareVersion.parse(inspected.version).short)
     identity.check_job_files(sha256, upload.name, upload.product)
+    await _check_version_free(db, sha256, upload, inspected.version)
     await blobs.put_file(path, sha256)  # idempotent: a concurrent upload stores the same bytes
     artifact = Artifact(
         id=sha256,
@@ -93,6 +233,20 @@ async def add(
         details=inspected.details,
     )
     db.add(artifact)
+    audit.record(
+        db,
+        actor=actor,
+        action="artifact.upload",
+        target=f"artifact {sha256[:MIN_PREFIX]}",
+        details={
+            "id": sha256,
+            "name": upload.name,
+            "version": inspected.version,
+            "product": upload.product,
+            "container": upload.container,
+            "size": size,
+        },
+    )
     try:
         await db.commit()
     except IntegrityError:  # the same bytes, uploaded at the same time through another server
@@ -101,27 +255,45 @@ async def add(
         if winner is None:  # not the artifact's key that clashed
             raise
         return winner, False
+    except Exception as exc:
+        if storage_full(exc) is not None:  # the database refused it: no blob without its row
+            await db.rollback()
+            with contextlib.suppress(Exception):
+                if not await exists(db, sha256):
+                    await blobs.delete(sha256)
+        raise
     return artifact, True
 
 
-async def remove(db: AsyncSession, blobs: BlobStore, artifact_id: str) -> None:
-    """Delete an artifact, its finished deployments and its blob; commits.
+async def remove(
+    db: AsyncSession, blobs: BlobStore, artifact_id: str, *, actor: str = audit.LOCAL
+) -> str:
+    """Delete an artifact (a whole or short id), its finished deployments and its blob, and
+    record ``artifact.delete``; commits. Returns the artifact's whole id.
 
-    Raises NotFoundError (no such artifact), DeployedError (an active deployment uses it) and
-    BlobStoreError (the record is gone but the blob could not be removed).
+    Raises NotFoundError (no such artifact), UsageError, AmbiguousError (see :func:`resolve`),
+    DeployedError (an active deployment uses it) and BlobStoreError (the record is gone but the
+    blob could not be removed).
     """
-    artifact = await db.get(Artifact, artifact_id)
-    if artifact is None:
-        raise NotFoundError(f"artifact {artifact_id!r} not found", value=artifact_id)
+    artifact = await find(db, artifact_id)
+    artifact_id = artifact.id
     if any(o.artifact.id == artifact_id for o in await offers.active(db)):
         raise DeployedError("the artifact is deployed; cancel its deployments first")
     old = select(Deployment.id).where(Deployment.artifact_id == artifact_id)
     await db.execute(delete(DeploymentDevice).where(DeploymentDevice.deployment_id.in_(old)))
     await db.execute(delete(Deployment).where(Deployment.artifact_id == artifact_id))
     await db.delete(artifact)
+    audit.record(
+        db,
+        actor=actor,
+        action="artifact.delete",
+        target=f"artifact {artifact_id[:MIN_PREFIX]}",
+        details={"id": artifact_id, "name": artifact.name, "version": artifact.version},
+    )
     await revision.bump(db)
     await db.commit()
     await blobs.delete(artifact_id)
+    return artifact_id
 
 
 async def exists(db: AsyncSession, artifact_id: str) -> bool:

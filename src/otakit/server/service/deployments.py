@@ -6,16 +6,23 @@ devices may be offered, so both bump the offers revision (revision.py) in their 
 
 Counts are the devices per state label (protocol/states.py) in a deployment: one grouped count
 over that deployment's ``deployment_devices`` rows (indexed by deployment and status), read for
-a whole page of deployments at once, never a row per device in Python.
+a whole page of deployments at once, never a row per device in Python. ``targeted`` is how many
+registered devices the target matches now: one count over the devices' product (or group)
+index per distinct target on a page; None for a condition on other tags (it could only be
+counted by reading every device).
+
+Deploying is idempotent: the same artifact to the same target (the same required tags: product,
+group, board or condition) with the same priority and downgrade setting, while such a
+deployment is active, gives that deployment back (``existing``), not a second one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.errors import NotFoundError, UsageError
@@ -26,17 +33,28 @@ from otakit.server.models import (
     Artifact,
     Deployment,
     DeploymentDevice,
+    Device,
     Rollout,
     utcnow,
 )
-from otakit.server.service import revision
-from otakit.server.service.listings import DEFAULT_LIMIT, Key, Page, page
-from otakit.server.targeting import PRODUCT_TAG, parse_condition, product_group_condition
+from otakit.server.service import audit, revision
+from otakit.server.service.artifacts import MIN_PREFIX, resolve
+from otakit.server.service.listings import DEFAULT_LIMIT, Key, Page, group_of, page
+from otakit.server.targeting import (
+    BOARD_TAG,
+    GROUP_TAG,
+    PRODUCT_TAG,
+    board_term,
+    parse_condition,
+    product_group_condition,
+)
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    """What to deploy to whom: a product (and group) or a tag condition, not both."""
+    """What to deploy to whom: a product (and group) or a tag condition, not both; ``board``:
+    only the devices of that board. ``artifact_id``: the whole SHA-256 or a prefix of at least
+    artifacts.MIN_PREFIX hex digits."""
 
     artifact_id: str
     product: str | None = None
@@ -45,6 +63,7 @@ class DeploymentSpec:
     priority: int = 0
     expiry_days: float = 365
     downgrade: bool = False
+    board: str | None = None
 
 
 @dataclass
@@ -65,22 +84,49 @@ class DeploymentView:
     counts: dict[str, int]
     anonymous: dict[str, int] = field(default_factory=dict)
     rollout_id: int | None = None
+    targeted: int | None = None  # registered devices the target matches (None: not counted)
+    existing: bool = False  # deploy(): an identical active deployment was given back
 
 
 def is_active(deployment: Deployment, now: datetime) -> bool:
     return deployment.cancelled_at is None and deployment.expires_at > now
 
 
-async def new_deployment(
-    db: AsyncSession, spec: DeploymentSpec, now: datetime | None = None
-) -> Deployment:
-    """Add a deployment (flushed, not committed: a rollout may be created with it)."""
-    artifact = await db.get(Artifact, spec.artifact_id)
-    if artifact is None:
-        raise NotFoundError(f"artifact {spec.artifact_id!r} not found")
+def condition_of(spec: DeploymentSpec) -> str:
+    """The tag condition a spec targets (its board as one more term); UsageError if the spec
+    names both or neither of product and condition, or the condition cannot be read."""
     if (spec.condition is None) == (spec.product is None):
         raise UsageError("give either product (and group) or condition")
-    condition = spec.condition or product_group_condition(spec.product or "", spec.group)
+    if spec.condition is not None:
+        if spec.group:
+            raise UsageError("group goes with product; put it in the condition instead")
+        condition = spec.condition.strip()
+        if spec.board:
+            condition = f"{condition} AND {board_term(spec.board)}"
+    else:
+        condition = product_group_condition(spec.product or "", spec.group, spec.board)
+    parse_condition(condition)
+    return condition
+
+
+async def _artifact(db: AsyncSession, artifact_id: str) -> Artifact:
+    artifact = await db.get(Artifact, await resolve(db, artifact_id))
+    if artifact is None:
+        raise NotFoundError(f"artifact {artifact_id!r} not found", value=artifact_id)
+    return artifact
+
+
+async def new_deployment(
+    db: AsyncSession,
+    spec: DeploymentSpec,
+    now: datetime | None = None,
+    *,
+    actor: str | None = None,
+) -> Deployment:
+    """Add a deployment (flushed, not committed: a rollout may be created with it); with
+    ``actor``, record ``deployment.create`` in the same transaction."""
+    artifact = await _artifact(db, spec.artifact_id)
+    condition = condition_of(spec)
     required = parse_condition(condition)
     identity.check_job_files(artifact.id, artifact.name, required.get(PRODUCT_TAG))
     now = now or utcnow()
@@ -94,22 +140,85 @@ async def new_deployment(
     )
     db.add(deployment)
     await db.flush()
+    if actor is not None:
+        audit.record(
+            db,
+            actor=actor,
+            action="deployment.create",
+            target=f"deployment {deployment.id}",
+            details={
+                "artifact": artifact.id,
+                "version": artifact.version,
+                "condition": condition,
+                **({"priority": spec.priority} if spec.priority else {}),
+                **({"downgrade": True} if spec.downgrade else {}),
+            },
+        )
     await revision.bump(db)
     return deployment
 
 
-async def deploy(db: AsyncSession, spec: DeploymentSpec) -> DeploymentView:
-    """Deploy an artifact: offered at once to every targeted device."""
-    deployment = await new_deployment(db, spec)
+async def active_twin(
+    db: AsyncSession, artifact_id: str, spec: DeploymentSpec, now: datetime | None = None
+) -> Deployment | None:
+    """An active deployment of ``artifact_id`` whose condition requires the same tags as the
+    spec's, with its priority and downgrade setting (the oldest), or None. Reads the artifact's
+    deployments (indexed)."""
+    now = now or utcnow()
+    required = parse_condition(condition_of(spec))
+    rows = await db.scalars(
+        select(Deployment)
+        .where(
+            Deployment.artifact_id == artifact_id,
+            Deployment.cancelled_at.is_(None),
+            Deployment.expires_at > now,
+            Deployment.priority == spec.priority,
+            Deployment.downgrade == spec.downgrade,
+        )
+        .order_by(Deployment.id)
+    )
+    for row in rows:
+        try:
+            if parse_condition(row.condition) == required:
+                return row
+        except UsageError:
+            continue
+    return None
+
+
+async def deploy(
+    db: AsyncSession, spec: DeploymentSpec, *, actor: str = audit.LOCAL
+) -> DeploymentView:
+    """Deploy an artifact: offered at once to every targeted device. If an active deployment
+    of the same artifact to the same target exists, it is given back (``existing`` True) and
+    nothing changes. Records ``deployment.create`` (by ``actor``) for a new one."""
+    artifact = await _artifact(db, spec.artifact_id)
+    twin = await active_twin(db, artifact.id, spec)
+    if twin is not None:
+        view = await get(db, twin.id)
+        view.existing = True
+        return view
+    spec = replace(spec, artifact_id=artifact.id)
+    deployment = await new_deployment(db, spec, actor=actor)
     await db.commit()
     return await get(db, deployment.id)
 
 
-async def cancel(db: AsyncSession, deployment_id: int) -> DeploymentView:
-    """Stop offering a deployment (devices that got it keep it); cancelling again is a no-op."""
+async def cancel(
+    db: AsyncSession, deployment_id: int, *, actor: str = audit.LOCAL
+) -> DeploymentView:
+    """Stop offering a deployment (devices that got it keep it); cancelling again is a no-op.
+    Records ``deployment.cancel`` (by ``actor``) when it stops one."""
     deployment = await _found(db, deployment_id)
     if deployment.cancelled_at is None:
         deployment.cancelled_at = utcnow()
+        audit.record(
+            db,
+            actor=actor,
+            action="deployment.cancel",
+            target=f"deployment {deployment_id}",
+            details={"artifact": deployment.artifact_id[:MIN_PREFIX]},
+        )
         await revision.bump(db)
         await db.commit()
     return await get(db, deployment_id)
@@ -145,7 +254,7 @@ async def listing(
     elif active is False:
         query = query.where(~live)
     if artifact_id:
-        query = query.where(Deployment.artifact_id == artifact_id)
+        query = query.where(Deployment.artifact_id == await resolve(db, artifact_id))
     found: Page[Deployment] = await page(
         db,
         query,
@@ -202,14 +311,14 @@ async def views(
     ids = [d.id for d in deployments]
     if not ids:
         return []
-    versions: dict[int, str] = {
-        i: v
-        for i, v in await db.execute(
-            select(Deployment.id, Artifact.version)
-            .join(Artifact, Artifact.id == Deployment.artifact_id)
-            .where(Deployment.id.in_(ids))
-        )
-    }
+    versions: dict[int, str] = {}
+    boards: dict[int, str | None] = {}
+    for i, v, b in await db.execute(
+        select(Deployment.id, Artifact.version, Artifact.board)
+        .join(Artifact, Artifact.id == Deployment.artifact_id)
+        .where(Deployment.id.in_(ids))
+    ):
+        versions[i], boards[i] = v, b
     rollout_ids: dict[int, int] = {
         d: r
         for d, r in await db.execute(
@@ -218,6 +327,9 @@ async def views(
     }
     by_state = await counts(db, ids)
     anonymous = await anonymous_counts(db, ids)
+    targeted = await targeted_counts(
+        db, [(d.id, d.condition, boards.get(d.id)) for d in deployments]
+    )
     result = []
     for d in deployments:
         shown = by_state[d.id]
@@ -236,6 +348,45 @@ async def views(
                 counts=shown,
                 anonymous={k: v for k, v in anonymous.get(d.id, {}).items() if v},
                 rollout_id=rollout_ids.get(d.id),
+                targeted=targeted.get(d.id),
             )
         )
+    return result
+
+
+_COUNTABLE = frozenset({PRODUCT_TAG, GROUP_TAG, BOARD_TAG})
+
+
+async def targeted_counts(
+    db: AsyncSession, targets: Sequence[tuple[int, str, str | None]]
+) -> dict[int, int | None]:
+    """Registered devices each deployment's target matches (``targets``: deployment id, its
+    condition, its artifact's board). A condition of product, group and board terms is one
+    count over the devices' product (or group) index, once per distinct target; a device's
+    tags for these are its product, group and board columns (explicit tags that disagree with
+    them are not looked at). Any other condition: None."""
+    result: dict[int, int | None] = {}
+    known: dict[tuple[tuple[str, str], ...], int] = {}
+    for deployment_id, condition, artifact_board in targets:
+        try:
+            required = parse_condition(condition)
+        except UsageError:
+            result[deployment_id] = None
+            continue
+        if not set(required) <= _COUNTABLE or not ({PRODUCT_TAG, GROUP_TAG} & set(required)):
+            result[deployment_id] = None
+            continue
+        key = tuple(sorted(required.items())) + ((("", artifact_board),) if artifact_board else ())
+        if key not in known:
+            query = select(func.count()).select_from(Device)
+            if PRODUCT_TAG in required:
+                query = query.where(Device.product == required[PRODUCT_TAG])
+            if GROUP_TAG in required:
+                query = query.where(group_of(db) == required[GROUP_TAG])
+            if BOARD_TAG in required:
+                query = query.where(Device.board == required[BOARD_TAG])
+            if artifact_board:  # targeting.board_fits: a device of another board never gets it
+                query = query.where(or_(Device.board.is_(None), Device.board == artifact_board))
+            known[key] = int(await db.scalar(query) or 0)
+        result[deployment_id] = known[key]
     return result

@@ -83,6 +83,8 @@ async def record_status(
     counter climbing too fast after applying makes it ``error`` (rollout.boot_loop). Return the
     deployment whose standing changed, if any."""
     state = normalise_state(status)
+    if error is not None and error.strip() in ("", "None"):
+        error = None  # extFwInfo's "Error": "None" (protocol/fwinfo.py) says there is none
     now = now or utcnow()
     session.add(
         StatusReport(

@@ -38,7 +38,9 @@ changes a device's standing in it, and every ``rollout_interval`` seconds in the
 time-based rules: start time, confirm timeout, soak). Every transition is a compare-and-set on
 ``rollouts.revision`` made under ``SELECT ... FOR UPDATE`` (PostgreSQL; SQLite serialises
 writers), and the ``rollout_events`` table refuses a second start/advance/complete/abort of one
-phase, so several server processes on one database never apply a transition twice.
+phase, so several server processes on one database never apply a transition twice. An
+operator's create, pause, resume, abort or approve, and the engine's own pauses and aborts, are
+recorded in the audit log (audit.py) in the transaction that applies them.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import object_session
 
 from otakit.errors import ConflictError, NotFoundError, UsageError
 from otakit.protocol.states import FAILED, empty_counts
@@ -84,8 +87,8 @@ from otakit.server.models import (
     StatusReport,
     utcnow,
 )
+from otakit.server.service import audit, revision
 from otakit.server.service import phases as phasing
-from otakit.server.service import revision
 from otakit.server.service.phases import (
     BUCKETS,
     DEFAULT_SUCCESS,
@@ -536,6 +539,25 @@ def operator_step(
     raise UsageError(f"unknown rollout action {action!r}", value=action)
 
 
+def _audit_details(rollout: Rollout, step: Step, phase: int) -> dict[str, Any]:
+    """What the audit log keeps of a transition: the deployment, the phase it was in, the
+    state (and phase) it went to and why."""
+    details: dict[str, Any] = {
+        "deployment": rollout.deployment_id,
+        "phase": phase,
+        "state": step.state,
+    }
+    if step.phase != phase:
+        details["to_phase"] = step.phase
+    why = step.reason or step.detail
+    if why:
+        details["reason"] = why[:200]
+    return details
+
+
+_ENGINE_AUDITED = {"paused": "rollout.pause", "aborted": "rollout.abort"}
+
+
 def _conflict(rollout: Rollout, what: str) -> ConflictError:
     return ConflictError(f"rollout {rollout.id} is {rollout.state} and cannot be {what}")
 
@@ -628,7 +650,9 @@ class RolloutEngine:
                 if step is None:
                     await db.rollback()
                     return
-                await self._apply(db, loaded, step, "engine", now)
+                # the engine's own pauses and aborts (the error threshold) go in the audit log
+                audited = _ENGINE_AUDITED.get(step.kind)
+                await self._apply(db, loaded, step, audit.ENGINE, now, audited=audited)
         log.warning("rollout %s: more than %s transitions in one evaluation", rollout_id, MAX_STEPS)
 
     async def _seed(self, db: AsyncSession, loaded: Loaded, now: datetime) -> None:
@@ -686,7 +710,9 @@ class RolloutEngine:
                     raise NotFoundError(f"rollout {rollout_id} not found")
                 stats = await tally(db, loaded, now)
                 step = operator_step(loaded, action, stats, now, phase=phase, reason=reason)
-                if step is None or await self._apply(db, loaded, step, actor, now):
+                if step is None or await self._apply(
+                    db, loaded, step, actor, now, audited=f"rollout.{action}"
+                ):
                     break
         else:
             raise ConflictError(
@@ -697,9 +723,17 @@ class RolloutEngine:
         await self.evaluate(rollout_id)
 
     async def _apply(
-        self, db: AsyncSession, loaded: Loaded, step: Step, actor: str, now: datetime
+        self,
+        db: AsyncSession,
+        loaded: Loaded,
+        step: Step,
+        actor: str,
+        now: datetime,
+        *,
+        audited: str | None = None,
     ) -> bool:
-        """Compare-and-set the transition; False when another process got there first."""
+        """Compare-and-set the transition; False when another process got there first.
+        ``audited``: the action to record in the audit log with it (same transaction)."""
         rollout = loaded.rollout
         rollout_id, phase = rollout.id, rollout.phase  # a rollback expires the row
         values: dict[str, Any] = {
@@ -738,6 +772,14 @@ class RolloutEngine:
                     detail=(step.detail or None) and step.detail[:256],
                 )
             )
+            if audited is not None:
+                audit.record(
+                    db,
+                    actor=actor,
+                    action=audited,
+                    target=f"rollout {rollout_id}",
+                    details=_audit_details(rollout, step, phase),
+                )
             if step.kind == "started":
                 # the devices registered now get their rows (a frozen rollout's snapshot);
                 # later ones join at their first check-in (phases.py)
@@ -1024,7 +1066,24 @@ def new_rollout(
 
 
 def created_event(rollout: Rollout, actor: str, now: datetime) -> RolloutEvent:
+    """The ``created`` event of a rollout just flushed (it has its id). Also adds the
+    ``rollout.create`` record of the audit log to the rollout's session, so that the caller's
+    commit keeps both."""
     plan = ", ".join(Phase.from_json(p).label for p in rollout.phases)
+    session = object_session(rollout)
+    if session is not None:
+        details = {"deployment": rollout.deployment_id, "phases": plan, "frozen": rollout.frozen}
+        if rollout.start_at is not None:
+            details["start_at"] = rollout.start_at.isoformat()
+        if rollout.window:
+            details["window"] = rollout.window
+        audit.record(
+            session,
+            actor=actor,
+            action="rollout.create",
+            target=f"rollout {rollout.id}",
+            details=details,
+        )
     return RolloutEvent(
         rollout_id=rollout.id, at=now, kind="created", phase=1, actor=actor[:64], detail=plan
     )

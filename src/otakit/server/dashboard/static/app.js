@@ -1,19 +1,24 @@
 // otakit dashboard: plain JavaScript, no build step, no third-party code.
 //
-// It calls the management API (/api/v1) with the admin token the operator signs in with. The
-// token is kept in this tab's sessionStorage and sent only in the Authorization header, never
-// in a URL. Every piece of data is put on the page with textContent (never as HTML).
+// It calls the management API (/api/v1) with the token the operator signs in with: an admin
+// token, or a viewer token (read-only: the page then shows no control that changes anything).
+// The token is kept in this tab's sessionStorage and sent only in the Authorization header,
+// never in a URL. Every piece of data is put on the page with textContent (never as HTML).
 (() => {
   "use strict";
 
   const TOKEN_KEY = "otakit.adminToken";
+  const ROLE_KEY = "otakit.role"; // admin or viewer, as /api/v1/whoami said at sign-in
   const POLL_MS = 1500; // live progress: deployments, rollouts and devices are polled this often
   const PAGE = 25; // deployments shown before "Show more"
   const DEVICE_PAGE = 100; // devices per page: the registry is never loaded whole
   const ARTIFACT_PAGE = 100; // artifacts per page (and the choices when deploying)
+  const AUDIT_PAGE = 50; // audit records per page
+  const ARTIFACT_NAME = /[^A-Za-z0-9._+-]/g; // what an artifact's name may not contain
+  const MAX_ARTIFACT_NAME = 128;
   const LIVE_STATES = ["scheduled", "running", "paused"];
   const COUNT_ORDER = ["Applied", "Applying", "Unknown", "Downloading", "Interrupted", "Error", "Reverted"];
-  const VIEWS = ["deployments", "devices", "artifacts"];
+  const VIEWS = ["deployments", "devices", "artifacts", "audit"];
 
   const $ = (id) => document.getElementById(id);
 
@@ -180,6 +185,10 @@
     deviceCounts: null, // { total, statuses } of the devices matching the filters but status
     devicePages: { key: null, cursors: [null], next: null }, // cursors of the pages seen so far
     artifactPages: { cursors: [null], next: null },
+    audit: [],
+    auditPages: { key: null, cursors: [null], next: null },
+    confirmingDelete: null, // the artifact id whose delete is being confirmed
+    uploading: false,
     moreDeployments: false,
     drawer: null, // { serial, older: bool, last: id }
     pollTimer: null,
@@ -193,15 +202,16 @@
     const problem = $("login-error");
     show(problem, false);
     if (!token) {
-      problem.textContent = "Enter an admin token.";
+      problem.textContent = "Enter an admin or viewer token.";
       show(problem, true);
       input.focus();
       return;
     }
     $("login-button").disabled = true;
     try {
-      await api("GET", "/api/v1/products", undefined, token);
+      const me = await api("GET", "/api/v1/whoami", undefined, token);
       sessionStorage.setItem(TOKEN_KEY, token);
+      setRole(me);
       input.value = "";
       enter();
     } catch (err) {
@@ -219,17 +229,52 @@
     }
   }
 
+  // Admin or viewer: a viewer's page has no control that changes anything (the server refuses
+  // them anyway). Until the server has said, the role of the sign-in stands.
+  function setRole(me) {
+    const role = me && me.role === "admin" ? "admin" : "viewer";
+    sessionStorage.setItem(ROLE_KEY, role);
+    applyRole(role, me ? me.actor : null);
+  }
+
+  function applyRole(role, actor) {
+    const changed = document.body.dataset.role !== role;
+    document.body.dataset.role = role;
+    const badge = $("role");
+    badge.textContent = role === "viewer" ? "viewer · read-only" : "admin";
+    if (actor) badge.title = `Signed in as ${actor}`;
+    show(badge, true);
+    if (changed) {
+      for (const card of cards.values()) delete card.dataset.signature; // controls drawn again
+      $("artifact-rows").dataset.signature = "";
+    }
+  }
+
+  function isAdmin() {
+    return document.body.dataset.role === "admin";
+  }
+
   function signOut(reason) {
     sessionStorage.removeItem(TOKEN_KEY);
+    sessionStorage.removeItem(ROLE_KEY);
+    delete document.body.dataset.role;
+    show($("role"), false);
     clearTimeout(state.pollTimer);
     state.deployments = [];
     state.rollouts.clear();
     state.devices = [];
     state.devicePages = { key: null, cursors: [null], next: null };
     state.artifactPages = { cursors: [null], next: null };
+    state.audit = [];
+    state.auditPages = { key: null, cursors: [null], next: null };
+    state.confirmingDelete = null;
     $("deployment-list").replaceChildren();
     $("device-rows").replaceChildren();
     $("artifact-rows").replaceChildren();
+    $("audit-rows").replaceChildren();
+    for (const body of [$("device-rows"), $("artifact-rows"), $("audit-rows")]) body.dataset.signature = "";
+    for (const card of cards.values()) card.remove();
+    cards.clear();
     closeDrawer();
     clearError();
     show($("nav"), false);
@@ -244,6 +289,12 @@
   }
 
   function enter() {
+    applyRole(sessionStorage.getItem(ROLE_KEY) || "viewer", null);
+    api("GET", "/api/v1/whoami")
+      .then(setRole)
+      .catch((err) => {
+        if (err instanceof ApiError && err.status === 401) signOut(`The server no longer accepts this token: ${err.message}`);
+      });
     show($("view-login"), false);
     show($("login-error"), false);
     show($("nav"), true);
@@ -280,6 +331,7 @@
         if (state.view === "deployments") await refreshDeployments();
         else if (state.view === "devices") await refreshDevices();
         else if (state.view === "artifacts") await refreshArtifacts();
+        else if (state.view === "audit") await refreshAudit();
         clearError("poll");
         $("updated").textContent = `Updated ${new Date().toLocaleTimeString()}`;
       }
@@ -461,15 +513,20 @@
         el("span", { class: "badge", "data-testid": `phase-of-${d.id}`, text: `phase ${rollout.phase} of ${rollout.phases.length}` }),
       );
       if (rollout.awaiting_approval) {
+        // held for an operator: a manual phase, or a phase that holds no device yet (it never
+        // passes by itself: its devices may not have enrolled yet)
         const current = rollout.phases[rollout.phase - 1];
-        const ready = current && current.targeted
-          ? (100 * current.succeeded) / current.targeted >= current.success
-          : true;
+        const empty = !current || !current.targeted;
+        const ready = !empty && (100 * current.succeeded) / current.targeted >= current.success;
+        const text = empty ? "waiting for devices" : ready ? "ready for approval" : "manual phase";
         badges.push(
           el("span", {
             class: `badge ${ready ? "state-paused" : ""}`,
             "data-testid": `approval-${d.id}`,
-            text: ready ? "ready for approval" : "manual phase",
+            title: empty
+              ? `No device falls into phase ${rollout.phase} yet: it is held until one does, or until it is approved`
+              : undefined,
+            text,
           }),
         );
       }
@@ -529,13 +586,18 @@
   }
 
   function cardBody(d, rollout) {
-    const total = rollout
-      ? Math.max(rollout.targeted, sum(d.counts))
-      : sum(d.counts);
+    // a rollout counts its devices per phase; a plain deployment says how many registered
+    // devices its target matches (null: a tag condition the server does not count)
+    const targeted = rollout ? rollout.targeted : d.targeted;
+    const known = typeof targeted === "number";
+    const reporting = sum(d.counts);
+    const total = known ? Math.max(targeted, reporting) : reporting;
     const applied = d.counts.Applied || 0;
-    const summary = rollout
-      ? `${applied} of ${rollout.targeted} targeted devices applied`
-      : `${applied} of ${total} reporting devices applied`;
+    const devices = (n) => `${n} device${n === 1 ? "" : "s"}`;
+    let summary;
+    if (known) summary = `${devices(targeted)} targeted · ${applied} applied`;
+    else if (reporting) summary = `${devices(reporting)} reporting · ${applied} applied`;
+    else summary = "No device has reported yet (targets a tag condition)";
     const out = [
       el("p", { class: "summary", "data-testid": `summary-${d.id}`, text: summary }),
       stackedBar(d.counts, total, summary, `bar-${d.id}`),
@@ -596,8 +658,11 @@
         segment.style.width = `${Math.min(100, (100 * value) / denominator)}%`;
         bar.append(segment);
       }
-      const percent = targeted ? Math.round((100 * phase.succeeded) / targeted) : 100;
       const shownStatus = phase.status === "current" && rollout.state === "aborted" ? "stopped" : phase.status;
+      // a phase without devices is not passed: it shows none updated, never "100 %"
+      const numbers = targeted
+        ? `${phase.succeeded}/${targeted} updated (${Math.round((100 * phase.succeeded) / targeted)}%)`
+        : el("span", { class: phase.status === "current" ? "phase-empty" : "muted", text: "no devices yet" });
       return el(
         "tr",
         { class: `phase phase-${phase.status}` },
@@ -607,7 +672,7 @@
         el(
           "td",
           { class: "numbers", "data-testid": `phase-text-${rollout.id}-${phase.number}` },
-          `${phase.succeeded}/${targeted} updated (${percent}%)`,
+          numbers,
           phase.failed ? ` · ${phase.failed} failed` : "",
           inFlight ? ` · ${inFlight} in progress` : "",
         ),
@@ -628,6 +693,7 @@
   }
 
   function cardControls(d, rollout) {
+    if (!isAdmin()) return []; // a viewer changes nothing
     if (!rollout) {
       if (!d.active) return [];
       return [dangerButton(`cancel-${d.id}`, "Cancel deployment…", () => confirmForm(d, null))];
@@ -840,12 +906,13 @@
 
   async function refreshDevices() {
     const filters = deviceFilters();
-    const key = JSON.stringify(filters);
+    const sort = $("f-sort").value;
+    const key = JSON.stringify([filters, sort]);
     if (state.devicePages.key !== key) state.devicePages = { key, cursors: [null] };
     const pages = state.devicePages;
     const cursor = pages.cursors[pages.cursors.length - 1];
     const [found, counts] = await Promise.all([
-      apiPage("/api/v1/devices", { ...filters, limit: DEVICE_PAGE, cursor }),
+      apiPage("/api/v1/devices", { ...filters, sort, limit: DEVICE_PAGE, cursor }),
       apiPage("/api/v1/device-counts", { ...filters, status: "" }),
     ]);
     if (state.devicePages !== pages) return; // the filters changed meanwhile
@@ -915,10 +982,15 @@
         "td",
         {},
         el("span", { class: `badge status-${status}`, text: device.status || "never reported" }),
-        device.error ? el("span", { class: "muted", text: ` ${device.error}` }) : null,
+        realError(device.error) ? el("span", { class: "muted", text: ` ${device.error}` }) : null,
       ),
       el("td", {}, timeTag(device.last_seen, ago(device.last_seen))),
     );
+  }
+
+  // extFwInfo's "Error": "None" means no error (the server stores none; older rows may have it)
+  function realError(error) {
+    return Boolean(error) && error !== "None";
   }
 
   let filterTimer = null;
@@ -940,7 +1012,10 @@
     state.drawer = { serial, older: false, last: null };
     $("drawer-title").textContent = `Device ${serial}`;
     $("drawer-device").replaceChildren();
+    $("drawer-offer").className = "muted";
+    $("drawer-offer").textContent = "…";
     $("history-rows").replaceChildren();
+    $("history-rows").dataset.signature = "";
     show($("drawer"), true);
     $("drawer-close").focus();
     await act(() => loadHistory(false));
@@ -959,11 +1034,13 @@
     if (!drawer) return;
     const serial = encodeURIComponent(drawer.serial);
     const before = older && drawer.last ? `&before=${drawer.last}` : "";
-    const [device, entries] = await Promise.all([
+    const [device, entries, twin] = await Promise.all([
       older ? Promise.resolve(null) : api("GET", `/api/v1/devices/${serial}`),
       api("GET", `/api/v1/devices/${serial}/history?limit=50${before}`),
+      older ? Promise.resolve(null) : api("GET", `/api/v1/devices/${serial}/twin`),
     ]);
     if (state.drawer !== drawer) return; // closed or another device opened meanwhile
+    if (twin) showOffer(twin);
     if (device) {
       const tags = device.tags || {};
       const facts = [
@@ -971,7 +1048,7 @@
         ["Group", tags.deviceGroup],
         ["Board", device.board],
         ["Version", device.version],
-        ["Status", device.status ? `${device.status}${device.error ? ` (${device.error})` : ""}` : "never reported"],
+        ["Status", device.status ? `${device.status}${realError(device.error) ? ` (${device.error})` : ""}` : "never reported"],
         ["Last seen", device.last_seen ? `${when(device.last_seen)} (${ago(device.last_seen)})` : "never"],
       ];
       $("drawer-device").replaceChildren(
@@ -984,22 +1061,51 @@
         { "data-testid": `history-${h.id}`, dataset: { status: h.status, source: h.source } },
         el("td", {}, timeTag(h.at, when(h.at))),
         el("td", {}, el("span", { class: `badge status-${h.status}`, text: h.status })),
-        el("td", { text: h.error || "" }),
+        el("td", { text: realError(h.error) ? h.error : "" }),
         el("td", { text: h.version || "" }),
         el("td", { text: h.deployment_id ?? "" }),
         el("td", { text: h.source }),
         el("td", { text: h.boots ?? "" }),
       ),
     );
+    const body = $("history-rows");
     if (older) {
-      $("history-rows").append(...rows);
+      body.append(...rows);
       drawer.older = true;
+      body.dataset.signature = "";
     } else {
-      $("history-rows").replaceChildren(...rows);
+      // redrawn only when a report came (the drawer is refreshed with the devices)
+      const signature = JSON.stringify([drawer.serial, entries]);
+      if (body.dataset.signature !== signature) {
+        body.dataset.signature = signature;
+        body.replaceChildren(...rows);
+      }
     }
     if (entries.length) drawer.last = entries[entries.length - 1].id;
     show($("history-empty"), $("history-rows").children.length === 0);
     show($("history-more"), entries.length === 50);
+  }
+
+  // What the device is offered now (its twin's desired state): the job its next check-in gets.
+  function showOffer(twin) {
+    const offer = $("drawer-offer");
+    const info = twin.desired && twin.desired.extFwInfo;
+    if (!info) {
+      offer.className = "muted";
+      offer.dataset.version = "";
+      offer.textContent = "Nothing is offered to this device now.";
+      return;
+    }
+    const sha = String(info.sha256 || "").toLowerCase();
+    const artifact = state.artifacts.find((a) => a.id === sha);
+    offer.className = "";
+    offer.dataset.version = String(info.version);
+    offer.replaceChildren(
+      `Offered now: version ${artifact ? artifact.version : info.version}`,
+      artifact ? ` (${artifact.name})` : "",
+      `, ${size(info.size)}, `,
+      el("code", { title: sha, text: `${sha.slice(0, 12)}…` }),
+    );
   }
 
   // --- artifacts --------------------------------------------------------------------------------
@@ -1015,7 +1121,7 @@
     show($("artifacts-prev"), pages.cursors.length > 1);
     show($("artifacts-next"), Boolean(pages.next));
     fillArtifactChoices();
-    const signature = JSON.stringify(state.artifacts);
+    const signature = JSON.stringify([state.artifacts, state.confirmingDelete, isAdmin()]);
     const body = $("artifact-rows");
     if (body.dataset.signature !== signature) {
       body.dataset.signature = signature;
@@ -1034,9 +1140,10 @@
 
   function artifactRow(a) {
     const signature = a.signature === "valid" && a.signed_by ? `valid (key ${a.signed_by})` : a.signature;
+    const confirming = state.confirmingDelete === a.id;
     return el(
       "tr",
-      { "data-testid": `artifact-${a.id}` },
+      { "data-testid": `artifact-${a.id}`, class: confirming ? "confirming" : undefined },
       el("th", { scope: "row", text: a.name }),
       el("td", { text: a.version }),
       el("td", { text: a.kind }),
@@ -1046,25 +1153,222 @@
       el("td", { text: signature }),
       el("td", {}, el("code", { title: a.sha256, text: `${a.sha256.slice(0, 12)}…` })),
       el("td", {}, timeTag(a.created_at, when(a.created_at))),
-      el(
-        "td",
-        {},
+      el("td", { class: "row-actions" }, isAdmin() ? artifactActions(a, confirming) : null),
+    );
+  }
+
+  function artifactActions(a, confirming) {
+    if (confirming) {
+      return el(
+        "div",
+        { class: "row-confirm", role: "group", "aria-label": `Delete ${a.name} ${a.version}` },
+        el("span", { text: `Delete ${a.name} ${a.version} for good?` }),
+        el("button", {
+          type: "button",
+          class: "danger",
+          "data-testid": `delete-confirm-${a.id}`,
+          text: "Delete",
+          onclick: async (event) => {
+            event.currentTarget.disabled = true;
+            const done = await act(async () => {
+              await api("DELETE", `/api/v1/artifacts/${a.id}`);
+              notify(`Artifact ${a.name} ${a.version} (${a.id.slice(0, 12)}) deleted.`);
+              return true;
+            });
+            state.confirmingDelete = null;
+            if (done) loadReferenceData();
+            await poll();
+          },
+        }),
         el("button", {
           type: "button",
           class: "secondary",
-          "data-testid": `deploy-${a.id}`,
-          text: "Deploy…",
+          "data-testid": `delete-cancel-${a.id}`,
+          text: "Keep it",
           onclick: () => {
-            fillArtifactChoices();
-            $("c-artifact").value = a.id;
-            if (a.product && !$("c-product").value) $("c-product").value = a.product;
-            $("create").open = true;
-            location.hash = "#deployments";
-            $("c-product").focus();
+            state.confirmingDelete = null;
+            refreshArtifactRows();
           },
         }),
-      ),
+      );
+    }
+    return [
+      el("button", {
+        type: "button",
+        class: "secondary",
+        "data-testid": `deploy-${a.id}`,
+        text: "Deploy…",
+        onclick: () => {
+          fillArtifactChoices();
+          $("c-artifact").value = a.id;
+          if (a.product && !$("c-product").value) $("c-product").value = a.product;
+          $("create").open = true;
+          location.hash = "#deployments";
+          $("c-product").focus();
+        },
+      }),
+      " ",
+      el("button", {
+        type: "button",
+        class: "danger",
+        "data-testid": `delete-${a.id}`,
+        text: "Delete…",
+        onclick: () => {
+          state.confirmingDelete = a.id;
+          refreshArtifactRows();
+          const keep = document.querySelector(`[data-testid="delete-cancel-${CSS.escape(a.id)}"]`);
+          if (keep) keep.focus();
+        },
+      }),
+    ];
+  }
+
+  function refreshArtifactRows() {
+    const body = $("artifact-rows");
+    body.dataset.signature = JSON.stringify([state.artifacts, state.confirmingDelete, isAdmin()]);
+    body.replaceChildren(...state.artifacts.map(artifactRow));
+  }
+
+  // An upload with its progress: XMLHttpRequest, as fetch reports no upload progress. The
+  // file is sent as it is (streamed by the browser); the server names the artifact after it.
+  function uploadArtifact(event) {
+    event.preventDefault();
+    if (state.uploading) return;
+    const problem = $("upload-error");
+    show(problem, false);
+    const file = $("u-file").files[0];
+    if (!file) {
+      problem.textContent = "choose a file to upload";
+      show(problem, true);
+      return;
+    }
+    const name = (file.name.replace(ARTIFACT_NAME, "_") || "artifact").slice(-MAX_ARTIFACT_NAME);
+    const query = new URLSearchParams({ name });
+    const product = $("u-product").value.trim();
+    const version = $("u-version").value.trim();
+    if (product) query.set("product", product);
+    if (version) query.set("expect_version", version);
+    const bar = $("upload-progress");
+    const status = $("upload-status");
+    const submit = $("upload-form").querySelector("button[type=submit]");
+    bar.max = Math.max(1, file.size);
+    bar.value = 0;
+    bar.dataset.loaded = "0";
+    show(bar, true);
+    status.textContent = `Uploading ${name} (${size(file.size)})…`;
+    submit.disabled = true;
+    state.uploading = true;
+    const xhr = new XMLHttpRequest();
+    const call = "POST /api/v1/artifacts";
+    const moved = (loaded, total) => {
+      bar.max = Math.max(1, total);
+      bar.value = loaded;
+      bar.dataset.loaded = String(loaded);
+      status.textContent = `Uploading ${name}: ${size(loaded)} of ${size(total)} (${Math.floor((100 * loaded) / Math.max(1, total))}%)`;
+    };
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) moved(e.loaded, e.total);
+    });
+    const finish = () => {
+      state.uploading = false;
+      submit.disabled = false;
+    };
+    xhr.addEventListener("load", () => {
+      finish();
+      let data = null;
+      try {
+        data = xhr.responseText ? JSON.parse(xhr.responseText) : null;
+      } catch (err) {
+        data = null;
+      }
+      if (xhr.status === 200 || xhr.status === 201) {
+        moved(file.size, file.size);
+        const again = xhr.status === 200 ? " (already uploaded)" : "";
+        status.textContent = `Uploaded ${data.name} ${data.version} (${data.id.slice(0, 12)})${again}.`;
+        notify(`Artifact ${data.name} ${data.version} uploaded${again}.`);
+        $("u-file").value = "";
+        loadReferenceData();
+        poll();
+        return;
+      }
+      if (xhr.status === 401) {
+        signOut(`The server no longer accepts this token: ${(data && data.message) || "refused"}`);
+        return;
+      }
+      const err = new ApiError(call, xhr.status, (data && data.error) || "HTTP", (data && data.message) || xhr.statusText || "the upload failed");
+      status.textContent = "";
+      show(bar, false);
+      problem.textContent = err.describe();
+      show(problem, true);
+    });
+    xhr.addEventListener("error", () => {
+      finish();
+      show(bar, false);
+      status.textContent = "";
+      problem.textContent = new ApiError(call, 0, "NETWORK", "the server did not answer").describe();
+      show(problem, true);
+    });
+    xhr.open("POST", `/api/v1/artifacts?${query}`);
+    xhr.setRequestHeader("authorization", `Bearer ${sessionStorage.getItem(TOKEN_KEY)}`);
+    xhr.setRequestHeader("content-type", "application/octet-stream");
+    xhr.setRequestHeader("accept", "application/json");
+    xhr.send(file);
+  }
+
+  // --- the audit log ----------------------------------------------------------------------------
+
+  async function refreshAudit() {
+    const filters = { action: $("a-action").value, actor: $("a-actor").value.trim() };
+    const key = JSON.stringify(filters);
+    if (state.auditPages.key !== key) state.auditPages = { key, cursors: [null], next: null };
+    const pages = state.auditPages;
+    const found = await apiPage("/api/v1/audit", {
+      ...filters,
+      limit: AUDIT_PAGE,
+      cursor: pages.cursors[pages.cursors.length - 1],
+    });
+    if (state.auditPages !== pages) return; // the filters changed meanwhile
+    pages.next = found.next;
+    state.audit = found.items;
+    const body = $("audit-rows");
+    const signature = JSON.stringify(state.audit);
+    if (body.dataset.signature !== signature) {
+      body.dataset.signature = signature;
+      body.replaceChildren(...state.audit.map(auditRow));
+    }
+    show($("audit-empty"), state.audit.length === 0);
+    show($("audit-prev"), pages.cursors.length > 1);
+    show($("audit-next"), Boolean(pages.next));
+  }
+
+  function auditRow(e) {
+    const details = Object.entries(e.details || {})
+      .filter(([, v]) => v !== null && v !== undefined)
+      .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
+    return el(
+      "tr",
+      { "data-testid": `audit-${e.id}`, dataset: { action: e.action, actor: e.actor } },
+      el("td", {}, timeTag(e.at, when(e.at))),
+      el("td", { text: e.actor }),
+      el("td", {}, el("code", { text: e.action })),
+      el("td", { text: e.target }),
+      el("td", { class: "details", text: details.join(" · ") }),
     );
+  }
+
+  function turnAuditPage(forward) {
+    const pages = state.auditPages;
+    if (forward && pages.next) pages.cursors.push(pages.next);
+    else if (!forward && pages.cursors.length > 1) pages.cursors.pop();
+    else return;
+    poll();
+  }
+
+  let auditTimer = null;
+
+  function auditFiltersChanged() {
+    clearTimeout(auditTimer);
+    auditTimer = setTimeout(poll, 250);
   }
 
   // --- wiring -----------------------------------------------------------------------------------
@@ -1095,6 +1399,12 @@
     $("devices-next").addEventListener("click", () => turnDevicePage(true));
     $("devices-prev").addEventListener("click", () => turnDevicePage(false));
     $("artifacts-next").addEventListener("click", () => turnArtifactPage(true));
+    $("upload-form").addEventListener("submit", uploadArtifact);
+    $("audit-filters").addEventListener("input", auditFiltersChanged);
+    $("audit-filters").addEventListener("change", auditFiltersChanged);
+    $("audit-filters").addEventListener("submit", (event) => event.preventDefault());
+    $("audit-next").addEventListener("click", () => turnAuditPage(true));
+    $("audit-prev").addEventListener("click", () => turnAuditPage(false));
     $("artifacts-prev").addEventListener("click", () => turnArtifactPage(false));
     $("drawer-close").addEventListener("click", closeDrawer);
     $("history-more").addEventListener("click", () => act(() => loadHistory(true)));

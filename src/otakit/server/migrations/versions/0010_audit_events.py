@@ -27,8 +27,10 @@ def upgrade() -> None:
         sa.Column("details", sa.JSON(), nullable=False),
     )
     op.create_index("ix_audit_events_action_id", "audit_events", ["action", "id"])
+    op.create_index("ix_audit_events_actor_id", "audit_events", ["actor", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_audit_events_actor_id", "audit_events")
     op.drop_index("ix_audit_events_action_id", "audit_events")
     op.drop_table("audit_events")
