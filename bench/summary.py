@@ -1,6 +1,6 @@
 """One page of every benchmark's figures, each next to the reference measured in the same run.
 
-Reads ``bench/results/*.json`` (``flash_wear``, ``agent``, ``mqtt``, ``server``, ``fleet*``,
+Reads ``bench/results/*.json`` (``flash_wear``, ``agent``, ``agent_idle``, ``mqtt``, ``server``, ``fleet*``,
 ``scale*``) and writes ``bench/results/summary.md``: one markdown table per benchmark, the ratio
 to the reference in its own column, and for each the file it came from, when that file was
 written and the machine it names. Of ``server.json`` and ``server-quick.json`` (and of ``mqtt.json`` and
@@ -169,6 +169,35 @@ def agent(results: Path) -> list[str]:
         f"`update_once` (HttpTransport, SlotStorage on an in-memory flash) against `otakit "
         f"serve` (SQLite). Reference: {reference}. From {_source(path, data)}; load average "
         f"{load.get('before')} before, {load.get('after')} after.",
+        "",
+        *_table(head, rows),
+    ]
+
+
+def agent_idle(results: Path) -> list[str]:
+    loaded = _load(results, "agent_idle.json")
+    if loaded is None:
+        return ["*No `agent_idle.json`: run `.venv/bin/python bench/agent_idle.py`.*"]
+    data, path = loaded
+    idle = data["agents"]["otakit-agent"]
+    rows = []
+    agents = {f"`{name}`, idle": m for name, m in data["agents"].items()}
+    for name, m in {**agents, **data["references"]}.items():
+        rows.append(
+            [
+                name,
+                f"{m['rss'] / MIB:.1f}",
+                f"{m['uss'] / MIB:.1f}",
+                _x(_ratio(idle["rss"], m["rss"])),
+                _x(_ratio(idle["uss"], m["uss"])),
+            ]
+        )
+    head = ["process", "RSS MiB", "USS MiB", "otakit-agent RSS vs it", "USS vs it"]
+    return [
+        f"A gateway's agent after {data['checkins']} check-in(s) with nothing to update, "
+        f"against `otakit serve` on loopback, from the install `{data.get('venv', '?')}` "
+        f"({len(data.get('installed', []))} distributions). References: idle Python processes "
+        f"of the same install. From {_source(path, data)}.",
         "",
         *_table(head, rows),
     ]
@@ -448,6 +477,7 @@ def scale(results: Path) -> list[str]:
 SECTIONS: list[tuple[str, Callable[[Path], list[str]]]] = [
     ("Flash wear per upgrade", flash_wear),
     ("Device agent: CPU and memory per MiB downloaded", agent),
+    ("Device agent: memory while idle", agent_idle),
     ("MQTT: 1 MiB to 1 and to 100 devices", mqtt),
     ("Update server vs nginx", server),
     ("Fleet against one server", fleet),

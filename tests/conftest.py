@@ -226,7 +226,9 @@ INTEGRATION_TESTS = (
     # single tests in modules that are otherwise pure
     "tests/test_agent_run.py::test_agent_run_refuses_a_config_without_storage",
     "tests/test_blobs.py::*[[]s3*",  # the s3 parameter of `backend` asks for moto at run time
+    "tests/test_device_package.py::test_the_package_demo_ends_as_it_says",  # a server
     "tests/test_device_security.py::test_a_download_with_a_lower_security_counter_*",
+    "tests/test_gateway.py::test_a_command_programmer_*",  # runs the programmer command
     "tests/test_device_security.py::test_a_silent_central_does_not_lock_out_the_next_one",
     "tests/test_faultproxy.py::test_refused_upstream_closes_the_client",
     "tests/test_fleet.py::test_bad_options_*",  # `otakit sim fleet`
@@ -258,6 +260,7 @@ SLOW_TESTS = (
     "tests/test_bench_smoke.py::*",
     "tests/test_dashboard.py::*",
     "tests/test_demo.py::*",
+    "tests/test_device_package.py::test_the_package_demo_ends_as_it_says",
     "tests/test_fleet.py::*",
     "tests/test_mcuboot_cross.py::*",
     "tests/test_rollout_scale.py::*",

@@ -30,6 +30,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 SMOKE = {  # script: its arguments besides --results, and the JSON files it writes
     "flash_wear.py": (["--smoke"], ["flash_wear.json"]),
     "agent_bench.py": (["--smoke"], ["agent.json"]),
+    "agent_idle.py": (["--smoke"], ["agent_idle.json"]),
     "mqtt_bench.py": (["--smoke"], ["mqtt-quick.json"]),
     "server_bench.py": (["--smoke"], ["server-quick.json"]),
     "fleet_bench.py": (["--smoke"], ["fleet-quick.json"]),
@@ -124,6 +125,16 @@ def test_agent_bench(runs: Runs) -> None:
     assert [cell["curl"] is not None for cell in result["cells"]] == [True]
 
 
+def test_agent_idle(runs: Runs) -> None:
+    """Both ways to run the agent checked in, and both references (bare python, httpx) were
+    measured."""
+    result = runs.smoke("agent_idle.py")
+    assert result["checkins"] == 1
+    assert set(result["references"]) == {"python (nothing imported)", "python + httpx.Client"}
+    assert set(result["agents"]) == {"otakit-agent", "otakit agent run"}
+    assert all(m["uss"] > 0 for m in [*result["agents"].values(), *result["references"].values()])
+
+
 def test_mqtt_bench(runs: Runs) -> None:
     result = runs.smoke("mqtt_bench.py")
     assert {cell["sender"] for cell in result["cells"]} == {"otakit", "reference"}
@@ -179,7 +190,8 @@ def test_summary(runs: Runs) -> None:
 def test_smoke_needs_a_results_folder() -> None:
     """A smoke run's numbers mean nothing: without --results (bench/results/, the recorded
     runs) the script stops before doing anything."""
-    scripts = ("agent_bench.py", "mqtt_bench.py", "server_bench.py", "fleet_bench.py")
+    scripts = ["agent_bench.py", "agent_idle.py", "mqtt_bench.py", "server_bench.py"]
+    scripts += ["fleet_bench.py"]
     for script in (*scripts, "scale_bench.py"):
         done = subprocess.run(
             [sys.executable, str(BENCH / script), "--smoke"],

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -36,34 +33,13 @@ def agent_app(simulator: Simulator | None = None) -> typer.Typer:
         Runs until SIGINT or SIGTERM; with --once, makes one attempt at once and exits with
         status 1 if it failed.
         """
-        from otakit.device.agent import Outcome
-        from otakit.device.config import AgentConfig
-        from otakit.device.service import AgentService, configure_logging
+        from otakit.device.run import run as run_agent
 
-        config = AgentConfig.from_toml(config_file)
-        configure_logging(config.logging)
-        service = AgentService(config, simulator=simulator)
-        stop = threading.Event()
+        def say(line: str) -> None:
+            err.print(line, markup=False)
 
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        previous = signal.signal(signal.SIGTERM, on_signal)
-        try:
-            result = service.run(stop, once=once)
-        except KeyboardInterrupt:
-            return
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if result is None:
-            return
-        if result.outcome is Outcome.UPDATED:
-            err.print(f"updated to {result.version}")
-        elif result.outcome is Outcome.NO_UPDATE:
-            err.print("no update")
-        else:
-            err.print(f"otakit: error [{result.error}]: {result.message}", markup=False)
-            if once:
-                raise typer.Exit(1)
+        status = run_agent(config_file, once=once, simulator=simulator, say=say)
+        if status:
+            raise typer.Exit(status)
 
     return app

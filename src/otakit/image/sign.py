@@ -17,12 +17,7 @@ import io
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import click
-from imgtool import image as imgtool_image
-from imgtool import keys as imgtool_keys
-from imgtool.version import SemiSemVersion
+from typing import TYPE_CHECKING, Any, Literal
 
 from otakit.errors import ImageTooLargeError, OtakitError, SigningError
 from otakit.image.header import HEADER_SIZE, ImageVersion
@@ -38,6 +33,12 @@ from otakit.image.trailer import (
     trailer_size,
 )
 from otakit.image.verify import verify_image
+
+if TYPE_CHECKING:
+    from imgtool.version import SemiSemVersion
+
+# imgtool (and click, which it raises) is imported by the functions that sign, not with this
+# module: every `otakit` command imports it, the device agent among them, which never signs.
 
 
 @dataclass(frozen=True)
@@ -127,16 +128,23 @@ class SignOptions:
         )
 
 
-_IMGTOOL_KEY_CLASSES: dict[KeyType, Any] = {
-    KeyType.ECDSA_P256: imgtool_keys.ECDSA256P1,
-    KeyType.ECDSA_P384: imgtool_keys.ECDSA384P1,
-    KeyType.ED25519: imgtool_keys.Ed25519,
-    KeyType.RSA_2048: imgtool_keys.RSA,
-    KeyType.RSA_3072: imgtool_keys.RSA,
-}
+def _imgtool_key(key: SigningKey) -> Any:
+    """imgtool's key object for ``key``."""
+    from imgtool import keys as imgtool_keys
+
+    classes: dict[KeyType, Any] = {
+        KeyType.ECDSA_P256: imgtool_keys.ECDSA256P1,
+        KeyType.ECDSA_P384: imgtool_keys.ECDSA384P1,
+        KeyType.ED25519: imgtool_keys.Ed25519,
+        KeyType.RSA_2048: imgtool_keys.RSA,
+        KeyType.RSA_3072: imgtool_keys.RSA,
+    }
+    return classes[key.type](key.private_key)
 
 
 def _semver(v: ImageVersion) -> SemiSemVersion:
+    from imgtool.version import SemiSemVersion
+
     return SemiSemVersion(v.major, v.minor, v.revision, v.build)
 
 
@@ -227,6 +235,8 @@ def _create(payload: bytes, key: SigningKey | None, options: SignOptions) -> Any
             "header it should start with; use --pad-header",
             value=len(payload),
         )
+    from imgtool import image as imgtool_image
+
     img = imgtool_image.Image(
         version=_semver(options.version),
         header_size=options.header_size,
@@ -254,7 +264,7 @@ def _create(payload: bytes, key: SigningKey | None, options: SignOptions) -> Any
             imgtool_image.DEP_IMAGES_KEY: [str(d.image_id) for d in options.dependencies],
             imgtool_image.DEP_VERSIONS_KEY: [_semver(d.min_version) for d in options.dependencies],
         }
-    imgtool_key = _IMGTOOL_KEY_CLASSES[key.type](key.private_key) if key is not None else None
+    imgtool_key = _imgtool_key(key) if key is not None else None
     with _imgtool_errors():
         img.create(imgtool_key, options.public_key_format, None, dependencies)
     return img
@@ -263,6 +273,8 @@ def _create(payload: bytes, key: SigningKey | None, options: SignOptions) -> Any
 @contextlib.contextmanager
 def _imgtool_errors() -> Iterator[None]:
     """Silence imgtool and turn its exceptions into SigningError."""
+    import click
+
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
