@@ -4,7 +4,11 @@ The browser test drives Debian's ``chromium`` through its ``chromedriver`` (sele
 with the admin token, create a phased deployment from the page, watch simulated devices (raw
 check-ins and status reports over HTTP, as tests/test_rollout.py drives them) move the progress
 bars, approve, pause, resume and abort from the page, see the counts change, filter the devices
-and open one's history, list the artifacts. It waits on what the page shows, never on time.
+and open one's history, list the artifacts. Further tests search and sort the devices and
+open one's current job, page the audit log, upload an artifact with its progress bar and delete
+it, check the targeted counts and a phase without devices, and sign in as a viewer who sees no
+control that changes anything. One server and one Chromium serve the whole module; each test
+starts from a blank tab. It waits on what the page shows, never on time.
 
 Screenshots of every step are kept in ``test-artifacts/dashboard/`` at the repository root
 (CI keeps that folder as the test's artifacts); their paths are printed in the run's summary.
@@ -116,8 +120,9 @@ def _chromium_or_skip() -> None:
         pytest.skip(problem)
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One headless Chromium for the module (starting one takes a second or two)."""
     _chromium_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -139,6 +144,18 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(chromium: Any) -> Iterator[Any]:
+    """The module's Chromium, as a new one for each test: a blank page, nothing in the tab's
+    sessionStorage (no one signed in), the console log read out."""
+    chromium.get("about:blank")
+    chromium.get_log("browser")
+    yield chromium
+    if chromium.current_url.startswith("http"):
+        chromium.execute_script("sessionStorage.clear()")
+    chromium.get("about:blank")
 
 
 @dataclass
@@ -358,7 +375,9 @@ def test_operator_runs_a_rollout_in_the_browser(
     shot("create-form")
     page.click("create-submit")
     page.wait(lambda: "created with rollout" in page.text("notice"), "the new rollout")
-    card = page.wait(lambda: page.all("#deployment-list article[data-rollout-id]")[0], "its card")
+    card = page.wait(
+        lambda: next(iter(page.all("#deployment-list article[data-rollout-id]")), None), "its card"
+    )
     deployment_id = int(card.get_attribute("data-deployment-id"))
     rollout_id = int(card.get_attribute("data-rollout-id"))
     created = admin.get(f"/api/v1/rollouts/{rollout_id}").json()
@@ -645,3 +664,281 @@ def test_devices_are_paged_by_the_server(dash_server: Server, browser: Any) -> N
     assert page.text("device-summary") == "10 matching devices."
     assert not page.visible("devices-prev")
     assert not page.visible("devices-next")
+
+
+# --- issue 18: devices, the audit log, uploads, the viewer role, targeted counts ---------------
+
+
+def mint(server: Server, role: str, **spec: str) -> str:
+    """A new token, made over the API (POST /api/v1/tokens: faster than the CLI)."""
+    made = server.admin_client().post("/api/v1/tokens", json={"role": role, **spec})
+    assert made.status_code == 201, made.text
+    return str(made.json()["token"])
+
+
+def new_product(server: Server, version: str) -> tuple[str, dict[str, Any]]:
+    """A product (board BOARD_A) with one uploaded image of ``version``."""
+    admin = server.admin_client()
+    product = f"p18-{uuid.uuid4().hex[:6]}"
+    admin.post("/api/v1/keys", content=KEY.public_key.pem())
+    assert admin.put(f"/api/v1/products/{product}", json={"board": BOARD}).status_code == 200
+    upload = admin.post(
+        "/api/v1/artifacts", params={"name": "app.img", "product": product}, content=image(version)
+    )
+    assert upload.status_code == 201, upload.text
+    return product, upload.json()
+
+
+def test_devices_are_searched_sorted_and_show_their_job(dash_server: Server, browser: Any) -> None:
+    """Search by serial prefix, sort both ways, a device's history and the job it is offered
+    now; a gateway's ``"Error": "None"`` shows no error ("applied None" was shown)."""
+    admin = dash_server.admin_client()
+    product, artifact = new_product(dash_server, "7.0.0")
+    enroll = mint(dash_server, "enroll", product=product, group="g")
+    devices = Devices(dash_server, product, enroll)
+    serials = [f"{product}-{n}" for n in ("a", "b", "c")]
+    for serial in serials:
+        devices.enroll(serial)
+    deployed = admin.post(
+        "/api/v1/deployments", json={"artifact_id": artifact["id"], "product": product}
+    )
+    assert deployed.status_code == 201, deployed.text
+    # the last device reports as a gateway does: applied, "Error": "None"
+    gateway = devices.http.post(
+        "/api/v1/device/status",
+        json={"extFwInfo": {"Status": "applied", "Error": "None", "Version": "7.0.0"}},
+        headers={"authorization": f"Bearer {devices.tokens[serials[2]]}"},
+    )
+    assert gateway.status_code == 204, gateway.text
+    assert admin.get(f"/api/v1/devices/{serials[2]}").json()["error"] is None
+
+    page = Page(browser)
+    sign_in(page, dash_server, dash_server.admin)
+    page.click("nav-devices")
+    page.find("filter-serial").send_keys(product)
+
+    def shown() -> list[str]:
+        return [str(r.get_attribute("data-testid")) for r in page.all("#device-rows tr")]
+
+    rows = [f"device-row-{s}" for s in serials]
+    page.wait(lambda: shown() == rows, "the product's devices, by serial")
+    page.wait(lambda: page.choose("filter-sort", "-serial"), "the sort chosen")
+    page.wait(lambda: shown() == rows[::-1], "the devices in reverse order")
+    assert "None" not in page.text(f"device-row-{serials[2]}")
+    assert "applied" in page.text(f"device-row-{serials[2]}")
+    page.find("filter-serial").send_keys("-b")
+    page.wait(lambda: shown() == [rows[1]], "the one device whose serial starts so")
+
+    page.click(f"device-{serials[1]}")
+    page.wait(lambda: "Offered now: version 7.0.0" in page.text("drawer-offer"), "its job")
+    assert artifact["id"][:12] in page.text("drawer-offer")
+    assert page.text("drawer-title") == f"Device {serials[1]}"
+    page.click("drawer-close")
+    page.wait(lambda: not page.visible("history-drawer"), "the drawer closed")
+
+    page.find("filter-serial").clear()
+    page.find("filter-serial").send_keys(serials[2])
+    page.wait(lambda: shown() == [rows[2]], "the device that applied")
+    page.click(f"device-{serials[2]}")
+    page.wait(lambda: "Nothing is offered" in page.text("drawer-offer"), "no job: it applied")
+    page.wait(lambda: len(page.all("#history-rows tr")) == 1, "its history")
+    assert page.all("#history-rows tr")[0].get_attribute("data-status") == "applied"
+    assert "None" not in page.text("history-drawer")
+
+
+def test_the_audit_log_shows_who_did_what(dash_server: Server, browser: Any) -> None:
+    token = mint(dash_server, "admin", label="ops-bob")
+    actor = f"ops-bob ({token.split('_')[1]})"
+    ops = dash_server.client(token)
+    product, artifact = new_product(dash_server, "8.0.0")
+    deployment = {"artifact_id": artifact["id"], "product": product}
+    created = ops.post(
+        "/api/v1/rollouts", json={"deployment": deployment, "phases": [{"percent": 100}]}
+    )
+    assert created.status_code == 201, created.text
+    rollout = created.json()["id"]
+    for action in ["pause", "resume"] * 26:  # 52 records: more than a page of 50
+        assert ops.post(f"/api/v1/rollouts/{rollout}/{action}").status_code == 200
+    aborted = ops.post(f"/api/v1/rollouts/{rollout}/abort", json={"reason": "wrong build"})
+    assert aborted.status_code == 200
+
+    page = Page(browser)
+    sign_in(page, dash_server, dash_server.admin)
+    page.click("nav-audit")
+    page.wait(lambda: page.visible("audit-table"), "the audit log")
+    page.find("audit-actor").send_keys(actor)
+
+    def records() -> list[tuple[str, str]]:
+        return [
+            (str(r.get_attribute("data-action")), str(r.get_attribute("data-actor")))
+            for r in page.all("#audit-rows tr")
+        ]
+
+    page.wait(lambda: len(records()) == 50, "a page of ops-bob's actions")
+    assert records()[0] == ("rollout.abort", actor)
+    assert {a for a, _ in records()} == {"rollout.abort", "rollout.pause", "rollout.resume"}
+    newest = page.all("#audit-rows tr")[0]
+    assert f"rollout {rollout}" in newest.text
+    assert "reason=wrong build" in newest.text
+    everything = ops.get("/api/v1/audit", params={"actor": actor, "limit": 1000}).json()
+    assert len(everything) > 50
+    page.click("audit-next")
+    page.wait(lambda: len(records()) == len(everything) - 50, "the older page")
+    assert records()[-1] == (everything[-1]["action"], actor)
+    assert ("rollout.create", actor) in records()
+    assert not page.visible("audit-next")
+    page.click("audit-prev")
+    page.wait(lambda: len(records()) == 50, "the newest page again")
+
+    page.wait(lambda: page.choose("audit-action", "rollout.abort"), "the action chosen")
+    page.wait(lambda: records() == [("rollout.abort", actor)], "only the abort")
+
+
+def test_artifacts_are_uploaded_with_progress_and_deleted(
+    dash_server: Server, browser: Any, tmp_path: Path
+) -> None:
+    admin = dash_server.admin_client()
+    product, _artifact = new_product(dash_server, "9.0.0")
+    data = image("9.1.0", size=600_000)
+    file = tmp_path / "firmware 9.1.0.img"
+    file.write_bytes(data)
+
+    page = Page(browser)
+    sign_in(page, dash_server, dash_server.admin)
+    page.click("nav-artifacts")
+    page.click("upload-toggle")
+    page.find("upload-file").send_keys(str(file))
+    page.find("upload-product").send_keys(product)
+    page.find("upload-version").send_keys("9.2.0")  # not what the image says: refused
+    page.click("upload-submit")
+    page.wait(lambda: "VERSION_MISMATCH" in page.text("upload-error"), "the wrong version")
+    listed = admin.get("/api/v1/artifacts", params={"product": product}).json()
+    assert [a["version"] for a in listed] == ["9.0.0"]
+
+    page.find("upload-version").clear()
+    page.find("upload-version").send_keys("9.1.0")
+    page.click("upload-submit")
+    page.wait(lambda: page.text("upload-status").startswith("Uploaded "), "the upload done")
+    assert not page.visible("upload-error")
+    # the bar followed the browser's upload progress events to the whole file
+    assert page.attr("upload-progress", "data-loaded") == str(len(data))
+    assert page.attr("upload-progress", "value") == page.attr("upload-progress", "max")
+    (new,) = [
+        a
+        for a in admin.get("/api/v1/artifacts", params={"product": product}).json()
+        if a["version"] == "9.1.0"
+    ]
+    assert new["name"] == "firmware_9.1.0.img"
+    assert new["size"] == len(data)
+    assert new["id"][:12] in page.text("upload-status")
+    page.wait(lambda: page.visible(f"artifact-{new['id']}"), "the new artifact listed")
+
+    # delete: asks first; "Keep it" keeps it
+    page.click(f"delete-{new['id']}")
+    page.wait(lambda: page.visible(f"delete-confirm-{new['id']}"), "the confirmation")
+    assert "for good" in page.text(f"artifact-{new['id']}")
+    page.click(f"delete-cancel-{new['id']}")
+    page.wait(lambda: page.visible(f"delete-{new['id']}"), "the row as it was")
+    assert admin.get(f"/api/v1/artifacts/{new['id']}").status_code == 200
+    page.click(f"delete-{new['id']}")
+    page.click(f"delete-confirm-{new['id']}")
+    page.wait(lambda: not page.visible(f"artifact-{new['id']}"), "the artifact gone")
+    assert "deleted" in page.text("notice")
+    assert admin.get(f"/api/v1/artifacts/{new['id']}").status_code == 404
+
+
+def test_plain_deployments_count_targets_and_an_empty_phase_is_not_passed(
+    dash_server: Server, browser: Any
+) -> None:
+    """A plain deployment says how many devices it targets (not "0 of 0 reporting"); a rollout
+    phase that holds no device yet shows none updated and waits for devices (it showed
+    "0/0 updated (100%)" and "ready for approval")."""
+    admin = dash_server.admin_client()
+    product, artifact = new_product(dash_server, "10.0.0")
+    for n in range(3):
+        registered = admin.put(
+            f"/api/v1/devices/{product}-{n}", json={"product": product, "board": BOARD}
+        )
+        assert registered.status_code == 200, registered.text
+    plain = admin.post(
+        "/api/v1/deployments", json={"artifact_id": artifact["id"], "product": product}
+    )
+    assert plain.status_code == 201, plain.text
+    plain_id = plain.json()["id"]
+    other, artifact2 = new_product(dash_server, "10.1.0")
+    phased = admin.post(
+        "/api/v1/rollouts",
+        json={
+            "deployment": {"artifact_id": artifact2["id"], "product": other},
+            "phases": [{"percent": 10}, {"percent": 100}],
+        },
+    )
+    assert phased.status_code == 201, phased.text
+    rollout, deployment = phased.json()["id"], phased.json()["deployment_id"]
+
+    page = Page(browser)
+    sign_in(page, dash_server, dash_server.admin)
+    page.wait(lambda: page.visible(f"summary-{plain_id}"), "the plain deployment")
+    assert page.text(f"summary-{plain_id}") == "3 devices targeted · 0 applied"
+    page.wait(lambda: page.visible(f"phase-text-{rollout}-1"), "the rollout's phases")
+    assert page.text(f"phase-text-{rollout}-1") == "no devices yet"
+    assert page.text(f"approval-{deployment}") == "waiting for devices"
+    assert page.phase(rollout, 1)["status"] == "current"
+    assert "(100%)" not in page.text(f"phases-{rollout}")
+
+
+def test_a_viewer_sees_everything_and_changes_nothing(dash_server: Server, browser: Any) -> None:
+    admin = dash_server.admin_client()
+    product, artifact = new_product(dash_server, "11.0.0")
+    serial = f"{product}-1"
+    admin.put(f"/api/v1/devices/{serial}", json={"product": product, "board": BOARD})
+    created = admin.post(
+        "/api/v1/rollouts",
+        json={
+            "deployment": {"artifact_id": artifact["id"], "product": product},
+            "phases": [{"percent": 100, "manual": True}],
+        },
+    )
+    assert created.status_code == 201, created.text
+    rollout, deployment = created.json()["id"], created.json()["deployment_id"]
+    viewer = mint(dash_server, "viewer", label="auditor")
+
+    page = Page(browser)
+    sign_in(page, dash_server, viewer)
+    assert page.text("role") == "viewer · read-only"
+    page.wait(lambda: page.phase(rollout, 1)["targeted"] == "1", "the rollout")
+    assert page.text(f"state-{deployment}") == "running"
+    read_only = {"sign-out", "error-close", "deployments-more", "drawer-close", "history-more"}
+    read_only |= {
+        f"{view}-{way}" for view in ("devices", "artifacts", "audit") for way in ("prev", "next")
+    }
+
+    def controls() -> set[str]:
+        """The data-testid of every button shown, but the pagers and the serials' links (read
+        in one script: the page redraws rows while it polls)."""
+        shown = browser.execute_script(
+            "return [...document.querySelectorAll('button')]"
+            ".filter((b) => b.getClientRects().length > 0)"
+            ".map((b) => b.dataset.testid || b.textContent)"
+        )
+        return {t for t in shown if t not in read_only and not t.startswith("device-")}
+
+    assert controls() == set()
+    assert not page.visible("create")
+    page.click("nav-devices")
+    page.wait(lambda: page.choose("filter-product", product), "the product chosen")
+    page.wait(lambda: page.visible(f"device-row-{serial}"), "the device")
+    page.click(f"device-{serial}")
+    page.wait(lambda: "Offered now" in page.text("drawer-offer"), "the device's job")
+    assert controls() == set()
+    page.click("drawer-close")
+    page.click("nav-artifacts")
+    page.wait(lambda: page.visible(f"artifact-{artifact['id']}"), "the artifacts")
+    assert not page.visible("upload")
+    assert controls() == set()
+    page.click("nav-audit")
+    page.wait(lambda: len(page.all("#audit-rows tr")) > 0, "the audit log")
+    assert controls() == set()
+    # what the page does not offer, the server refuses
+    refused = dash_server.client(viewer).post(f"/api/v1/rollouts/{rollout}/pause")
+    assert refused.status_code == 403

@@ -4,26 +4,39 @@ Flags mirror imgtool's where the two overlap (``-k``, ``-v``, ``-H``, ``-S``, ``
 ``--align``, ``--pad``, ``--confirm``, ``-s``, ``-d``...), so firmware engineers keep their habits.
 
 Exit status: 0 success, 1 the answer is "no" (e.g. an invalid image), 2 the command could not run
-as asked (bad argument, unreadable file). Every otakit error is printed as one line on stderr.
+as asked (bad argument, unreadable file), 130 interrupted (Ctrl-C). Every error, the command line
+parser's included, is printed as one line on stderr: ``otakit: error [CODE]: message``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import sys
+import typing
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
+import typer.main
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from otakit import __version__
 from otakit.device.cli import agent_app
 from otakit.device.flashmap import FlashMap, Strategy, load_layout
-from otakit.errors import HexFileError, OtakitError, UsageError
-from otakit.files import read_input, write_atomic
+from otakit.errors import (
+    EXIT_USAGE,
+    HexFileError,
+    InputFileError,
+    OtakitError,
+    StorageFullError,
+    UsageError,
+)
+from otakit.files import disk_full, read_input, write_atomic
 from otakit.host.artifacts import app as artifact_app
 from otakit.host.audit import app as audit_app
 from otakit.host.deploy import deploy
@@ -34,6 +47,7 @@ from otakit.host.products import app as product_app
 from otakit.host.push import push
 from otakit.host.rollout import app as rollout_app
 from otakit.host.subscriber import subscriber
+from otakit.host.tokens import app as token_app
 from otakit.image.header import ImageVersion
 from otakit.image.hexfile import is_hex_path, read_hex
 from otakit.image.info import ImageInfo, inspect, inspect_image
@@ -42,17 +56,33 @@ from otakit.image.package import build_package, unpack_package
 from otakit.image.sign import SignOptions, hex_address, sign_image, sign_image_hex
 from otakit.image.tlv import Dependency
 from otakit.image.verify import verify_image
-from otakit.server.cli import publisher, serve, token_app
+from otakit.server.cli import publisher, serve
 from otakit.sim.agent import SIMULATOR
 from otakit.sim.cli import app as sim_app
+
+HELP_OPTIONS = ["-h", "--help"]
+
+
+class _Interrupted(Exception):
+    """Ctrl-C while a command ran (typer would turn it into a silent exit 130)."""
+
+
+class _Otakit(TyperGroup):
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted from None
+
 
 app = typer.Typer(
     name="otakit",
     help="Over-the-air firmware updates for MCUboot devices: images, packages and more.",
+    cls=_Otakit,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_OPTIONS},
 )
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -373,10 +403,27 @@ def verify(
             f"; marked encrypted ({key_tlv.name if key_tlv else 'no key TLV'}) with the payload "
             "in clear (imgtool --clear): for the primary slot, not an OTA update"
         )
+    out.print(f"{image}: valid, version {result.version}{by}{clear}", markup=False)
+    # two different hashes, both called "the hash": say which is which
     out.print(
-        f"{image}: valid, version {result.version}, {result.hash_name} {result.digest.hex()}"
-        f"{by}{clear}"
+        f"  image hash ({result.hash_name.upper()} TLV, over header and payload): "
+        f"{result.digest.hex()}",
+        markup=False,
     )
+    out.print(f"  file SHA-256 (the server's artifact id): {_file_sha256(image)}", markup=False)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as exc:
+        raise InputFileError(
+            f"cannot read {path}: {exc.strerror or exc}", value=str(path)
+        ) from None
+    return digest.hexdigest()
 
 
 @app.command()
@@ -544,12 +591,193 @@ def _root(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; map otakit errors to one line on stderr and an exit status."""
+    """Run the CLI; print every error (otakit's, a usage error, Ctrl-C) as one line on stderr and
+    return the exit status (0 success, 1 "no", 2 usage, 130 interrupted)."""
     try:
-        app(args=argv, prog_name="otakit")
-    except SystemExit as exc:
+        result = command().main(args=argv, prog_name="otakit", standalone_mode=False)
+    except SystemExit as exc:  # --help and --install-completion end this way too
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except OtakitError as exc:
-        err.print(f"otakit: error [{exc.code}]: {exc.message}", markup=False)
+        _error(exc.code, exc.message)
         return exc.exit_status
-    return 0
+    except typer.TyperException as exc:  # click's usage errors: unknown option, bad value...
+        return _usage_error(exc)
+    except (_Interrupted, KeyboardInterrupt, typer.Abort) as exc:
+        if isinstance(exc, typer.Abort) and isinstance(exc.__context__, EOFError):
+            _error("BADARG", "the input ended before the answer to a prompt")
+            return EXIT_USAGE
+        _error("INTERRUPTED", "interrupted (Ctrl-C)")
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        full = _storage_full(exc)
+        if full is None:
+            raise
+        _error(full.code, full.message)
+        return full.exit_status
+    return result if isinstance(result, int) else 0
+
+
+@functools.cache
+def command() -> Any:
+    """The click command of :data:`app`, with otakit's help placeholders (built once: typer
+    takes a while to build the tree of every command)."""
+    built = typer.main.get_command(app)
+    placeholders(built)
+    return built
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command ended by Ctrl-C
+
+
+def _error(code: str, message: str) -> None:
+    err.print(f"otakit: error [{code}]: {message}", markup=False, soft_wrap=True)
+
+
+# SQLite's answers to a full disk: SQLITE_FULL, or, in WAL mode, no room to grow the shared
+# memory file (-shm) that every connection maps first
+SQLITE_FULL_ERRORS = frozenset({"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"})
+
+
+def _storage_full(exc: BaseException) -> StorageFullError | None:
+    """A full disk (or file size limit) under a write otakit did not name itself: stdout, or
+    the server's database (``otakit token create --data``)."""
+    full = disk_full(exc)
+    if full is not None:
+        return full
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = getattr(current, "sqlite_errorname", None)
+        if name in SQLITE_FULL_ERRORS:
+            return StorageFullError(
+                f"cannot write the database: its disk is full ({name}); free some space, then "
+                "try again",
+                value=name,
+            )
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    if "otakit.server.context" not in sys.modules:
+        return None
+    from otakit.server.context import storage_full
+
+    return storage_full(exc)
+
+
+def _usage_error(exc: typer.TyperException) -> int:
+    """A usage error of the command line parser as otakit's one line, with where to get help."""
+    status = getattr(exc, "exit_code", EXIT_USAGE)
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError":  # a group without a command: help was shown
+        return int(status)
+    message = " ".join(exc.format_message().split())
+    if message[:1].isupper() and not message[1:2].isupper():
+        message = message[0].lower() + message[1:]
+    message = message.rstrip(".")
+    if ctx is not None:
+        message += f" (see: {ctx.command_path} --help)"
+    code = "FILE" if type(exc).__name__ == "FileError" else "BADARG"
+    _error(code, message)
+    return EXIT_USAGE
+
+
+# --- help placeholders ---------------------------------------------------------------------------
+
+# What a value looks like in help when its option gives no metavar of its own, by long name.
+PLACEHOLDERS = {
+    "--server": "URL",
+    "--token": "TOKEN",
+    "--data": "DIR",
+    "--database-url": "URL",
+    "--blob-url": "URL",
+    "--directory": "DIR",
+    "--device-dir": "DIR",
+    "--output": "FILE",
+    "--key": "FILE",
+    "--keys": "FILE",
+    "--tls-cert": "FILE",
+    "--tls-key": "FILE",
+    "--layout": "LAYOUT",
+    "--version": "VERSION",
+    "--product": "PRODUCT",
+    "--group": "GROUP",
+    "--board": "BOARD",
+    "--device": "SERIAL",
+    "--serial": "SERIAL",
+    "--host": "HOST",
+    "--port": "PORT",
+    "--label": "TEXT",
+    "--role": "ROLE",
+    "--type": "TYPE",
+    "--lang": "pem|c|raw",
+    "--slot-size": "SIZE",
+    "--header-size": "SIZE",
+    "--align": "N",
+    "--max-align": "N",
+    "--max-sectors": "N",
+    "--security-counter": "N|auto",
+    "--dependencies": "'(ID, VERSION)'",
+    "--erased-val": "VALUE",
+    "--load-addr": "ADDR",
+    "--hex-addr": "ADDR",
+    "--public-key-format": "hash|full",
+    "--devices": "N",
+    "--chunk-size": "BYTES",
+    "--chunk-wait": "SECONDS",
+    "--mtu": "N",
+    "--max-mtu": "N",
+    "--artifact": "ID",
+    "--mqtt": "HOST[:PORT]",
+    "--to": "URL",
+    "--ble": "ADDRESS",
+    "--shared": "GROUP",
+    "--start": "TIME",
+    "--soak": "DURATION",
+    "--flow": "job|direct",
+}
+# ... and by how the long name ends
+PLACEHOLDER_ENDINGS = {
+    "-days": "DAYS",
+    "-timeout": "SECONDS",
+    "-interval": "SECONDS",
+    "-seconds": "SECONDS",
+    "-url": "URL",
+    "-dir": "DIR",
+    "-file": "FILE",
+}
+
+
+def placeholders(command: Any) -> None:
+    """Give every parameter of ``command`` and its subcommands a help placeholder: none for a
+    flag, ``FILE``/``DIR``/``URL``/``N``... for a value (the option's own ``metavar=`` wins),
+    instead of the type names typer shows (``<bool>``, ``<list[Path]>``)."""
+    # -h/--help is made on demand (and kept): make it now, to give it no placeholder either
+    help_option = command.get_help_option(typer.Context(command, help_option_names=HELP_OPTIONS))
+    for param in [*command.params, *([help_option] if help_option else [])]:
+        if param.param_type_name == "argument":
+            param.metavar = param.metavar or param.name.upper()
+            param.display_type_rich = lambda ctx: None  # the name says it: no "<path>" after it
+            continue
+        if param.metavar is not None:
+            continue
+        if param.is_flag or param.count:
+            param.metavar = ""
+            continue
+        longs = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("--")]
+        named = [PLACEHOLDERS[o] for o in longs if o in PLACEHOLDERS] + [
+            shown for o in longs for end, shown in PLACEHOLDER_ENDINGS.items() if o.endswith(end)
+        ]
+        param.metavar = named[0] if named else _by_type(param)
+    for sub in getattr(command, "commands", {}).values():
+        placeholders(sub)
+
+
+def _by_type(param: Any) -> str:
+    annotation = param.type_descriptor.annotation
+    inner = typing.get_args(annotation)
+    if typing.get_origin(annotation) is list and inner:
+        annotation = inner[0]
+    if annotation is Path:
+        return "FILE"
+    if annotation in (int, float):
+        return "N"
+    return str(param.name).upper()

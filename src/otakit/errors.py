@@ -60,6 +60,13 @@ class VersionFormatError(UsageError):
     code = "BAD_VERSION"
 
 
+class MissingExtraError(UsageError):
+    """A command needs packages of an extra that is not installed (``otakit.extras``): the
+    message names the extra and the pip command; ``value`` lists the missing modules."""
+
+    code = "MISSING_EXTRA"
+
+
 class HexFileError(InputFileError):
     """A ``.hex`` file is not valid Intel HEX (bad record, checksum, overlap), holds no data, or
     spans more address space than otakit reads; or a ``.hex`` output has no address."""
@@ -441,6 +448,14 @@ class BlobNotFoundError(BlobStoreError):
     code = "BLOB_NOT_FOUND"
 
 
+class ListenError(ServerError):
+    """The server cannot listen where asked: the port is in use, the address is not one of
+    this machine's, or the port needs privileges."""
+
+    code = "LISTEN"
+    exit_status = EXIT_USAGE
+
+
 # What the server's rules refuse. The HTTP adapters turn these into answers in one place
 # (server/app.py: HTTP_STATUS); the service layer raises them and knows nothing of HTTP.
 
@@ -482,7 +497,8 @@ class NoBoardError(ConflictError):
 
 
 class AmbiguousError(ConflictError):
-    """A path without a product, while more than one product allows anonymous devices."""
+    """A name that fits more than one thing: a path without a product while more than one
+    product allows anonymous devices, or an artifact id prefix shared by several artifacts."""
 
     code = "AMBIGUOUS"
 
@@ -523,6 +539,30 @@ class UploadRefusedError(UnprocessableError):
     code = "UPLOAD_REFUSED"
 
 
+class PrivateKeyError(UnprocessableError):
+    """A private key was sent where only a public key belongs (trusting a signing key)."""
+
+    code = "PRIVATE_KEY"
+
+
+class VersionMismatchError(UnprocessableError):
+    """An upload's version is not the one the uploader expected (``expect_version``)."""
+
+    code = "VERSION_MISMATCH"
+
+
+class VersionTakenError(ConflictError):
+    """Another binary already has this version for the same product: bump the version."""
+
+    code = "VERSION_TAKEN"
+
+
+class StorageFullError(ServerError):
+    """The disk (blob store or database) is full, or a file size limit was reached."""
+
+    code = "STORAGE_FULL"
+
+
 class UnavailableError(ServerError):
     """A service the server needs (database, blob store) does not answer; try again later."""
 
@@ -534,14 +574,18 @@ class UnavailableError(ServerError):
 
 
 class ApiError(OtakitError):
-    """A call to an otakit server failed; ``status`` is the HTTP status."""
+    """A call to an otakit server failed; ``status`` is the HTTP status (0: no answer) and
+    ``error`` the server's error code (``VERSION_TAKEN``...; None when it gave none)."""
 
     code = "API"
     agent_error = "CONNECT"
 
-    def __init__(self, message: str, *, status: int = 0, value: object = None) -> None:
+    def __init__(
+        self, message: str, *, status: int = 0, error: str | None = None, value: object = None
+    ) -> None:
         super().__init__(message, value=value)
         self.status = status
+        self.error = error
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -2,12 +2,43 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from otakit.errors import InputFileError
+from otakit.errors import InputFileError, StorageFullError
+
+# ENOSPC: no space left; EDQUOT: the user's quota; EFBIG: a file size limit (RLIMIT_FSIZE, or
+# the file system's largest file)
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full(exc: BaseException, where: object = None) -> StorageFullError | None:
+    """The :class:`StorageFullError` that ``exc`` (or an OSError it was raised from) means when
+    a write found the disk, a quota or a file size limit full; None for anything else."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, StorageFullError):
+            return current
+        if isinstance(current, OSError) and current.errno in FULL_ERRNOS:
+            what = f"cannot write {where}" if where is not None else "cannot write"
+            return StorageFullError(
+                f"{what}: {current.strerror or current} (free some space, then try again)",
+                value=None if where is None else str(where),
+            )
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _cannot_write(where: object, exc: OSError) -> InputFileError | StorageFullError:
+    full = disk_full(exc, where)
+    if full is not None:
+        return full
+    return InputFileError(f"cannot write {where}: {exc.strerror or exc}", value=str(where))
 
 
 def read_input(path: str | os.PathLike[str], *, what: str = "file") -> bytes:
@@ -31,6 +62,9 @@ def write_temp(directory: Path, name: str, chunks: Iterable[bytes], *, mode: int
     try:
         fd, name_tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
     except OSError as exc:
+        full = disk_full(exc, directory)
+        if full is not None:
+            raise full from None
         raise InputFileError(
             f"cannot write in {directory}: {exc.strerror or exc}", value=str(directory)
         ) from None
@@ -44,9 +78,7 @@ def write_temp(directory: Path, name: str, chunks: Iterable[bytes], *, mode: int
         os.chmod(tmp, mode)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise InputFileError(
-            f"cannot write {directory / name}: {exc.strerror or exc}", value=str(directory / name)
-        ) from None
+        raise _cannot_write(directory / name, exc) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -65,9 +97,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise InputFileError(
-            f"cannot write {target}: {exc.strerror or exc}", value=str(target)
-        ) from None
+        raise _cannot_write(target, exc) from None
     fsync_dir(directory)
 
 

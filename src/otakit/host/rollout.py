@@ -21,15 +21,15 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from otakit.errors import UsageError
-from otakit.host.client import SERVER_ENV, TOKEN_ENV, ManagementClient
+from otakit.host.client import SERVER_ENV, TOKEN_ENV, Column, ManagementClient, show_table
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -157,13 +157,13 @@ def _when(text: str | None) -> str:
     return datetime.fromisoformat(text).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def _admits(phase: dict[str, Any]) -> str:
+def _admits(phase: Mapping[str, Any]) -> str:
     if phase.get("group") is not None:
         return f"group {phase['group']}"
     return f"{phase['percent']:g}%"
 
 
-def _limits(phase: dict[str, Any]) -> str:
+def _limits(phase: Mapping[str, Any]) -> str:
     rules = []
     if phase.get("manual"):
         rules.append("manual")
@@ -176,6 +176,11 @@ def _limits(phase: dict[str, Any]) -> str:
     if phase.get("max_errors") is not None or phase.get("max_errors_percent") is not None:
         rules.append(f"then {phase['on_error']}")
     return ", ".join(rules)
+
+
+def _count_column(name: str) -> Column:
+    """A phase's devices in state ``name`` (Downloading, Applied...)."""
+    return Column(name, lambda p: p["counts"].get(name, 0), justify="right", drop=2)
 
 
 def print_rollout(rollout: dict[str, Any]) -> None:
@@ -208,28 +213,23 @@ def print_rollout(rollout: dict[str, Any]) -> None:
         health.append("frozen targets")
     if any(health):
         out.print("  " + ", ".join(h for h in health if h))
-    table = Table(show_lines=False, title_justify="left")
-    for column in ("phase", "admits", "rule", "status", "devices", "ok", "failed"):
-        table.add_column(
-            column, justify="right" if column in ("devices", "ok", "failed") else "left"
-        )
-    for name in COUNTS:
-        table.add_column(name, justify="right")
-    for phase in rollout["phases"]:
-        style = "bold" if phase["status"] == "current" else None
-        table.add_row(
-            str(phase["number"]),
-            _admits(phase),
-            _limits(phase),
-            phase["status"],
-            str(phase["targeted"]),
-            f"{phase['succeeded']} ({_pct(phase['succeeded'], phase['targeted'])})",
-            str(phase["failed"])
-            + (f" ({phase['acknowledged']} accepted)" if phase["acknowledged"] else ""),
-            *(str(phase["counts"].get(name, 0)) for name in COUNTS),
-            style=style,
-        )
-    out.print(table)
+    # at 80 columns the per-state counts go first (right to left), then the phase's rule
+    columns = [
+        Column("phase", lambda p: f"{p['number']}{' *' if p['status'] == 'current' else ''}"),
+        Column("admits", _admits),
+        Column("rule", _limits, drop=1),
+        Column("status", "status"),
+        Column("devices", "targeted", justify="right"),
+        Column("ok", lambda p: f"{p['succeeded']} ({_pct(p['succeeded'], p['targeted'])})"),
+        Column(
+            "failed",
+            lambda p: (
+                str(p["failed"]) + (f" ({p['acknowledged']} accepted)" if p["acknowledged"] else "")
+            ),
+        ),
+        *(_count_column(name) for name in COUNTS),
+    ]
+    show_table(rollout["phases"], columns, console=out)
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def create(
     ] = None,
     phase: Annotated[
         list[str] | None,
-        typer.Option("--phase", "-p", help="N% or group:NAME [,manual,success=N%,...]; repeat."),
+        typer.Option("--phase", help="N% or group:NAME [,manual,success=N%,...]; repeat."),
     ] = None,
     success: Annotated[
         str, typer.Option("--success", help="Applied and healthy share to advance a phase.")
@@ -437,22 +437,21 @@ def list_rollouts(
     if as_json:
         out.print_json(json.dumps(found))
         return
-    table = Table()
-    for column in ("id", "deployment", "version", "state", "phase", "devices", "applied", "failed"):
-        table.add_column(column)
-    for rollout in found:
-        phases = rollout["phases"]
-        table.add_row(
-            str(rollout["id"]),
-            str(rollout["deployment_id"]),
-            rollout["version"],
-            rollout["state"],
-            f"{rollout['phase']}/{len(phases)}",
-            str(rollout["targeted"]),
-            str(sum(p["succeeded"] for p in phases)),
-            str(sum(p["failed"] for p in phases)),
-        )
-    out.print(table)
+    show_table(
+        found,
+        [
+            Column("id", "id", justify="right"),
+            Column("deployment", "deployment_id", justify="right"),
+            Column("version", "version"),
+            Column("state", "state"),
+            Column("phase", lambda r: f"{r['phase']}/{len(r['phases'])}"),
+            Column("devices", "targeted", justify="right"),
+            Column("applied", lambda r: sum(p["succeeded"] for p in r["phases"]), drop=1),
+            Column("failed", lambda r: sum(p["failed"] for p in r["phases"]), drop=1),
+        ],
+        empty="no rollouts",
+        console=out,
+    )
 
 
 def _act(

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from otakit.device.bootloader import Strategy
 from otakit.device.flashmap import PRESETS, load_layout
 from otakit.errors import UsageError
 from otakit.files import read_input
+from otakit.host.client import SERVER_ENV, TOKEN_ENV
 from otakit.image.keys import PublicKey
 from otakit.sim.device import DEFAULT_LAYOUT, Identity, SimDevice
 from otakit.sim.fleet_cli import fleet
@@ -159,7 +161,8 @@ def status(
         f"{ident['board']} serial {ident['serial']}; {data['layout']}, "
         f"{data['bootloader']['strategy']}, {data['boots']} boot(s)"
     )
-    table = Table("image", "running", "state", "next boot", "secondary", "request")
+    headers = ("image", "running", "state", "next boot", "secondary", "request")
+    table = Table(*(Column(h, overflow="fold") for h in headers))  # wrap, never "…"
     notes: list[str] = []
     for slot in data["slots"]:
         table.add_row(*_status_row(slot))
@@ -240,7 +243,11 @@ def _broker(value: str) -> tuple[str, int | None]:
 def run_agent(
     directory: DeviceDir,
     server: Annotated[
-        str | None, typer.Option("--server", help="Update server URL (optional with --mqtt).")
+        str | None,
+        typer.Option(
+            "--server",
+            help=f"Update server URL (default ${SERVER_ENV} unless --mqtt is given).",
+        ),
     ] = None,
     mqtt: Annotated[
         str | None,
@@ -269,7 +276,12 @@ def run_agent(
     ] = True,
     token: Annotated[
         str | None,
-        typer.Option("--token", help="Device token, or an enrollment token on first contact."),
+        typer.Option(
+            "--token",
+            envvar=TOKEN_ENV,
+            help=f"Device token, or an enrollment token on first contact (default ${TOKEN_ENV}).",
+            show_envvar=False,
+        ),
     ] = None,
     flow: Annotated[str, typer.Option("--flow", help="job or direct.")] = "job",
     once: Annotated[bool, typer.Option("--once", help="One check, then exit.")] = False,
@@ -301,7 +313,9 @@ def run_agent(
     if not 512 <= chunk_size <= 16 * 1024 * 1024:
         raise UsageError("--chunk-size must be between 512 B and 16 MiB", value=chunk_size)
     if server is None and mqtt is None:
-        raise UsageError("give --server URL or --mqtt HOST:PORT")
+        server = os.environ.get(SERVER_ENV) or None
+    if server is None and mqtt is None:
+        raise UsageError(f"give --server URL or --mqtt HOST:PORT (or set ${SERVER_ENV})")
     if mqtt is None and (cafile or cert or key):
         raise UsageError("--cafile, --cert and --key are for --mqtt")
     if key is not None and cert is None:

@@ -43,6 +43,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColum
 from rich.table import Table
 
 from otakit.errors import OtakitError, UsageError
+from otakit.extras import require
 from otakit.image.header import ImageVersion
 from otakit.image.keys import SigningKey
 from otakit.image.sign import SignOptions, sign_image
@@ -366,7 +367,7 @@ async def _approve_if_empty(api: httpx.AsyncClient, rollout: dict[str, Any], dev
 def _summary(fleet: Any, report: Any, rollout: dict[str, Any], elapsed: float) -> Table:
     table = Table(title=f"{report.devices} devices, {elapsed:.1f} s", title_justify="left")
     for column in ("device", "running", "outcome", "resumes"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for device in fleet.devices:
         if device.reverted:
             outcome = "[red]reverted (never confirmed)"
@@ -382,6 +383,7 @@ def _summary(fleet: Any, report: Any, rollout: dict[str, Any], elapsed: float) -
 
 def run_demo(devices: int = 20, *, keep: bool = False, mqtt: bool = False) -> int:
     """The demo; returns the exit status (0: every device ended as expected)."""
+    require("server", "otakit demo")
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="otakit-demo-"))
     port = _free_port()
@@ -490,6 +492,7 @@ def _package_device(
 def run_package_demo(devices: int = 3, *, keep: bool = False) -> int:
     """``otakit demo --package``; returns the exit status (0: every device ended as expected).
     ``devices`` is at least 2: the first loses power mid-download, the last never confirms."""
+    require("server", "otakit demo")
     from otakit.image.package import build_package
 
     started = time.monotonic()
@@ -546,7 +549,7 @@ def run_package_demo(devices: int = 3, *, keep: bool = False) -> int:
             title=f"{devices} devices, {time.monotonic() - started:.1f} s", title_justify="left"
         )
         for column in ("device", "image 0", "image 1", "outcome"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for row in rows:
             table.add_row(row.serial, *row.running, row.outcome)
         err.print()

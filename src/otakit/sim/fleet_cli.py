@@ -22,6 +22,7 @@ import typer
 from rich.console import Console
 
 from otakit.errors import InputFileError, UsageError
+from otakit.host.client import SERVER_ENV, TOKEN_ENV
 from otakit.protocol.jobdoc import MAX_VALUE_BYTES
 
 if TYPE_CHECKING:
@@ -135,7 +136,16 @@ def _counts(snap: dict[str, int]) -> str:
 
 def fleet(
     devices: Annotated[str, typer.Option("--devices", help="How many devices.", metavar="N")],
-    server: Annotated[str, typer.Option("--server", help="Update server URL.", metavar="URL")],
+    server: Annotated[
+        str,
+        typer.Option(
+            "--server",
+            envvar=SERVER_ENV,
+            show_envvar=False,
+            help=f"Update server URL (default ${SERVER_ENV}).",
+            metavar="URL",
+        ),
+    ],
     product: Annotated[
         str, typer.Option("--product", help="The devices' product.", metavar="PRODUCT")
     ],
@@ -143,7 +153,10 @@ def fleet(
         str | None,
         typer.Option(
             "--token",
-            help="Enrollment token (not needed for a self-registering product).",
+            envvar=TOKEN_ENV,
+            show_envvar=False,
+            help=f"Enrollment token (default ${TOKEN_ENV}; not needed for a self-registering "
+            "product).",
             metavar="TOKEN",
         ),
     ] = None,
@@ -164,6 +177,7 @@ def fleet(
         list[Path] | None,
         typer.Option(
             "-k",
+            "--key",
             "--keys",
             help="Trusted key (PEM, public or private); repeatable. None: integrity only.",
             metavar="KEY.pem",

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 
 from otakit.errors import UsageError
+from otakit.extras import require
 
 if TYPE_CHECKING:
     from otakit.device.journal import Journal
@@ -49,8 +50,10 @@ def journal_for(directory: Path, image: int) -> Journal:
 def sim_smp_server(directory: Path) -> Iterator[SmpServer]:
     """An SMP server for the simulated device in ``directory``, its flash open for the block.
 
-    Raises DeviceError when the folder is not a simulated device.
+    Raises DeviceError when the folder is not a simulated device, MissingExtraError without the
+    ``sim`` extra (smp).
     """
+    require("sim", "otakit sim serve-smp")
     from otakit.device.transports.smp import SmpConfig, SmpServer
     from otakit.sim.device import SimDevice
 
