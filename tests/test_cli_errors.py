@@ -342,7 +342,7 @@ def test_token_create_on_a_full_disk_is_one_line(tmp_path: Path, server_data: Pa
     assert len(hashes) == 2
     assert hashes[0] == hashes[1]  # the database is as it was
     assert len(errors) == 1, proc.stderr
-    assert errors[0].startswith("otakit: error [STORAGE_FULL]: cannot write the database")
+    assert errors[0].startswith("otakit: error [STORAGE_FULL]: the server's storage is full;")
 
 
 # --- otakit serve: the port ----------------------------------------------------------------------

@@ -633,34 +633,12 @@ def _error(code: str, message: str) -> None:
     err.print(f"otakit: error [{code}]: {message}", markup=False, soft_wrap=True)
 
 
-# SQLite's answers to a full disk: SQLITE_FULL, or, in WAL mode, no room to grow the shared
-# memory file (-shm) that every connection maps first
-SQLITE_FULL_ERRORS = frozenset({"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"})
-
-
 def _storage_full(exc: BaseException) -> StorageFullError | None:
     """A full disk (or file size limit) under a write otakit did not name itself: stdout, or
     the server's database (``otakit token create --data``)."""
-    full = disk_full(exc)
-    if full is not None:
-        return full
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        name = getattr(current, "sqlite_errorname", None)
-        if name in SQLITE_FULL_ERRORS:
-            return StorageFullError(
-                f"cannot write the database: its disk is full ({name}); free some space, then "
-                "try again",
-                value=name,
-            )
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
-    if "otakit.server.context" not in sys.modules:
-        return None
-    from otakit.server.context import storage_full
+    from otakit.server.storage import storage_full  # no server stack: errors and files only
 
-    return storage_full(exc)
+    return disk_full(exc) or storage_full(exc)
 
 
 def _usage_error(exc: typer.TyperException) -> int:

@@ -44,8 +44,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from otakit.errors import BlobNotFoundError, BlobStoreError, InputFileError, StorageFullError
-from otakit.files import fsync_dir, write_temp
-from otakit.server.storage import FULL_ERRNOS
+from otakit.files import FULL_ERRNOS, fsync_dir, write_temp
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -9,17 +9,16 @@ started (no blob without its record).
 
 from __future__ import annotations
 
-import errno
-
 from otakit.errors import StorageFullError
+from otakit.files import FULL_ERRNOS
 
-# ENOSPC: no space left; EDQUOT: the user's quota; EFBIG: a file size limit (RLIMIT_FSIZE, or
-# the file system's largest file)
-FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _FULL_SQLSTATES = frozenset({"53100"})  # PostgreSQL's disk_full
 # SQLite's SQLITE_FULL, and the C library's strerror of ENOSPC and EDQUOT in a driver's message
 _FULL_TEXT = ("database or disk is full", "no space left on device", "disk quota exceeded")
 _DRIVERS = ("sqlite3", "sqlalchemy", "asyncpg", "aiosqlite")
+# SQLite's answers to a full disk: SQLITE_FULL, or, in WAL mode, no room to grow the shared
+# memory file (-shm) that every connection maps first ("disk I/O error")
+_SQLITE_FULL = frozenset({"SQLITE_FULL", "SQLITE_IOERR_SHMSIZE"})
 
 
 def storage_full(exc: BaseException) -> StorageFullError | None:
@@ -35,7 +34,8 @@ def storage_full(exc: BaseException) -> StorageFullError | None:
         if isinstance(current, OSError) and current.errno in FULL_ERRNOS:
             return full(current.strerror or str(current))
         state = str(getattr(current, "sqlstate", None) or getattr(current, "pgcode", None) or "")
-        if state in _FULL_SQLSTATES:
+        name = getattr(current, "sqlite_errorname", None)
+        if state in _FULL_SQLSTATES or name in _SQLITE_FULL:
             return full("the database's disk is full")
         if type(current).__module__.split(".")[0] in _DRIVERS:
             text = str(current).lower()
