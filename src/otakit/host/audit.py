@@ -17,11 +17,14 @@ from otakit.host.client import (
     ServerOption,
     TokenOption,
     connect,
+    first,
+    fitting,
+    limit_option,
+    note_more,
     print_json,
     show_table,
     timestamp,
 )
-from otakit.host.devices import first, fitting, limit_option, note_more
 
 app = typer.Typer(help="The audit log of operator actions.", no_args_is_help=True)
 

@@ -20,13 +20,16 @@ from otakit.host.client import (
     TokenOption,
     connect,
     err,
+    first,
+    fitting,
+    limit_option,
+    note_more,
     out,
     print_json,
     short_id,
     show_table,
     timestamp,
 )
-from otakit.host.devices import first, fitting, limit_option, note_more
 from otakit.server.targeting import BOARD_TAG, GROUP_TAG, PRODUCT_TAG, parse_condition
 
 app = typer.Typer(help="Deployments: list, show, cancel.", no_args_is_help=True)

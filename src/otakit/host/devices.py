@@ -16,12 +16,14 @@ from otakit.errors import UsageError
 from otakit.host.client import (
     Column,
     JsonOption,
-    ManagementClient,
     ServerOption,
     TokenOption,
-    cell,
     connect,
     err,
+    first,
+    fitting,
+    limit_option,
+    note_more,
     out,
     print_json,
     short_id,
@@ -46,42 +48,6 @@ STATUSES = (
 SORTS = ("serial", "-serial", "last_seen", "-last_seen", "created_at", "-created_at")
 
 SerialArgument = Annotated[str, typer.Argument(metavar="SERIAL", help="The device's serial.")]
-
-
-def limit_option(what: str) -> Any:
-    """``--limit N``: how many rows a list shows (read a page at a time until then)."""
-    return typer.Option("--limit", metavar="N", min=1, help=f"Show at most N {what}.")
-
-
-def first(
-    client: ManagementClient, path: str, params: dict[str, Any], limit: int
-) -> tuple[list[dict[str, Any]], bool]:
-    """The first ``limit`` items of a paged list, and whether there are more (one more item is
-    asked for to know; pages stop being read once there are enough)."""
-    items = client.items(path, params, limit=limit + 1)
-    return items[:limit], len(items) > limit
-
-
-def fitting(rows: list[dict[str, Any]], columns: list[Column]) -> list[Column]:
-    """The columns to show: optional ones (``drop`` > 0, highest first) are left out until every
-    column's widest line fits the console, so that what is shown wraps at spaces at most and
-    no serial or id is folded."""
-    shown = list(columns)
-
-    def widest(column: Column) -> int:
-        values = [column.key(r) if callable(column.key) else r.get(column.key) for r in rows]
-        lines = [column.header] + [line for v in values for line in cell(v).splitlines()]
-        return max(len(line) for line in lines)
-
-    widths = {id(c): widest(c) for c in columns}
-    while sum(widths[id(c)] + 3 for c in shown) + 1 > out.width and any(c.drop for c in shown):
-        shown.remove(max((c for c in shown if c.drop), key=lambda c: c.drop))
-    return shown
-
-
-def note_more(more: bool, limit: int, what: str) -> None:
-    if more:
-        err.print(f"(the first {limit} {what}; --limit N shows more)")
 
 
 def _group(device: Mapping[str, Any]) -> str | None:
