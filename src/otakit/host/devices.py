@@ -30,21 +30,12 @@ from otakit.host.client import (
     show_table,
     timestamp,
 )
+from otakit.protocol.states import DeviceState
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 
 app = typer.Typer(help="Registered devices: list, show, set, history.", no_args_is_help=True)
 
-STATUSES = (
-    "downloading",
-    "interrupted",
-    "applying",
-    "applied",
-    "error",
-    "invalid",
-    "reverted",
-    "unknown",
-    "none",
-)
+STATUSES = (*(state.value for state in DeviceState), "none")  # "none": never reported
 SORTS = ("serial", "-serial", "last_seen", "-last_seen", "created_at", "-created_at")
 
 SerialArgument = Annotated[str, typer.Argument(metavar="SERIAL", help="The device's serial.")]
