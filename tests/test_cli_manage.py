@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import httpx
 import pytest
+from typer.core import TyperGroup
 
 from otakit.cli import command, main
 from otakit.host import client
@@ -222,6 +222,23 @@ def test_device_set_changes_only_what_is_given(cli: Cli) -> None:
     _one_line_error(cli("device", "set", "mgr-0010", "--tag", "floor"), 2, "NAME=VALUE")
 
 
+def test_device_add_registers_once_and_set_records_a_known_version(cli: Cli) -> None:
+    added = cli(
+        "device", "add", "mgr-added", "--product", PRODUCT, "--group", "lab", "--json"
+    ).json()
+    assert added["product"] == PRODUCT
+    assert added["tags"]["deviceGroup"] == "lab"
+    assert added["version"] is None
+    # a second add does not change the registered device
+    _one_line_error(
+        cli("device", "add", "mgr-added", "--product", PRODUCT, "--group", "x"), 2, "already"
+    )
+    assert cli("device", "show", "mgr-added", "--json").json()["tags"]["deviceGroup"] == "lab"
+    known = cli("device", "set", "mgr-added", "--version", "1.0.0", "--json").json()
+    assert known["version"] == "1.0.0"
+    assert cli("device", "show", "mgr-added", "--json").json()["version"] == "1.0.0"
+
+
 def test_device_history_is_newest_first_and_limited(cli: Cli, live: Setup) -> None:
     reports = cli("device", "history", "mgr-0003", "--json").json()
     assert [r["status"] for r in reports] == ["applying", "downloading"]
@@ -409,7 +426,7 @@ DOCS = Path(__file__).parent.parent / "docs" / "cli.md"
 
 
 def _commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    if isinstance(command, click.Group):
+    if isinstance(command, TyperGroup):
         for name, sub in command.commands.items():
             yield from _commands(sub, (*path, name))
     else:
@@ -432,20 +449,29 @@ def _examples() -> Iterator[list[str]]:
 
 
 @pytest.mark.unit
-def test_docs_cli_has_an_example_of_every_command_and_each_parses() -> None:
-    root = command()  # what main() runs
+def test_docs_cli_has_an_example_of_every_command_and_each_parses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # examples leave the server and token to the environment, as users do
+    monkeypatch.setenv("OTAKIT_SERVER", "http://127.0.0.1:8080")
+    monkeypatch.setenv("OTAKIT_TOKEN", "otk_id_secret")
+    root = command()  # what main() runs (typer's own click: typer.core's classes)
+    assert isinstance(root, TyperGroup)
     examples = list(_examples())
-    shown = set()
+    shown: set[tuple[str, ...]] = set()
     for argv in examples:
-        found, args = root, list(argv)
+        found: Any = root
+        args = list(argv)
         path: list[str] = []
-        while isinstance(found, click.Group):
+        while isinstance(found, TyperGroup):
             group = found
-            found = group.get_command(click.Context(group), args[0])
+            found = group.get_command(group.context_class(group), args[0])
             assert found is not None, f"docs/cli.md: otakit {' '.join(argv)}: no {args[0]!r}"
             path.append(args.pop(0))
         shown.add(tuple(path))
         # parses as the command would: every option exists, every required one is there
         found.make_context("otakit " + " ".join(path), args)
-    missing = set(_commands(root)) - shown
+    commands = set(_commands(root))
+    assert len(commands) > 40  # the walk found the command tree
+    missing = commands - shown
     assert not missing, f"docs/cli.md has no example of: {sorted(' '.join(m) for m in missing)}"

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 import typer
 
-from otakit.errors import UsageError
+from otakit.errors import ApiError, UsageError
 from otakit.host.client import (
     Column,
     JsonOption,
@@ -33,7 +33,7 @@ from otakit.host.client import (
 from otakit.protocol.states import DeviceState
 from otakit.server.targeting import GROUP_TAG, PRODUCT_TAG
 
-app = typer.Typer(help="Registered devices: list, show, set, history.", no_args_is_help=True)
+app = typer.Typer(help="Registered devices: list, show, add, set, history.", no_args_is_help=True)
 
 STATUSES = (*(state.value for state in DeviceState), "none")  # "none": never reported
 SORTS = ("serial", "-serial", "last_seen", "-last_seen", "created_at", "-created_at")
@@ -208,6 +208,55 @@ def _tags(pairs: list[str]) -> dict[str, str]:
     return tags
 
 
+@app.command("add")
+def add_device(
+    serial: SerialArgument,
+    product: Annotated[
+        str, typer.Option("--product", metavar="PRODUCT", help="Its product.", show_default=False)
+    ],
+    group: Annotated[
+        str | None, typer.Option("--group", metavar="GROUP", help="Its group.")
+    ] = None,
+    board: Annotated[
+        str | None, typer.Option("--board", metavar="BOARD", help="Its board (kit name).")
+    ] = None,
+    tag: Annotated[
+        list[str] | None,
+        typer.Option("--tag", metavar="NAME=VALUE", help="A tag; repeat for several."),
+    ] = None,
+    server: ServerOption = None,
+    token: TokenOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Register a device ahead of its first check-in (e.g. an original-middleware device, which
+    sends no token); an already registered serial is refused (change it with `device set`)."""
+    body: dict[str, Any] = {"product": product, "tags": _tags(tag or [])}
+    if group is not None:
+        body["group"] = group
+    if board is not None:
+        body["board"] = board
+    with connect(server, token) as client:
+        try:
+            client.request("GET", _path(serial))
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+        else:
+            raise UsageError(
+                f"device {serial} is already registered: change it with `otakit device set`",
+                value=serial,
+            )
+        device = client.request("PUT", _path(serial), json=body).json()
+    if as_json:
+        print_json(device)
+        return
+    err.print(
+        f"registered {device['serial']}: product {device['product']}, group "
+        f"{_group(device) or '-'}",
+        markup=False,
+    )
+
+
 @app.command("set")
 def set_device(
     serial: SerialArgument,
@@ -218,18 +267,30 @@ def set_device(
         list[str] | None,
         typer.Option("--tag", metavar="NAME=VALUE", help="Set a tag; repeat for several."),
     ] = None,
+    version: Annotated[
+        str | None,
+        typer.Option(
+            "--version",
+            metavar="VERSION",
+            help="The version it runs, when you know it (counts as a check-in, source admin).",
+        ),
+    ] = None,
     server: ServerOption = None,
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Change a registered device's group or tags (the rest stays as it is)."""
+    """Change a registered device's group, tags or known version (the rest stays as it is)."""
     body: dict[str, Any] = {"tags": _tags(tag or [])}
     if group is not None:
         if not group.strip():
             raise UsageError("--group cannot be empty", value=group)
         body["group"] = group
-    if group is None and not tag:
-        raise UsageError("nothing to change: give --group GROUP or --tag NAME=VALUE")
+    if version is not None:
+        body["version"] = version
+    if group is None and not tag and version is None:
+        raise UsageError(
+            "nothing to change: give --group GROUP, --tag NAME=VALUE or --version VERSION"
+        )
     with connect(server, token) as client:
         client.request("GET", _path(serial))  # a typo is refused, not registered as a device
         device = client.request("PUT", _path(serial), json=body).json()
