@@ -201,6 +201,7 @@ INTEGRATION_FIXTURES = frozenset(
         "traced",
         "metered",
         "api_server",
+        "api",  # test_management_api and test_rollout: an update server and its admin client
         "live",
         "nginx",
         "runs",  # the benchmark scripts (test_bench_smoke)
