@@ -3,7 +3,7 @@
 A real ``otakit serve`` (SQLite, one worker) runs on loopback, started here; a product and an
 enrollment token are made for it. The agent then runs as a Linux gateway would (``[storage]
 kind = "gateway"``: a littlefs file system in a flash file, a programmer command that is never
-called), twice, one after the other: as ``otakit-agent`` (the agent alone, what
+called), twice, side by side: as ``otakit-agent`` (the agent alone, what
 packaging/otakit-agent.service starts) and as ``otakit agent run`` (the same code under the
 whole ``otakit`` command line: Typer and every command module). Each enrolls on its first
 check-in and checks every 5 s (the shortest interval a configuration allows). After
@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -208,13 +208,24 @@ def measure(venv: Path, checkins: int) -> dict[str, Any]:
             if made.returncode != 0 or not tokens:
                 raise BenchError(f"otakit token create failed: {made.stderr}")
             agents = {}
-            for number, (name, command) in enumerate(COMMANDS.items()):
-                serial = f"{SERIAL}-{number}"
-                config = agent_config(folder / serial, server.url, tokens[0], serial)
-                log: list[str] = []
-                with agent(venv, command, config) as (proc, lines):
-                    wait_for_checkins(lines, checkins, log)
+            serials = {name: f"{SERIAL}-{n}" for n, name in enumerate(COMMANDS)}
+            with ExitStack() as running:  # both agents at once: their first check-in waits 5 s
+                started = {
+                    name: running.enter_context(
+                        agent(
+                            venv,
+                            command,
+                            agent_config(
+                                folder / serials[name], server.url, tokens[0], serials[name]
+                            ),
+                        )
+                    )
+                    for name, command in COMMANDS.items()
+                }
+                for name, (proc, lines) in started.items():
+                    wait_for_checkins(lines, checkins, [])
                     agents[name] = memory(proc.pid)
+            for serial in serials.values():
                 device = _ok(admin.get(f"/api/v1/devices/{serial}"), 200).json()
                 if device.get("serial") != serial:
                     raise BenchError(f"the server does not know the agent's device: {device}")

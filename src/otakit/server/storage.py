@@ -48,7 +48,7 @@ def storage_full(exc: BaseException) -> StorageFullError | None:
 def full(why: str) -> StorageFullError:
     """The error a full storage is answered with (``why``: the system's reason, for the log)."""
     return StorageFullError(
-        "the server's storage is full; nothing was stored (free space on the server, then try "
+        "the server's storage is full; nothing was stored (free some space on the server, then try "
         "again)",
         value=why,
     )
