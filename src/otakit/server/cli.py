@@ -1,4 +1,4 @@
-"""``otakit serve``, ``otakit publisher`` and ``otakit token ...``."""
+"""``otakit serve`` and ``otakit publisher``, and the server data a local command opens (``--data``)."""
 
 from __future__ import annotations
 
