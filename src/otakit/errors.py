@@ -11,11 +11,24 @@ The message is one human sentence; ``value`` is the offending value, when there 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import ClassVar
 
 # CLI exit statuses.
 EXIT_FAILED = 1  # the command ran and the answer is "no" (invalid image, failed check)
 EXIT_USAGE = 2  # the command could not run as asked (bad argument, unreadable input)
+
+
+def causes(exc: BaseException, *, orig: bool = False) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from (``__cause__``, else ``__context__``), innermost
+    last, each once; with ``orig``, a database driver's wrapped error (``orig``) comes first."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        wrapped = getattr(current, "orig", None) if orig else None
+        current = wrapped or current.__cause__ or current.__context__
 
 
 class OtakitError(Exception):

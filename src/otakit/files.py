@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from otakit.errors import InputFileError, StorageFullError
+from otakit.errors import InputFileError, StorageFullError, causes
 
 # ENOSPC: no space left; EDQUOT: the user's quota; EFBIG: a file size limit (RLIMIT_FSIZE, or
 # the file system's largest file)
@@ -18,10 +18,7 @@ FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 def disk_full(exc: BaseException, where: object = None) -> StorageFullError | None:
     """The :class:`StorageFullError` that ``exc`` (or an OSError it was raised from) means when
     a write found the disk, a quota or a file size limit full; None for anything else."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(exc):
         if isinstance(current, StorageFullError):
             return current
         if isinstance(current, OSError) and current.errno in FULL_ERRNOS:
@@ -30,7 +27,6 @@ def disk_full(exc: BaseException, where: object = None) -> StorageFullError | No
                 f"{what}: {current.strerror or current} (free some space, then try again)",
                 value=None if where is None else str(where),
             )
-        current = current.__cause__ or current.__context__
     return None
 
 

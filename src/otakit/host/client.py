@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from otakit.errors import ApiError, UsageError
+from otakit.errors import ApiError, UsageError, causes
 
 SERVER_ENV = "OTAKIT_SERVER"
 TOKEN_ENV = "OTAKIT_TOKEN"
@@ -200,9 +200,8 @@ def _is_json(response: httpx.Response) -> bool:
 
 def _cause(exc: BaseException) -> BaseException:
     """The innermost exception under ``exc`` (the socket's own error)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return exc
+    *_, innermost = causes(exc)
+    return innermost
 
 
 def _reason(exc: httpx.HTTPError) -> str:

@@ -9,7 +9,7 @@ started (no blob without its record).
 
 from __future__ import annotations
 
-from otakit.errors import StorageFullError
+from otakit.errors import StorageFullError, causes
 from otakit.files import FULL_ERRNOS
 
 _FULL_SQLSTATES = frozenset({"53100"})  # PostgreSQL's disk_full
@@ -25,10 +25,7 @@ def storage_full(exc: BaseException) -> StorageFullError | None:
     """The StorageFullError that ``exc`` means (a full disk, quota or file size limit while
     writing a blob, an upload or the database), or None. Looks through the exception's causes:
     database drivers and the blob store wrap the OSError."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(exc, orig=True):
         if isinstance(current, StorageFullError):
             return current
         if isinstance(current, OSError) and current.errno in FULL_ERRNOS:
@@ -41,7 +38,6 @@ def storage_full(exc: BaseException) -> StorageFullError | None:
             text = str(current).lower()
             if any(t in text for t in _FULL_TEXT):
                 return full("the database's disk is full")
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
     return None
 
 
