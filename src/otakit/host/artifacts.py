@@ -53,6 +53,8 @@ COLUMNS = (
 )
 DETAILS = (
     Column("sha256", "sha256"),
+    Column("sha1", "sha1"),  # "-" until an artifact uploaded before they were kept is deployed
+    Column("md5", "md5"),
     *COLUMNS[1:],
     Column("container", "container"),
     Column("signed by", "signed_by"),
@@ -148,7 +150,7 @@ def show(
     server: ServerOption = None,
     token: TokenOption = None,
 ) -> None:
-    """One artifact, with its full SHA-256."""
+    """One artifact, with its full SHA-256, SHA-1 and MD5."""
     with connect(server, token) as client:
         artifact = client.json("GET", f"/api/v1/artifacts/{_id(artifact_id)}")
     if json_:

@@ -120,6 +120,10 @@ class Artifact(Base):
 
     __tablename__ = "artifacts"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex
+    # SHA-1 and MD5 hex, for clients that check those (hawkBit DDI); None for an artifact
+    # uploaded before they were kept until service/artifacts.ensure_hashes fills them
+    sha1: Mapped[str | None] = mapped_column(String(40))
+    md5: Mapped[str | None] = mapped_column(String(32))
     name: Mapped[str] = mapped_column(String(128))
     container: Mapped[str] = mapped_column(String(64), default="ota")
     kind: Mapped[str] = mapped_column(String(16))  # image, package, raw

@@ -10,13 +10,13 @@ service/rollouts.py): one engine per server process, evaluating rollouts in the 
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -197,6 +197,11 @@ async def delete_key(fingerprint: str, db: Db, admin: Admin) -> Response:
 class ArtifactOut(BaseModel):
     id: str
     sha256: str
+    sha1: str | None = Field(
+        description="Null for an artifact uploaded before SHA-1 and MD5 were kept, until it is "
+        "deployed (or uploaded again)."
+    )
+    md5: str | None
     name: str
     container: str
     kind: str
@@ -214,6 +219,8 @@ def _artifact(a: Artifact) -> ArtifactOut:
     return ArtifactOut(
         id=a.id,
         sha256=a.id,
+        sha1=a.sha1,
+        md5=a.md5,
         name=a.name,
         container=a.container,
         kind=a.kind,
@@ -272,10 +279,10 @@ async def upload_artifact(
     fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-")
     tmp = Path(tmp_name)
     try:
-        digest, size = await _receive(request, fd, st.settings.max_upload)
+        digests, size = await _receive(request, fd, st.settings.max_upload)
         upload = artifact_service.Upload(name, version, board, product, container, expect_version)
         artifact, created = await artifact_service.add(
-            db, st.blobs, tmp, digest, size, upload, actor=audit.actor_of(admin)
+            db, st.blobs, tmp, digests, size, upload, actor=audit.actor_of(admin)
         )
         if not created:
             response.status_code = 200
@@ -284,17 +291,24 @@ async def upload_artifact(
         tmp.unlink(missing_ok=True)
 
 
-async def _receive(request: Request, fd: int, limit: int) -> tuple[str, int]:
-    hasher = hashlib.sha256()
-    size = 0
+async def _receive(request: Request, fd: int, limit: int) -> tuple[artifact_service.Digests, int]:
+    """Stream the body into ``fd``, hashing it on the way (SHA-256, SHA-1, MD5): each chunk is
+    hashed and written in one worker-thread call, so the event loop only passes chunks on."""
+    hasher = artifact_service.Hasher()
     async with await anyio.open_file(fd, "wb", closefd=True) as out:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise TooLargeError(f"uploads are limited to {limit} bytes")
+        sink = out.wrapped
+
+        def take(chunk: bytes) -> None:
             hasher.update(chunk)
-            await out.write(chunk)
-    return hasher.hexdigest(), size
+            sink.write(chunk)
+
+        async for chunk in request.stream():
+            if not chunk:
+                continue
+            if hasher.size + len(chunk) > limit:
+                raise TooLargeError(f"uploads are limited to {limit} bytes")
+            await anyio.to_thread.run_sync(take, chunk)
+    return hasher.digests(), hasher.size
 
 
 # --- paging: a list answers one page; the next page's cursor is in the headers ------------------
@@ -649,7 +663,7 @@ def _spec(body: DeploymentIn) -> deployment_service.DeploymentSpec:
     responses={200: {"model": DeploymentOut, "description": "Already deployed (existing)"}},
 )
 async def create_deployment(
-    body: DeploymentIn, response: Response, db: Db, admin: Admin
+    body: DeploymentIn, response: Response, db: Db, st: State, admin: Admin
 ) -> DeploymentOut:
     """Deploy an artifact to a product and group (and board), or to devices matching a tag
     condition.
@@ -657,7 +671,9 @@ async def create_deployment(
     It is offered at once to every targeted device; to phase it, create it with its rollout
     (``POST /rollouts`` with ``deployment``). The same artifact to the same target while such a
     deployment is active gives that one back (200, ``existing`` true)."""
-    view = await deployment_service.deploy(db, _spec(body), actor=audit.actor_of(admin))
+    view = await deployment_service.deploy(
+        db, _spec(body), blobs=st.blobs, actor=audit.actor_of(admin)
+    )
     if view.existing:
         response.status_code = 200
     return _deployment(view)
@@ -905,6 +921,7 @@ def _actor(admin: Any) -> str:
 async def create_rollout(
     body: RolloutOfDeployment | RolloutWithDeployment,
     db: Db,
+    st: State,
     admin: Admin,
     engine: Rollouts,
 ) -> RolloutOut:
@@ -913,7 +930,7 @@ async def create_rollout(
     now = engine.now()
     if isinstance(body, RolloutWithDeployment):
         deployment = await deployment_service.new_deployment(
-            db, _spec(body.deployment), actor=audit.actor_of(admin)
+            db, _spec(body.deployment), blobs=st.blobs, actor=audit.actor_of(admin)
         )
     else:
         found = await db.get(Deployment, body.deployment_id)

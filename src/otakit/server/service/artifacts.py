@@ -13,11 +13,18 @@ product already has is refused (VersionTakenError), so "version X" always means 
 an uploader that says which version it expects (``expect_version``) gets VersionMismatchError
 for anything else, and nothing is stored. An artifact may be named by a prefix of its SHA-256
 of at least :data:`MIN_PREFIX` hex digits (:func:`resolve`: one range read of the primary key).
+
+Besides the SHA-256 that names it, an artifact keeps its SHA-1 and MD5, which hawkBit DDI
+clients check: an upload computes all three in one pass while its body streams (:class:`Hasher`);
+an artifact uploaded before they were kept gets them from one read of its blob
+(:func:`ensure_hashes`, when it is deployed or a DDI client asks), or from the next upload of
+the same bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.errors import (
     AmbiguousError,
+    BlobStoreError,
     DeployedError,
     NotFoundError,
     OtakitError,
@@ -40,7 +48,7 @@ from otakit.errors import (
 from otakit.image.keys import PublicKey
 from otakit.protocol.version import FirmwareVersion
 from otakit.server import identity
-from otakit.server.blobs import BlobStore
+from otakit.server.blobs import CHUNK, BlobStore
 from otakit.server.database import RawReader
 from otakit.server.models import Artifact, Deployment, DeploymentDevice, Product, TrustedKey
 from otakit.server.service import audit, offers, revision
@@ -58,6 +66,36 @@ class Upload:
     product: str | None = None
     container: str = "ota"
     expect_version: str | None = None  # refuse (and store nothing) unless the version is this
+
+
+@dataclass(frozen=True)
+class Digests:
+    """The hashes of an artifact's bytes, lowercase hex: SHA-256 names it; SHA-1 and MD5 are
+    for the clients that check those (hawkBit DDI)."""
+
+    sha256: str
+    sha1: str
+    md5: str
+
+
+class Hasher:
+    """SHA-256, SHA-1 and MD5 of a stream in one pass: every chunk goes to the three at once
+    (hashlib releases the GIL for chunks over 2 KiB, so a worker thread can do this)."""
+
+    def __init__(self) -> None:
+        self._sha256 = hashlib.sha256()
+        self._sha1 = hashlib.sha1(usedforsecurity=False)
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._sha256.update(chunk)
+        self._sha1.update(chunk)
+        self._md5.update(chunk)
+        self.size += len(chunk)
+
+    def digests(self) -> Digests:
+        return Digests(self._sha256.hexdigest(), self._sha1.hexdigest(), self._md5.hexdigest())
 
 
 MIN_PREFIX = 12  # hex digits of a short artifact id (the dashboard shows 12)
@@ -179,16 +217,17 @@ async def add(
     db: AsyncSession,
     blobs: BlobStore,
     path: Path,
-    sha256: str,
+    digests: Digests,
     size: int,
     upload: Upload,
     *,
     actor: str = audit.LOCAL,
 ) -> tuple[Artifact, bool]:
-    """Record the received file ``path`` (whose SHA-256 and size the caller computed while
-    receiving it) as an artifact, storing its bytes in ``blobs``; commits.
+    """Record the received file ``path`` (whose hashes and size the caller computed while
+    receiving it, :class:`Hasher`) as an artifact, storing its bytes in ``blobs``; commits.
 
-    Returns the artifact and whether it is new (False: the same bytes were already there).
+    Returns the artifact and whether it is new (False: the same bytes were already there; if
+    that artifact had no SHA-1 and MD5 yet, it gets these).
     A new one is recorded in the audit log (``artifact.upload`` by ``actor``). Raises
     NotFoundError (unknown product), UsageError (empty upload), UploadRefusedError (not an
     acceptable image, package or raw file), UnprocessableError (a name or version that does not
@@ -196,10 +235,14 @@ async def add(
     (another binary has this version for the product), StorageFullError (a full disk) and
     BlobStoreError (the store cannot be written). Nothing is stored when it raises.
     """
+    sha256 = digests.sha256
     product = await product_of(db, upload.product)
     existing = await db.get(Artifact, sha256)
     if existing is not None:
         _check_expected(upload, existing.version)
+        if existing.sha1 is None or existing.md5 is None:  # uploaded before they were kept
+            existing.sha1, existing.md5 = digests.sha1, digests.md5
+            await db.commit()
         return existing, False
     if size == 0:
         raise UsageError("the upload is empty")
@@ -221,6 +264,8 @@ async def add(
     await blobs.put_file(path, sha256)  # idempotent: a concurrent upload stores the same bytes
     artifact = Artifact(
         id=sha256,
+        sha1=digests.sha1,
+        md5=digests.md5,
         name=upload.name,
         container=upload.container,
         kind=inspected.kind,
@@ -263,6 +308,41 @@ async def add(
                     await blobs.delete(sha256)
         raise
     return artifact, True
+
+
+async def ensure_hashes(db: AsyncSession, store: BlobStore, artifact: Artifact) -> None:
+    """Give ``artifact`` its SHA-1 and MD5 if it has none (uploaded before they were kept):
+    one streaming read of its blob (S3: of this server's verified local copy) in a worker
+    thread, 1 MiB at a time, with the SHA-256 checked on the way. Nothing when it has them.
+    Commits nothing: the caller's commit stores them.
+
+    Raises BlobNotFoundError (the blob is gone) and BlobStoreError (it cannot be read, or its
+    bytes are not the artifact's)."""
+    if artifact.sha1 is not None and artifact.md5 is not None:
+        return
+    path = await store.local_path(artifact.id)
+    digests = await anyio.to_thread.run_sync(_hash_blob, path)
+    if digests.sha256 != artifact.id:
+        raise BlobStoreError(
+            f"the blob of artifact {artifact.id[:MIN_PREFIX]} has SHA-256 {digests.sha256}: "
+            "it is not the artifact's bytes",
+            value=artifact.id,
+        )
+    artifact.sha1, artifact.md5 = digests.sha1, digests.md5
+    db.add(artifact)  # already there when the caller loaded it with ``db``
+
+
+def _hash_blob(path: Path) -> Digests:
+    hasher = Hasher()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                hasher.update(chunk)
+    except OSError as exc:
+        raise BlobStoreError(
+            f"cannot read {path}: {exc.strerror or exc}", value=str(path)
+        ) from None
+    return hasher.digests()
 
 
 async def remove(

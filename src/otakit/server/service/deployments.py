@@ -14,6 +14,9 @@ counted by reading every device).
 Deploying is idempotent: the same artifact to the same target (the same required tags: product,
 group, board or condition) with the same priority and downgrade setting, while such a
 deployment is active, gives that deployment back (``existing``), not a second one.
+
+A deployment's artifact always has its SHA-1 and MD5 (what hawkBit DDI clients check): one
+uploaded before they were kept gets them when it is deployed (artifacts.ensure_hashes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from otakit.errors import NotFoundError, UsageError
 from otakit.protocol import states
 from otakit.server import identity
+from otakit.server.blobs import BlobStore
 from otakit.server.models import (
     AnonymousDevice,
     Artifact,
@@ -38,7 +42,7 @@ from otakit.server.models import (
     utcnow,
 )
 from otakit.server.service import audit, revision
-from otakit.server.service.artifacts import MIN_PREFIX, resolve
+from otakit.server.service.artifacts import MIN_PREFIX, ensure_hashes, resolve
 from otakit.server.service.listings import DEFAULT_LIMIT, Key, Page, group_of, page
 from otakit.server.targeting import (
     BOARD_TAG,
@@ -121,14 +125,21 @@ async def new_deployment(
     spec: DeploymentSpec,
     now: datetime | None = None,
     *,
+    blobs: BlobStore,
     actor: str | None = None,
 ) -> Deployment:
     """Add a deployment (flushed, not committed: a rollout may be created with it); with
-    ``actor``, record ``deployment.create`` in the same transaction."""
+    ``actor``, record ``deployment.create`` in the same transaction. An artifact without its
+    SHA-1 and MD5 gets them from one read of its blob in ``blobs`` (stored by the same commit).
+
+    Raises NotFoundError, UsageError and AmbiguousError (the artifact or the target), and
+    BlobNotFoundError or BlobStoreError (an artifact without its hashes whose blob cannot be
+    read)."""
     artifact = await _artifact(db, spec.artifact_id)
     condition = condition_of(spec)
     required = parse_condition(condition)
     identity.check_job_files(artifact.id, artifact.name, required.get(PRODUCT_TAG))
+    await ensure_hashes(db, blobs, artifact)
     now = now or utcnow()
     deployment = Deployment(
         artifact_id=artifact.id,
@@ -187,11 +198,12 @@ async def active_twin(
 
 
 async def deploy(
-    db: AsyncSession, spec: DeploymentSpec, *, actor: str = audit.LOCAL
+    db: AsyncSession, spec: DeploymentSpec, *, blobs: BlobStore, actor: str = audit.LOCAL
 ) -> DeploymentView:
     """Deploy an artifact: offered at once to every targeted device. If an active deployment
     of the same artifact to the same target exists, it is given back (``existing`` True) and
-    nothing changes. Records ``deployment.create`` (by ``actor``) for a new one."""
+    nothing changes. Records ``deployment.create`` (by ``actor``) for a new one. ``blobs``:
+    where an artifact without its SHA-1 and MD5 is read (:func:`new_deployment`)."""
     artifact = await _artifact(db, spec.artifact_id)
     twin = await active_twin(db, artifact.id, spec)
     if twin is not None:
@@ -199,7 +211,7 @@ async def deploy(
         view.existing = True
         return view
     spec = replace(spec, artifact_id=artifact.id)
-    deployment = await new_deployment(db, spec, actor=actor)
+    deployment = await new_deployment(db, spec, blobs=blobs, actor=actor)
     await db.commit()
     return await get(db, deployment.id)
 

@@ -1,6 +1,7 @@
 """Artifacts: what an upload is, checked before it is recorded.
 
-An upload is streamed to a temporary file while its SHA-256 is computed, then classified:
+An upload is streamed to a temporary file while its SHA-256, SHA-1 and MD5 are computed
+(artifacts.Hasher, in the management API's upload route), then classified:
 
 - a TAR package (``ustar`` at byte 257): its manifest and every component image are checked;
 - an MCUboot image (header magic): hash and signature against the trusted keys;
