@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Make sure the services the test-suite talks to exist: a Mosquitto binary (tests start their own
 # broker on a free port), a PostgreSQL server on 127.0.0.1:5432 (tests create their own
-# database), Debian's chromium with its chromedriver (the dashboard's browser test), and nginx and
-# wrk (the benchmarks' references, which tests/test_bench_smoke.py runs). On a machine without
-# them, install them with apt-get and start them.
+# database), Debian's chromium with its chromedriver (the dashboard's browser test), Debian's
+# swupdate (the hawkBit client of tests/test_ddi_swupdate.py), and nginx and wrk (the benchmarks'
+# references, which tests/test_bench_smoke.py runs). On a machine without them, install them with
+# apt-get and start them.
 set -euo pipefail
 
 need_apt=()
@@ -12,6 +13,8 @@ command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 # the dashboard's browser test (tests/test_dashboard.py) drives Debian's chromium headless
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# the hawkBit acceptance test (tests/test_ddi_swupdate.py) runs Debian's SWUpdate's suricatta client
+[ -x /usr/bin/swupdate ] || need_apt+=(swupdate)
 # the benchmarks' smoke runs (tests/test_bench_smoke.py): nginx is the reference server, wrk the
 # load generator, curl the agent's reference; each script starts its own nginx on a free port
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)

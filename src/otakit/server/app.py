@@ -47,7 +47,7 @@ from otakit.errors import (
     UsageError,
 )
 from otakit.server import dashboard, downloads, metrics
-from otakit.server.api import audit, device, management, original
+from otakit.server.api import audit, ddi, device, management, original
 from otakit.server.api.idle import IdleCheckins
 from otakit.server.blobs import BlobStore, open_blob_store
 from otakit.server.body_limits import BodyLimits
@@ -205,7 +205,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         redoc_url=None,
         description=(
             "Device API (original middleware job documents and ranged downloads; JSON check-in "
-            "and status for agents and gateways) and management API (admin token)."
+            "and status for agents and gateways; Eclipse hawkBit's DDI API for hawkBit clients) "
+            "and management API (admin token)."
         ),
     )
     app.include_router(original.router)
@@ -214,6 +215,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    app.include_router(ddi.router)
     app.add_middleware(BodyLimits)
     app.state.otakit_metrics = counters
     app.state.otakit_metrics_access = metrics.Access.from_env()

@@ -9,7 +9,9 @@ front of it:
 - a body larger than its limit is answered 413 (from ``Content-Length`` before reading, or as
   soon as the bytes received pass the limit): :data:`DEVICE_BODY` for everything a device
   sends (check-in, status, results), :data:`API_BODY` for other calls. Artifact uploads are not
-  held here: they stream to disk under ``ServerSettings.max_upload`` (management.py).
+  held here: they stream to disk under ``ServerSettings.max_upload`` (management.py). A hawkBit
+  DDI feedback that carries credentials may be :data:`API_BODY` (SWUpdate sends up to 48 log
+  lines in one; its failure report, with the errors, must not be lost).
 
 A body within its limit is held (at most :data:`API_BODY` bytes) and handed on unchanged.
 """
@@ -17,6 +19,7 @@ A body within its limit is held (at most :data:`API_BODY` bytes) and handed on u
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,12 +29,18 @@ API_PREFIX = "/api/v1/"
 DEVICE_PREFIX = "/api/v1/device/"
 UPLOAD_PATH = "/api/v1/artifacts"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_DDI_FEEDBACK = re.compile(
+    r"/[^/]+/controller/v1/[^/]+/(deploymentBase|cancelAction)/[^/]+/feedback"
+)
 
 
-def limit_for(method: str, path: str) -> int | None:
-    """The largest body accepted for ``method path``; None: not held here (uploads)."""
+def limit_for(method: str, path: str, *, authorized: bool = False) -> int | None:
+    """The largest body accepted for ``method path`` (``authorized``: the request carries an
+    ``Authorization`` header); None: not held here (uploads)."""
     if method == "POST" and path == UPLOAD_PATH:
         return None
+    if authorized and _DDI_FEEDBACK.fullmatch(path):
+        return API_BODY
     if path.startswith(API_PREFIX) and not path.startswith(DEVICE_PREFIX):
         return API_BODY
     return DEVICE_BODY  # device API, results POSTed to file paths, anything else
@@ -53,10 +62,11 @@ class BodyLimits:
             return
         path: str = scope.get("path", "")
         headers = dict(scope.get("headers") or ())
-        if needs_credentials(path) and not headers.get(b"authorization"):
+        authorized = bool(headers.get(b"authorization"))
+        if needs_credentials(path) and not authorized:
             await _answer(send, 401, "UNAUTHORIZED", "this call needs a token")
             return
-        limit = limit_for(method, path)
+        limit = limit_for(method, path, authorized=authorized)
         if limit is None:
             await self.app(scope, receive, send)
             return

@@ -118,8 +118,16 @@ def serve(
             help="Seconds an idle HTTP connection is kept open (longer than a load balancer's).",
         ),
     ] = 5,
+    ddi_poll: Annotated[
+        int,
+        typer.Option(
+            "--ddi-poll",
+            metavar="SECONDS",
+            help="Seconds hawkBit (DDI) clients wait between polls (config.polling.sleep).",
+        ),
+    ] = 300,
 ) -> None:
-    """Run the update server (device API, management API)."""
+    """Run the update server (device API, management API, hawkBit DDI API)."""
     require("server", "otakit serve")
     import uvicorn
 
@@ -151,6 +159,8 @@ def serve(
         raise UsageError(
             "--statement-timeout must be 0 (no limit) or more", value=statement_timeout
         )
+    if not 1 <= ddi_poll <= 86399:  # HH:MM:SS below 24 hours (SWUpdate reads it so)
+        raise UsageError("--ddi-poll must be 1 to 86399 seconds", value=ddi_poll)
     # listen first: a port in use (or an address not of this machine) stops here, before the
     # data folder, the database or the first admin token exist
     listener = listen(host, port)
@@ -175,6 +185,7 @@ def serve(
         pool_size=pool_size,
         pool_timeout=pool_timeout,
         statement_timeout=statement_timeout,
+        ddi_poll=ddi_poll,
     )
     first = initialise(settings)
     if first.admin_token:

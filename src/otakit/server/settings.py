@@ -28,6 +28,7 @@ class ServerSettings:
     pool_size: int = 10  # database connections per worker (as many again for bursts)
     pool_timeout: float = 10.0  # seconds a request waits for a connection before 503
     statement_timeout: float = 30.0  # PostgreSQL: seconds before a statement is cancelled; 0: none
+    ddi_poll: int = 300  # seconds hawkBit (DDI) clients are told to wait between polls
 
     def to_env(self) -> str:
         data = asdict(self)

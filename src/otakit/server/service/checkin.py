@@ -44,6 +44,12 @@ LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 # what a check-in may tell about the device, and the job document key each must fit
 JOB_FIELDS = {"board": "Board", "manufacturer": "Manufacturer", "manufacturer_id": "ManufacturerId"}
 
+# the errors of a download under way that was told to stop: the abort notice, and a hawkBit
+# device's answer to its cancelAction (service/ddi.py); none of them is told again
+CANCELLED = "cancelled"
+CANCEL_REJECTED = "cancel rejected"
+TOLD_TO_STOP = (rollouts.ABORTED_ERROR, CANCELLED, CANCEL_REJECTED)
+
 
 async def load(db: AsyncSession, serial: str) -> tuple[Device | None, int]:
     """The device and the offers revision, in one statement."""
@@ -175,7 +181,7 @@ async def _abort_notice(db: AsyncSession, device: Device, now: datetime) -> Abor
                 DeploymentDevice.status.in_(states.DOWNLOADING),
                 or_(
                     DeploymentDevice.error.is_(None),
-                    DeploymentDevice.error != rollouts.ABORTED_ERROR,
+                    DeploymentDevice.error.not_in(TOLD_TO_STOP),
                 ),
                 Rollout.state == rollouts.ABORTED,
             )

@@ -9,7 +9,8 @@ device token was lost, the device checks in again with the same enrollment token
 fresh device token; every earlier token of the device stops working, and the device's history
 notes it (``source`` ``enroll``). The device row is inserted with ``ON CONFLICT DO NOTHING``, so
 the same serial enrolling through two servers at once gives one device: the second request
-finds the first's row and enrolls again.
+finds the first's row and enrolls again. :func:`register` is that insert, shared with hawkBit's
+DDI API (service/ddi.py), which registers a device on its first poll without minting a token.
 """
 
 from __future__ import annotations
@@ -66,25 +67,8 @@ async def enroll(
         product_name, group, by = product_row.name, None, None
     else:
         raise ForbiddenError("admin tokens cannot check in as a device")
-    identity.check("serial", "SerialNumber", serial)  # the job documents carry it
-    tags = {PRODUCT_TAG: product_name} if product_name else {}
-    if group:
-        tags[GROUP_TAG] = group
-    created = await db.execute(
-        insert(db, Device)
-        .values(
-            serial=serial,
-            product=product_name,
-            tags=tags,
-            enrolled_by=by,
-            created_at=now,
-            last_seen=now,
-        )
-        .on_conflict_do_nothing(index_elements=["serial"])
-    )
-    device = await db.get(Device, serial)
-    assert device is not None  # inserted now, or there already
-    if getattr(created, "rowcount", 0) != 1:
+    device, created = await register(db, serial, product_name, group, by, now)
+    if not created:
         if by is None or device.enrolled_by != by:
             # another product's token (or a leaked one, or a self-registration) never takes
             # over a registered device
@@ -127,3 +111,41 @@ async def enroll(
         label=ENROLLED_LABEL,
     )
     return Enrolled(device, token_text)
+
+
+async def register(
+    db: AsyncSession,
+    serial: str,
+    product: str | None,
+    group: str | None,
+    by: str | None,
+    now: datetime,
+    *,
+    job_serial: bool = True,
+) -> tuple[Device, bool]:
+    """The device ``serial``, registered now for ``product`` and ``group`` (its tags say so)
+    by enrollment token ``by`` (None: it enrolled itself) unless it was already: (the device,
+    whether this call registered it). The row is inserted with ``ON CONFLICT DO NOTHING``, so a
+    registered device is never changed here; the caller decides whether it may act for it and
+    commits. ``job_serial``: the serial must fit a job document's SerialNumber (False: a
+    hawkBit controller id, which no job document carries; the caller checks its form)."""
+    if job_serial:
+        identity.check("serial", "SerialNumber", serial)  # the job documents carry it
+    tags = {PRODUCT_TAG: product} if product else {}
+    if group:
+        tags[GROUP_TAG] = group
+    created = await db.execute(
+        insert(db, Device)
+        .values(
+            serial=serial,
+            product=product,
+            tags=tags,
+            enrolled_by=by,
+            created_at=now,
+            last_seen=now,
+        )
+        .on_conflict_do_nothing(index_elements=["serial"])
+    )
+    device = await db.get(Device, serial)
+    assert device is not None  # inserted now, or there already
+    return device, getattr(created, "rowcount", 0) == 1
