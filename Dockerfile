@@ -9,6 +9,8 @@
 # `docker run` line (the arguments replace CMD's, so give --data/--host/--port again).
 
 FROM python:3.12-slim AS build
+# detools (delta updates) builds a C extension
+RUN apt-get update && apt-get install -y --no-install-recommends gcc && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src

@@ -15,6 +15,8 @@ command -v pg_ctlcluster >/dev/null || need_apt+=(postgresql)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # the hawkBit acceptance test (tests/test_ddi_swupdate.py) runs Debian's SWUpdate's suricatta client
 [ -x /usr/bin/swupdate ] || need_apt+=(swupdate)
+# bench/delta_bench.py compiles a Cortex-M program twice (its smoke run too)
+command -v arm-none-eabi-gcc >/dev/null || need_apt+=(gcc-arm-none-eabi libnewlib-arm-none-eabi)
 # the benchmarks' smoke runs (tests/test_bench_smoke.py): nginx is the reference server, wrk the
 # load generator, curl the agent's reference; each script starts its own nginx on a free port
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)

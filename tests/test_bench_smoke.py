@@ -35,6 +35,7 @@ SMOKE = {  # script: its arguments besides --results, and the JSON files it writ
     "server_bench.py": (["--smoke"], ["server-quick.json"]),
     "fleet_bench.py": (["--smoke"], ["fleet-quick.json"]),
     "scale_bench.py": (["--smoke"], ["scale-quick.json"]),
+    "delta_bench.py": (["--smoke"], ["delta.json"]),
 }
 TOOLS = {
     "agent_bench.py": ["curl"],
@@ -42,6 +43,7 @@ TOOLS = {
     "server_bench.py": ["nginx", "wrk"],
     "fleet_bench.py": ["nginx"],
     "scale_bench.py": ["nginx"],
+    "delta_bench.py": ["arm-none-eabi-gcc"],
 }
 NEEDS_POSTGRES = {"server_bench.py", "scale_bench.py"}
 
@@ -173,6 +175,21 @@ def test_scale_bench(runs: Runs) -> None:
         largest = sizes[str(max(result["settings"]["scales"]))]
         assert largest["fleet"]["updated"] == largest["fleet"]["devices"] == 3, largest["fleet"]
     assert set(result["ratios"]) == {"sqlite", "postgresql"}
+
+
+def test_delta_bench(runs: Runs) -> None:
+    """Two builds of one Cortex-M program, each change in each compression: the patch applied
+    and timed next to the full image, and a compressed patch smaller than the image."""
+    result = runs.smoke("delta_bench.py")
+    rows = result["rows"]
+    assert {row["change"] for row in rows} == {"same-size", "grows"}
+    for row in rows:
+        assert row["full_bytes"] > 0, row
+        assert row["delta_bytes"] > 0, row
+        assert row["delta_install_cpu_ms"] > 0, row
+    compressed = [row for row in rows if row["compression"] != "none"]
+    assert compressed
+    assert all(row["delta_bytes"] < row["full_bytes"] for row in compressed), compressed
 
 
 def test_summary(runs: Runs) -> None:

@@ -39,6 +39,7 @@ from otakit.errors import (
 from otakit.files import disk_full, read_input, write_atomic
 from otakit.host.artifacts import app as artifact_app
 from otakit.host.audit import app as audit_app
+from otakit.host.delta import app as delta_app
 from otakit.host.deploy import deploy
 from otakit.host.deployments import app as deployment_app
 from otakit.host.devices import app as device_app
@@ -567,6 +568,7 @@ app.add_typer(artifact_app, name="artifact")
 app.add_typer(device_app, name="device")
 app.add_typer(deployment_app, name="deployment")
 app.add_typer(audit_app, name="audit")
+app.add_typer(delta_app, name="delta")
 app.command()(serve)
 app.command()(publisher)
 app.command()(deploy)

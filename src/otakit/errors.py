@@ -220,6 +220,25 @@ class SigningError(ImageError):
     exit_status = EXIT_USAGE
 
 
+class DeltaError(OtakitError):
+    """A delta patch (``otakit.image.delta``) cannot be made or applied. ``reason`` says why,
+    one of :data:`DELTA_REASONS`: ``NOT_A_DELTA`` (no otakit delta header), ``UNSUPPORTED`` (a
+    format or compression this otakit does not apply), ``TRUNCATED`` (fewer bytes than the
+    header announces), ``CORRUPT`` (the patch's digest or contents are wrong), ``WRONG_BASE``
+    (the base is not the image the patch was made from; nothing was written), ``RESULT`` (the
+    output is not the image the patch announces). A device falls back to the full image."""
+
+    code = "DELTA"
+    agent_error = "VERIFY"
+
+    def __init__(self, message: str, *, reason: str, value: object = None) -> None:
+        super().__init__(message, value=value)
+        self.reason = reason
+
+
+DELTA_REASONS = ("NOT_A_DELTA", "UNSUPPORTED", "TRUNCATED", "CORRUPT", "WRONG_BASE", "RESULT")
+
+
 # --- packages ----------------------------------------------------------------------------------
 
 
