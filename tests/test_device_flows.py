@@ -31,7 +31,8 @@ from .test_server import KEY, image
 
 TRACE = Path(__file__).parent / "sql_trace"
 IDLE_QUERY = "SELECT t.secret_hash"  # api/idle.py's one statement
-QUIET = ("--rollout-interval", "0")  # no background evaluation between the requests counted
+# no background work (rollout evaluation, delta making) between the requests counted
+QUIET = ("--rollout-interval", "0", "--delta-workers", "0")
 
 
 def traced_env(log: Path) -> dict[str, str]:

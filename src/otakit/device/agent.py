@@ -27,6 +27,14 @@ the exact update offered) and kept across restarts; a job whose artifact failed
 neither downloaded nor reported again until a different one is offered. A transfer that failed
 after storing more bytes is not counted against its artifact: the link failed, and the next
 attempt resumes.
+
+Delta updates: with a :class:`~otakit.device.delta_storage.DeltaStorage` (``delta``), a job
+that offers a patch for exactly the image that runs (:func:`~otakit.device.core.job.
+choose_download`, decided before anything is downloaded) is downloaded as the patch, applied
+into the secondary slot and verified as any image. A patch that does not apply (any
+:class:`~otakit.errors.DeltaError`) or an offer for another base falls back to the full image
+in the same attempt; the result report carries the reason (``delta_error``). A transfer error
+on the patch is a link failure like any other: the patch stays, the next attempt resumes it.
 """
 
 from __future__ import annotations
@@ -43,13 +51,15 @@ from enum import StrEnum
 from pathlib import Path
 
 from otakit.device.config import AgentConfig, Timing
-from otakit.device.core.job import check_job
+from otakit.device.core.job import check_job, choose_download
 from otakit.device.core.retry import Backoff, RetryPolicy
+from otakit.device.delta_storage import DeltaStorage
 from otakit.device.events import Answer, Callback, Event, Reason, State
 from otakit.device.storage import Storage
 from otakit.device.transports.base import Job, Transport
 from otakit.errors import (
     AgentError,
+    DeltaError,
     OtakitError,
     RedirectError,
     StoppedByAppError,
@@ -215,6 +225,7 @@ def update_once(
     callback: Callback | None = None,
     transports: Mapping[str, Transport] | None = None,
     retry: RetryState | None = None,
+    delta: DeltaStorage | None = None,
 ) -> Result:
     """One update attempt. Never raises for a failed update: the Result says what happened.
 
@@ -228,11 +239,17 @@ def update_once(
     artifact failed ``give_up_after`` times is not started: NO_UPDATE with ``gave_up``, no
     download, no report. A transfer that failed after storing more of the download is not
     counted (the link failed, not the artifact; the next attempt resumes).
+
+    With ``delta`` (wrapping ``storage``), a job's delta patch is used when
+    :func:`~otakit.device.core.job.choose_download` says so; on a DeltaError the same attempt
+    downloads the full image into ``storage`` and the report carries ``delta_error``.
     """
     attempt = _Attempt(callback)
     job: Job | None = None
     state = State.START_UPDATE
     stored: tuple[object, int] | None = None
+    delta_error: str | None = None
+    target = storage
     try:
         attempt.state(State.START_UPDATE)
         if flow is Flow.JOB:
@@ -268,22 +285,65 @@ def update_once(
                 total=total,
             )
 
-        state = State.DATA_DOWNLOAD
-        stored = _stored(storage)
-        transport.download(job, storage, progress)
-        for state in (State.DATA_DISCONNECT, State.STORAGE_CLOSE):
-            attempt.state(state)
-        state = State.VERIFY
-        if attempt.state(State.VERIFY) is not Answer.APP_SUCCESS:
-            version = storage.verify()
-        else:
-            version = job.version
-        storage.set_pending(permanent=not validate_after_reboot)
+        version = ""
+        done = False
+        if delta is not None:
+            choice = choose_download(
+                job.delta,
+                running_sha256=delta.running_sha256() if job.delta is not None else None,
+                accepts=delta.accepts,
+                single_image=True,
+            )
+            delta_error = choice.report
+            if choice.reason is not None and job.delta is not None:
+                log.info("downloading the full image: %s", choice.reason)
+            if choice.delta and job.delta is not None:
+                target = delta
+                delta.prepare(job.delta, version=job.version)
+                state = State.DATA_DOWNLOAD
+                stored = _stored(target)
+                try:
+                    if delta.ready():
+                        log.info("the delta patch is stored whole: applying it again")
+                    else:
+                        transport.download(_patch_job(job), delta, progress)
+                    for state in (State.DATA_DISCONNECT, State.STORAGE_CLOSE):
+                        attempt.state(state)
+                    delta.apply()  # into the secondary slot: a storage step, before VERIFY
+                    state = State.VERIFY
+                    if attempt.state(State.VERIFY) is not Answer.APP_SUCCESS:
+                        version = delta.verify()
+                    else:
+                        version = job.version
+                    done = True
+                except DeltaError as exc:
+                    delta_error = exc.reason
+                    _fell_back(attempt, state, exc)
+                    delta.abort()
+                    target = storage
+                    for state in (State.STORAGE_OPEN, State.DATA_CONNECT, State.DATA_DOWNLOAD):
+                        attempt.state(state)
+            elif delta.progress() is not None:
+                delta.discard()  # a patch of an earlier offer: not resumed any more
+        if not done:
+            state = State.DATA_DOWNLOAD
+            stored = _stored(storage)
+            transport.download(job, storage, progress)
+            for state in (State.DATA_DISCONNECT, State.STORAGE_CLOSE):
+                attempt.state(state)
+            state = State.VERIFY
+            if attempt.state(State.VERIFY) is not Answer.APP_SUCCESS:
+                version = storage.verify()
+            else:
+                version = job.version
+        target.set_pending(permanent=not validate_after_reboot)
     except OtakitError as exc:
-        result = _failed(attempt, transport, storage, job, state, exc, send_result)
+        result = _failed(
+            attempt, transport, target, job, state, exc, send_result, delta_error=delta_error
+        )
         if retry is None or job is None:
             return result
-        if isinstance(exc, TransferError) and _progressed(stored, _stored(storage)):
+        if isinstance(exc, TransferError) and _progressed(stored, _stored(target)):
             # the link failed, not the artifact: the next attempt resumes; poll backs off
             log.info("the download made progress before it failed: not counted against it")
             return result
@@ -301,9 +361,30 @@ def update_once(
         retry.succeeded(job)
     result = Result(Outcome.UPDATED, version=version, job=job)
     if send_result:
-        _report(attempt, transport, job, success=True, error=None, message=None)
+        _report(
+            attempt, transport, job, success=True, error=None, message=None, delta_error=delta_error
+        )
     attempt.emit(Event(State.OTA_COMPLETE, Reason.SUCCESS, message=f"version {version} pending"))
     return result
+
+
+def _patch_job(job: Job) -> Job:
+    """The job that downloads ``job``'s delta patch with the transport's ordinary download:
+    its URL (HTTP) or file name (MQTT), its SHA-256, no delta."""
+    assert job.delta is not None
+    offer = job.delta
+    return dataclasses.replace(
+        job, url=offer.url, file=offer.url, sha256=offer.sha256.upper(), delta=None
+    )
+
+
+def _fell_back(attempt: _Attempt, state: State, exc: DeltaError) -> None:
+    """Tell the application the patch was refused and the full image comes instead."""
+    message = (
+        f"the delta patch was refused ({exc.reason}: {exc.message}); downloading the full image"
+    )
+    log.warning("%s", message)
+    attempt.emit(Event(state, Reason.STATE_CHANGE, error=exc.reason, message=message))
 
 
 def _stored(storage: Storage) -> tuple[object, int] | None:
@@ -358,6 +439,8 @@ def _failed(
     state: State,
     exc: OtakitError,
     send_result: bool,
+    *,
+    delta_error: str | None = None,
 ) -> Result:
     error = exc.agent_error
     # a URL refused (RedirectError) is refused before storage is touched: a download of the
@@ -372,7 +455,15 @@ def _failed(
             log.exception("cleaning storage after a failure")
     attempt.emit(Event(state, Reason.FAILURE, error=error, message=exc.message))
     if job is not None and send_result:
-        _report(attempt, transport, job, success=False, error=error, message=exc.message)
+        _report(
+            attempt,
+            transport,
+            job,
+            success=False,
+            error=error,
+            message=exc.message,
+            delta_error=delta_error,
+        )
     return Result(Outcome.FAILED, error=error, message=exc.message, job=job)
 
 
@@ -384,10 +475,16 @@ def _report(
     success: bool,
     error: str | None,
     message: str | None,
+    delta_error: str | None = None,
 ) -> None:
     for state in (State.RESULT_CONNECT, State.RESULT_SEND):
         attempt.emit(Event(state, Reason.STATE_CHANGE))
-    transport.send_result(job, success=success, error=error, message=message)
+    if delta_error is None:  # transports (and fakes) that know nothing of deltas
+        transport.send_result(job, success=success, error=error, message=message)
+    else:
+        transport.send_result(
+            job, success=success, error=error, message=message, delta_error=delta_error
+        )
     attempt.emit(Event(State.RESULT_DISCONNECT, Reason.STATE_CHANGE))
 
 
@@ -459,8 +556,10 @@ class Agent:
         transports: Mapping[str, Transport] | None = None,
         retry: RetryState | None = None,
         wake: threading.Event | None = None,
+        delta: DeltaStorage | None = None,
     ) -> None:
         self.transport = transport
+        self.delta = delta
         self.transports = transports
         self.storage = storage
         self.board = board
@@ -524,6 +623,7 @@ class Agent:
             callback=self.callback,
             transports=self.transports,
             retry=self.retry,
+            delta=self.delta,
         )
         self.last = result
         if result.outcome is Outcome.UPDATED and self.reboot_upon_completion and self.reboot:

@@ -7,6 +7,7 @@ An artifact is named by its SHA-256; every command takes the full hash or a pref
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,6 +61,22 @@ DETAILS = (
     Column("signed by", "signed_by"),
     Column("details", "details"),
 )
+DELTA_COLUMNS = (
+    Column("base", lambda d: short_id(d["base_artifact_id"] or d["base_sha256"])),
+    Column("compression", "compression"),
+    Column("state", lambda d: _delta_state(d)),
+    Column("size", "size", justify="right", drop=2),
+    Column("ratio", lambda d: f"{d['ratio']:g}x" if d.get("ratio") else None, drop=1),
+)
+
+
+def _delta_state(delta: Mapping[str, Any]) -> str:
+    state = str(delta["state"])
+    if state == "making":
+        return f"making {delta.get('progress', 0)}%"
+    if state == "failed" and delta.get("error"):
+        return f"failed: {delta['error']}"
+    return state
 
 
 def _id(value: str) -> str:
@@ -150,13 +167,17 @@ def show(
     server: ServerOption = None,
     token: TokenOption = None,
 ) -> None:
-    """One artifact, with its full SHA-256, SHA-1 and MD5."""
+    """One artifact, with its full SHA-256, SHA-1 and MD5, and its deltas (from which base
+    artifact, compression, state, size, how many times smaller than the image)."""
     with connect(server, token) as client:
         artifact = client.json("GET", f"/api/v1/artifacts/{_id(artifact_id)}")
     if json_:
         print_json(artifact)
         return
     show_record(artifact, DETAILS)
+    deltas = artifact.get("deltas") or []
+    if deltas:
+        show_table(deltas, DELTA_COLUMNS, title="deltas (from base)")
 
 
 @app.command("delete")

@@ -18,6 +18,7 @@ Keys are matched case-insensitively (ASCII only, like the original's ``strncasec
     File              256   required             if set                if set
     Broker            256   if set               always ("" = same)    if set
     UniqueTopicName   256   if set               if set (see below)    if set
+    DeltaFile ...       -   -                    only for otakit agents that asked (below)
     any other key       -   kept in ``extra``, written after the known keys, in the order seen
 
 The buffer column is the original device's buffer for the field, its NUL terminator included
@@ -35,6 +36,23 @@ fields, duplicate keys (also ``ManufacturerId`` next to ``ManufacturerID``), val
 NUL (the device would cut them there) and strings that are not valid Unicode (lone surrogates).
 The ``Connection`` value is matched case-insensitively like the original and stored upper-case.
 
+Delta updates (otakit agents over MQTT only): an agent that can apply a delta sends
+``ImageSHA256`` (the image digest of what it runs) and ``Delta`` (the compressions it applies,
+comma-separated) in its "Update Availability" request; those stay in ``extra``. The publisher's
+"Update Available" answer may then carry six more keys, all or none, written after
+UniqueTopicName and only when set, so a document without them is byte for byte what it was::
+
+    key               longest  value
+    DeltaFile           255    the patch's name for "Request Data Chunk" (``Filename``)
+    DeltaSize            10    the patch's size in bytes, decimal, 1 to 4294967295
+    DeltaSHA256          64    SHA-256 of the patch file, lowercase hex
+    DeltaBase            64    image digest of the base the patch applies to, lowercase hex
+    DeltaNew             64    image digest of the image it makes, lowercase hex
+    DeltaCompression     16    e.g. "lzma" (one of what the agent sent in ``Delta``)
+
+The whole document, these keys included, must still fit in :data:`MAX_DOCUMENT_BYTES`; a
+publisher that cannot fit them offers the full image alone.
+
 Values a server keeps to write into documents later (serial numbers, product and board names,
 manufacturers) are checked when they are set, with :func:`check_stored_value`: besides the
 limit they must be printable and hold no ``"`` or ``\\``, so JSON writes each as its own bytes
@@ -47,7 +65,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from otakit.errors import MalformedJobDocError, NotAJobDocError
@@ -91,6 +109,25 @@ _KEY_BY_ATTR: Mapping[str, str] = MappingProxyType({attr: key for attr, key, _ i
 
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 
+# The delta keys (module docstring): (attribute, JSON key, longest value in UTF-8 bytes).
+_DELTA_FIELDS: tuple[tuple[str, str, int], ...] = (
+    ("delta_file", "DeltaFile", 255),
+    ("delta_size", "DeltaSize", 10),
+    ("delta_sha256", "DeltaSHA256", 64),
+    ("delta_base", "DeltaBase", 64),
+    ("delta_new", "DeltaNew", 64),
+    ("delta_compression", "DeltaCompression", 16),
+)
+DELTA_KEYS: tuple[str, ...] = tuple(key for _, key, _ in _DELTA_FIELDS)
+"""The keys of a delta offer, in the order :func:`to_json` writes them."""
+
+_DELTA_ATTR_BY_KEY: Mapping[str, str] = MappingProxyType(
+    {key.lower(): attr for attr, key, _ in _DELTA_FIELDS}
+)
+_HEX64_RE = re.compile(r"[0-9a-f]{64}")
+_DELTA_SIZE_RE = re.compile(r"[1-9][0-9]{0,9}")
+_COMPRESSION_RE = re.compile(r"[a-z0-9_-]{1,16}")
+
 
 def _fold(key: str) -> str:
     """The key as the original device compares it: ASCII case-insensitively."""
@@ -120,6 +157,13 @@ class JobDocument:
     broker: str = ""
     unique_topic_name: str = ""
     extra: tuple[tuple[str, str], ...] = ()
+    # a delta offer to an otakit agent (module docstring): all six or none
+    delta_file: str = ""
+    delta_size: str = ""
+    delta_sha256: str = ""
+    delta_base: str = ""
+    delta_new: str = ""
+    delta_compression: str = ""
 
     def to_json(self) -> bytes:
         """Same as :func:`to_json`."""
@@ -128,7 +172,7 @@ class JobDocument:
     def get(self, key: str, default: str = "") -> str:
         """The value of any key, known or extra, matched case-insensitively (e.g. ``"Offset"``)."""
         folded = _fold(key)
-        attr = _ATTR_BY_KEY.get(folded)
+        attr = _ATTR_BY_KEY.get(folded) or _DELTA_ATTR_BY_KEY.get(folded)
         if attr is not None:
             value: str = getattr(self, attr)
             return value or default
@@ -147,6 +191,11 @@ class JobDocument:
         """``Port`` as an int, or None when empty (use the port the job came from)."""
         _check_port(self.port)
         return int(self.port) if self.port else None
+
+    @property
+    def has_delta(self) -> bool:
+        """Whether the document offers a delta (the six Delta keys)."""
+        return bool(self.delta_file)
 
     @property
     def host(self) -> str:
@@ -222,7 +271,8 @@ def _validate(doc: JobDocument) -> None:
     """Apply the rules in the module docstring; raise MalformedJobDocError."""
     for attr, key, _ in _FIELDS:
         check_value(key, getattr(doc, attr))
-    seen = set(_ATTR_BY_KEY)
+    _validate_delta(doc)
+    seen = set(_ATTR_BY_KEY) | set(_DELTA_ATTR_BY_KEY)
     if not isinstance(doc.extra, tuple):
         raise MalformedJobDocError("job document extra keys must be a tuple of pairs")
     for pair in doc.extra:
@@ -266,6 +316,56 @@ def _validate(doc: JobDocument) -> None:
             )
 
 
+def _validate_delta(doc: JobDocument) -> None:
+    """The delta keys: all or none, each well-formed, only in an "Update Available" job."""
+    values = {key: getattr(doc, attr) for attr, key, _ in _DELTA_FIELDS}
+    for _, key, longest in _DELTA_FIELDS:
+        value = values[key]
+        if not isinstance(value, str):
+            raise MalformedJobDocError(
+                f"job document {key} must be a string, not {type(value).__name__}", value=value
+            )
+        size = _check_string(key, value)
+        if size > longest:
+            raise MalformedJobDocError(
+                f"job document {key} is {size} bytes, more than the {longest} allowed",
+                value=value,
+            )
+    present = [key for key, value in values.items() if value]
+    if not present:
+        return
+    if len(present) != len(values):
+        missing = ", ".join(key for key, value in values.items() if not value)
+        raise MalformedJobDocError(
+            f"job document offers a delta without {missing} (all six Delta keys or none)",
+            value=missing,
+        )
+    if doc.message != UPDATE_AVAILABLE:
+        raise MalformedJobDocError(
+            f"job document {doc.message!r} offers a delta; only {UPDATE_AVAILABLE!r} may",
+            value=doc.message,
+        )
+    if _DELTA_SIZE_RE.fullmatch(values["DeltaSize"]) is None or int(values["DeltaSize"]) > (
+        0xFFFFFFFF
+    ):
+        raise MalformedJobDocError(
+            f"job document DeltaSize {values['DeltaSize']!r} is not a size from 1 to 4294967295",
+            value=values["DeltaSize"],
+        )
+    for key in ("DeltaSHA256", "DeltaBase", "DeltaNew"):
+        if _HEX64_RE.fullmatch(values[key]) is None:
+            raise MalformedJobDocError(
+                f"job document {key} is not a SHA-256 in 64 lowercase hex digits",
+                value=values[key],
+            )
+    if _COMPRESSION_RE.fullmatch(values["DeltaCompression"]) is None:
+        raise MalformedJobDocError(
+            f"job document DeltaCompression {values['DeltaCompression']!r} is not a "
+            "compression name",
+            value=values["DeltaCompression"],
+        )
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -292,6 +392,8 @@ def to_json(doc: JobDocument) -> bytes:
     """
     _validate(doc)
     obj = {key: getattr(doc, attr) for attr, key, _ in _FIELDS if _present(doc, attr)}
+    if doc.delta_file:
+        obj.update((key, getattr(doc, attr)) for attr, key, _ in _DELTA_FIELDS)
     obj.update(doc.extra)
     data = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     if len(data) > MAX_DOCUMENT_BYTES:
@@ -382,7 +484,7 @@ def parse_job_document(data: bytes | bytearray | memoryview | str) -> JobDocumen
         if folded in seen:
             raise MalformedJobDocError(f"job document key {key!r} appears twice", value=key)
         seen.add(folded)
-        attr = _ATTR_BY_KEY.get(folded)
+        attr = _ATTR_BY_KEY.get(folded) or _DELTA_ATTR_BY_KEY.get(folded)
         if attr is None:
             extra.append((key, value))
         else:
@@ -465,3 +567,28 @@ def update_available(
 def result_received(*, unique_topic_name: str = "") -> JobDocument:
     """The publisher's answer to a device's Success/Failure message (§3)."""
     return JobDocument(message=RESULT_RECEIVED, unique_topic_name=unique_topic_name)
+
+
+def with_delta(
+    doc: JobDocument,
+    *,
+    file: str,
+    size: int,
+    sha256: str,
+    base: str,
+    new: str,
+    compression: str,
+) -> JobDocument:
+    """``doc`` (an "Update Available" job) also offering a delta (module docstring), validated;
+    raise MalformedJobDocError if it breaks a rule, the 1024 bytes in all included."""
+    offered = replace(
+        doc,
+        delta_file=file,
+        delta_size=str(size),
+        delta_sha256=sha256,
+        delta_base=base,
+        delta_new=new,
+        delta_compression=compression,
+    )
+    to_json(offered)  # validates, including the total size
+    return offered

@@ -62,7 +62,7 @@ from otakit.server.database import (
 )
 from otakit.server.downloads import SignedDownloads, signed_openapi
 from otakit.server.models import Setting, Token
-from otakit.server.service import artifacts
+from otakit.server.service import artifacts, deltas
 from otakit.server.settings import ServerSettings
 from otakit.server.storage import storage_full
 from otakit.server.tokens import Role, add_token
@@ -185,11 +185,24 @@ def create_app(settings: ServerSettings) -> FastAPI:
         app.state.otakit_presence = presence = artifacts.Presence(settings.database_url)
         app.state.otakit_idle = idle = RawReader(settings.database_url)
         sweeping = asyncio.create_task(_sweep_cache(sessions, blobs))
+        makers = [
+            deltas.DeltaWorker(
+                sessions,
+                blobs,
+                tmp_dir=settings.data_dir / "tmp",
+                min_ratio=settings.delta_min_ratio,
+                max_image=settings.delta_max_image,
+            )
+            for _ in range(settings.delta_workers)
+        ]
+        for maker in makers:
+            maker.start()
         try:
             async with counters.flushing():
                 yield
         finally:
             sweeping.cancel()
+            await asyncio.gather(*(maker.stop() for maker in makers))
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeping
             await presence.close()

@@ -40,6 +40,28 @@ DatabaseOption = Annotated[
 ]
 
 
+MAX_DELTA_WORKERS = 16
+
+
+def check_delta_options(compression: str, min_ratio: float, workers: int, max_image: int) -> None:
+    """UsageError (one line) for a --delta-* value ``otakit serve`` cannot use."""
+    from otakit.image.delta import COMPRESSIONS
+
+    if compression not in COMPRESSIONS:
+        raise UsageError(
+            f"--delta-compression must be one of {', '.join(COMPRESSIONS)}",
+            value=compression,
+        )
+    if not 1.0 <= min_ratio <= 1000.0:  # NaN fails this too
+        raise UsageError("--delta-min-ratio must be 1 to 1000", value=min_ratio)
+    if not 0 <= workers <= MAX_DELTA_WORKERS:
+        raise UsageError(
+            f"--delta-workers must be 0 (no deltas made) to {MAX_DELTA_WORKERS}", value=workers
+        )
+    if not 1024 <= max_image <= 1024**3:
+        raise UsageError("--delta-max-image must be 1024 bytes to 1 GiB", value=max_image)
+
+
 def serve(
     data: DataOption = DEFAULT_DATA,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -126,6 +148,38 @@ def serve(
             help="Seconds hawkBit (DDI) clients wait between polls (config.polling.sleep).",
         ),
     ] = 300,
+    delta_compression: Annotated[
+        str,
+        typer.Option(
+            "--delta-compression",
+            metavar="NAME",
+            help="Compression of the binary deltas the server makes: lzma, heatshrink or none.",
+        ),
+    ] = "lzma",
+    delta_min_ratio: Annotated[
+        float,
+        typer.Option(
+            "--delta-min-ratio",
+            metavar="RATIO",
+            help="Offer a delta only when the image is at least this many times its size.",
+        ),
+    ] = 2.0,
+    delta_workers: Annotated[
+        int,
+        typer.Option(
+            "--delta-workers",
+            metavar="N",
+            help="Deltas made at once per worker process, in the background; 0: none made.",
+        ),
+    ] = 1,
+    delta_max_image: Annotated[
+        int,
+        typer.Option(
+            "--delta-max-image",
+            metavar="BYTES",
+            help="No delta for an image (new or base) larger than this (memory while made).",
+        ),
+    ] = 16 * 1024 * 1024,
 ) -> None:
     """Run the update server (device API, management API, hawkBit DDI API)."""
     require("server", "otakit serve")
@@ -161,6 +215,7 @@ def serve(
         )
     if not 1 <= ddi_poll <= 86399:  # HH:MM:SS below 24 hours (SWUpdate reads it so)
         raise UsageError("--ddi-poll must be 1 to 86399 seconds", value=ddi_poll)
+    check_delta_options(delta_compression, delta_min_ratio, delta_workers, delta_max_image)
     # listen first: a port in use (or an address not of this machine) stops here, before the
     # data folder, the database or the first admin token exist
     listener = listen(host, port)
@@ -186,6 +241,10 @@ def serve(
         pool_timeout=pool_timeout,
         statement_timeout=statement_timeout,
         ddi_poll=ddi_poll,
+        delta_compression=delta_compression,
+        delta_min_ratio=delta_min_ratio,
+        delta_workers=delta_workers,
+        delta_max_image=delta_max_image,
     )
     first = initialise(settings)
     if first.admin_token:

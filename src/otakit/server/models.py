@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -113,6 +114,8 @@ class Device(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     # the enrollment token that registered it: the same token may enroll it again (a lost answer)
     enrolled_by: Mapped[str | None] = mapped_column(String(32))
+    # image_digest of the image it last said it runs (check-in ``image_sha256``): a delta's base
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Artifact(Base):
@@ -135,6 +138,47 @@ class Artifact(Base):
     signed_by: Mapped[str | None] = mapped_column(String(16))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # an MCUboot image (kind "image"): SHA-256 and size of the image proper (header to the end
+    # of the TLVs, otakit.image.delta.image_digest), what a slot holds once it runs and what a
+    # delta starts from or produces; None for other kinds, and for an image uploaded before
+    # they were kept until service/artifacts.ensure_image_digest fills them
+    image_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    image_size: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ArtifactDelta(Base):
+    """A binary delta (otakit.image.delta) that turns the image whose image_sha256 is
+    ``base_sha256`` into the image artifact ``artifact_id`` (service/deltas.py).
+
+    Queued when a deployment is created (the product's earlier images as bases) or when a
+    device on a known base checks in; made in the background by a DeltaWorker, which claims a
+    ``queued`` row (``making``, ``claimed_at``) and leaves it ``ready`` (the patch is the blob
+    ``blob_key``, its SHA-256), ``not-smaller`` (not worth offering) or ``failed`` (``error``,
+    one line). ``base_artifact_id``: the artifact the base came from, when known."""
+
+    __tablename__ = "artifact_deltas"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    artifact_id: Mapped[str] = mapped_column(
+        ForeignKey("artifacts.id", ondelete="CASCADE"), index=True
+    )
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    base_artifact_id: Mapped[str | None] = mapped_column(String(64))
+    compression: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # queued making ready not-smaller failed
+    progress: Mapped[int] = mapped_column(Integer, default=0)  # 0..100
+    blob_key: Mapped[str | None] = mapped_column(String(64))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(String(200))
+    claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint(
+            "artifact_id", "base_sha256", "compression", name="ux_artifact_deltas_base"
+        ),
+        Index("ix_artifact_deltas_state", "state", "id"),
+    )
 
 
 class Deployment(Base):
@@ -167,6 +211,8 @@ class DeploymentDevice(Base):
     applied_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     boots_at_apply: Mapped[int | None] = mapped_column(BigInteger)
     boots: Mapped[int | None] = mapped_column(BigInteger)
+    # why this device's delta failed (a DeltaError reason it reported): full image only since
+    delta_error: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (Index("ix_deployment_devices_serial", "device_serial"),)
 

@@ -15,6 +15,20 @@ A device talks to the publisher through the broker, never directly::
     Success / Failure    "Result Received"; with deployments, recorded for the device and
                          deployment answered on its UniqueTopicName (the only key it sends)
 
+Delta updates, for otakit agents only (nothing changes for a request without the two keys): an
+"Update Availability" with ``ImageSHA256`` (the image digest of what the device runs, 64
+lowercase hex) and ``Delta`` (the compressions it applies, e.g. ``lzma,heatshrink``) is
+answered, when the server has a ``ready`` delta of the offered artifact from exactly that base
+in one of those compressions (and the device reported no delta failure in that deployment),
+with the same job plus ``DeltaFile``, ``DeltaSize``, ``DeltaSHA256``, ``DeltaBase``,
+``DeltaNew`` and ``DeltaCompression`` (protocol/jobdoc.py). ``DeltaFile`` is
+``/deltas/<artifact sha256>/<patch sha256>``; "Request Data Chunk" with that ``Filename`` gets
+the patch's chunks (same header, the new image's version, total size = the patch's size) while
+the artifact is offered to the device. A device on a known base with no delta yet gets the full
+image and the delta is queued (made in the background by ``otakit serve``). A result message
+may carry ``DeltaError`` (a DeltaError reason): kept for the device in that deployment, which
+then gets full images only.
+
 BOARD is accepted with and without the ``APP_`` prefix the original tools use; answers go to
 the topics the device named or uses. The topic's BOARD is the device's build target, which it
 compares the job's ``Board`` with; ``BoardName`` is hard-coded in the original's request
@@ -44,13 +58,14 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import secrets
 import socket
 import ssl
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -69,6 +84,7 @@ from otakit.protocol.jobdoc import (
     parse_job_document,
     result_received,
     update_available,
+    with_delta,
 )
 from otakit.protocol.states import of_result
 from otakit.protocol.version import FirmwareVersion, job_version
@@ -78,7 +94,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
     from otakit.server.blobs import BlobStore
-    from otakit.server.models import Device
+    from otakit.server.models import ArtifactDelta, Device
+    from otakit.server.service.checkin import MqttOffer
     from otakit.server.service.rollouts import RolloutEngine
     from otakit.server.settings import ServerSettings
 
@@ -102,6 +119,15 @@ MAX_PAYLOADS = 0xFFFF  # the chunk header counts payloads in a u16
 SESSION_TTL = timedelta(hours=2)
 SESSION_SWEEP_S = 60.0
 SESSION_TOPIC_MAX = 256  # the column's size (the original device's topic buffer is 256 bytes)
+
+# Delta requests (otakit agents): "Delta" names at most this many compressions of at most
+# DELTA_NAME_MAX characters each; "DeltaError" (in a result) at most DELTA_ERROR_MAX characters.
+DELTA_ACCEPTS_MAX = 4
+DELTA_NAME_MAX = 16
+DELTA_ERROR_MAX = 32  # DeploymentDevice.delta_error's size
+DELTA_PREFIX = "/deltas/"
+_HEX64 = frozenset("0123456789abcdef")
+_DELTA_REASON = re.compile(rf"[A-Za-z0-9_.-]{{1,{DELTA_ERROR_MAX}}}")
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -277,6 +303,51 @@ class Request:
         """The device, for log lines."""
         return f"{self.serial or 'a device'} ({self.topic_board})"
 
+    @property
+    def image_sha256(self) -> str | None:
+        """The image digest the device says it runs (``ImageSHA256``), or None when it sends
+        none or not 64 lowercase hex digits."""
+        value = self.doc.get("ImageSHA256")
+        return value if _is_sha256(value) else None
+
+    @property
+    def delta_accepts(self) -> tuple[str, ...]:
+        """The compressions the device applies (``Delta``, comma-separated); () when it sends
+        none or the list is not a short list of short names."""
+        names = tuple(n.strip() for n in self.doc.get("Delta").split(",") if n.strip())
+        if len(names) > DELTA_ACCEPTS_MAX or any(len(n) > DELTA_NAME_MAX for n in names):
+            return ()
+        return names
+
+    @property
+    def wants_delta(self) -> bool:
+        """Whether the request asks for deltas: an otakit agent that sent both keys."""
+        return self.image_sha256 is not None and bool(self.delta_accepts)
+
+    @property
+    def delta_error(self) -> str | None:
+        """The DeltaError reason a result carries (``DeltaError``: at most 32 letters, digits,
+        ``_``, ``.`` or ``-``, as the HTTP status report takes it), or None."""
+        value = self.doc.get("DeltaError")
+        return value if _DELTA_REASON.fullmatch(value) else None
+
+
+def _is_sha256(value: str) -> bool:
+    return len(value) == 64 and set(value) <= _HEX64
+
+
+@dataclass(frozen=True)
+class DeltaRelease:
+    """A patch a device may get instead of a release's image (the job's Delta* keys)."""
+
+    key: str  # its blob key (= sha256)
+    file: str  # DeltaFile: /deltas/<artifact>/<patch sha256>
+    size: int
+    sha256: str
+    base: str  # image digest of the base
+    new: str  # image digest of the new image
+    compression: str
+
 
 @dataclass(frozen=True)
 class Release:
@@ -287,6 +358,7 @@ class Release:
     version: FirmwareVersion
     board: str | None = None  # None: any board
     deployment_id: int | None = None
+    delta: DeltaRelease | None = None  # a patch to offer (or, explicitly asked, to send)
 
     @property
     def job_version(self) -> FirmwareVersion:
@@ -544,6 +616,7 @@ class DeploymentSource:
                 explicit=explicit,
                 artifact_id=_artifact_of(request.file) if explicit else None,
                 fits=lambda board: boards_match(board, request.board),
+                image_sha256=None if explicit else request.image_sha256,
             )
             release = None
             if found.offer is not None:
@@ -556,12 +629,69 @@ class DeploymentSource:
                     version=version,
                     board=found.board,
                     deployment_id=found.offer.deployment.id,
+                    delta=await self._delta(db, request, found, explicit=explicit),
                 )
             if session is not None and found.device is not None:
                 await self._remember(db, session, request, found.device, release, explicit=explicit)
             await db.commit()
         await self._rollouts.changed(found.changed)
         return release
+
+    async def _delta(
+        self, db: AsyncSession, request: Request, found: MqttOffer, *, explicit: bool
+    ) -> DeltaRelease | None:
+        """The patch to offer with ``found``'s artifact: for "Update Availability" a ready delta
+        from the device's image in a compression it applies (none after a delta failure of the
+        device in that deployment; a base the server knows and no delta yet: queued, none
+        now); for a "Request Data Chunk" of a DeltaFile, that ready delta of the artifact."""
+        from sqlalchemy import select
+
+        from otakit.server.models import ArtifactDelta
+        from otakit.server.service import artifacts, checkin
+
+        offer = found.offer
+        assert offer is not None
+        artifact = offer.artifact
+        if explicit:
+            named = _delta_of(request.file)
+            if named is None or named[0] != artifact.id:
+                return None
+            row = (
+                await db.execute(
+                    select(ArtifactDelta)
+                    .where(
+                        ArtifactDelta.artifact_id == artifact.id,
+                        ArtifactDelta.blob_key == named[1],
+                        ArtifactDelta.state == "ready",
+                    )
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            return _delta_release(artifact.id, artifact.image_sha256, row)
+        base, accepts = request.image_sha256, request.delta_accepts
+        if base is None or not accepts:
+            return None
+        if artifact.image_sha256 is None:
+            try:
+                await artifacts.ensure_image_digest(db, self._blobs, artifact)
+            except OtakitError as exc:
+                log.warning("no delta of %s: %s", artifact.id[:12], exc.message)
+                return None
+        if artifact.image_sha256 is None or artifact.image_sha256 == base:
+            return None
+        # the HTTP check-in's rule (checkin.offered_delta): none after a delta failure of the
+        # device in this deployment; a known base without a delta yet: queued, the full image now
+        serial = found.device.serial if found.device is not None else ""
+        row = await checkin.offered_delta(
+            db,
+            offer,
+            serial,
+            base,
+            accepts,
+            self._rollouts.settings.delta_compression,
+            self._rollouts.now(),
+        )
+        return _delta_release(artifact.id, artifact.image_sha256, row)
 
     async def _remember(
         self,
@@ -679,6 +809,7 @@ class DeploymentSource:
                 deployment_id=deployment_id,
                 offered=True,  # the session holds what it was answered
                 keep=self._keep,
+                delta_error=request.delta_error,  # then full images only in this deployment
             )
             await db.commit()
         await self._rollouts.changed([changed])
@@ -691,11 +822,39 @@ class DeploymentSource:
 
 
 def _artifact_of(file: str) -> str | None:
-    """The artifact id in a ``/files/<sha256>/<name>`` File, or None."""
+    """The artifact id in a ``/files/<sha256>/<name>`` File or a DeltaFile, or None."""
     parts = file.strip("/").split("/")
     if len(parts) == 3 and parts[0] == "files" and len(parts[1]) == 64:
         return parts[1].lower()
+    delta = _delta_of(file)
+    return delta[0] if delta is not None else None
+
+
+def _delta_of(file: str) -> tuple[str, str] | None:
+    """The artifact id and patch sha256 in a ``/deltas/<sha256>/<sha256>`` DeltaFile, or None."""
+    if not file.startswith(DELTA_PREFIX):
+        return None
+    parts = file[len(DELTA_PREFIX) :].split("/")
+    if len(parts) == 2 and all(_is_sha256(part) for part in parts):
+        return parts[0], parts[1]
     return None
+
+
+def _delta_release(
+    artifact_id: str, new: str | None, row: ArtifactDelta | None
+) -> DeltaRelease | None:
+    """What the job document says of a ready delta row (None without one, or incomplete)."""
+    if row is None or row.blob_key is None or row.size is None or new is None:
+        return None
+    return DeltaRelease(
+        key=row.blob_key,
+        file=f"{DELTA_PREFIX}{artifact_id}/{row.blob_key}",
+        size=row.size,
+        sha256=row.blob_key,
+        base=row.base_sha256,
+        new=new,
+        compression=row.compression,
+    )
 
 
 # --- the publisher -----------------------------------------------------------------------------
@@ -993,20 +1152,59 @@ class Publisher:
                 file=release.file,
                 unique_topic_name=topic,
             )
+            doc = self._offer_delta(doc, release, request)
             log.info(
-                "offered %s %s to %s at %s",
+                "offered %s %s to %s at %s%s",
                 release.file,
                 release.job_version,
                 request.who,
                 request.version or "an unknown version",
+                f" with a {doc.delta_size}-byte delta" if doc.has_delta else "",
             )
         await self._publish(client, topic, doc)
+
+    def _offer_delta(self, doc: JobDocument, release: Release, request: Request) -> JobDocument:
+        """``doc`` with the release's delta, if it has one for this (otakit) device and the
+        document can hold it (1024 bytes in all); else ``doc`` as it is."""
+        delta = release.delta
+        if delta is None or not request.wants_delta:
+            return doc
+        try:
+            return with_delta(
+                doc,
+                file=delta.file,
+                size=delta.size,
+                sha256=delta.sha256,
+                base=delta.base,
+                new=delta.new,
+                compression=delta.compression,
+            )
+        except OtakitError as exc:
+            log.warning(
+                "no delta for %s: the job document cannot hold it (%s)", request.who, exc.message
+            )
+            return doc
 
     async def _release(
         self, request: Request, *, session: str | None = None
     ) -> tuple[Release, bytes] | None:
         release = await self.source.offer(request, explicit=True, session=session)
-        if release is None:
+        delta_file = _delta_of(request.file) is not None
+        if delta_file and request.message == mqtt.REQUEST_DATA_CHUNK:
+            # the patch of a delta offer: sent only while its artifact is offered to the device
+            if release is None or release.delta is None:
+                log.info(
+                    "nothing to send for %r from %s: no delta %s for it",
+                    request.message,
+                    request.who,
+                    request.file,
+                )
+                return None
+            patch = release.delta
+            data = await self.source.image(replace(release, key=patch.key, file=patch.file))
+            check_chunkable(len(data), self.config.chunk_size, f"delta {patch.file}")
+            return replace(release, file=patch.file), data
+        if release is None or delta_file:
             log.info(
                 "nothing to send for %r from %s: no image for it", request.message, request.who
             )
@@ -1069,11 +1267,12 @@ class Publisher:
         release, data = found_release
         if offset >= len(data):
             log.warning(
-                "ignored %r from %s: Offset %d is past the end of the %d-byte image",
+                "ignored %r from %s: Offset %d is past the end of the %d-byte %s",
                 request.message,
                 request.who,
                 offset,
                 len(data),
+                "patch" if release.delta is not None else "image",
             )
             return
         chunks = mqtt.range_chunks(data, release.version, offset, size, self.config.chunk_size)

@@ -29,6 +29,13 @@ class ServerSettings:
     pool_timeout: float = 10.0  # seconds a request waits for a connection before 503
     statement_timeout: float = 30.0  # PostgreSQL: seconds before a statement is cancelled; 0: none
     ddi_poll: int = 300  # seconds hawkBit (DDI) clients are told to wait between polls
+    # binary deltas (service/deltas.py): the compression they are made with; offered only when
+    # at least this many times smaller than the image; background makers per server process
+    # (0: none made, queued rows wait); images larger than this get none (memory: both images)
+    delta_compression: str = "lzma"
+    delta_min_ratio: float = 2.0
+    delta_workers: int = 1
+    delta_max_image: int = 16 * 1024 * 1024
 
     def to_env(self) -> str:
         data = asdict(self)

@@ -8,6 +8,7 @@ one, as the gateway reference design uses), size, the download URL and its signa
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from otakit.protocol.states import DeviceState
 from otakit.server.context import ServerState
-from otakit.server.models import Artifact, Device
+from otakit.server.models import Artifact, ArtifactDelta, Device
 from otakit.server.service import offers
 from otakit.server.urls import sign_path
 
@@ -47,6 +48,25 @@ def download_url(st: ServerState, artifact: Artifact, base_url: str) -> str:
         if direct is not None:
             return direct
     return base_url.rstrip("/") + sign_path(st.signing_key, download_path(artifact), lifetime)
+
+
+DELTA_PREFIX = "/api/v1/device/deltas"  # api/device.py's delta_file
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def delta_path(delta: ArtifactDelta, name: str, serial: str) -> str:
+    """Where device ``serial`` fetches ``delta`` (of the artifact called ``name``): the path
+    names the device, so a URL signed for one device is no use to another."""
+    return f"{DELTA_PREFIX}/{delta.id}/{serial}/{_UNSAFE.sub('_', name)}.delta"
+
+
+def delta_url(st: ServerState, delta: ArtifactDelta, name: str, serial: str, base_url: str) -> str:
+    """An expiring signed URL of ``delta`` for device ``serial`` (always the server's own: the
+    route checks the device may fetch it, which a pre-signed S3 URL could not)."""
+    lifetime = int(st.settings.url_days * SECONDS_PER_DAY)
+    return base_url.rstrip("/") + sign_path(
+        st.signing_key, delta_path(delta, name, serial), lifetime
+    )
 
 
 def _version_value(text: str) -> int | str:

@@ -12,6 +12,13 @@ With an MQTT broker (``mqtt``) the job or the direct flow's image comes over MQT
 HTTP(S) job from the publisher is downloaded over HTTP; an MQTT job from the HTTP server over
 MQTT when a broker is given. The server URL is then optional: without it there is no
 enrollment, check-in or revert report (those are the JSON API's).
+
+With ``fetch_with="checkin"`` the job comes from the JSON check-in API (protocols.md §7), which
+offers delta updates, as the MQTT publisher does: the device says which image it runs
+(``image_sha256``, the digest of its primary slot) and which compressions it applies, and a
+patch offered for exactly that image is downloaded into ``agent-journal-delta.part`` and
+applied into the secondary slot (:class:`~otakit.device.delta_storage.DeltaStorage`). Every
+check-in says ``image_sha256``.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ import httpx
 from otakit.device.agent import Flow, Outcome, Result, RetryState, update_once
 from otakit.device.bootloader import Action, ImageBoot
 from otakit.device.core.after_boot import AfterBoot, BootVerdict, after_boot
+from otakit.device.delta_storage import DeltaStorage, delta_compressions
 from otakit.device.events import Answer, Event, Reason, State
 from otakit.device.flash import PowerCut
 from otakit.device.journal import Journal
 from otakit.device.service import AgentService
 from otakit.device.storage import UpdateStorage
 from otakit.device.transports.base import Transport
+from otakit.device.transports.checkin import CheckinTransport
 from otakit.device.transports.http import (
     MAX_JSON_BYTES,
     HttpSettings,
@@ -46,7 +55,7 @@ from otakit.device.transports.mqtt import MqttSettings, MqttTransport
 from otakit.errors import ApiError, DeviceError, UsageError
 from otakit.files import write_atomic
 from otakit.image.header import ImageVersion
-from otakit.protocol.fwinfo import FwStatus
+from otakit.protocol.fwinfo import FwStatus, GatewayStatus
 from otakit.protocol.version import FirmwareVersion
 from otakit.sim.device import SimDevice
 from otakit.sim.programmer import SimMcuProgrammer
@@ -74,6 +83,7 @@ def _identity(device: SimDevice, version: str) -> dict[str, object]:
         "manufacturer": ident.manufacturer,
         "version": version,
         "boots": device.state.boots,  # the server's health gate notices boot loops
+        **({"image_sha256": running} if (running := device.image_sha256()) else {}),
     }
 
 
@@ -156,7 +166,8 @@ def run(
 ) -> RunReport:
     """One agent run. ``server`` is the server's URL (with ``token`` and ``chunk_size``) or the
     whole HTTP settings; ``mqtt`` the broker of the MQTT transport. ``fetch_with`` (``"http"`` or
-    ``"mqtt"``) says which asks for the job, by default MQTT when a broker is given. Without
+    ``"mqtt"``, or ``"checkin"``: the JSON check-in API, with delta updates) says which asks
+    for the job, by default MQTT when a broker is given. Without
     ``reboot`` the verified update is left pending for the next boot. With ``power_cut_after``,
     the flash loses power after that many operations during the update (torn), as a real device
     would; the next run resumes."""
@@ -167,9 +178,9 @@ def run(
     else:
         raise UsageError("give the update server's URL or an MQTT broker")
     fetch_with = fetch_with or ("mqtt" if mqtt is not None else "http")
-    if fetch_with not in ("http", "mqtt") or (fetch_with == "mqtt" and mqtt is None):
+    if fetch_with not in ("http", "mqtt", "checkin") or (fetch_with == "mqtt" and mqtt is None):
         raise UsageError(f"cannot ask for jobs with {fetch_with!r}", value=fetch_with)
-    if fetch_with == "http" and not settings.server:
+    if fetch_with in ("http", "checkin") and not settings.server:
         raise UsageError("asking the server for jobs needs its URL")
     device = SimDevice(directory)
     status = device.status()["slots"][0]
@@ -182,6 +193,24 @@ def run(
         _report_revert(device, settings, version)
     board = device.state.identity.board
     transports: dict[str, Transport] = {"HTTP": HttpTransport(settings, board=board)}
+    asks = transports["HTTP"]
+    running = device.image_sha256()  # what the check-in (or the MQTT request) says it runs
+    if fetch_with == "checkin":
+        ident = device.state.identity
+        transports["HTTP"].close()
+        asks = transports["HTTP"] = CheckinTransport(
+            settings,
+            identity={
+                "serial": ident.serial,
+                "board": board,
+                "product": ident.product,
+                "manufacturer": ident.manufacturer,
+            },
+            version=lambda: version,
+            reported=lambda: GatewayStatus(FwStatus.APPLYING),  # pending: the reboot applies it
+            image_sha256=lambda: running,
+            delta=delta_compressions(),
+        )
     try:
         if mqtt is not None:
             ident = device.state.identity
@@ -192,6 +221,8 @@ def run(
                 serial=ident.serial,
                 manufacturer=ident.manufacturer,
                 product=ident.product,
+                image_sha256=running,
+                delta=delta_compressions(),
             )
         with device.bootloader() as boot:
             storage = UpdateStorage(
@@ -201,11 +232,12 @@ def run(
                 current_version=version,
                 allow_downgrade=device.state.allow_downgrade,
             )
+            delta = DeltaStorage.beside(storage, boot.primary(0), Path(device.dir) / JOURNAL_FILE)
             if power_cut_after is not None:
                 boot.flash.cut_after(power_cut_after, tear=True, seed=power_cut_after)
             try:
                 result = update_once(
-                    transports[fetch_with.upper()],
+                    asks if fetch_with != "mqtt" else transports["MQTT"],
                     storage,
                     board=board,
                     version=version,
@@ -215,6 +247,7 @@ def run(
                     callback=callback,
                     transports=transports,
                     retry=retry,
+                    delta=delta,
                 )
             except PowerCut:
                 boot.flash.power_on()

@@ -31,8 +31,9 @@ from otakit.device.bootloader import (
 )
 from otakit.device.flash import Flash, PowerCut
 from otakit.device.flashmap import FlashMap, preset
-from otakit.errors import DeviceError
+from otakit.errors import DeviceError, OtakitError
 from otakit.files import read_input, write_atomic
+from otakit.image.delta import image_digest
 from otakit.image.keys import PublicKey
 from otakit.image.layout import check_erased_after
 from otakit.image.source import BytesSource
@@ -235,6 +236,15 @@ class SimDevice:
             self.state.last_boot = {"power_cut": True, "operations_before_cut": power_cut_after}
         self._save_state()
         return BootReport(result, power_cut_after if result is None else None, status)
+
+    def image_sha256(self) -> str | None:
+        """What image 0 runs, as a delta's base is named: :func:`~otakit.image.delta.
+        image_digest` of its primary slot (64 lowercase hex); None when it holds no image."""
+        with self.bootloader() as boot:
+            try:
+                return image_digest(boot.primary(0)).sha256.hex()
+            except OtakitError:
+                return None
 
     def confirm(self, image_index: int = 0) -> bool:
         with self.bootloader() as boot:

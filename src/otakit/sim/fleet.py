@@ -81,14 +81,17 @@ from otakit.device.bootloader import Bootloader, BootloaderConfig, ImageBoot, St
 from otakit.device.core.after_boot import REVERT_ERROR, BootVerdict, after_boot
 from otakit.device.core.assembly import ChunkAssembly
 from otakit.device.core.download import RangedDownload, RangeRequest
-from otakit.device.core.job import check_offer
+from otakit.device.core.job import check_offer, choose_download
 from otakit.device.core.retry import Backoff, RetryPolicy
+from otakit.device.delta_storage import DeltaStorage, delta_compressions
 from otakit.device.flash import Flash, FlashStats, PowerCut, SectorWear
 from otakit.device.flashmap import Area, FlashMap
 from otakit.device.journal import Download, Journal, JournalRecord
 from otakit.device.storage import Storage, UpdateStorage
+from otakit.device.transports.base import DeltaJob
 from otakit.errors import (
     BootError,
+    DeltaError,
     FlashMapError,
     HashMismatchError,
     JobFetchError,
@@ -97,6 +100,7 @@ from otakit.errors import (
     TransportUnsupportedError,
     UsageError,
 )
+from otakit.image.delta import image_digest
 from otakit.image.keys import PublicKey, SigningKey
 from otakit.image.sign import SignOptions, sign_image
 from otakit.image.trailer import SWAP_STATUS_ROW_SIZE, swap_status_area_size
@@ -364,6 +368,9 @@ class FleetConfig:
     serial_prefix: str = "FLEET"
     mqtt: MqttBroker | None = None  # jobs and images over MQTT (the server still enrolls)
     factory: bytes | None = None  # the signed image devices run at the start (None: the fleet's)
+    # delta updates over HTTP: check-ins say what runs and the compressions applied (detools
+    # installed), and an offered patch is downloaded and applied (otakit.device.delta_storage)
+    deltas: bool = False
 
     def check(self) -> None:
         """Raise UsageError for a value that cannot work, naming the option."""
@@ -488,6 +495,7 @@ class FleetJob:
     sha256: str
     url: str
     board: str | None
+    delta: DeltaJob | None = None  # a patch offered for the image the device runs
 
     @classmethod
     def parse(cls, job: Any) -> FleetJob:
@@ -499,6 +507,7 @@ class FleetJob:
                 sha256=str(job["sha256"]).lower(),
                 url=str(job["url"]),
                 board=None if job.get("board") is None else str(job["board"]),
+                delta=_delta(job.get("delta")),
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise JobFetchError(
@@ -518,6 +527,29 @@ class FleetJob:
     def resumes(self, download: Download) -> bool:
         """Whether a partial download in the journal is this job's image."""
         return download.source == self.source and download.sha256 == self.sha256
+
+    def patch(self) -> FleetJob:
+        """The job that downloads this job's delta patch (same deployment and version)."""
+        assert self.delta is not None
+        d = self.delta
+        return FleetJob(self.deployment_id, self.version, d.size, d.sha256, d.url, self.board)
+
+
+def _delta(offer: Any) -> DeltaJob | None:
+    """A check-in's ``job.delta``; None when absent or malformed (the full image then)."""
+    if not isinstance(offer, dict):
+        return None
+    try:
+        return DeltaJob(
+            url=str(offer["url"]),
+            size=int(offer["size"]),
+            sha256=str(offer["sha256"]).lower(),
+            base_sha256=str(offer["base_sha256"]).lower(),
+            new_sha256=str(offer["new_sha256"]).lower(),
+            compression=str(offer["compression"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 async def _read_at_most(response: httpx.Response, limit: int) -> bytes:
@@ -853,10 +885,13 @@ class FleetDevice:
         "backoff",
         "boots",
         "bytes",
+        "delta_journal",
+        "delta_patch",
         "drops",
         "failures",
         "flash",
         "gave_up",
+        "image_sha256",
         "index",
         "job_started",
         "journal",
@@ -903,6 +938,11 @@ class FleetDevice:
         self.backoff: Backoff | None = None  # made at the first failed attempt
         self.gave_up = False  # settled by giving up on the offered artifact
         self.wait: float | None = None  # the backoff before the next poll, after a failure
+        # delta updates: what the primary slot runs (image_digest, hex; None: not yet known),
+        # the patch being downloaded or applied and its journal (made at the first delta)
+        self.image_sha256: str | None = None
+        self.delta_patch: bytearray | None = None
+        self.delta_journal: MemoryJournal | None = None
 
 
 # --- the fleet ----------------------------------------------------------------------------------
@@ -965,6 +1005,7 @@ class Fleet:
         # bootloader trusts it next to the fleet's keys so that the factory image boots
         factory_key = SigningKey.generate("ecdsa-p256")
         self.keys = tuple(config.keys)
+        self._accepts = delta_compressions() if config.deltas else ()
         self.boot_config = BootloaderConfig(
             strategy=self.strategy,
             keys=(*self.keys, factory_key.public_key) if self.keys else (),
@@ -1176,15 +1217,32 @@ class Fleet:
 
     # --- the JSON API --------------------------------------------------------------------------
 
-    def _identity(self, device: FleetDevice) -> dict[str, str]:
-        """The check-in body: who the device is and what it runs."""
-        return {
+    def _identity(self, device: FleetDevice) -> dict[str, Any]:
+        """The check-in body: who the device is and what it runs (with ``deltas``: the image
+        digest of its primary slot and the compressions it applies)."""
+        body: dict[str, Any] = {
             "serial": device.serial,
             "board": self.config.board,
             "product": self.config.product,
             "manufacturer": self.config.manufacturer,
             "version": str(device.version),
         }
+        if self.config.deltas and self._accepts:
+            running = self._running_sha256(device)
+            if running is not None:
+                body["image_sha256"] = running
+                body["delta"] = list(self._accepts)
+        return body
+
+    def _running_sha256(self, device: FleetDevice) -> str | None:
+        """image_digest of the device's primary slot, computed once per image it runs."""
+        if device.image_sha256 is None:
+            area = Bootloader(device.flash, self.map, self.boot_config).primary(0)
+            try:
+                device.image_sha256 = image_digest(area).sha256.hex()
+            except OtakitError:
+                return None
+        return device.image_sha256
 
     async def _post(self, device: FleetDevice, path: str, body: object) -> httpx.Response:
         token = device.token or self.config.token
@@ -1229,11 +1287,14 @@ class Fleet:
         *,
         error: str | None = None,
         version: FirmwareVersion | None = None,
+        delta_error: str | None = None,
     ) -> None:
         """POST a status report; one that is not delivered is counted as an error."""
         body: dict[str, Any] = {"status": status.value, "deployment_id": deployment_id}
         if error is not None:
             body["error"] = error
+        if delta_error is not None:
+            body["delta_error"] = delta_error
         if version is not None:
             body["version"] = str(version)
         self.requests["status"] += 1
@@ -1325,25 +1386,45 @@ class Fleet:
         # than it needs while it waits
         boot = Bootloader(device.flash, self.map, self.boot_config)
         storage = self._storage(device, boot)
-        if not await self._download_with_faults(device, channel, storage, boot):
+        target: Storage = storage
+        delta_error: str | None = None
+        if isinstance(channel, _HttpChannel) and channel.job.delta is not None and self._accepts:
+            applied, interrupted, delta_error = await self._delta(device, channel, storage, boot)
+            if interrupted:
+                return  # a power cut or a broken link: the next poll goes on
+            if applied is not None:
+                target = applied
+        if target is storage and not await self._download_with_faults(
+            device, channel, storage, boot
+        ):
             return
         try:
-            version = FirmwareVersion.parse(storage.verify())
-            if channel.sha256 is not None:
+            version = FirmwareVersion.parse(target.verify())
+            if channel.sha256 is not None and target is storage:
                 self._check_sha256(storage, channel.sha256)
         except OtakitError as exc:
-            storage.abort()
+            target.abort()
             self._error(device, exc, "verify")
             error = FwError.SHA256_VERIFY_FAIL if isinstance(exc, HashMismatchError) else None
             await channel.report(FwStatus.ERROR, error=error or exc.agent_error)
             self._attempt_failed(device, channel.artifact)
             return
-        storage.set_pending(permanent=False)
+        target.set_pending(permanent=False)
+        del target
         # every image the update installed must run its new version (a package: several)
         expected: dict[int, FirmwareVersion] = dict(storage.installed) or {0: version}
         del storage  # done with: not held while the device waits to report
         self._event(device, "pending", version=str(version))
-        await channel.report(FwStatus.APPLYING, version=version)
+        if delta_error is not None and isinstance(channel, _HttpChannel):
+            await self._report(
+                device,
+                FwStatus.APPLYING,
+                channel.job.deployment_id,
+                version=version,
+                delta_error=delta_error,
+            )
+        else:
+            await channel.report(FwStatus.APPLYING, version=version)
         previous = device.version
         healthy = not device.profile.broken  # a broken image crashes before it confirms
         booted = after_boot(
@@ -1376,6 +1457,7 @@ class Fleet:
             return
         if booted.confirm:
             boot.confirm()
+        device.image_sha256 = None  # another image runs: its digest is computed again
         device.version = booted.running or version
         device.updates += 1
         device.reverted = False
@@ -1395,6 +1477,47 @@ class Fleet:
             self._error(device, exc, "checkin")
             return
         self._after_check_in(device, answer)
+
+    async def _delta(
+        self, device: FleetDevice, channel: _HttpChannel, storage: UpdateStorage, boot: Bootloader
+    ) -> tuple[DeltaStorage | None, bool, str | None]:
+        """The job's delta patch, as ``otakit agent`` decides and applies it
+        (:func:`~otakit.device.core.job.choose_download`, :class:`DeltaStorage` in memory):
+        the storage holding the applied new image (None: the full image comes), whether the
+        attempt was interrupted (a power cut or a broken link: the next poll resumes the stored
+        patch) and the ``delta_error`` to report."""
+        offer = channel.job.delta
+        assert offer is not None
+        choice = choose_download(
+            offer,
+            running_sha256=self._running_sha256(device),
+            accepts=self._accepts,
+            single_image=True,
+        )
+        if not choice.delta:
+            return None, False, choice.report
+        if device.delta_patch is None or device.delta_journal is None:
+            device.delta_patch, device.delta_journal = bytearray(), MemoryJournal()
+        delta = DeltaStorage(storage, boot.primary(0), device.delta_journal, device.delta_patch)
+        delta.prepare(offer, version=channel.version)
+        try:
+            if not delta.ready() and not await self._download_with_faults(
+                device, _HttpChannel(self, device, channel.job.patch()), delta, boot
+            ):
+                return None, True, None
+            delta.apply()
+        except DeltaError as exc:
+            self._event(device, "delta-refused", reason=exc.reason)
+            delta.abort()
+            return None, False, exc.reason
+        except PowerCut:  # while applying: the device reboots, the patch stays
+            device.flash.power_on()
+            device.power_cuts += 1
+            self._event(device, "power-cut", durable=0)
+            self._reboot(device, boot)
+            return None, True, None
+        self._event(device, "delta", size=offer.size)
+        return delta, False, None
 
     def _storage(self, device: FleetDevice, boot: Bootloader) -> UpdateStorage:
         """Where a download goes: the device's update storage on its flash and journal."""

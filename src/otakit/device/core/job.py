@@ -12,9 +12,14 @@ the agent and ``otakit subscriber``), the JSON check-in API's job and the MQTT p
 
 The board is checked before the version, so an offer for another board is refused as such
 whatever its version says.
+
+:func:`choose_download` decides between the delta patch a job offers and its full image.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 from otakit.errors import InvalidVersionError, VersionFormatError, WrongBoardError
 from otakit.protocol.jobdoc import JobDocument
@@ -100,3 +105,71 @@ def check_job(
         my_board=board,
         allow_downgrade=allow_downgrade,
     )
+
+
+# --- delta or full image -------------------------------------------------------------------------
+
+BASE_MISMATCH = "BASE_MISMATCH"
+"""The reason reported when a delta was offered for another image than the one running."""
+
+
+class OfferedDelta(Protocol):
+    """What :func:`choose_download` reads of an offered patch
+    (:class:`~otakit.device.transports.base.DeltaJob`)."""
+
+    @property
+    def base_sha256(self) -> str: ...
+
+    @property
+    def compression(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadChoice:
+    """Download the delta patch (``delta``) or the full image. ``reason`` says why not the
+    delta; ``report`` is the reason to send the server as the status's ``delta_error`` (None:
+    nothing to report, e.g. no delta was offered or this device cannot apply any)."""
+
+    delta: bool
+    reason: str | None = None
+    report: str | None = None
+
+
+def choose_download(
+    offered: OfferedDelta | None,
+    *,
+    running_sha256: str | None,
+    accepts: tuple[str, ...] | frozenset[str],
+    single_image: bool,
+) -> DownloadChoice:
+    """The delta patch or the full image, before anything is downloaded.
+
+    The delta only when one is ``offered``, this device applies deltas into a single-image
+    slot (``single_image``: an MCUboot device's image 0, not a package and not a gateway's
+    MCU), it applies the patch's compression (``accepts``) and the image it runs
+    (``running_sha256``: :func:`~otakit.image.delta.image_digest` of its primary slot, hex) is
+    exactly the patch's base. A delta for another base is reported as ``BASE_MISMATCH`` and an
+    offered compression it cannot apply as ``UNSUPPORTED``, so the server offers the full image
+    next time; the full image is downloaded in this attempt either way.
+    """
+    if offered is None:
+        return DownloadChoice(False, "no delta offered")
+    if not single_image or not accepts:
+        return DownloadChoice(False, "this device does not apply deltas")
+    if offered.compression not in accepts:
+        return DownloadChoice(
+            False,
+            f"the delta is compressed with {offered.compression!r}, which this device does not "
+            "apply",
+            "UNSUPPORTED",
+        )
+    if running_sha256 is None:
+        return DownloadChoice(False, "the running image cannot be identified", BASE_MISMATCH)
+    if offered.base_sha256.lower() != running_sha256.lower():
+        return DownloadChoice(
+            False,
+            f"the delta is for image {offered.base_sha256[:16]}..., this device runs "
+            f"{running_sha256[:16]}...",
+            BASE_MISMATCH,
+        )
+    return DownloadChoice(True)

@@ -14,6 +14,22 @@ Progress = Callable[[int, int], None]  # (bytes stored, total)
 
 
 @dataclass(frozen=True)
+class DeltaJob:
+    """A delta patch the server offers instead of the full image (check-in ``job.delta``, the
+    MQTT job document's ``Delta*`` keys): where it is, its size and SHA-256 (of the patch
+    file), the exact image it applies to (``base_sha256``, :func:`~otakit.image.delta.
+    image_digest` of the running image), the image it makes and its compression. Digests are
+    64 lowercase hex characters."""
+
+    url: str  # absolute URL (HTTP) or the publisher's file name (MQTT)
+    size: int
+    sha256: str
+    base_sha256: str
+    new_sha256: str
+    compression: str
+
+
+@dataclass(frozen=True)
 class Job:
     """What to download: from a job document (job flow) or a known file (direct flow)."""
 
@@ -24,6 +40,7 @@ class Job:
     sha256: str | None = None
     document: JobDocument | None = None
     deployment: str = ""  # the server's deployment id, when the job says it (check-in API)
+    delta: DeltaJob | None = None  # a patch offered for the image this device runs
 
     @property
     def artifact(self) -> str | None:
@@ -58,9 +75,18 @@ class Transport(Protocol):
         ...
 
     def send_result(
-        self, job: Job, *, success: bool, error: str | None, message: str | None
+        self,
+        job: Job,
+        *,
+        success: bool,
+        error: str | None,
+        message: str | None,
+        delta_error: str | None = None,
     ) -> None:
-        """Report the outcome (a server that does not answer counts as success, as §2 says)."""
+        """Report the outcome (a server that does not answer counts as success, as §2 says).
+        ``delta_error`` is why the job's delta patch was not used (a DeltaError reason or
+        BASE_MISMATCH): the server then offers this device the full image only. The agent
+        passes it only when it is set."""
         ...
 
     def close(self) -> None: ...

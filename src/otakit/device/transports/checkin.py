@@ -5,7 +5,17 @@ it runs, and the answer names the image with its size, SHA-256 and an expiring s
 §7 desired state; the job document of §1 carries no hash, and the gateway model needs one).
 The image is downloaded with the same resumable ranged GETs as :class:`HttpTransport`; the
 result goes to ``POST /api/v1/device/status`` in the reported-state shape of §7
-(``{"extFwInfo": {"Status": ..., "Error": ..., "Version": ...}}``).
+(``{"extFwInfo": {"Status": ..., "Error": ..., "Version": ...}}``; a report that says why an
+offered delta was not used goes in the API's flat shape, ``{"status": ..., "error": ...,
+"delta_error": ...}``, the same fields).
+
+Delta updates: given ``image_sha256`` (the running image's
+:func:`~otakit.image.delta.image_digest`, hex) and ``delta`` (the compressions the agent
+applies, :func:`~otakit.device.delta_storage.delta_compressions`), the check-in says both and
+the answer's ``job.delta`` (url, size, sha256, base_sha256, new_sha256, compression) becomes
+:attr:`Job.delta <otakit.device.transports.base.Job.delta>`; a malformed one is ignored (the
+full image is still offered). The status report carries ``delta_error`` when the agent did not
+use the offered patch. Without them the check-in is what it always was.
 
 On first contact the token may be an enrollment token: the answer then carries the device's own
 token, which is handed to ``on_token`` to be kept, and used from then on.
@@ -20,14 +30,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from urllib.parse import urljoin
 
 import httpx
 
 from otakit.device.storage import Storage
-from otakit.device.transports.base import Job, Progress
+from otakit.device.transports.base import DeltaJob, Job, Progress
 from otakit.device.transports.http import MAX_JSON_BYTES, HttpSettings, HttpTransport, read_body
 from otakit.errors import JobFetchError, TransferError
 from otakit.protocol.fwinfo import FwError, FwStatus, GatewayStatus
@@ -36,6 +47,7 @@ log = logging.getLogger("otakit.http")
 
 CHECKIN_PATH = "/api/v1/device/checkin"
 STATUS_PATH = "/api/v1/device/status"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CheckinTransport(HttpTransport):
@@ -50,9 +62,13 @@ class CheckinTransport(HttpTransport):
         version: Callable[[], str],
         reported: Callable[[], GatewayStatus],
         on_token: Callable[[str], None] | None = None,
+        image_sha256: Callable[[], str | None] | None = None,
+        delta: Sequence[str] = (),
     ) -> None:
         super().__init__(settings, board=identity.get("board", ""))
         self.identity = dict(identity)
+        self.image_sha256 = image_sha256
+        self.delta = tuple(delta)[:4]
         self.version = version
         self.reported = reported
         self.on_token = on_token
@@ -77,8 +93,18 @@ class CheckinTransport(HttpTransport):
                 self._reconnect()
         raise JobFetchError(f"cannot reach {self.settings.server}: {failure}", value=CHECKIN_PATH)
 
+    def _body(self) -> dict[str, object]:
+        """The check-in: identity, version and, when known, what runs and what applies."""
+        body: dict[str, object] = {**self.identity, "version": self.version()}
+        running = self.image_sha256() if self.image_sha256 is not None else None
+        if running is not None:
+            body["image_sha256"] = running
+            if self.delta:
+                body["delta"] = list(self.delta)
+        return body
+
     def fetch_job(self) -> Job | None:
-        status, raw = self._checkin({**self.identity, "version": self.version()})
+        status, raw = self._checkin(self._body())
         if status == 204:
             return None
         try:
@@ -105,11 +131,35 @@ class CheckinTransport(HttpTransport):
                 board=str(job.get("board") or ""),
                 sha256=str(job["sha256"]).upper(),
                 deployment=str(job.get("deployment_id") or ""),
+                delta=self._delta(job.get("delta")),
             )
         except (KeyError, TypeError):
             raise JobFetchError(
                 f"the check-in answer holds a malformed job: {job!r:.200}"
             ) from None
+
+    def _delta(self, offer: object) -> DeltaJob | None:
+        """The answer's ``job.delta``; None when absent, not asked for, or malformed."""
+        if offer is None or not self.delta:
+            return None
+        try:
+            assert isinstance(offer, dict)
+            delta = DeltaJob(
+                url=urljoin(self.settings.server, str(offer["url"])),
+                size=int(offer["size"]),
+                sha256=str(offer["sha256"]).lower(),
+                base_sha256=str(offer["base_sha256"]).lower(),
+                new_sha256=str(offer["new_sha256"]).lower(),
+                compression=str(offer["compression"]),
+            )
+            assert delta.size > 0
+            assert all(
+                _SHA256.fullmatch(d) for d in (delta.sha256, delta.base_sha256, delta.new_sha256)
+            )
+        except (AssertionError, KeyError, TypeError, ValueError):
+            log.warning("ignoring a malformed delta offer: %.200r", offer)
+            return None
+        return delta
 
     def _use_token(self, token: str) -> None:
         self.settings = replace(self.settings, token=token)
@@ -131,20 +181,36 @@ class CheckinTransport(HttpTransport):
             raise
 
     def send_result(
-        self, job: Job, *, success: bool, error: str | None, message: str | None
+        self,
+        job: Job,
+        *,
+        success: bool,
+        error: str | None,
+        message: str | None,
+        delta_error: str | None = None,
     ) -> None:
         status = self.reported()
         if not success and error == TransferError.agent_error:
             status = GatewayStatus(FwStatus.INTERRUPTED, self._transfer_failure)
         elif not success and status.status not in (FwStatus.ERROR, FwStatus.INVALID):
             status = GatewayStatus(FwStatus.ERROR)  # a failure the storage did not see
-        self._report(status)
+        self._report(status, delta_error=delta_error)
 
-    def _report(self, status: GatewayStatus) -> None:
+    def _report(self, status: GatewayStatus, *, delta_error: str | None = None) -> None:
         info = status.to_dict()
-        log.info("reporting %s", info)
+        body: dict[str, object] = {"extFwInfo": info}
+        if delta_error:
+            # the same report in the API's flat shape, which carries delta_error
+            body = {
+                "status": info["Status"],
+                "error": info["Error"],
+                "delta_error": delta_error[:32],
+            }
+            if "Version" in info:
+                body["version"] = info["Version"]
+        log.info("reporting %s", body)
         try:  # the answer is not read
-            with self._client.stream("POST", self._url(STATUS_PATH), json={"extFwInfo": info}):
+            with self._client.stream("POST", self._url(STATUS_PATH), json=body):
                 pass
         except httpx.HTTPError as exc:  # a report lost is sent again with the next one
             log.warning("status report not delivered: %s", exc)

@@ -309,7 +309,13 @@ class HttpTransport:
     # --- result --------------------------------------------------------------------------------
 
     def send_result(
-        self, job: Job, *, success: bool, error: str | None, message: str | None
+        self,
+        job: Job,
+        *,
+        success: bool,
+        error: str | None,
+        message: str | None,
+        delta_error: str | None = None,  # the job document offers no delta: never set here
     ) -> None:
         body: dict[str, str] = {"Message": "Success" if success else "Failure", "File": job.file}
         if not success:

@@ -21,6 +21,16 @@ identity and the session's unique topic. One session, one unique topic
     -> "Success" / "Failure" (+ "Error", "Reason")
     <- "Result Received" on the unique topic (waited result_timeout; silence counts as success)
 
+Delta updates: an agent that can apply deltas (``image_sha256`` and ``delta`` given) adds
+``ImageSHA256`` and ``Delta`` (comma-separated) to its "Update Availability"; a job document
+with the six ``Delta*`` keys becomes a :class:`Job` whose ``delta`` is a :class:`DeltaJob`
+(``url`` = the ``DeltaFile`` name). The agent downloads the patch with :meth:`download` of the
+job with ``url`` (or ``file``) set to that name: it is asked for with "Request Data Chunk"
+``Filename=DeltaFile`` (from the durable offset, ``Size=-1``) in the job's session, and its
+chunks go through the same assembly (total size = the patch's size, the new image's version).
+A result may carry ``DeltaError`` (why the patch was not used): the server then offers the
+full image only.
+
 Chunks are put together by :class:`~otakit.device.core.assembly.ChunkAssembly`, the device
 core that the fleet simulator and ``otakit subscriber`` run too: a malformed header, or one that
 disagrees with the first chunk (total size), is ``NOT_A_HEADER``; a version that is not the job's
@@ -50,7 +60,7 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urljoin
@@ -60,7 +70,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from otakit.device.core.assembly import MIN_HELD_COST, ChunkAssembly, ranges_text
 from otakit.device.storage import Storage
-from otakit.device.transports.base import Job, Progress
+from otakit.device.transports.base import DeltaJob, Job, Progress
 from otakit.errors import (
     JobFetchError,
     MalformedJobDocError,
@@ -310,6 +320,9 @@ class _Session:
     reply: str
     data: frozenset[str]
     job: Job | None = None
+    # total sizes of the patches downloaded in this session: late chunks of one (answers to
+    # repeated requests) are dropped while the image comes (a patch is at most half its size)
+    patches: set[int] = field(default_factory=set)
 
 
 # --- the transport -----------------------------------------------------------------------------
@@ -319,7 +332,11 @@ class MqttTransport:
     """The device side of the MQTT flows (see the module docstring).
 
     ``version`` is the running firmware version (any :meth:`FirmwareVersion.parse` form); the
-    identity goes into every request. Raises UsageError when the TLS files cannot be loaded.
+    identity goes into every request. ``image_sha256`` (the image digest of the running image,
+    64 lowercase hex) and ``delta`` (the compressions the agent applies) ask for delta updates
+    (both, or :meth:`offer_delta` later; ``image_sha256`` may be a function, called once, at
+    the first job request). Raises UsageError when the TLS files cannot be loaded
+    or the delta keys cannot be sent.
     """
 
     def __init__(
@@ -332,6 +349,8 @@ class MqttTransport:
         manufacturer: str = "",
         manufacturer_id: str = "",
         product: str = "",
+        image_sha256: str | Callable[[], str | None] | None = None,
+        delta: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self.board = board
@@ -345,10 +364,30 @@ class MqttTransport:
             self._message(wire.UPDATE_AVAILABILITY, self.topics.unique(0)).to_json()
         except MalformedJobDocError as exc:
             raise UsageError(f"the device identity cannot be sent over MQTT: {exc}") from None
+        self._delta_keys: dict[str, str] = {}
+        self._delta_source: Callable[[], str | None] | None = None
+        self._delta = tuple(delta)
+        if callable(image_sha256):  # computed when first needed (it reads the primary slot)
+            self._delta_source = image_sha256
+        else:
+            self.offer_delta(image_sha256, delta)
         self._context = settings.ssl_context() if settings.secure else None
         self._client_id = f"otakit-{secrets.token_hex(8)}"
         self._link: _Link | None = None
         self._session: _Session | None = None
+
+    def offer_delta(self, image_sha256: str | None, delta: Sequence[str]) -> None:
+        """Ask for deltas from now on: the running image's digest and the compressions the
+        agent applies (None or () : ask for full images only). Raises UsageError when they
+        cannot be sent."""
+        keys: dict[str, str] = {}
+        if image_sha256 and delta:
+            keys = {"ImageSHA256": image_sha256, "Delta": ",".join(delta)}
+            try:
+                self._message(wire.UPDATE_AVAILABILITY, self.topics.unique(0), keys).to_json()
+            except MalformedJobDocError as exc:
+                raise UsageError(f"the delta keys cannot be sent over MQTT: {exc}") from None
+        self._delta_keys = keys
 
     def close(self) -> None:
         self._end()
@@ -361,7 +400,13 @@ class MqttTransport:
     def fetch_job(self) -> Job | None:
         s = self.settings
         session = self._start(s.host, s.port, JobFetchError)
-        self._send(session, wire.UPDATE_AVAILABILITY)
+        if self._delta_source is not None:
+            source, self._delta_source = self._delta_source, None
+            try:
+                self.offer_delta(source(), self._delta)
+            except UsageError as exc:
+                log.warning("asking for full images only: %s", exc.message)
+        self._send(session, wire.UPDATE_AVAILABILITY, self._delta_keys)
         doc = self._wait_job(session)
         if doc is None:
             log.info("no job document on %s within %s s: no update", session.unique, s.job_timeout)
@@ -390,7 +435,24 @@ class MqttTransport:
             url = urljoin(f"{scheme}://{host}" + (f":{doc.port}" if doc.port else ""), doc.file)
         if doc.board == self.topics.wire_board:  # the board as the topics spell it (APP_X)
             doc = replace(doc, board=self.board)
-        return Job(url=url, file=doc.file, version=doc.version, board=doc.board, document=doc)
+        delta = None
+        if doc.has_delta and doc.connection == "MQTT" and self._delta_keys:
+            delta = DeltaJob(
+                url=doc.delta_file,
+                size=int(doc.delta_size),
+                sha256=doc.delta_sha256,
+                base_sha256=doc.delta_base,
+                new_sha256=doc.delta_new,
+                compression=doc.delta_compression,
+            )
+        return Job(
+            url=url,
+            file=doc.file,
+            version=doc.version,
+            board=doc.board,
+            document=doc,
+            delta=delta,
+        )
 
     def _broker_of(self, doc: JobDocument | None) -> tuple[str, int]:
         """Where an MQTT job's image is; empty Broker/Port: the configured broker."""
@@ -432,6 +494,7 @@ class MqttTransport:
                 value=doc.connection,
             )
         s = self.settings
+        patch = _patch_of(job)
         assembly = ChunkAssembly(
             storage,
             source=job.url,
@@ -440,15 +503,20 @@ class MqttTransport:
             tries=s.request_tries,
             max_early=max(1, s.max_buffered // MIN_HELD_COST),  # the bytes bound the count
             max_early_bytes=max(1, s.max_buffered),
-            sha256=job.sha256,
+            sha256=job.sha256 or (doc.delta_sha256 if patch and doc is not None else None),
         )
         session, message = self._data_session(job)
+        expected = int(doc.delta_size) if patch and doc is not None else None
+        if expected is not None:
+            session.patches.add(expected)
+        name = patch or job.file  # what "Request Data Chunk" names
         extra: dict[str, str] = {}
-        if assembly.resumed_from:
-            message, extra = wire.REQUEST_DATA_CHUNK, self._range(job, assembly.resumed_from, -1)
+        if assembly.resumed_from or patch:  # a patch is only ever asked for by range
+            message = wire.REQUEST_DATA_CHUNK
+            extra = self._range(name, assembly.resumed_from, -1)
 
         def ask(first: int, size: int) -> None:
-            self._send(session, wire.REQUEST_DATA_CHUNK, self._range(job, first, size))
+            self._send(session, wire.REQUEST_DATA_CHUNK, self._range(name, first, size))
 
         self._send(session, message, extra)
         reported: int | None = None
@@ -458,7 +526,7 @@ class MqttTransport:
             now = time.monotonic()
             if now >= deadline:
                 raise TransferError(
-                    f"the image did not arrive within {s.data_timeout} s "
+                    f"the {'patch' if patch else 'image'} did not arrive within {s.data_timeout} s "
                     f"({assembly.offset} of {assembly.total or '?'} bytes)",
                     value=job.url,
                 )
@@ -469,6 +537,9 @@ class MqttTransport:
                     continue
                 if payload[:1] == b"{":
                     log.debug("ignoring a JSON message on %s during the download", topic)
+                    continue
+                if _other_file(payload, expected, session.patches):
+                    log.debug("ignoring a chunk of another file on %s", topic)
                     continue
                 if assembly.chunk(payload):
                     quiet_since = time.monotonic()
@@ -509,19 +580,21 @@ class MqttTransport:
         v = self.version
         return FirmwareVersion(v.major, v.minor, v.revision)
 
-    def _range(self, job: Job, offset: int, size: int) -> dict[str, str]:
-        return {"Filename": job.file, "Offset": str(offset), "Size": str(size)}
+    def _range(self, file: str, offset: int, size: int) -> dict[str, str]:
+        return {"Filename": file, "Offset": str(offset), "Size": str(size)}
 
     def _data_session(self, job: Job) -> tuple[_Session, str]:
-        """The session the image comes in (the job's, or a new one) and the request for it."""
+        """The session the image comes in (the job's, or a new one) and the request for it.
+        The patch of a job's delta comes in the job's session (same document), which stays
+        the job's for the image and the result."""
         doc = job.document
         host, port = self._broker_of(doc)
         session = self._session
-        if (
-            session is None
-            or session.job is not job
-            or (session.link.host, session.link.port) != (host, port)
-        ):
+        same = session is not None and (
+            session.job is job
+            or (doc is not None and session.job is not None and session.job.document is doc)
+        )
+        if session is None or not same or (session.link.host, session.link.port) != (host, port):
             session = self._start(host, port, TransferError)
             session.job = job
         named = doc.unique_topic_name if doc is not None else ""
@@ -538,11 +611,24 @@ class MqttTransport:
     # --- result --------------------------------------------------------------------------------
 
     def send_result(
-        self, job: Job, *, success: bool, error: str | None, message: str | None
+        self,
+        job: Job,
+        *,
+        success: bool,
+        error: str | None,
+        message: str | None,
+        delta_error: str | None = None,
     ) -> None:
         s = self.settings
         session = self._session
-        if session is None or session.job is not job:
+        if session is None or not (
+            session.job is job
+            or (
+                job.document is not None
+                and session.job is not None
+                and session.job.document is job.document
+            )
+        ):
             log.warning("no MQTT session for %s: result not sent", job.url)
             return
         extra: dict[str, str] = {}
@@ -551,10 +637,12 @@ class MqttTransport:
                 "Error": error or "GENERAL",
                 "Reason": (message or "").replace("\x00", " ")[:200],
             }
+        # why the patch was not used (a DeltaError reason): full images only from then on
+        noted = {"DeltaError": delta_error[:32]} if delta_error else {}
         try:
-            self._send(session, wire.SUCCESS if success else wire.FAILURE, extra)
+            self._send(session, wire.SUCCESS if success else wire.FAILURE, {**extra, **noted})
         except MalformedJobDocError:
-            self._send(session, wire.FAILURE, {"Error": error or "GENERAL"})
+            self._send(session, wire.FAILURE, {"Error": error or "GENERAL", **noted})
         if not self._wait_result(session):
             log.debug("no %r within %s s: counted as received", RESULT_RECEIVED, s.result_timeout)
         self._end()
@@ -635,6 +723,24 @@ def _next(link: _Link, timeout: float) -> tuple[str, bytes] | None:
         return link.inbox.get(timeout=max(0.0, timeout))
     except queue.Empty:
         return None
+
+
+def _other_file(payload: bytes, expected: int | None, patches: set[int]) -> bool:
+    """Whether a chunk is of another file of the session: while a patch of ``expected`` bytes
+    comes, any chunk of another total size; while the image comes, one of a patch's size."""
+    if len(payload) < wire.HEADER_SIZE:
+        return False  # the assembly says what is wrong with it
+    total = wire.HEADER.unpack_from(payload)[6]
+    return total != expected if expected is not None else total in patches
+
+
+def _patch_of(job: Job) -> str | None:
+    """The DeltaFile when ``job`` is the download of its document's delta patch (``url`` or
+    ``file`` set to the DeltaFile), else None."""
+    doc = job.document
+    if doc is None or not doc.has_delta:
+        return None
+    return doc.delta_file if doc.delta_file in (job.url, job.file) else None
 
 
 def _version_of(job: Job) -> FirmwareVersion | None:

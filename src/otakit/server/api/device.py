@@ -12,14 +12,23 @@ deployment is offered only when the device's phase is open and the clock is insi
 download the device has under way is aborted, the check-in answers ``{"job": null, "abort":
 {...}}`` once: stop and discard that download. Check-ins and reports may carry ``boots`` (the
 device's boot counter) for the health gate.
+
+Deltas (docs/delta.md): an otakit agent that sends ``image_sha256`` (the image_digest of the image
+it runs) and ``delta`` (the compressions it applies) may get, with its job, a ``delta`` object:
+a patch from that image to the offered one, behind a signed URL bound to the device
+(``/api/v1/device/deltas/{id}/{serial}/{name}``, served like an artifact: Range, If-Range on the
+patch's SHA-256, HEAD; refused unless the patch's image is one the device may fetch). A device
+whose delta failed reports ``delta_error`` and gets the full image only for that deployment. A
+check-in without those keys is answered exactly as before.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from otakit.errors import (
@@ -30,12 +39,14 @@ from otakit.errors import (
     UnauthorizedError,
 )
 from otakit.protocol.fwinfo import FwStatus
+from otakit.server import downloads
 from otakit.server.context import Caller, Db, Rollouts, State, error_responses
-from otakit.server.models import Device, Token, utcnow
+from otakit.server.models import ArtifactDelta, Device, Token, utcnow
 from otakit.server.service import checkin as checkin_service
-from otakit.server.service import enrollment
+from otakit.server.service import enrollment, offers
 from otakit.server.tokens import MAX_LIVE_DEVICE_TOKENS, Role, live_device_tokens, rotate
-from otakit.server.twin import SECONDS_PER_DAY, Twin, download_url, twin_of
+from otakit.server.twin import SECONDS_PER_DAY, Twin, delta_url, download_url, twin_of
+from otakit.server.urls import check_signature
 
 log = logging.getLogger("otakit.server")
 
@@ -44,6 +55,10 @@ router = APIRouter(
     tags=["device"],
     responses=error_responses(400, 401, 403, 404, 409, 422),
 )
+
+
+Compression = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[a-z0-9_-]+$")]
+DeltaReason = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class CheckIn(BaseModel):
@@ -55,6 +70,16 @@ class CheckIn(BaseModel):
     version: str | None = Field(default=None, max_length=32)
     boots: int | None = Field(
         default=None, ge=0, le=2**53, description="The device's boot counter (health gate)."
+    )
+    image_sha256: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="image_digest (SHA-256 of header to end of TLVs) of the image it runs.",
+    )
+    delta: list[Compression] | None = Field(
+        default=None,
+        max_length=4,
+        description="The delta compressions it applies, preferred first (otakit agents).",
     )
 
 
@@ -71,6 +96,23 @@ class Job(BaseModel):
     url_expires: datetime
 
 
+class Delta(BaseModel):
+    """A patch (otakit.image.delta) that turns the image the device runs into the job's."""
+
+    url: str  # absolute, signed, expiring like the job's url; bound to this device
+    size: int
+    sha256: str  # of the patch file
+    base_sha256: str  # image_digest of the image it applies to
+    new_sha256: str  # image_digest of the image it makes
+    compression: str
+
+
+class JobWithDelta(Job):
+    """A job that may also be done with a delta (only for a device that asked)."""
+
+    delta: Delta
+
+
 class Abort(BaseModel):
     """Stop the download of this deployment and discard it: its rollout was aborted."""
 
@@ -79,7 +121,7 @@ class Abort(BaseModel):
 
 
 class CheckInResult(BaseModel):
-    job: Job | None
+    job: JobWithDelta | Job | None  # with ``delta`` only for a device that sent its image
     device_token: str | None = None  # only on the check-in that registered the device
     abort: Abort | None = None  # once, when a download under way was called off
 
@@ -93,6 +135,10 @@ class StatusReport(BaseModel):
     deployment_id: int | None = Field(default=None, ge=1, le=2**31 - 1)
     boots: int | None = Field(
         default=None, ge=0, le=2**53, description="The device's boot counter (health gate)."
+    )
+    delta_error: DeltaReason | None = Field(
+        default=None,
+        description="Why the delta failed (a DeltaError reason): full image only from then on.",
     )
 
 
@@ -142,8 +188,11 @@ async def checkin(
         manufacturer=body.manufacturer,
         manufacturer_id=body.manufacturer_id,
         boots=body.boots,
+        image_sha256=body.image_sha256,
+        delta=body.delta,
+        compression=st.settings.delta_compression,
     )
-    job = None
+    job: Job | None = None
     if visit.offer is not None:
         offer = visit.offer
         lifetime = timedelta(seconds=int(st.settings.url_days * SECONDS_PER_DAY))
@@ -159,6 +208,10 @@ async def checkin(
             url=download_url(st, offer.artifact, str(request.base_url)),
             url_expires=now + lifetime,
         )
+        if visit.delta is not None:
+            new_sha256 = offer.artifact.image_sha256
+            assert new_sha256 is not None  # offers.delta_for offers none without it
+            job = _with_delta(job, visit.delta, new_sha256, enrolled.device.serial, st, request)
     abort = None
     if visit.abort is not None:
         abort = Abort(deployment_id=visit.abort.deployment_id, reason=visit.abort.reason)
@@ -167,6 +220,25 @@ async def checkin(
     if job is None and enrolled.device_token is None and abort is None:
         return Response(status_code=204)
     return CheckInResult(job=job, device_token=enrolled.device_token, abort=abort)
+
+
+def _with_delta(
+    job: Job, delta: ArtifactDelta, new_sha256: str, serial: str, st: State, request: Request
+) -> JobWithDelta:
+    """``job`` with its delta (a ready one: blob_key and size are set)."""
+    assert delta.blob_key is not None
+    assert delta.size is not None
+    return JobWithDelta(
+        **job.model_dump(),
+        delta=Delta(
+            url=delta_url(st, delta, job.name, serial, str(request.base_url)),
+            size=delta.size,
+            sha256=delta.blob_key,
+            base_sha256=delta.base_sha256,
+            new_sha256=new_sha256,
+            compression=delta.compression,
+        ),
+    )
 
 
 @router.post("/status", status_code=204)
@@ -183,7 +255,7 @@ async def report_status(
     latest update under way. ``{"status": "error", "error": "reverted: ..."}`` reports a revert.
     """
     serial = _device_of(token)
-    boots = None
+    boots = delta_error = None
     if isinstance(body, GatewayReport):
         info = body.extFwInfo
         status, error = info.Status, info.Error
@@ -192,6 +264,7 @@ async def report_status(
     else:
         status, error = body.status, body.error
         version, deployment_id, boots = body.version, body.deployment_id, body.boots
+        delta_error = body.delta_error
     try:
         changed = await checkin_service.report(
             db,
@@ -202,6 +275,7 @@ async def report_status(
             version=version,
             boots=boots,
             deployment_id=deployment_id,
+            delta_error=delta_error,
             keep=st.settings.history_per_device,
         )
     except NotOfferedError:
@@ -214,6 +288,43 @@ async def report_status(
     await db.commit()
     await engine.changed([changed])
     return Response(status_code=204)
+
+
+@router.api_route(
+    "/deltas/{delta_id}/{serial}/{name}",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses={
+        200: {"description": "The whole patch"},
+        206: {"description": "A range of the patch"},
+        416: {"description": "Range not satisfiable"},
+    },
+)
+async def delta_file(
+    delta_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    serial: str,
+    name: str,
+    request: Request,
+    db: Db,
+    st: State,
+    engine: Rollouts,
+    expires: str | None = Query(default=None, max_length=12),
+    sig: str | None = Query(default=None, max_length=43),
+) -> Response:
+    """A delta offered to device ``serial``, behind the signed URL its check-in answered
+    (Range, If-Range on the patch's SHA-256, HEAD, as artifact downloads): 403 when the URL is
+    not valid or the patch's image is not one the device may fetch (any more)."""
+    problem = check_signature(st.signing_key, request.scope["path"], expires, sig)
+    if problem is not None:
+        raise ForbiddenError(problem)
+    delta, refused = await offers.may_fetch_delta(db, serial, delta_id, engine.now())
+    if delta is None or delta.blob_key is None:
+        raise NotFoundError("no such file")
+    if refused is not None:
+        raise ForbiddenError(refused)
+    key = delta.blob_key
+    await db.rollback()  # nothing written; the connection goes back before the bytes are sent
+    return await downloads.send(request, await downloads.blob(st.blobs, key))
 
 
 @router.get("/twin", response_model=Twin)

@@ -11,9 +11,9 @@ of a real fleet) costs one more statement:
 the conditional UPDATE of ``last_seen`` (:data:`SEEN`, RawReader.write), committed; if it
 fails (SQLite locked by another writer, anything) the route answers instead. Everything
 else -- no or another kind of token, a revoked or expired one, a body that does not validate,
-something the device says that differs from what is stored, an update under way, an offer
-that targets the device, offers not cached at the revision just read, a database that does
-not answer -- goes on, unchanged (the body it read is handed on), to the FastAPI route
+something the device says that differs from what is stored (its ``image_sha256`` too), an
+update under way, an offer that targets the device, offers not cached at the revision just
+read, a database that does not answer -- goes on, unchanged (the body it read is handed on), to the FastAPI route
 (api/device.py), which decides and answers as always.
 """
 
@@ -41,7 +41,7 @@ PATH = "/api/v1/device/checkin"
 QUERY = (
     "SELECT t.secret_hash, t.role, t.device_serial, t.revoked_at, t.expires_at, d.serial, "
     "d.product, d.tags, d.version, d.board, d.manufacturer, d.manufacturer_id, d.last_seen, "
-    "d.status, (SELECT r.value FROM revisions r WHERE r.name = 'offers') "
+    "d.status, d.image_sha256, (SELECT r.value FROM revisions r WHERE r.name = 'offers') "
     "FROM tokens t LEFT JOIN devices d ON d.serial = ? WHERE t.id = ?"
 )
 # the visit, when it is due (checkin.seen_due's rule, in SQL)
@@ -134,7 +134,17 @@ class IdleCheckins:
         known = offers.cached(self._bind, at or 0, now)
         if known is None:
             return False
-        product, tags, version, board, manufacturer, manufacturer_id, last_seen, status = device
+        (
+            product,
+            tags,
+            version,
+            board,
+            manufacturer,
+            manufacturer_id,
+            last_seen,
+            status,
+            image_sha256,
+        ) = device
         stored = Device(
             serial=serial,
             product=product,
@@ -145,6 +155,7 @@ class IdleCheckins:
             manufacturer_id=manufacturer_id,
             last_seen=_when(last_seen),
             status=status,
+            image_sha256=image_sha256,
         )
         said: dict[str, Any] = {
             "version": told.version,
@@ -152,6 +163,7 @@ class IdleCheckins:
             "manufacturer": told.manufacturer,
             "manufacturer_id": told.manufacturer_id,
             "boots": told.boots,
+            "image_sha256": told.image_sha256,
         }
         if not checkin.nothing_but_the_visit(stored, known, now, **said):
             return False

@@ -11,6 +11,7 @@ service/rollouts.py): one engine per server process, evaluating rollouts in the 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,6 +41,7 @@ from otakit.server.context import (
 )
 from otakit.server.models import (
     Artifact,
+    ArtifactDelta,
     Deployment,
     Device,
     Product,
@@ -51,6 +53,7 @@ from otakit.server.models import (
 )
 from otakit.server.service import artifacts as artifact_service
 from otakit.server.service import audit, listings, reports, revision, rollouts
+from otakit.server.service import deltas as delta_service
 from otakit.server.service import deployments as deployment_service
 from otakit.server.service import keys as key_service
 from otakit.server.service import products as product_service
@@ -213,9 +216,35 @@ class ArtifactOut(BaseModel):
     signed_by: str | None
     details: dict[str, Any]
     created_at: datetime
+    image_sha256: str | None = Field(
+        default=None,
+        description="An image's identity as a delta's base or result: SHA-256 of the image "
+        "proper (header to the end of its TLVs); null for other kinds, and for an image "
+        "uploaded before it was kept, until it is deployed.",
+    )
+    image_size: int | None = None
+    deltas: list[DeltaOut] | None = Field(
+        default=None,
+        description="Binary deltas to this image from earlier ones (GET /artifacts/{id} only; "
+        "null in lists and upload answers).",
+    )
 
 
-def _artifact(a: Artifact) -> ArtifactOut:
+class DeltaOut(BaseModel):
+    base_sha256: str = Field(description="image_sha256 of the image the delta starts from")
+    base_artifact_id: str | None
+    compression: str
+    state: str = Field(description="queued, making, ready, not-smaller or failed")
+    progress: int = Field(description="0 to 100")
+    size: int | None = Field(description="Bytes of the patch (ready, not-smaller)")
+    ratio: float | None = Field(description="Image size / patch size")
+    error: str | None = Field(default=None, description="Why it failed (one line)")
+
+
+ArtifactOut.model_rebuild()
+
+
+def _artifact(a: Artifact, deltas: Sequence[ArtifactDelta] | None = None) -> ArtifactOut:
     return ArtifactOut(
         id=a.id,
         sha256=a.id,
@@ -232,6 +261,11 @@ def _artifact(a: Artifact) -> ArtifactOut:
         signed_by=a.signed_by,
         details=a.details,
         created_at=a.created_at,
+        image_sha256=a.image_sha256,
+        image_size=a.image_size,
+        deltas=None
+        if deltas is None
+        else [DeltaOut(**delta_service.record(d, a.image_size).as_dict()) for d in deltas],
     )
 
 
@@ -377,7 +411,9 @@ ArtifactId = Annotated[
 
 @router.get("/artifacts/{artifact_id}", response_model=ArtifactOut)
 async def get_artifact(artifact_id: ArtifactId, db: Db, _reader: Reader) -> ArtifactOut:
-    return _artifact(await artifact_service.find(db, artifact_id))
+    """An artifact, with its deltas (``deltas``)."""
+    artifact = await artifact_service.find(db, artifact_id)
+    return _artifact(artifact, await delta_service.listing(db, artifact.id))
 
 
 @router.delete("/artifacts/{artifact_id}", status_code=204)
@@ -672,7 +708,11 @@ async def create_deployment(
     (``POST /rollouts`` with ``deployment``). The same artifact to the same target while such a
     deployment is active gives that one back (200, ``existing`` true)."""
     view = await deployment_service.deploy(
-        db, _spec(body), blobs=st.blobs, actor=audit.actor_of(admin)
+        db,
+        _spec(body),
+        blobs=st.blobs,
+        actor=audit.actor_of(admin),
+        delta_compression=st.settings.delta_compression,
     )
     if view.existing:
         response.status_code = 200
@@ -930,7 +970,11 @@ async def create_rollout(
     now = engine.now()
     if isinstance(body, RolloutWithDeployment):
         deployment = await deployment_service.new_deployment(
-            db, _spec(body.deployment), blobs=st.blobs, actor=audit.actor_of(admin)
+            db,
+            _spec(body.deployment),
+            blobs=st.blobs,
+            actor=audit.actor_of(admin),
+            delta_compression=st.settings.delta_compression,
         )
     else:
         found = await db.get(Deployment, body.deployment_id)

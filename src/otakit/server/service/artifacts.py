@@ -37,6 +37,7 @@ from otakit.errors import (
     AmbiguousError,
     BlobStoreError,
     DeployedError,
+    ImageFormatError,
     NotFoundError,
     OtakitError,
     UnprocessableError,
@@ -45,13 +46,21 @@ from otakit.errors import (
     VersionMismatchError,
     VersionTakenError,
 )
+from otakit.image.delta import image_digest
 from otakit.image.keys import PublicKey
 from otakit.protocol.version import FirmwareVersion
 from otakit.server import identity
 from otakit.server.blobs import CHUNK, BlobStore
 from otakit.server.database import RawReader
-from otakit.server.models import Artifact, Deployment, DeploymentDevice, Product, TrustedKey
-from otakit.server.service import audit, offers, revision
+from otakit.server.models import (
+    Artifact,
+    ArtifactDelta,
+    Deployment,
+    DeploymentDevice,
+    Product,
+    TrustedKey,
+)
+from otakit.server.service import audit, deltas, offers, revision
 from otakit.server.service.uploads import inspect_upload
 from otakit.server.storage import storage_full
 
@@ -256,6 +265,10 @@ async def add(
         )
     except UsageError as exc:  # well-formed, not acceptable: refused like an image that fails
         raise UploadRefusedError(exc.message, value=exc.value) from None
+    # an image's identity as a delta's base or result (the upload is verified: it is an image)
+    image = (
+        await anyio.to_thread.run_sync(image_digest, path) if inspected.kind == "image" else None
+    )
     _check_expected(upload, inspected.version)
     # a job names the version as major.minor.build, in the device's Version buffer
     identity.check("version", "Version", FirmwareVersion.parse(inspected.version).short)
@@ -276,6 +289,8 @@ async def add(
         signature=inspected.signature,
         signed_by=inspected.signed_by,
         details=inspected.details,
+        image_sha256=image.sha256.hex() if image else None,
+        image_size=image.size if image else None,
     )
     db.add(artifact)
     audit.record(
@@ -332,6 +347,31 @@ async def ensure_hashes(db: AsyncSession, store: BlobStore, artifact: Artifact) 
     db.add(artifact)  # already there when the caller loaded it with ``db``
 
 
+async def ensure_image_digest(db: AsyncSession, store: BlobStore, artifact: Artifact) -> None:
+    """Give an image artifact (kind ``image``) its ``image_sha256`` and ``image_size`` if it has
+    none (uploaded before they were kept): otakit.image.delta.image_digest of its blob (S3: of
+    this server's local copy) in a worker thread. Nothing for other kinds or when it has them.
+    Commits nothing: the caller's commit stores them.
+
+    Raises BlobNotFoundError (the blob is gone) and BlobStoreError (it cannot be read, or it is
+    not an image)."""
+    if artifact.kind != "image" or (
+        artifact.image_sha256 is not None and artifact.image_size is not None
+    ):
+        return
+    path = await store.local_path(artifact.id)
+    try:
+        found = await anyio.to_thread.run_sync(image_digest, path)
+    except (ImageFormatError, OSError) as exc:
+        raise BlobStoreError(
+            f"the blob of artifact {artifact.id[:MIN_PREFIX]} is not a readable image: "
+            f"{getattr(exc, 'message', None) or exc}",
+            value=artifact.id,
+        ) from None
+    artifact.image_sha256, artifact.image_size = found.sha256.hex(), found.size
+    db.add(artifact)
+
+
 def _hash_blob(path: Path) -> Digests:
     hasher = Hasher()
     try:
@@ -348,8 +388,8 @@ def _hash_blob(path: Path) -> Digests:
 async def remove(
     db: AsyncSession, blobs: BlobStore, artifact_id: str, *, actor: str = audit.LOCAL
 ) -> str:
-    """Delete an artifact (a whole or short id), its finished deployments and its blob, and
-    record ``artifact.delete``; commits. Returns the artifact's whole id.
+    """Delete an artifact (a whole or short id), its finished deployments, its blob and its
+    deltas (rows and patch blobs), and record ``artifact.delete``; commits. Returns the artifact's whole id.
 
     Raises NotFoundError (no such artifact), UsageError, AmbiguousError (see :func:`resolve`),
     DeployedError (an active deployment uses it) and BlobStoreError (the record is gone but the
@@ -362,6 +402,16 @@ async def remove(
     old = select(Deployment.id).where(Deployment.artifact_id == artifact_id)
     await db.execute(delete(DeploymentDevice).where(DeploymentDevice.deployment_id.in_(old)))
     await db.execute(delete(Deployment).where(Deployment.artifact_id == artifact_id))
+    # its deltas' rows go with it (ON DELETE CASCADE); their blobs after the commit
+    patches = [
+        str(key)
+        for key in await db.scalars(
+            select(ArtifactDelta.blob_key).where(
+                ArtifactDelta.artifact_id == artifact_id, ArtifactDelta.blob_key.is_not(None)
+            )
+        )
+    ]
+    await db.execute(delete(ArtifactDelta).where(ArtifactDelta.artifact_id == artifact_id))
     await db.delete(artifact)
     audit.record(
         db,
@@ -373,6 +423,8 @@ async def remove(
     await revision.bump(db)
     await db.commit()
     await blobs.delete(artifact_id)
+    for key in patches:
+        await deltas.delete_blob(db, blobs, key)
     return artifact_id
 
 
@@ -404,8 +456,15 @@ class Presence:
 
 
 async def stale_copies(db: AsyncSession, keys: list[str]) -> list[str]:
-    """Those of ``keys`` (blobs a server holds a local copy of) that are no artifact any more."""
+    """Those of ``keys`` (blobs a server holds a local copy of) that are no artifact nor delta
+    patch any more."""
     if not keys:
         return []
     kept = set(await db.scalars(select(Artifact.id).where(Artifact.id.in_(keys))))
+    kept |= {
+        str(key)
+        for key in await db.scalars(
+            select(ArtifactDelta.blob_key).where(ArtifactDelta.blob_key.in_(keys))
+        )
+    }
     return [key for key in keys if key not in kept]

@@ -8,6 +8,11 @@ these and format; the rules are here once:
   that may show the end of an update (a new version, an update under way, a boot counter),
   what it means (reports.note_checkin).
 - The offer is offers.offer_for's; a download whose rollout was aborted is called off once.
+- An otakit agent that says which image it runs (``image_sha256``, kept on the device) and which
+  delta compressions it applies gets, with an offer, the ready delta from that image
+  (offers.delta_for, one statement); when none was made yet, one is queued (deltas.queue, made
+  in the background) and this check-in gets the full image. A device that said neither, or
+  that reported a failed delta for the deployment, gets the full image only.
 - A report counts for the deployment it names only when that deployment was offered to the
   device (offers.reportable), else for the one it is about (offers.attribute); it is kept as
   history capped at the server's ``history_per_device``; a result from a device that does not
@@ -19,7 +24,7 @@ which then hands the returned deployment ids to the rollout engine (``engine.cha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -35,8 +40,8 @@ from otakit.errors import (
 )
 from otakit.protocol import states
 from otakit.server import anonymous, identity
-from otakit.server.models import DeploymentDevice, Device, Rollout
-from otakit.server.service import offers, reports, revision, rollouts
+from otakit.server.models import ArtifactDelta, DeploymentDevice, Device, Rollout
+from otakit.server.service import deltas, offers, reports, revision, rollouts
 from otakit.server.targeting import version_of
 
 LAST_SEEN_RESOLUTION = timedelta(seconds=60)
@@ -85,6 +90,7 @@ class CheckedIn:
     offer: offers.Offer | None
     abort: Abort | None = None
     changed: set[int] = field(default_factory=set)  # deployments whose standing changed
+    delta: ArtifactDelta | None = None  # the offer's delta, for a device that can apply it
 
 
 def _new_version(device: Device, version: str | None) -> bool:
@@ -105,11 +111,17 @@ async def check_in(
     manufacturer: str | None = None,
     manufacturer_id: str | None = None,
     boots: int | None = None,
+    image_sha256: str | None = None,
+    delta: Sequence[str] | None = None,
+    compression: str = "lzma",
     offer: bool = True,
     among: Callable[[offers.Offer], bool] | None = None,
 ) -> CheckedIn:
     """A registered device asks what to do (``at``: the offers revision read with it;
-    ``offer`` False: only note the visit; ``among``: only offers this accepts)."""
+    ``offer`` False: only note the visit; ``among``: only offers this accepts).
+    ``image_sha256`` (the image_digest of what it runs) and ``delta`` (the compressions it
+    applies, its preference first): with both, an offer may come with a delta
+    (:attr:`CheckedIn.delta`); ``compression``: the one the server makes deltas in."""
     told = {"board": board, "manufacturer": manufacturer, "manufacturer_id": manufacturer_id}
     for name, value in told.items():
         if value is not None:
@@ -119,6 +131,8 @@ async def check_in(
     version_changed = _new_version(device, version)
     if version_changed:
         device.version = version
+    if image_sha256 is not None and image_sha256 != device.image_sha256:
+        device.image_sha256 = image_sha256
     seen(device, now)
     changed: set[int] = set()
     if version_changed or device.status in states.UNDECIDED or boots is not None:
@@ -128,7 +142,32 @@ async def check_in(
     known = await offers.catalogue(db, now, at=at)
     found = await offers.offer_for(db, device, now, among=among, known=known)
     abort = await _abort_notice(db, device, now) if found is None else None
-    return CheckedIn(found, abort, changed)
+    offered = None
+    if found is not None and image_sha256 is not None and delta:
+        offered = await offered_delta(
+            db, found, device.serial, image_sha256, delta, compression, now
+        )
+    return CheckedIn(found, abort, changed, offered)
+
+
+async def offered_delta(
+    db: AsyncSession,
+    offer: offers.Offer,
+    serial: str,
+    base_sha256: str,
+    accepts: Sequence[str],
+    compression: str,
+    now: datetime,
+) -> ArtifactDelta | None:
+    """The offer's ready delta for device ``serial`` running the image ``base_sha256`` and
+    applying ``accepts`` (offers.delta_for); when none was made in ``compression`` (the
+    server's), one is queued (made in the background, when the base is a known image) and None
+    returned. Any adapter that offers deltas (the JSON check-in, the MQTT publisher) calls
+    this; the caller commits."""
+    choice = await offers.delta_for(db, offer, serial, base_sha256, accepts, preferred=compression)
+    if choice.queue is not None:
+        await deltas.queue(db, offer.artifact, base_sha256, now, compression=choice.queue)
+    return choice.delta
 
 
 def seen_cutoff(now: datetime) -> datetime:
@@ -146,6 +185,7 @@ def nothing_but_the_visit(
     manufacturer: str | None = None,
     manufacturer_id: str | None = None,
     boots: int | None = None,
+    image_sha256: str | None = None,
 ) -> bool:
     """Whether :func:`check_in` of ``device`` (as stored) with what it says would write
     nothing but ``last_seen`` (when :func:`seen_due`) and answer nothing: what it says is what
@@ -160,6 +200,8 @@ def nothing_but_the_visit(
         ):
             return False
     if version is not None and version != device.version:
+        return False
+    if image_sha256 is not None and image_sha256 != device.image_sha256:
         return False
     if boots is not None:
         return False
@@ -218,12 +260,15 @@ async def mqtt_request(
     explicit: bool,
     artifact_id: str | None,
     fits: Callable[[str | None], bool],
+    image_sha256: str | None = None,
 ) -> MqttOffer:
     """What an MQTT device gets: a registered one (its ``serial``) checks in and is offered
     like over HTTP; one the server does not know gets what the anonymous products (its
     ``product``, when it names one) are offered. ``explicit`` (it asks for the image itself)
     skips the version check and the check-in; ``artifact_id`` pins the image its job named;
-    ``fits`` says whether a board is the device's (the topic's, with or without APP_)."""
+    ``fits`` says whether a board is the device's (the topic's, with or without APP_);
+    ``image_sha256``: the image digest an otakit agent says it runs, kept on the device by the
+    check-in (the publisher chooses the delta, server/publisher.py)."""
 
     def among(o: offers.Offer) -> bool:
         return fits(o.artifact.board) and (artifact_id is None or o.artifact.id == artifact_id)
@@ -234,7 +279,15 @@ async def mqtt_request(
     if device is not None:
         if not explicit:
             changed = (
-                await check_in(db, device, now, at=at, version=version or None, offer=False)
+                await check_in(
+                    db,
+                    device,
+                    now,
+                    at=at,
+                    version=version or None,
+                    offer=False,
+                    image_sha256=image_sha256,
+                )
             ).changed
         # the board was matched by ``fits``, with or without APP_; the rest is the offer's
         probe = Device(
@@ -278,12 +331,15 @@ async def report(
     deployment_id: int | None = None,
     artifact_id: str | None = None,
     offered: bool = False,
+    delta_error: str | None = None,
     keep: int,
 ) -> int | None:
     """A registered device's report or result. About ``deployment_id`` when given (it must
     have been offered to the device, unless ``offered`` says the caller knows it was: the
     MQTT session), else about the update on offer or under way (of ``artifact_id``, when the
-    result names the file). Returns the deployment whose standing changed."""
+    result names the file). ``delta_error``: why the delta of that deployment failed on the
+    device (a DeltaError reason); from then on it is offered the full image only. Returns the
+    deployment whose standing changed."""
     if deployment_id is None or not offered:
         device = await db.get(Device, serial)
         if device is None:
@@ -306,6 +362,7 @@ async def report(
         boots=boots,
         now=now,
         keep=keep,
+        delta_error=delta_error,
     )
 
 

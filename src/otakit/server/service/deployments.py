@@ -17,10 +17,12 @@ deployment is active, gives that deployment back (``existing``), not a second on
 
 A deployment's artifact always has its SHA-1 and MD5 (what hawkBit DDI clients check): one
 uploaded before they were kept gets them when it is deployed (artifacts.ensure_hashes).
+Deploying an image queues deltas to it from the product's earlier images (deltas.plan).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -28,7 +30,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from otakit.errors import NotFoundError, UsageError
+from otakit.errors import NotFoundError, OtakitError, UsageError
+from otakit.image.delta import DEFAULT_COMPRESSION
 from otakit.protocol import states
 from otakit.server import identity
 from otakit.server.blobs import BlobStore
@@ -41,8 +44,13 @@ from otakit.server.models import (
     Rollout,
     utcnow,
 )
-from otakit.server.service import audit, revision
-from otakit.server.service.artifacts import MIN_PREFIX, ensure_hashes, resolve
+from otakit.server.service import audit, deltas, revision
+from otakit.server.service.artifacts import (
+    MIN_PREFIX,
+    ensure_hashes,
+    ensure_image_digest,
+    resolve,
+)
 from otakit.server.service.listings import DEFAULT_LIMIT, Key, Page, group_of, page
 from otakit.server.targeting import (
     BOARD_TAG,
@@ -52,6 +60,8 @@ from otakit.server.targeting import (
     parse_condition,
     product_group_condition,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,10 +137,14 @@ async def new_deployment(
     *,
     blobs: BlobStore,
     actor: str | None = None,
+    delta_compression: str = DEFAULT_COMPRESSION,
 ) -> Deployment:
     """Add a deployment (flushed, not committed: a rollout may be created with it); with
     ``actor``, record ``deployment.create`` in the same transaction. An artifact without its
     SHA-1 and MD5 gets them from one read of its blob in ``blobs`` (stored by the same commit).
+
+    An image artifact gets deltas queued from its product's earlier images
+    (deltas.plan, in ``delta_compression``; made in the background, never here).
 
     Raises NotFoundError, UsageError and AmbiguousError (the artifact or the target), and
     BlobNotFoundError or BlobStoreError (an artifact without its hashes whose blob cannot be
@@ -141,6 +155,7 @@ async def new_deployment(
     identity.check_job_files(artifact.id, artifact.name, required.get(PRODUCT_TAG))
     await ensure_hashes(db, blobs, artifact)
     now = now or utcnow()
+    await _plan_deltas(db, blobs, artifact, now, delta_compression)
     deployment = Deployment(
         artifact_id=artifact.id,
         condition=condition,
@@ -167,6 +182,21 @@ async def new_deployment(
         )
     await revision.bump(db)
     return deployment
+
+
+async def _plan_deltas(
+    db: AsyncSession, blobs: BlobStore, artifact: Artifact, now: datetime, compression: str
+) -> None:
+    """Queue the artifact's deltas (an image uploaded before image identities were kept gets
+    its own first); a blob that is not a readable image only means no deltas."""
+    if artifact.kind != "image":
+        return
+    try:
+        await ensure_image_digest(db, blobs, artifact)
+    except OtakitError as exc:
+        log.warning("no deltas to artifact %s: %s", artifact.id[:MIN_PREFIX], exc.message)
+        return
+    await deltas.plan(db, artifact, now, compression=compression, blobs=blobs)
 
 
 async def active_twin(
@@ -198,7 +228,12 @@ async def active_twin(
 
 
 async def deploy(
-    db: AsyncSession, spec: DeploymentSpec, *, blobs: BlobStore, actor: str = audit.LOCAL
+    db: AsyncSession,
+    spec: DeploymentSpec,
+    *,
+    blobs: BlobStore,
+    actor: str = audit.LOCAL,
+    delta_compression: str = DEFAULT_COMPRESSION,
 ) -> DeploymentView:
     """Deploy an artifact: offered at once to every targeted device. If an active deployment
     of the same artifact to the same target exists, it is given back (``existing`` True) and
@@ -211,7 +246,9 @@ async def deploy(
         view.existing = True
         return view
     spec = replace(spec, artifact_id=artifact.id)
-    deployment = await new_deployment(db, spec, blobs=blobs, actor=actor)
+    deployment = await new_deployment(
+        db, spec, blobs=blobs, actor=actor, delta_compression=delta_compression
+    )
     await db.commit()
     return await get(db, deployment.id)
 

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from otakit.protocol.states import UNDECIDED, DeviceState
 from otakit.server.models import (
     Artifact,
+    ArtifactDelta,
     Deployment,
     DeploymentDevice,
     Device,
@@ -41,7 +42,7 @@ from otakit.server.models import (
     Rollout,
     utcnow,
 )
-from otakit.server.service import revision, rollouts
+from otakit.server.service import deltas, revision, rollouts
 from otakit.server.targeting import (
     GROUP_TAG,
     PRODUCT_TAG,
@@ -385,3 +386,96 @@ async def may_fetch(
         ):
             return "this file is not offered to this device yet"
     return None
+
+
+# --- deltas ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeltaChoice:
+    """What a check-in with an offer learns about deltas: the ready one to offer (None: the
+    full image), and the compression to queue one in (None: nothing to queue)."""
+
+    delta: ArtifactDelta | None
+    queue: str | None = None
+
+
+NO_DELTA = DeltaChoice(None)
+
+
+async def delta_for(
+    session: AsyncSession,
+    offer: Offer,
+    serial: str,
+    base_sha256: str,
+    accepts: Sequence[str],
+    *,
+    preferred: str,
+) -> DeltaChoice:
+    """The delta ``offer`` comes with for device ``serial``, which runs the image whose
+    image_digest is ``base_sha256`` and applies the compressions ``accepts`` (its order: the
+    device's preference): a ``ready`` delta of the offered image from that base, unless the
+    device reported a failed delta for this deployment (``DeploymentDevice.delta_error``).
+
+    One statement, on the unique index (artifact, base, compression), with the device's
+    ``delta_error`` as a scalar subquery. When none is ready and no delta of that base exists
+    in ``preferred`` (the compression the server makes deltas in) and the device applies that
+    one, the choice says to queue it (deltas.queue, which finds out whether the base is a known
+    image; this check-in gets the full image)."""
+    artifact = offer.artifact
+    if (
+        artifact.kind != "image"
+        or artifact.image_sha256 is None
+        or artifact.image_sha256 == base_sha256
+        or not accepts
+    ):
+        return NO_DELTA
+    failed = (
+        select(DeploymentDevice.delta_error)
+        .where(
+            DeploymentDevice.deployment_id == offer.deployment.id,
+            DeploymentDevice.device_serial == serial,
+        )
+        .scalar_subquery()
+    )
+    rows = (
+        await session.execute(
+            select(failed, ArtifactDelta).where(
+                ArtifactDelta.artifact_id == artifact.id,
+                ArtifactDelta.base_sha256 == base_sha256,
+            )
+        )
+    ).all()
+    made = {delta.compression: delta for _, delta in rows}
+    error = next((e for e, _ in rows if e is not None), None)
+    chosen = None
+    if error is None:
+        chosen = next(
+            (
+                made[c]
+                for c in accepts
+                if c in made
+                and made[c].state == deltas.READY
+                and made[c].blob_key is not None
+                and made[c].size is not None
+            ),
+            None,
+        )
+    if chosen is None and error is None and preferred in accepts and preferred not in made:
+        return DeltaChoice(None, preferred)
+    return DeltaChoice(chosen)
+
+
+async def may_fetch_delta(
+    session: AsyncSession, serial: str, delta_id: int, now: datetime
+) -> tuple[ArtifactDelta | None, str | None]:
+    """The delta ``delta_id`` and why device ``serial`` may not fetch it (None: it may): the
+    delta is ready and its image is one the device may fetch (:func:`may_fetch`), as an
+    artifact download is authorised."""
+    delta = await session.get(ArtifactDelta, delta_id)
+    if delta is None or delta.state != deltas.READY or delta.blob_key is None:
+        return None, "no such file"
+    device = await session.get(Device, serial)
+    if device is None:
+        return delta, "this file is not deployed to this device"
+    return delta, await may_fetch(session, device, delta.artifact_id, now)

@@ -77,10 +77,13 @@ async def record_status(
     boots: int | None = None,
     now: datetime | None = None,
     keep: int | None = None,
+    delta_error: str | None = None,
 ) -> int | None:
     """Keep a report (and only the newest ``keep`` of the device) and update the device and its
     standing in the deployment. A report of a revert makes the standing ``reverted``; a boot
-    counter climbing too fast after applying makes it ``error`` (rollout.boot_loop). Return the
+    counter climbing too fast after applying makes it ``error`` (rollout.boot_loop);
+    ``delta_error`` (the device's delta of this deployment failed: a DeltaError reason) is kept
+    on the standing, and the device is offered the full image only from then on. Return the
     deployment whose standing changed, if any."""
     state = normalise_state(status)
     if error is not None and error.strip() in ("", "None"):
@@ -117,6 +120,8 @@ async def record_status(
     if row is None:
         row = DeploymentDevice(deployment_id=deployment_id, device_serial=serial)
         session.add(row)
+    if delta_error is not None:
+        row.delta_error = delta_error
     tags = device_tags(device) if device is not None else None
     await set_standing(session, row, standing, error, now, boots, rollout=rollout, tags=tags)
     if boots is not None:
