@@ -6,9 +6,10 @@ check-ins and status reports over HTTP, as tests/test_rollout.py drives them) mo
 bars, approve, pause, resume and abort from the page, see the counts change, filter the devices
 and open one's history, list the artifacts. Further tests search and sort the devices and
 open one's current job, page the audit log, upload an artifact with its progress bar and delete
-it, check the targeted counts and a phase without devices, and sign in as a viewer who sees no
-control that changes anything. One server and one Chromium serve the whole module; each test
-starts from a blank tab. It waits on what the page shows, never on time.
+it, check the targeted counts and a phase without devices, sign in as a viewer who sees no
+control that changes anything, and open an image's deltas (issue 20). One server and one
+Chromium serve the whole module; each test starts from a blank tab. It waits on what the page
+shows, never on time.
 
 Screenshots of every step are kept in ``test-artifacts/dashboard/`` at the repository root
 (CI keeps that folder as the test's artifacts); their paths are printed in the run's summary.
@@ -17,6 +18,8 @@ Without chromium the browser test is skipped, except under CI=true, where that i
 
 from __future__ import annotations
 
+import random
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +29,8 @@ from typing import Any
 import httpx
 import pytest
 
+from otakit.image.header import ImageVersion
+from otakit.image.sign import SignOptions, sign_image
 from otakit.server.dashboard import SECURITY_HEADERS
 from otakit.server.service.rollouts import bucket
 
@@ -914,14 +919,14 @@ def test_a_viewer_sees_everything_and_changes_nothing(dash_server: Server, brows
     }
 
     def controls() -> set[str]:
-        """The data-testid of every button shown, but the pagers and the serials' links (read
-        in one script: the page redraws rows while it polls)."""
+        """The data-testid of every button shown, but the pagers, the serials' links and the
+        images' deltas (read in one script: the page redraws rows while it polls)."""
         shown = browser.execute_script(
             "return [...document.querySelectorAll('button')]"
             ".filter((b) => b.getClientRects().length > 0)"
             ".map((b) => b.dataset.testid || b.textContent)"
         )
-        return {t for t in shown if t not in read_only and not t.startswith("device-")}
+        return {t for t in shown if t not in read_only and not t.startswith(("device-", "deltas-"))}
 
     assert controls() == set()
     assert not page.visible("create")
@@ -942,3 +947,82 @@ def test_a_viewer_sees_everything_and_changes_nothing(dash_server: Server, brows
     # what the page does not offer, the server refuses
     refused = dash_server.client(viewer).post(f"/api/v1/rollouts/{rollout}/pause")
     assert refused.status_code == 403
+
+
+# --- issue 20: an image's deltas ---------------------------------------------------------------
+
+
+def wait_delta_made(admin: httpx.Client, artifact_id: str, timeout: float = 20) -> Any:
+    """The artifact's one delta once the server's worker made it (ready, not-smaller or
+    failed). The deadline moves on whenever its state or progress changes: a slow machine
+    waits, a stuck worker fails (as tests/test_delta_plan.py waits)."""
+    deadline = time.monotonic() + timeout
+    seen: tuple[str, int] | None = None
+    while True:
+        found = admin.get(f"/api/v1/artifacts/{artifact_id}").json()["deltas"]
+        assert len(found) == 1, found
+        if found[0]["state"] in ("ready", "not-smaller", "failed"):
+            return found[0]
+        now = (found[0]["state"], found[0]["progress"])
+        if now != seen:
+            seen, deadline = now, time.monotonic() + timeout
+        assert time.monotonic() < deadline, f"the delta stayed {seen}"
+        time.sleep(0.05)
+
+
+def test_an_images_deltas_are_listed(dash_server: Server, browser: Any) -> None:
+    """Deploying v2 makes a delta from v1 in the background: the artifacts view opens v2's
+    deltas (read from GET /api/v1/artifacts/{id}) and shows the base, the compression, the
+    state as it moves to ready, the size and the ratio; v1 has none."""
+    admin = dash_server.admin_client()
+    product = f"p20-{uuid.uuid4().hex[:6]}"
+    admin.post("/api/v1/keys", content=KEY.public_key.pem())
+    assert admin.put(f"/api/v1/products/{product}", json={"board": BOARD}).status_code == 200
+    payload = bytearray(random.Random(product).randbytes(200_000))
+    images = []
+    for version in ("1.0.0", "2.0.0"):  # v2 changes 300 bytes of v1 (and the version)
+        if version == "2.0.0":
+            payload[5000:5300] = random.Random(version).randbytes(300)
+        signed = sign_image(
+            bytes(payload), KEY, SignOptions(ImageVersion.parse(version), pad_header=True)
+        )
+        upload = admin.post(
+            "/api/v1/artifacts", params={"name": "app.img", "product": product}, content=signed
+        )
+        assert upload.status_code == 201, upload.text
+        images.append(upload.json())
+    old, new = images
+
+    page = Page(browser)
+    sign_in(page, dash_server, dash_server.admin)
+    page.click("nav-artifacts")
+    page.wait(lambda: page.visible(f"artifact-{new['id']}"), "the artifacts")
+    page.click(f"deltas-toggle-{old['id']}")
+    page.wait(lambda: page.visible(f"deltas-none-{old['id']}"), "no delta to v1")
+    assert page.attr(f"deltas-toggle-{old['id']}", "aria-expanded") == "true"
+    page.click(f"deltas-toggle-{old['id']}")
+    page.wait(lambda: not page.visible(f"deltas-{old['id']}"), "v1's deltas closed")
+
+    deployed = admin.post(
+        "/api/v1/deployments", json={"artifact_id": new["id"], "product": product}
+    )
+    assert deployed.status_code == 201, deployed.text
+    page.click(f"deltas-toggle-{new['id']}")  # queued, being made or made: it follows
+    made = wait_delta_made(admin, new["id"])
+    assert made["state"] == "ready", made
+    assert made["base_artifact_id"] == old["id"]
+    row = f"delta-{new['id']}-{old['image_sha256'][:12]}-lzma"
+    page.wait(lambda: page.attr(row, "data-state") == "ready", "the delta ready")
+    cells = [c.text for c in page.find(row).find_elements("css selector", "td")]
+    assert cells[0] == f"{old['id'][:12]}\u2026 app.img 1.0.0"
+    assert cells[1:3] == ["lzma", "ready"]
+    assert cells[4] == f"{made['ratio']:g}x"
+    assert page.attr(row, "data-size") == str(made["size"])
+    size = page.find(row).find_elements("css selector", "td")[3]
+    assert size.get_attribute("title") == f"{made['size']} bytes"
+    assert cells[3].endswith((" B", " KiB"))
+    assert made["size"] * 20 < new["size"]
+    page.click(f"deltas-toggle-{new['id']}")
+    page.wait(lambda: not page.visible(f"deltas-{new['id']}"), "v2's deltas closed")
+    severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe

@@ -19,6 +19,7 @@
   const LIVE_STATES = ["scheduled", "running", "paused"];
   const COUNT_ORDER = ["Applied", "Applying", "Unknown", "Downloading", "Interrupted", "Error", "Reverted"];
   const VIEWS = ["deployments", "devices", "artifacts", "audit"];
+  const DELTA_LIVE = ["queued", "making"]; // a delta in these states is read again at each poll
 
   const $ = (id) => document.getElementById(id);
 
@@ -188,6 +189,7 @@
     audit: [],
     auditPages: { key: null, cursors: [null], next: null },
     confirmingDelete: null, // the artifact id whose delete is being confirmed
+    deltas: new Map(), // artifact id -> { deltas: [...] (null: being read), error } of its open deltas
     uploading: false,
     moreDeployments: false,
     drawer: null, // { serial, older: bool, last: id }
@@ -268,6 +270,7 @@
     state.audit = [];
     state.auditPages = { key: null, cursors: [null], next: null };
     state.confirmingDelete = null;
+    state.deltas.clear();
     $("deployment-list").replaceChildren();
     $("device-rows").replaceChildren();
     $("artifact-rows").replaceChildren();
@@ -1121,13 +1124,32 @@
     show($("artifacts-prev"), pages.cursors.length > 1);
     show($("artifacts-next"), Boolean(pages.next));
     fillArtifactChoices();
-    const signature = JSON.stringify([state.artifacts, state.confirmingDelete, isAdmin()]);
+    // open deltas on this page are read again while one is still being made (live progress)
+    // or the last read failed
+    const live = state.artifacts.filter((a) => {
+      const open = state.deltas.get(a.id);
+      return open && (!open.deltas || open.error || open.deltas.some((d) => DELTA_LIVE.includes(d.state)));
+    });
+    await Promise.all(live.map((a) => loadDeltas(a.id)));
+    const signature = artifactSignature();
     const body = $("artifact-rows");
     if (body.dataset.signature !== signature) {
       body.dataset.signature = signature;
-      body.replaceChildren(...state.artifacts.map(artifactRow));
+      keepFocus(body, () => body.replaceChildren(...artifactRows()));
     }
     show($("artifacts-empty"), state.artifacts.length === 0);
+  }
+
+  function artifactSignature() {
+    return JSON.stringify([state.artifacts, state.confirmingDelete, isAdmin(), [...state.deltas]]);
+  }
+
+  // Each artifact's row, and below an image's the table of its deltas when they are open.
+  function artifactRows() {
+    return state.artifacts.flatMap((a) => {
+      const open = state.deltas.get(a.id);
+      return open ? [artifactRow(a), deltasRow(a, open)] : [artifactRow(a)];
+    });
   }
 
   function turnArtifactPage(forward) {
@@ -1153,7 +1175,120 @@
       el("td", { text: signature }),
       el("td", {}, el("code", { title: a.sha256, text: `${a.sha256.slice(0, 12)}…` })),
       el("td", {}, timeTag(a.created_at, when(a.created_at))),
+      el("td", {}, a.kind === "image" ? deltasToggle(a) : el("span", { class: "muted", text: "—" })),
       el("td", { class: "row-actions" }, isAdmin() ? artifactActions(a, confirming) : null),
+    );
+  }
+
+  // --- an image's deltas: read from GET /api/v1/artifacts/{id} (the list does not have them)
+
+  function deltasToggle(a) {
+    const open = state.deltas.has(a.id);
+    return el("button", {
+      type: "button",
+      class: "secondary",
+      "data-testid": `deltas-toggle-${a.id}`,
+      "aria-expanded": open ? "true" : "false",
+      "aria-controls": open ? `deltas-${a.id}` : undefined,
+      "aria-label": `${open ? "Hide" : "Show"} the deltas to ${a.name} ${a.version}`,
+      text: open ? "Hide" : "Show",
+      onclick: async () => {
+        if (state.deltas.has(a.id)) {
+          state.deltas.delete(a.id);
+          refreshArtifactRows();
+          return;
+        }
+        state.deltas.set(a.id, { deltas: null, error: null });
+        refreshArtifactRows();
+        await act(() => loadDeltas(a.id));
+        refreshArtifactRows();
+      },
+    });
+  }
+
+  // Read an artifact's deltas into state.deltas (if they are still open). A refusal is shown in
+  // their row; a rejected token is left to the caller (it signs out).
+  async function loadDeltas(id) {
+    const open = state.deltas.get(id);
+    if (!open) return;
+    let found;
+    try {
+      const artifact = await api("GET", `/api/v1/artifacts/${encodeURIComponent(id)}`);
+      found = { deltas: artifact.deltas || [], error: null };
+    } catch (err) {
+      if (err instanceof ApiError && err.status === 401) throw err;
+      found = { deltas: open.deltas, error: err instanceof ApiError ? err.describe() : String(err.message || err) };
+    }
+    if (state.deltas.get(id) === open) state.deltas.set(id, found); // not closed meanwhile
+  }
+
+  function deltasRow(a, open) {
+    let content;
+    if (open.error) {
+      content = el("p", { class: "error-text", text: open.error });
+    } else if (!open.deltas) {
+      content = el("p", { class: "muted", text: "Reading the deltas…" });
+    } else if (!open.deltas.length) {
+      content = el("p", {
+        class: "muted",
+        "data-testid": `deltas-none-${a.id}`,
+        text: "None: deltas to an image are made when it is deployed, from its product's earlier images.",
+      });
+    } else {
+      content = el(
+        "table",
+        { class: "deltas" },
+        el("caption", { class: "sr-only", text: `Deltas to ${a.name} ${a.version}` }),
+        el(
+          "thead",
+          {},
+          el("tr", {}, ["From base", "Compression", "State", "Size", "Ratio"].map((h) => el("th", { scope: "col", text: h }))),
+        ),
+        el("tbody", {}, open.deltas.map((d) => deltaRow(a, d))),
+      );
+    }
+    const columns = $("artifact-table").tHead.rows[0].cells.length;
+    return el(
+      "tr",
+      { id: `deltas-${a.id}`, class: "deltas-row", "data-testid": `deltas-${a.id}` },
+      el("td", { colspan: columns }, content),
+    );
+  }
+
+  function deltaRow(a, d) {
+    const base = d.base_artifact_id ? state.artifacts.find((x) => x.id === d.base_artifact_id) : undefined;
+    const from = d.base_artifact_id
+      ? [
+          el("code", { title: d.base_artifact_id, text: `${d.base_artifact_id.slice(0, 12)}…` }),
+          base ? el("span", { class: "muted", text: ` ${base.name} ${base.version}` }) : null,
+        ]
+      : [
+          el("span", { class: "muted", text: "image " }),
+          el("code", { title: `image SHA-256 ${d.base_sha256}`, text: `${d.base_sha256.slice(0, 12)}…` }),
+        ];
+    const making = DELTA_LIVE.includes(d.state);
+    const stateText = d.state === "making" ? `making ${d.progress}%` : d.state;
+    return el(
+      "tr",
+      {
+        "data-testid": `delta-${a.id}-${d.base_sha256.slice(0, 12)}-${d.compression}`,
+        dataset: { state: d.state, progress: d.progress, size: d.size ?? "" },
+      },
+      el("td", {}, from),
+      el("td", { text: d.compression }),
+      el(
+        "td",
+        {},
+        el("span", { class: `badge delta-${d.state}`, text: stateText }),
+        making
+          ? el("progress", { max: 100, value: d.progress, "aria-label": `Delta from ${d.base_sha256.slice(0, 12)}: ${d.progress}%` })
+          : null,
+        d.state === "failed" && d.error ? el("span", { class: "muted", text: ` ${d.error}` }) : null,
+      ),
+      d.size === null || d.size === undefined
+        ? el("td", { class: "muted", text: "—" })
+        : el("td", { title: `${d.size} bytes`, text: size(d.size) }),
+      el("td", { text: d.ratio ? `${d.ratio}x` : "—", title: d.ratio ? `the image is ${d.ratio} times its size` : undefined }),
     );
   }
 
@@ -1176,7 +1311,10 @@
               return true;
             });
             state.confirmingDelete = null;
-            if (done) loadReferenceData();
+            if (done) {
+              state.deltas.delete(a.id);
+              loadReferenceData();
+            }
             await poll();
           },
         }),
@@ -1225,8 +1363,8 @@
 
   function refreshArtifactRows() {
     const body = $("artifact-rows");
-    body.dataset.signature = JSON.stringify([state.artifacts, state.confirmingDelete, isAdmin()]);
-    body.replaceChildren(...state.artifacts.map(artifactRow));
+    body.dataset.signature = artifactSignature();
+    keepFocus(body, () => body.replaceChildren(...artifactRows()));
   }
 
   // An upload with its progress: XMLHttpRequest, as fetch reports no upload progress. The
