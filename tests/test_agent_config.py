@@ -750,6 +750,14 @@ def test_mqtt_file_round_trips_without_a_server(tmp_path: Path) -> None:
         config.url("/x")
 
 
+def test_a_simulated_device_may_ask_the_check_in_api() -> None:
+    """transport = "checkin": the JSON check-in API (delta updates), kept in the file."""
+    config = AgentConfig.from_dict(with_value("agent", "transport", "checkin"))
+    assert config.transport == "checkin"
+    assert config.to_dict()["agent"]["transport"] == "checkin"
+    assert AgentConfig.from_dict(config.to_dict()) == config
+
+
 def test_http_agents_keep_their_files() -> None:
     """agent.transport is written only when it is not the default."""
     config = AgentConfig.from_dict({**MINIMAL, "mqtt": {"broker": "b"}})
@@ -788,6 +796,10 @@ def with_mqtt(key: str, value: object) -> dict[str, Any]:
         ),
         (
             {"agent": {"transport": "http"}, "identity": MINIMAL["identity"]},
+            "missing required key agent.server",
+        ),
+        (
+            {"agent": {"transport": "checkin"}, "identity": MINIMAL["identity"]},
             "missing required key agent.server",
         ),
         (

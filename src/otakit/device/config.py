@@ -4,7 +4,7 @@ The file has one table per concern, and each table is one frozen dataclass here:
 
     [agent]                                   -> AgentConfig (server, credentials, flow, paths)
     server = "https://ota.example:8443"       # not needed with transport = "mqtt"
-    transport = "http"                        # or "mqtt": which transport asks for the job
+    transport = "http"                        # or "mqtt", or "checkin" (deltas): who asks for the job
     token = "otk_..."                         # or token_file = "/etc/otakit/token"
     ca_file = "/etc/otakit/ca.pem"
     client_cert = "/etc/otakit/device.pem"    # client_key too if the key is in its own file
@@ -664,7 +664,7 @@ _AGENT_KEYS = (
     "allow_insecure_redirects",
 )
 _SECTIONS = ("agent", "identity", "timing", "behaviour", "logging", "storage", "mqtt")
-TRANSPORTS = ("http", "mqtt")
+TRANSPORTS = ("http", "mqtt", "checkin")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -678,9 +678,10 @@ class AgentConfig:
     (HTTPS only). The token and the client certificate go only to ``server``'s origin and to
     ``trusted_origins``; other hosts a job names are asked without them, and a plain-HTTP one
     for an HTTPS ``server`` is refused unless ``allow_insecure_redirects``. ``transport`` says
-    which transport asks for the job: ``"http"`` (the server) or ``"mqtt"`` (the ``[mqtt]``
-    broker; ``server`` is then optional). Jobs for the other transport are followed when it is
-    configured (HTTP(S) jobs always are).
+    which transport asks for the job: ``"http"`` (the server's job document), ``"checkin"``
+    (the otakit server's JSON check-in API, which offers delta updates; a simulated device) or
+    ``"mqtt"`` (the ``[mqtt]`` broker; ``server`` is then optional). Jobs for the other
+    transport are followed when it is configured (HTTP(S) jobs always are).
 
     Raises:
         ConfigError: a field is invalid (see each table's class), both ``token`` and
@@ -725,7 +726,7 @@ class AgentConfig:
             )
         if self.server is not None:
             _check_server("agent.server", self.server)
-        elif self.transport == "http":
+        elif self.transport in ("http", "checkin"):
             raise ConfigError("missing required key agent.server", key="agent.server")
         if self.token is not None:
             _check_text("agent.token", self.token)
