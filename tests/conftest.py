@@ -205,6 +205,7 @@ INTEGRATION_FIXTURES = frozenset(
         "live",
         "nginx",
         "runs",  # the benchmark scripts (test_bench_smoke)
+        "checkin_peer",  # test_delta_agent's loopback check-in server
     }
 )
 
