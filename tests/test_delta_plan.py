@@ -447,6 +447,24 @@ def test_delta_options_are_checked() -> None:
             check_delta_options(*bad)
 
 
+def _image_artifact(image: bytes, n: int, now: datetime) -> Artifact:
+    """Image ``image`` as version ``n + 1``.0.0 of product p, uploaded ``n`` seconds after
+    ``now`` (the newest is the last)."""
+    found = image_digest(image)
+    return Artifact(
+        id=hashlib.sha256(image).hexdigest(),
+        name="app.img",
+        kind="image",
+        version=f"{n + 1}.0.0",
+        size=len(image),
+        product="p",
+        signature="valid",
+        image_sha256=found.sha256.hex(),
+        image_size=found.size,
+        created_at=now + timedelta(seconds=n),
+    )
+
+
 async def _claims(tmp_path: Path, database: str | None) -> None:
     url = database_url(database, tmp_path)
     await asyncio.to_thread(migrate, url)
@@ -458,21 +476,7 @@ async def _claims(tmp_path: Path, database: str | None) -> None:
     try:
         async with sessions() as db:
             for n, image in enumerate((v1, v2)):
-                found = image_digest(image)
-                db.add(
-                    Artifact(
-                        id=hashlib.sha256(image).hexdigest(),
-                        name="app.img",
-                        kind="image",
-                        version=f"{n + 1}.0.0",
-                        size=len(image),
-                        product="p",
-                        signature="valid",
-                        image_sha256=found.sha256.hex(),
-                        image_size=found.size,
-                        created_at=now + timedelta(seconds=n),
-                    )
-                )
+                db.add(_image_artifact(image, n, now))
             await db.commit()
             new = await db.get(Artifact, hashlib.sha256(v2).hexdigest())
             assert new is not None
@@ -547,21 +551,7 @@ async def _stopped_while_making(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
                 source = tmp_path / f"v{n}.img"
                 source.write_bytes(image)
                 await blobs.put_file(source, key)
-                found = image_digest(image)
-                db.add(
-                    Artifact(
-                        id=key,
-                        name="app.img",
-                        kind="image",
-                        version=f"{n + 1}.0.0",
-                        size=len(image),
-                        product="p",
-                        signature="valid",
-                        image_sha256=found.sha256.hex(),
-                        image_size=found.size,
-                        created_at=now + timedelta(seconds=n),
-                    )
-                )
+                db.add(_image_artifact(image, n, now))
             await db.commit()
             new = await db.get(Artifact, hashlib.sha256(v2).hexdigest())
             assert new is not None
@@ -623,21 +613,7 @@ async def _store_down(tmp_path: Path) -> None:
     try:
         async with sessions() as db:
             for n, image in enumerate((v1, v2)):
-                found = image_digest(image)
-                db.add(
-                    Artifact(
-                        id=hashlib.sha256(image).hexdigest(),
-                        name="app.img",
-                        kind="image",
-                        version=f"{n + 1}.0.0",
-                        size=len(image),
-                        product="p",
-                        signature="valid",
-                        image_sha256=found.sha256.hex(),
-                        image_size=found.size,
-                        created_at=now + timedelta(seconds=n),
-                    )
-                )
+                db.add(_image_artifact(image, n, now))
             await db.commit()
             new = await db.get(Artifact, hashlib.sha256(v2).hexdigest())
             assert new is not None
